@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# One node, all its GPUs (or NPROC CPU processes):  launch/torchrun_single_node.sh +exp=fp8_llama [key=value ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROC=${NPROC:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))' 2>/dev/null || echo 1)}
+exec torchrun --standalone --nproc_per_node="$NPROC" train.py "$@"

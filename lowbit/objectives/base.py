@@ -1,0 +1,58 @@
+"""The objective interface and registry, and the plain language-modelling objective."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.config import ObjectiveConfig
+
+_REGISTRY: dict[str, Callable[[ObjectiveConfig, nn.Module], "Objective"]] = {}
+
+
+def register(name: str):
+    def wrap(factory):
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def build(cfg: ObjectiveConfig, model: nn.Module) -> "Objective":
+    if cfg.name not in _REGISTRY:
+        raise ValueError(f"objective.name={cfg.name!r} is not known; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[cfg.name](cfg, model)
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood (float32) of `input_ids` [B, S] under `logits` [B, S, V]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
+
+
+class Objective:
+    """Attach what a method needs to the model; compute the loss of one micro-batch."""
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def loss(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def eval_nll(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(summed next-token NLL, number of predicted tokens) of the model being trained."""
+        logits = model(input_ids=input_ids).logits
+        return token_nll(logits, input_ids), input_ids[:, 1:].numel()
+
+
+@register("lm")
+class LanguageModeling(Objective):
+    """Next-token cross-entropy, mean over the micro-batch's predicted tokens."""
+
+    def __init__(self, cfg: ObjectiveConfig, model: nn.Module):
+        self.cfg = cfg
+
+    def loss(self, model, input_ids):
+        logits = model(input_ids=input_ids).logits
+        nll = token_nll(logits, input_ids)
+        return nll / input_ids[:, 1:].numel(), {}

@@ -1,0 +1,23 @@
+"""Low-precision linear layers (DESIGN.md stage 4): formats, recipes, QuantLinear, model conversion."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+
+def apply(model: nn.Module, cfg) -> nn.Module:
+    """Swap the model's included nn.Linear layers for lowbit's QuantLinear of `cfg.recipe` (bf16: no-op)."""
+    from lowbit.precision.convert import apply as convert
+    return convert(model, cfg)
+
+
+def stats_hook(model: nn.Module, cfg) -> Callable[[int], dict] | None:
+    """A per-step callable returning per-layer quantization statistics every `cfg.stats_every` steps."""
+    if cfg.stats_every <= 0 or cfg.recipe == "bf16":
+        return None
+    from lowbit.precision.stats import collect
+
+    def hook(step: int) -> dict:
+        return collect(model) if step % cfg.stats_every == 0 else {}
+    return hook

@@ -1,0 +1,138 @@
+"""`run(cfg)`: the fixed pipeline of DESIGN.md, from a composed config to a trained, exported model.
+
+Every check that can fail on bad input runs before the first training step and before any
+checkpoint is written.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lowbit import data as data_module
+from lowbit import memory, models, objectives, optim, parallel, precision
+from lowbit.config import LowbitConfig
+from lowbit.models.flops import flops_per_token, peak_flops
+from lowbit.train.checkpoint import Checkpointer, CheckpointError
+from lowbit.train.loggers import Loggers
+from lowbit.train.trainer import Trainer, TrainState
+
+log = logging.getLogger("lowbit")
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="[lowbit %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("httpx", "datasets", "transformers", "filelock", "torch._dynamo"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def check_batch_sizes(cfg: LowbitConfig, world_size: int) -> int:
+    """Gradient-accumulation steps per optimizer step; errors name the sizes and the fix."""
+    t = cfg.trainer
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ValueError(f"trainer.micro_batch_size={t.micro_batch_size} and trainer.global_batch_size="
+                         f"{t.global_batch_size} must be positive")
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ValueError(f"trainer.global_batch_size={t.global_batch_size} is not divisible by world size "
+                         f"{world_size} x trainer.micro_batch_size={t.micro_batch_size} = {per_step}; "
+                         f"use a multiple of {per_step}")
+    return t.global_batch_size // per_step
+
+
+def resolve_resume(cfg: LowbitConfig, checkpointer: Checkpointer) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite an earlier run."""
+    mode = cfg.trainer.resume
+    if mode == "none":
+        if checkpointer.latest() is not None:
+            raise ValueError(f"{cfg.run_dir} already holds checkpoints ({checkpointer.latest().name}); pass "
+                             f"trainer.resume=auto to continue that run, or run_name=NEW for a fresh one")
+        return None
+    if mode == "auto":
+        return checkpointer.latest()
+    path = Path(mode)
+    if not path.is_dir():
+        raise FileNotFoundError(f"trainer.resume={mode!r} is not a checkpoint directory; use none, auto, or "
+                                f"the path of a runs/<name>/checkpoints/step_XXXXXXXX directory")
+    return path
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer (torchtitan's choice: one graph per repeated block compiles once)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError("model.compile=true needs an HF decoder with model.model.layers; set model.compile=false")
+    for layer in layers:
+        layer.compile()
+
+
+def run(cfg: DictConfig) -> TrainState:
+    world = parallel.init(cfg.parallel)
+    setup_logging(world.is_main)
+    if cfg.note:
+        log.info("%s", cfg.note)
+    grad_accum = check_batch_sizes(cfg, world.world_size)
+    run_dir = Path(cfg.run_dir)
+    checkpointer = Checkpointer(run_dir, world, keep=cfg.trainer.keep_checkpoints)
+    resume_from = resolve_resume(cfg, checkpointer)
+    torch.manual_seed(cfg.trainer.seed + world.rank)
+    random.seed(cfg.trainer.seed + world.rank)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    model, tokenizer = models.load(cfg.model, seed=cfg.trainer.seed)              # 2
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and cfg.data.seq_len > max_positions:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context of {max_positions} "
+                         f"tokens (max_position_embeddings); lower data.seq_len")
+    objective = objectives.build(cfg.objective, model)                             # 3
+    model = precision.apply(model, cfg.precision)                                  # 4
+    model.to(world.device)
+    if cfg.model.compile:
+        compile_layers(model)
+    model = parallel.apply(model, world, cfg.parallel)                             # 5
+    memory.apply(model, cfg.memory)                                                # 6
+    optimizer = optim.build(cfg.optim, objective.trainable(parallel.unwrap(model)))   # 7
+    data = data_module.build(cfg.data, tokenizer, rank=world.rank, world_size=world.world_size)  # 8
+
+    state = TrainState()
+    if resume_from is not None:
+        stored = checkpointer.load(resume_from, parallel.unwrap(model), optimizer)
+        state = TrainState(step=int(stored["step"]), tokens_seen=int(stored["tokens_seen"]),
+                           nan_skips=int(stored["nan_skips"]))
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    plain = parallel.unwrap(model)
+    matmul_dtype = "fp8" if cfg.precision.recipe != "bf16" else "bf16"
+    loggers = Loggers(cfg.logger, enabled=world.is_main, run_dir=run_dir, run_name=cfg.run_name,
+                      config=OmegaConf.to_container(cfg, resolve=True), max_steps=cfg.trainer.max_steps,
+                      start_step=state.step)
+    log.info("run %s: %s on %d x %s, %d micro-batches of %d x %d tokens per rank per step, precision %s",
+             cfg.run_name, cfg.model.name, world.world_size, world.device.type, grad_accum,
+             cfg.trainer.micro_batch_size, cfg.data.seq_len, cfg.precision.recipe)
+    trainer = Trainer(model=model, objective=objective, optimizer=optimizer, data=data, world=world,
+                      cfg=cfg.trainer, optim_cfg=cfg.optim, loggers=loggers, checkpointer=checkpointer,
+                      config_yaml=config_yaml, flops_per_token=flops_per_token(plain, cfg.data.seq_len),
+                      peak_flops=peak_flops(world.device, matmul_dtype), state=state,
+                      log_every=cfg.logger.log_every, extra_metrics=precision.stats_hook(plain, cfg.precision))
+    try:
+        state = trainer.fit()
+    finally:
+        loggers.close()
+    if cfg.trainer.export and world.is_main:
+        export_dir = run_dir / "export"
+        plain.save_pretrained(export_dir, safe_serialization=True)
+        tokenizer.save_pretrained(export_dir)
+        log.info("exported the trained model to %s (transformers: AutoModelForCausalLM.from_pretrained)", export_dir)
+    parallel.barrier()
+    return state
+
+
+__all__ = ["run", "CheckpointError"]

@@ -1,0 +1,156 @@
+"""The training loop: a plain loop a reader follows top to bottom (DESIGN.md stage 9).
+
+Per optimizer step: this rank's micro-batches (gradient accumulation, DDP synchronising only on the
+last), the global gradient norm and clipping, a NaN/Inf guard, the optimizer step at the scheduled
+learning rate, metrics; evaluation and checkpoints at their intervals.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.config import TrainerConfig, OptimConfig
+from lowbit.objectives import Objective
+from lowbit.optim import lr_at
+from lowbit.parallel import World, all_reduce_mean, all_reduce_sum
+from lowbit.train import metrics as step_metrics
+
+log = logging.getLogger("lowbit")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised with the step number when the loss or gradient norm is NaN/Inf (trainer.on_nan=stop)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    nan_skips: int = 0
+
+
+class Trainer:
+    def __init__(self, *, model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, data,
+                 world: World, cfg: TrainerConfig, optim_cfg: OptimConfig, loggers, checkpointer,
+                 config_yaml: str, flops_per_token: float, peak_flops: float | None,
+                 state: TrainState, log_every: int = 1, extra_metrics=None):
+        self.model, self.objective, self.optimizer, self.data = model, objective, optimizer, data
+        self.world, self.cfg, self.optim_cfg = world, cfg, optim_cfg
+        self.loggers, self.checkpointer, self.config_yaml = loggers, checkpointer, config_yaml
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.state = state
+        self.log_every = max(1, log_every)
+        self.extra_metrics = extra_metrics      # callable(step) -> dict, e.g. quantization statistics
+        self.grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world.world_size)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.autocast = self._autocast_context()
+
+    def _autocast_context(self):
+        mode = self.cfg.mixed_precision
+        if mode == "auto":
+            mode = "bf16" if self.world.device.type == "cuda" else "none"
+        if mode == "bf16":
+            return lambda: torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        if mode == "none":
+            return contextlib.nullcontext
+        raise ValueError(f"trainer.mixed_precision={mode!r} is not known; use auto, bf16 or none")
+
+    def fit(self) -> TrainState:
+        cfg = self.cfg
+        batches = self.data.train_batches(micro_batch_size=cfg.micro_batch_size,
+                                          grad_accum_steps=self.grad_accum, start_step=self.state.step)
+        if cfg.eval_at_start and self.state.step == 0:
+            self.evaluate()
+        timer = step_metrics.StepTimer(self.world.device)
+        while self.state.step < cfg.max_steps:
+            timer.restart()
+            step = self.state.step
+            lr = lr_at(step, self.optim_cfg, cfg.max_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, extra = self.accumulate_gradients(next(batches))
+            grad_norm = self.clip_gradients()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                self.handle_non_finite(step, loss, grad_norm)
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            tokens = cfg.global_batch_size * self.data.seq_len
+            self.state.tokens_seen += tokens
+            record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": self.state.tokens_seen,
+                      **extra, **step_metrics.throughput(tokens, timer.elapsed(), self.world.world_size,
+                                                          self.flops_per_token, self.peak_flops),
+                      **step_metrics.memory(self.world.device)}
+            if self.extra_metrics is not None:
+                record.update(self.extra_metrics(self.state.step))
+            if self.state.step % self.log_every == 0 or self.state.step == cfg.max_steps:
+                self.loggers.log(self.state.step, record)
+            last = self.state.step == cfg.max_steps
+            if (cfg.eval_every and self.state.step % cfg.eval_every == 0) or last:
+                self.evaluate()
+            if (cfg.save_every and self.state.step % cfg.save_every == 0) or last:
+                self.save()
+        return self.state
+
+    def accumulate_gradients(self, micro_batches: list[torch.Tensor]) -> tuple[float, dict]:
+        """Forward/backward every micro-batch; gradients are synchronised across ranks on the last one."""
+        total = torch.zeros((), device=self.world.device)
+        for index, input_ids in enumerate(micro_batches):
+            input_ids = input_ids.to(self.world.device, non_blocking=True)
+            last = index == len(micro_batches) - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+                with self.autocast():
+                    loss, extra = self.objective.loss(self.model, input_ids)
+                (loss / len(micro_batches)).backward()
+            total += loss.detach().float()
+        return all_reduce_mean(total / len(micro_batches)).item(), extra
+
+    def clip_gradients(self) -> float:
+        """Global gradient norm (gradients are already averaged over ranks), clipped to optim.grad_clip."""
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        grads = [p for p in self.params if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm).item() if grads else 0.0
+
+    def handle_non_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        message = f"non-finite training values at step {step}: loss={loss}, grad_norm={grad_norm}"
+        if self.cfg.on_nan == "skip" and self.state.nan_skips < self.cfg.max_nan_skips:
+            self.state.nan_skips += 1
+            log.warning("%s; optimizer step skipped (%d/%d skips allowed by trainer.max_nan_skips)",
+                        message, self.state.nan_skips, self.cfg.max_nan_skips)
+            return
+        raise NonFiniteLossError(f"{message}; the last checkpoint is intact. Lower optim.lr, check the data, "
+                                 f"or set trainer.on_nan=skip to skip such steps")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss and perplexity over this rank's validation shard, summed over ranks."""
+        self.model.eval()
+        nll = torch.zeros((), device=self.world.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.world.device, dtype=torch.float64)
+        for input_ids in self.data.val_batches(micro_batch_size=self.cfg.micro_batch_size,
+                                               max_batches=self.cfg.eval_batches):
+            with self.autocast():
+                batch_nll, batch_count = self.objective.eval_nll(self.model, input_ids.to(self.world.device))
+            nll += batch_nll.double()
+            count += batch_count
+        self.model.train()
+        all_reduce_sum(nll)
+        all_reduce_sum(count)
+        if count.item() == 0:
+            raise ValueError("the validation split is empty; lower data.seq_len or raise data.val_fraction")
+        loss = (nll / count).item()
+        record = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 700.0)), "val/tokens": count.item()}
+        self.loggers.log(self.state.step, record)
+        return record
+
+    def save(self) -> None:
+        from lowbit.parallel import unwrap
+        state = {"tokens_seen": self.state.tokens_seen, "nan_skips": self.state.nan_skips}
+        self.checkpointer.save(self.state.step, unwrap(self.model), self.optimizer, state, self.config_yaml)

@@ -1,0 +1,69 @@
+"""The real pipeline end to end on a tiny Llama and the real Shakespeare data (single process)."""
+import json
+import math
+
+import pytest
+import torch
+
+from lowbit.train.run import run
+from lowbit.train.trainer import NonFiniteLossError
+from tests.conftest import compose
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def test_trains_logs_checkpoints_and_exports_a_loadable_model(tiny_overrides, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run(compose(tiny_overrides + ["trainer.max_steps=12", "trainer.save_every=6"]))
+    run_dir = tmp_path / "run"
+    rows = records(run_dir)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert len(val) == 2 and val[-1] < val[0]           # step 0 and the end
+    for key in ("lr", "grad_norm", "perf/tokens_per_s", "mem/peak_rss_gib", "tokens_seen"):
+        assert key in rows[-2] or key in rows[-3], key
+    assert (run_dir / "config.yaml").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000006", "step_00000012"]
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export")
+    assert exported.config.num_hidden_layers == 2
+    ids = torch.randint(0, 1000, (1, 16))
+    assert torch.isfinite(exported(input_ids=ids).logits).all()
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny_overrides, tmp_path):
+    whole = [o.replace(str(tmp_path / "run"), str(tmp_path / "whole")) for o in tiny_overrides]
+    run(compose(whole + ["trainer.max_steps=8", "trainer.save_every=4"]))
+    split = [o.replace(str(tmp_path / "run"), str(tmp_path / "split")) for o in tiny_overrides]
+    run(compose(split + ["trainer.max_steps=4", "trainer.save_every=4", "trainer.export=false"]))
+    run(compose(split + ["trainer.max_steps=8", "trainer.save_every=4", "trainer.resume=auto"]))
+    a, b = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(a[s] == b[s] for s in a), (a, b)             # exact equality, not a tolerance
+
+
+def test_refuses_to_overwrite_a_run_and_bad_sizes_before_training(tiny_overrides, tmp_path):
+    run(compose(tiny_overrides + ["trainer.max_steps=1", "trainer.export=false"]))
+    with pytest.raises(ValueError, match="trainer.resume=auto"):
+        run(compose(tiny_overrides + ["trainer.max_steps=2"]))
+    other = [o.replace("/run", "/other") for o in tiny_overrides]
+    with pytest.raises(ValueError, match="not divisible"):
+        run(compose(other + ["trainer.global_batch_size=5"]))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        run(compose(other + ["data.seq_len=4096"]))
+    with pytest.raises(FileNotFoundError, match="trainer.resume"):
+        run(compose(other + [f"trainer.resume={tmp_path / 'missing'}"]))
+    assert not (tmp_path / "other" / "checkpoints").exists()
+
+
+def test_nan_loss_stops_with_the_step_or_is_skipped(tiny_overrides, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="at step 1"):
+        run(compose(tiny_overrides + ["trainer.max_steps=2", "optim.lr=nan", "optim.warmup_steps=0",
+                                      "trainer.eval_at_start=false"]))
