@@ -110,13 +110,14 @@ class TrainerConfig:
     max_steps: int = 100
     global_batch_size: int = 16     # sequences per optimizer step, over all ranks
     micro_batch_size: int = 4       # sequences per forward/backward on one rank
-    eval_every: int = 20            # steps; 0 = only at the end
+    eval_every: int = 20            # steps; 0 = only at the end; -1 = never
     eval_batches: int = 8           # micro-batches per rank per evaluation; 0 = the whole validation split
     eval_at_start: bool = True
-    save_every: int = 50            # steps; 0 = only at the end
+    save_every: int = 50            # steps; 0 = only at the end; -1 = never
     keep_checkpoints: int = 2
     resume: str = "none"            # none | auto (latest checkpoint in the run directory) | a checkpoint path
     export: bool = True             # write an HF save_pretrained export at the end
+    stop_after_steps: int = 0       # end this process after N steps (checkpoint saved; resume=auto continues); 0 = run to max_steps
     on_nan: str = "stop"            # stop | skip (skip the optimizer step, report it)
     max_nan_skips: int = 10
     seed: int = 1234

@@ -102,7 +102,9 @@ def _gguf_as_hf_dir(directory: str, gguf_file: str) -> Path:
         if not (cached / "config.json").exists():
             log.info("converting %s to a cached HF checkpoint at %s (once)", path, cached)
             model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
-            model.config.quantization_config = None
+            # The weights are plain float32 tensors now; drop the GGUF 'quantizer' so that
+            # save_pretrained writes an ordinary checkpoint.
+            model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")

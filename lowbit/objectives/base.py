@@ -39,6 +39,9 @@ class Objective:
     def loss(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def export(self, model: nn.Module, run_dir) -> None:
+        """Write what this objective trained beyond the model's own export (e.g. gate-only weights)."""
+
     def eval_nll(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(summed next-token NLL, number of predicted tokens) of the model being trained."""
         logits = model(input_ids=input_ids).logits

@@ -13,9 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lowbit import data as data_module
-from lowbit import memory, models, objectives, optim, parallel, precision
+from lowbit import memory, objectives, optim, parallel, precision
 from lowbit.config import LowbitConfig
 from lowbit.models.flops import flops_per_token, peak_flops
+from lowbit.models.load import load as load_model
 from lowbit.train.checkpoint import Checkpointer, CheckpointError
 from lowbit.train.loggers import Loggers
 from lowbit.train.trainer import Trainer, TrainState
@@ -84,7 +85,7 @@ def run(cfg: DictConfig) -> TrainState:
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
 
-    model, tokenizer = models.load(cfg.model, seed=cfg.trainer.seed)              # 2
+    model, tokenizer = load_model(cfg.model, seed=cfg.trainer.seed)              # 2
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and cfg.data.seq_len > max_positions:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context of {max_positions} "
@@ -126,7 +127,8 @@ def run(cfg: DictConfig) -> TrainState:
         state = trainer.fit()
     finally:
         loggers.close()
-    if cfg.trainer.export and world.is_main:
+    if cfg.trainer.export and world.is_main and state.step >= cfg.trainer.max_steps:
+        objective.export(plain, run_dir)
         export_dir = run_dir / "export"
         plain.save_pretrained(export_dir, safe_serialization=True)
         tokenizer.save_pretrained(export_dir)

@@ -67,6 +67,7 @@ class Trainer:
         if cfg.eval_at_start and self.state.step == 0:
             self.evaluate()
         timer = step_metrics.StepTimer(self.world.device)
+        start_step = self.state.step
         while self.state.step < cfg.max_steps:
             timer.restart()
             step = self.state.step
@@ -91,12 +92,23 @@ class Trainer:
                 record.update(self.extra_metrics(self.state.step))
             if self.state.step % self.log_every == 0 or self.state.step == cfg.max_steps:
                 self.loggers.log(self.state.step, record)
-            last = self.state.step == cfg.max_steps
-            if (cfg.eval_every and self.state.step % cfg.eval_every == 0) or last:
+            if self.due(cfg.eval_every):
                 self.evaluate()
-            if (cfg.save_every and self.state.step % cfg.save_every == 0) or last:
+            if self.due(cfg.save_every):
                 self.save()
+            if cfg.stop_after_steps > 0 and self.state.step - start_step >= cfg.stop_after_steps:
+                if not self.due(cfg.save_every):
+                    self.save()
+                log.info("stopping after %d steps (trainer.stop_after_steps); trainer.resume=auto continues "
+                         "at step %d", cfg.stop_after_steps, self.state.step)
+                break
         return self.state
+
+    def due(self, every: int) -> bool:
+        """Whether an every-N-steps action runs now: N > 0 at multiples and the end, 0 at the end, -1 never."""
+        if every < 0:
+            return False
+        return self.state.step == self.cfg.max_steps or (every > 0 and self.state.step % every == 0)
 
     def accumulate_gradients(self, micro_batches: list[torch.Tensor]) -> tuple[float, dict]:
         """Forward/backward every micro-batch; gradients are synchronised across ranks on the last one."""
@@ -131,16 +143,20 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss and perplexity over this rank's validation shard, summed over ranks."""
-        self.model.eval()
+        # The plain module, not DDP: ranks may hold different numbers of validation batches, and DDP's
+        # per-forward buffer broadcast would then wait forever for the rank that finished.
+        from lowbit.parallel import unwrap
+        model = unwrap(self.model)
+        model.eval()
         nll = torch.zeros((), device=self.world.device, dtype=torch.float64)
         count = torch.zeros((), device=self.world.device, dtype=torch.float64)
         for input_ids in self.data.val_batches(micro_batch_size=self.cfg.micro_batch_size,
                                                max_batches=self.cfg.eval_batches):
             with self.autocast():
-                batch_nll, batch_count = self.objective.eval_nll(self.model, input_ids.to(self.world.device))
+                batch_nll, batch_count = self.objective.eval_nll(model, input_ids.to(self.world.device))
             nll += batch_nll.double()
             count += batch_count
-        self.model.train()
+        model.train()
         all_reduce_sum(nll)
         all_reduce_sum(count)
         if count.item() == 0:

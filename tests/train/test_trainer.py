@@ -42,7 +42,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tin
     whole = [o.replace(str(tmp_path / "run"), str(tmp_path / "whole")) for o in tiny_overrides]
     run(compose(whole + ["trainer.max_steps=8", "trainer.save_every=4"]))
     split = [o.replace(str(tmp_path / "run"), str(tmp_path / "split")) for o in tiny_overrides]
-    run(compose(split + ["trainer.max_steps=4", "trainer.save_every=4", "trainer.export=false"]))
+    run(compose(split + ["trainer.max_steps=8", "trainer.save_every=4", "trainer.stop_after_steps=4"]))
+    assert not (tmp_path / "split" / "export").exists()     # an interrupted run exports nothing
     run(compose(split + ["trainer.max_steps=8", "trainer.save_every=4", "trainer.resume=auto"]))
     a, b = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
     assert sorted(a) == sorted(b) == list(range(1, 9))
@@ -64,6 +65,15 @@ def test_refuses_to_overwrite_a_run_and_bad_sizes_before_training(tiny_overrides
 
 
 def test_nan_loss_stops_with_the_step_or_is_skipped(tiny_overrides, tmp_path):
+    # An absurd learning rate makes step 0's update overflow the weights, so step 1's loss is not finite.
+    blow_up = ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", "trainer.eval_at_start=false",
+               "trainer.eval_every=-1", "trainer.export=false"]
     with pytest.raises(NonFiniteLossError, match="at step 1"):
-        run(compose(tiny_overrides + ["trainer.max_steps=2", "optim.lr=nan", "optim.warmup_steps=0",
-                                      "trainer.eval_at_start=false"]))
+        run(compose(tiny_overrides + blow_up + ["trainer.max_steps=3", "trainer.save_every=-1"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    skip = [o.replace("/run", "/skip") for o in tiny_overrides]
+    state = run(compose(skip + blow_up + ["trainer.max_steps=3", "trainer.on_nan=skip", "trainer.save_every=-1"]))
+    assert state.step == 3 and state.nan_skips == 2
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        run(compose([o.replace("/run", "/few") for o in tiny_overrides] + blow_up +
+                    ["trainer.max_steps=3", "trainer.on_nan=skip", "trainer.max_nan_skips=1", "trainer.save_every=-1"]))

@@ -1,0 +1,75 @@
+"""End-to-end training throughput and MFU of lowbit presets, measured side by side in one run.
+
+Each variant runs the real trainer (`python train.py +exp=... overrides`) for a few steps in its own
+process; the median tokens/s and MFU over the steps after warm-up (compilation, autotuning) come
+from its metrics.jsonl. Ratios are against the first variant.
+
+    python bench/train_throughput.py --steps 12 --out docs/RESULTS.md \
+        --variant "bf16=+exp=bf16_llama" --variant "fp8_rowwise=+exp=fp8_llama precision=fp8_rowwise"
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, timeout: int) -> dict:
+    command = [sys.executable, str(ROOT / "train.py"), *overrides, f"trainer.max_steps={steps}",
+               "trainer.eval_every=-1", "trainer.eval_at_start=false", "trainer.save_every=-1",
+               "trainer.export=false", "logger.backends=[jsonl]", f"run_dir={run_dir}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        return {"error": (result.stderr or result.stdout)[-1500:]}
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "perf/tokens_per_s" in r][warmup:]
+    pick = lambda key: statistics.median(r[key] for r in rows) if rows and key in rows[0] else float("nan")
+    return {"tokens_per_s": pick("perf/tokens_per_s"), "mfu": pick("perf/mfu"),
+            "peak_gib": pick("mem/peak_allocated_gib"), "loss": rows[-1]["loss"] if rows else float("nan"),
+            "steps_timed": len(rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", required=True, help="NAME=OVERRIDES (space separated)")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=4, help="steps left out of the median")
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--out", type=Path, help="append a markdown table to this file")
+    args = parser.parse_args()
+    import torch
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.variant:
+            name, _, overrides = spec.partition("=")
+            results[name] = run_variant(shlex.split(overrides), args.steps, args.warmup, Path(tmp) / name, args.timeout)
+            print(name, results[name], flush=True)
+    base = next(iter(results.values())).get("tokens_per_s")
+    lines = [f"\n### Training throughput, {device}, {datetime.date.today()}\n",
+             f"`python bench/train_throughput.py --steps {args.steps}` (median of steps {args.warmup + 1}-{args.steps})\n",
+             "| variant | overrides | tokens/s | vs first | MFU | peak GiB | last loss |", "|---|---|---|---|---|---|---|"]
+    for spec, (name, r) in zip(args.variant, results.items()):
+        overrides = spec.partition("=")[2]
+        if "error" in r:
+            lines.append(f"| {name} | `{overrides}` | failed: {r['error'][-200:]!r} | | | | |")
+            continue
+        lines.append(f"| {name} | `{overrides}` | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | "
+                     f"{r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['loss']:.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
