@@ -38,7 +38,6 @@ class DataConfig:
     val_fraction: float = 0.05     # share of each document's tokens (its tail) held out for validation when val_sources is empty
     max_documents: int = 0         # 0 = all
     cache_dir: str = "~/.cache/lowbit/data"
-    num_proc: int = 1
     seed: int = 0
 
 
@@ -55,13 +54,73 @@ class PrecisionConfig:
     occ_quantile: float = 0.99
     stochastic_rounding: bool = False   # for gradient operands
     hadamard: bool = False          # random Hadamard transform on wgrad inputs (Quartet / NVIDIA NVFP4 recipe)
+    hadamard_size: int = 16         # block size of that transform along the token axis (power of two)
+    block_size: int = 128           # fp8_blockwise tile: 1 x block_size activations, block_size^2 weight blocks
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate positive/negative scales for FP4
     stats_every: int = 0            # log per-layer quantization statistics every N steps (0 = off)
 
 
 @dataclass
+class SeerGateConfig:
+    """SeerAttention gates (arXiv 2410.13276; decode: arXiv 2506.08889) trained on a frozen model."""
+
+    block_size: int = 64            # tokens per block: 16 | 32 | 64 | 128
+    gate: str = "prefill"           # prefill (pooled queries) | decode (SeerAttention-R: every query token scores key blocks)
+    heads: str = "kv_group"         # kv_group (one gate per GQA group, SeerAttention-R) | query (one per query head)
+    q_pool: list[str] = field(default_factory=lambda: ["avg"])                # of avg | max | min, concatenated
+    k_pool: list[str] = field(default_factory=lambda: ["max", "min", "avg"])  # of avg | max | min, concatenated
+    threshold: float = 0.005        # gate probability a key block needs to be kept (logged sparsity; eval)
+    use_triton: str = "auto"        # auto (Triton on CUDA) | always | never (PyTorch path)
+    init_from: str = ""             # a gate checkpoint directory to start from ("" = fresh gates)
+    layer_stats: bool = True        # log per-layer KL and sparsity
+
+
+@dataclass
+class QATConfig:
+    """Weight fake quantization with a straight-through estimator (BitDistiller, arXiv 2402.10631); see lowbit/quant/."""
+
+    format: str = "int3"            # int2 | int3 | int4 (asymmetric, per-group scale+zero) | fp4_e2m1 | fp4_afpq (AFPQ, arXiv 2311.01792)
+    group_size: int = 128           # 32 | 64 | 128 | 256 weights per group along the input dimension
+    partial_groups: bool = False    # true: a group size that does not divide a layer's input dim leaves a smaller last group (else an error)
+    include: list[str] = field(default_factory=lambda: ["*.layers.*"])   # fnmatch patterns on nn.Linear names
+    exclude: list[str] = field(default_factory=lambda: ["*lm_head*", "*embed*"])
+    clip_search: bool = True        # AWQ-style per-group clipping-ratio search on the first training micro-batch
+    clip_grid: int = 20             # ratios tried: 1 - k/clip_grid for k = 0 .. clip_max_shrink * clip_grid
+    clip_max_shrink: float = 0.5
+    learnable_clip: bool = False    # clip values become trainable parameters, initialised by the search
+
+
+@dataclass
+class KDLossWeights:
+    """Weight of each loss in the bitdistill objective (0 = off); e.g. objective.kd.losses.ce=0.5."""
+
+    ce: float = 0.0                 # next-token cross-entropy on the data
+    forward_kl: float = 0.0         # KL(p_teacher || p_student)
+    reverse_kl: float = 0.0         # KL(p_student || p_teacher)
+    cakld: float = 1.0              # BitDistiller's confidence-aware KL
+    topk_kl: float = 0.0            # KL over the teacher's top-k tokens + a pooled tail bin
+
+
+@dataclass
+class KDConfig:
+    """Knowledge distillation from a frozen teacher (BitDistiller CAKLD, arXiv 2402.10631); lowbit/objectives/kd.py."""
+
+    losses: KDLossWeights = field(default_factory=KDLossWeights)   # weight per loss (QAT without KD: cakld=0, ce=1)
+    confidence: float = -1.0        # CAKLD gamma in [0, 1]; < 0: measured (teacher's mean probability of the data's next token)
+    confidence_batches: int = 8     # micro-batches the measured gamma averages over (then frozen)
+    topk: int = 32                  # topk_kl: teacher's top-k tokens kept, the rest pooled into one tail bin
+    temperature: float = 1.0        # softmax temperature for the KL terms (losses scaled by T^2)
+    teacher: str = ""               # "" = frozen copy of the student before fake quantization; else an HF hub name or local path
+    teacher_dtype: str = "bfloat16" # bfloat16 | float32
+    teacher_device: str = "auto"    # auto (the student's device) | cpu (saves GPU memory; slow)
+
+
+@dataclass
 class ObjectiveConfig:
-    name: str = "lm"                # lm (next-token cross-entropy)
+    name: str = "lm"                # lm (next-token cross-entropy) | seer_gate
+    seer: SeerGateConfig = field(default_factory=SeerGateConfig)   # objective.name=seer_gate
+    qat: QATConfig = field(default_factory=QATConfig)                # objective.name=bitdistill
+    kd: KDConfig = field(default_factory=KDConfig)                   # objective.name=bitdistill
 
 
 @dataclass
@@ -73,20 +132,32 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    grad_clip: float = 1.0          # max global gradient norm; 0 = off
+    grad_clip: float = 1.0          # max gradient norm; 0 = off (what the norm is over: grad_clip_mode)
+    grad_clip_mode: str = "global"  # global (norm of the accumulated gradient; adamw) | per_tensor (each parameter's micro-batch gradient, clipped in its hook; adama)
     fused: bool = True              # fused AdamW kernel on CUDA
 
 
 @dataclass
 class MemoryConfig:
-    checkpointing: str = "none"     # none | full (recompute each decoder layer in backward)
+    checkpointing: str = "none"     # none | full (recompute each decoder layer) | selective (keep matmul/attention outputs, recompute element-wise work)
+    checkpoint_layers: list[str] = field(default_factory=lambda: ["*"])   # fnmatch patterns on decoder-layer names (model.layers.N)
+    offload: bool = False           # saved activations -> pinned CPU memory on a side CUDA stream, prefetched one layer ahead in backward
+    offload_layers: list[str] = field(default_factory=lambda: ["*"])      # fnmatch patterns on decoder-layer names (model.layers.N)
+    offload_min_bytes: int = 1048576   # saved tensors smaller than this stay on the GPU
 
 
 @dataclass
 class ParallelConfig:
     backend: str = "auto"           # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    data_parallel: str = "ddp"      # ddp
+    data_parallel: str = "ddp"      # ddp | deepspeed (parallel.dp_shard>1 selects FSDP2 instead of DDP)
     find_unused_parameters: bool = False
+    tp: int = 1                     # tensor-parallel degree (DTensor: colwise q/k/v/gate/up, rowwise o/down, vocab-parallel embedding + lm_head)
+    sp: bool = False                # Megatron sequence parallelism for norms/residuals between TP regions (needs tp>1)
+    ulysses: int = 1                # DeepSpeed-Ulysses degree: sequence shards, all-to-all to head shards around attention
+    dp_shard: int = 1               # >1: FSDP2 (fully_shard) over this many data-parallel ranks (= world / (tp x ulysses))
+    zero_stage: int = 2             # DeepSpeed ZeRO stage 1 | 2 | 3 (data_parallel=deepspeed)
+    offload_optimizer: bool = False # DeepSpeed: optimizer states and step on the CPU
+    deepspeed_config: str = ""      # path to a user DeepSpeed JSON; replaces the config generated from these fields
 
 
 @dataclass

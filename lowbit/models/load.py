@@ -152,6 +152,8 @@ def load(cfg: ModelConfig, *, seed: int = 0) -> tuple[nn.Module, object]:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **common)
     else:
         raise ValueError(f"model.source={cfg.source!r} is not one of: config, pretrained, gguf")
+    # Training forwards never reuse a KV cache; HF would otherwise build one every step (memory for nothing).
+    model.config.use_cache = False
     log.info("model %s: %.1fM parameters, %s", cfg.name,
              sum(p.numel() for p in model.parameters()) / 1e6, dtype)
     return model, tokenizer

@@ -25,8 +25,26 @@ def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer
     groups = parameter_groups(params, cfg.weight_decay)
     if cfg.name == "adamw":
         fused = cfg.fused and all(p.is_cuda for p in params)
+        if cfg.grad_clip_mode != "global":
+            raise ValueError(f"optim.grad_clip_mode={cfg.grad_clip_mode!r} is not supported by adamw (it clips the "
+                             f"global norm of the accumulated gradient); use optim.grad_clip_mode=global")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
-    raise ValueError(f"optim.name={cfg.name!r} is not known; use adamw")
+    if cfg.name == "adama":
+        return build_adama(cfg, groups)
+    raise ValueError(f"optim.name={cfg.name!r} is not known; use adamw or adama")
+
+
+def build_adama(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamA (arXiv 2305.19982): refuses what it cannot honour -- global-norm clipping of a gradient it frees."""
+    from lowbit.optim.adama import AdamA
+
+    if cfg.grad_clip > 0 and cfg.grad_clip_mode != "per_tensor":
+        raise ValueError(f"optim=adama frees each micro-batch gradient once folded, so the global norm of the "
+                         f"accumulated gradient (optim.grad_clip_mode={cfg.grad_clip_mode!r}) never exists; use "
+                         f"optim.grad_clip_mode=per_tensor (each parameter's micro-batch gradient clipped to "
+                         f"optim.grad_clip) or optim.grad_clip=0")
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
+    return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=clip)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

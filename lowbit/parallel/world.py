@@ -1,6 +1,8 @@
-"""Process-group set-up from torchrun's environment, and the DDP wrapper.
+"""Process-group set-up from torchrun's environment, the device mesh, and the model wrappers of stage 5.
 
 `init` is the only place that creates global state (the default process group), as DESIGN.md allows.
+`apply` composes, in this order: tensor/sequence parallelism (DTensor) or Ulysses on the model, then
+the data-parallel wrapper: DDP, or FSDP2 (`fully_shard`) when parallel.dp_shard > 1.
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lowbit.config import ParallelConfig
+from lowbit.parallel.mesh import Layout, layout_for
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +29,25 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    layout: Layout | None = None    # dp x ulysses x tp degrees; None = plain data parallelism over all ranks
+    mesh: Any = None                # torch DeviceMesh with axes ("dp", "ulysses", "tp") when any degree > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: ranks that see different batches (TP and Ulysses ranks share one)."""
+        return self.layout.dp if self.layout is not None else self.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[0] if self.layout is not None else self.rank
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return self.layout is not None and self.layout.tp > 1
 
     @property
     def distributed(self) -> bool:
@@ -48,30 +67,56 @@ def init(cfg: ParallelConfig) -> World:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    layout = layout_for(cfg, world_size)     # raises on a bad layout before any process-group work
     if world_size > 1 and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if backend == "nccl" and device.type != "cuda":
             raise ValueError("parallel.backend=nccl needs CUDA devices; use parallel.backend=gloo on CPU")
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=device if backend == "nccl" else None)
-    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    mesh = None
+    if layout.tp > 1 or layout.ulysses > 1 or cfg.dp_shard > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (layout.dp, layout.ulysses, layout.tp),
+                                mesh_dim_names=("dp", "ulysses", "tp"))
+    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device, layout=layout, mesh=mesh)
 
 
 def apply(model: nn.Module, world: World, cfg: ParallelConfig) -> nn.Module:
-    """Wrap `model` (already on its device) for data parallelism; identity on one process."""
+    """Shard `model` (already on its device) over the mesh, then wrap it for data parallelism.
+
+    TP: parameters become DTensors over the "tp" axis (lowbit.parallel.tensor). Ulysses: the model is
+    wrapped to run a sequence shard per rank (lowbit.parallel.ulysses); DDP then averages over all
+    dp x ulysses ranks, which that wrapper's gradient scaling makes the right mean. FSDP2 shards over "dp".
+    """
     if not world.distributed:
         return model
-    if cfg.data_parallel != "ddp":
-        raise ValueError(f"parallel.data_parallel={cfg.data_parallel!r} is not supported; use ddp")
+    if cfg.data_parallel == "deepspeed":
+        return model     # the DeepSpeed engine wraps model and optimizer together (lowbit.parallel.deepspeed)
+    layout = world.layout
+    if layout is not None and layout.tp > 1:
+        from lowbit.parallel.tensor import apply_tensor_parallel
+        model = apply_tensor_parallel(model, world.mesh["tp"], sequence_parallel=cfg.sp)
+    if layout is not None and layout.ulysses > 1:
+        from lowbit.parallel.ulysses import apply_ulysses
+        model = apply_ulysses(model, world.mesh["ulysses"].get_group())
+    if cfg.dp_shard > 1:
+        from lowbit.parallel.fsdp import apply_fsdp2
+        return apply_fsdp2(model, world.mesh["dp"])
+    if layout is not None and layout.tp > 1:
+        return model     # dp = 1 here (layout_for demands FSDP2 for dp x tp)
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids,
                                    find_unused_parameters=cfg.find_unused_parameters)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP (and torch.compile's wrapper)."""
+    """The plain HF model inside DDP, the Ulysses wrapper, a DeepSpeed engine and torch.compile's wrapper."""
+    from lowbit.parallel.deepspeed import EngineModel
+    from lowbit.parallel.ulysses import UlyssesCausalLM
     while True:
-        if isinstance(model, DistributedDataParallel):
+        if (isinstance(model, (DistributedDataParallel, UlyssesCausalLM, EngineModel))
+                or type(model).__name__ == "DeepSpeedEngine"):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -95,3 +140,30 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def loss_context(world: World):
+    """Context for a loss's forward and backward: vocabulary-parallel cross-entropy under TP, else nothing."""
+    from lowbit.parallel.tensor import loss_context as tensor_loss_context
+    return tensor_loss_context(world.tensor_parallel)
+
+
+def to_local(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for logging/reduction: a replicated DTensor (the loss under TP) becomes its value."""
+    from lowbit.parallel.tensor import to_local as tensor_to_local
+    return tensor_to_local(value)
+
+
+def unwrap_data_parallel(model: nn.Module) -> nn.Module:
+    """The module inside DDP only: keeps the Ulysses wrapper (its forward shards the sequence), for evaluation."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def deepspeed_engine(model: nn.Module, optimizer, cfg, world: World, grad_accum: int):
+    """(EngineModel, EngineOptimizer) for parallel.data_parallel=deepspeed; `cfg` is the whole LowbitConfig.
+
+    Compute stays in lowbit's hands: fp32 master weights with the trainer's autocast, not DeepSpeed's bf16 mode.
+    """
+    from lowbit.parallel.deepspeed import build_engine, engine_config
+    config = engine_config(cfg.parallel, cfg.trainer, cfg.optim, grad_accum, world.dp_size, bf16=False)
+    return build_engine(model, optimizer, config)

@@ -17,6 +17,7 @@ def stats_hook(model: nn.Module, cfg) -> Callable[[int], dict] | None:
     if cfg.stats_every <= 0 or cfg.recipe == "bf16":
         return None
     from lowbit.precision.stats import collect
+    collect(model)          # arms every layer to record on its next training forward
 
     def hook(step: int) -> dict:
         return collect(model) if step % cfg.stats_every == 0 else {}

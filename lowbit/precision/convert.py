@@ -1,10 +1,41 @@
-"""Model conversion: swap included nn.Linear layers for QuantLinear (placeholder until issue 3 lands)."""
+"""Model conversion (DESIGN.md stage 4): swap included nn.Linear layers for QuantLinear.
+
+A linear layer is converted when its module name matches one of `cfg.include` and none of
+`cfg.exclude` (fnmatch patterns); by default the decoder layers' linears, never `lm_head` or the
+embeddings (norms are not linears). recipe=bf16 leaves the model untouched.
+"""
 from __future__ import annotations
+
+import fnmatch
+import logging
 
 from torch import nn
 
+from lowbit.precision.linear import QuantLinear
+from lowbit.precision.recipes import build_recipe
+
+log = logging.getLogger("lowbit")
+
+
+def selected(name: str, include: list[str], exclude: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
 
 def apply(model: nn.Module, cfg) -> nn.Module:
+    """Swap the selected nn.Linear modules of `model` in place for QuantLinear(recipe of cfg); returns model."""
     if cfg.recipe == "bf16":
         return model
-    raise ValueError(f"precision.recipe={cfg.recipe!r} is not available yet; use precision=bf16")
+    recipe = build_recipe(cfg)
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and selected(name, list(cfg.include), list(cfg.exclude))]
+    if not targets:
+        raise ValueError(f"precision.recipe={cfg.recipe}: no nn.Linear matches precision.include={list(cfg.include)} "
+                         f"minus precision.exclude={list(cfg.exclude)}; fix the patterns (module names look like "
+                         f"'model.layers.0.mlp.up_proj')")
+    for index, (name, linear) in enumerate(targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(linear, recipe, name=name, seed=index))
+    log.info("precision %s: %d linear layers quantized, kept in high precision: %s", cfg.recipe, len(targets),
+             sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m) is nn.Linear}) or "none")
+    return model

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 import logging
 import math
 import os
@@ -22,7 +23,8 @@ def _fmt(value) -> str:
 class ConsoleLogger:
     """A tqdm progress bar on a terminal; plain lines otherwise (CI logs, files)."""
 
-    KEYS = ("loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/mfu", "mem/peak_allocated_gib", "mem/peak_rss_gib")
+    KEYS = ("loss", "lr", "grad_norm", "perf/tokens_per_s", "perf/mfu", "mem/peak_allocated_gib", "mem/peak_reserved_gib",
+            "mem/peak_rss_gib")
 
     def __init__(self, max_steps: int, start_step: int):
         self.bar = None
@@ -68,7 +70,8 @@ class WandbLogger:
             raise ImportError("logger.backends includes wandb but wandb is not installed: pip install wandb, "
                               "or drop wandb from logger.backends") from None
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
         self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name, id=run_id,
                               resume="allow", mode=cfg.wandb.mode, tags=list(cfg.wandb.tags), config=config,

@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> TrainState:
     setup_logging(world.is_main)
     if cfg.note:
         log.info("%s", cfg.note)
-    grad_accum = check_batch_sizes(cfg, world.world_size)
+    grad_accum = check_batch_sizes(cfg, world.dp_size)       # TP and Ulysses ranks share their batches
     run_dir = Path(cfg.run_dir)
     checkpointer = Checkpointer(run_dir, world, keep=cfg.trainer.keep_checkpoints)
     resume_from = resolve_resume(cfg, checkpointer)
@@ -86,6 +86,7 @@ def run(cfg: DictConfig) -> TrainState:
         torch.use_deterministic_algorithms(True)
 
     model, tokenizer = load_model(cfg.model, seed=cfg.trainer.seed)              # 2
+    parallel.check_model(model.config, cfg.parallel, cfg.data.seq_len)   # degrees vs heads/hidden/seq_len, before stage 5's collectives
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and cfg.data.seq_len > max_positions:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context of {max_positions} "
@@ -98,11 +99,14 @@ def run(cfg: DictConfig) -> TrainState:
     model = parallel.apply(model, world, cfg.parallel)                             # 5
     memory.apply(model, cfg.memory)                                                # 6
     optimizer = optim.build(cfg.optim, objective.trainable(parallel.unwrap(model)))   # 7
-    data = data_module.build(cfg.data, tokenizer, rank=world.rank, world_size=world.world_size)  # 8
+    if cfg.parallel.data_parallel == "deepspeed":       # the engine wraps model and optimizer together
+        model, optimizer = parallel.deepspeed_engine(model, optimizer, cfg, world, grad_accum)
+    data = data_module.build(cfg.data, tokenizer, rank=world.dp_rank, world_size=world.dp_size)  # 8
 
     state = TrainState()
     if resume_from is not None:
-        stored = checkpointer.load(resume_from, parallel.unwrap(model), optimizer)
+        stored = checkpointer.load(resume_from, *parallel.checkpoint_views(model, parallel.unwrap(model), optimizer))
+        parallel.load_engine(model, resume_from)       # DeepSpeed's partitioned states (no-op otherwise)
         state = TrainState(step=int(stored["step"]), tokens_seen=int(stored["tokens_seen"]),
                            nan_skips=int(stored["nan_skips"]))
         log.info("resumed from %s at step %d", resume_from, state.step)
@@ -127,10 +131,12 @@ def run(cfg: DictConfig) -> TrainState:
         state = trainer.fit()
     finally:
         loggers.close()
-    if cfg.trainer.export and world.is_main and state.step >= cfg.trainer.max_steps:
+    exporting = cfg.trainer.export and state.step >= cfg.trainer.max_steps
+    full_state = parallel.checkpoint_views(model, plain, optimizer)[0].state_dict() if exporting else None  # every rank: may gather shards
+    if exporting and world.is_main:
         objective.export(plain, run_dir)
         export_dir = run_dir / "export"
-        plain.save_pretrained(export_dir, safe_serialization=True)
+        plain.save_pretrained(export_dir, safe_serialization=True, state_dict=full_state)
         tokenizer.save_pretrained(export_dir)
         log.info("exported the trained model to %s (transformers: AutoModelForCausalLM.from_pretrained)", export_dir)
     parallel.barrier()

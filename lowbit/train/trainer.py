@@ -17,7 +17,7 @@ from torch import nn
 from lowbit.config import TrainerConfig, OptimConfig
 from lowbit.objectives import Objective
 from lowbit.optim import lr_at
-from lowbit.parallel import World, all_reduce_mean, all_reduce_sum
+from lowbit.parallel import World, all_reduce_mean, all_reduce_sum, loss_context, to_local
 from lowbit.train import metrics as step_metrics
 
 log = logging.getLogger("lowbit")
@@ -46,7 +46,7 @@ class Trainer:
         self.state = state
         self.log_every = max(1, log_every)
         self.extra_metrics = extra_metrics      # callable(step) -> dict, e.g. quantization statistics
-        self.grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world.world_size)
+        self.grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world.dp_size)   # TP/Ulysses ranks share batches
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.autocast = self._autocast_context()
 
@@ -111,21 +111,34 @@ class Trainer:
         return self.state.step == self.cfg.max_steps or (every > 0 and self.state.step % every == 0)
 
     def accumulate_gradients(self, micro_batches: list[torch.Tensor]) -> tuple[float, dict]:
-        """Forward/backward every micro-batch; gradients are synchronised across ranks on the last one."""
+        """Forward/backward every micro-batch; gradients are synchronised across ranks on the last one.
+
+        An optimizer that reduces gradients itself (AdamA: per micro-batch, in its hooks) gets no DDP sync
+        at all, and folds what is still in flight after each backward.
+        """
         total = torch.zeros((), device=self.world.device)
+        self_reducing = getattr(self.optimizer, "reduces_gradients", False)
         for index, input_ids in enumerate(micro_batches):
             input_ids = input_ids.to(self.world.device, non_blocking=True)
-            last = index == len(micro_batches) - 1
+            last = index == len(micro_batches) - 1 and not self_reducing
             no_sync = getattr(self.model, "no_sync", None)
-            with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+            with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()), loss_context(self.world):
                 with self.autocast():
                     loss, extra = self.objective.loss(self.model, input_ids)
-                (loss / len(micro_batches)).backward()
-            total += loss.detach().float()
+                backward = getattr(self.model, "backward", None)    # a DeepSpeed engine drives its own backward
+                (loss / len(micro_batches)).backward() if backward is None else backward(loss / len(micro_batches))
+            if self_reducing:
+                self.optimizer.finish_micro_batch()
+            total += to_local(loss.detach()).float()
         return all_reduce_mean(total / len(micro_batches)).item(), extra
 
     def clip_gradients(self) -> float:
-        """Global gradient norm (gradients are already averaged over ranks), clipped to optim.grad_clip."""
+        """Global gradient norm (gradients are already averaged over ranks), clipped to optim.grad_clip.
+
+        AdamA has freed the gradients and clipped in its hooks; it reports its micro-batch norm instead.
+        """
+        if getattr(self.optimizer, "frees_gradients", False):
+            return self.optimizer.micro_batch_grad_norm()
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
         grads = [p for p in self.params if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(grads, max_norm).item() if grads else 0.0
@@ -133,6 +146,10 @@ class Trainer:
     def handle_non_finite(self, step: int, loss: float, grad_norm: float) -> None:
         message = f"non-finite training values at step {step}: loss={loss}, grad_norm={grad_norm}"
         if self.cfg.on_nan == "skip" and self.state.nan_skips < self.cfg.max_nan_skips:
+            if getattr(self.optimizer, "frees_gradients", False):
+                raise NonFiniteLossError(f"{message}; optim=adama has already folded these gradients into its "
+                                         f"moments, so trainer.on_nan=skip cannot skip the step. Resume from the "
+                                         f"last checkpoint (trainer.resume=auto) with a lower optim.lr")
             self.state.nan_skips += 1
             log.warning("%s; optimizer step skipped (%d/%d skips allowed by trainer.max_nan_skips)",
                         message, self.state.nan_skips, self.cfg.max_nan_skips)
@@ -145,16 +162,16 @@ class Trainer:
         """Validation loss and perplexity over this rank's validation shard, summed over ranks."""
         # The plain module, not DDP: ranks may hold different numbers of validation batches, and DDP's
         # per-forward buffer broadcast would then wait forever for the rank that finished.
-        from lowbit.parallel import unwrap
-        model = unwrap(self.model)
+        from lowbit.parallel import unwrap_data_parallel
+        model = unwrap_data_parallel(self.model)
         model.eval()
         nll = torch.zeros((), device=self.world.device, dtype=torch.float64)
         count = torch.zeros((), device=self.world.device, dtype=torch.float64)
         for input_ids in self.data.val_batches(micro_batch_size=self.cfg.micro_batch_size,
                                                max_batches=self.cfg.eval_batches):
-            with self.autocast():
+            with self.autocast(), loss_context(self.world):
                 batch_nll, batch_count = self.objective.eval_nll(model, input_ids.to(self.world.device))
-            nll += batch_nll.double()
+            nll += to_local(batch_nll).double()
             count += batch_count
         model.train()
         all_reduce_sum(nll)
@@ -167,6 +184,8 @@ class Trainer:
         return record
 
     def save(self) -> None:
-        from lowbit.parallel import unwrap
+        from lowbit.parallel import checkpoint_views, save_engine, unwrap
         state = {"tokens_seen": self.state.tokens_seen, "nan_skips": self.state.nan_skips}
-        self.checkpointer.save(self.state.step, unwrap(self.model), self.optimizer, state, self.config_yaml)
+        model, optimizer = checkpoint_views(self.model, unwrap(self.model), self.optimizer)   # full tensors if sharded
+        saved = self.checkpointer.save(self.state.step, model, optimizer, state, self.config_yaml)
+        save_engine(self.model, saved)      # DeepSpeed: its partitioned states, beside lowbit's files (no-op otherwise)

@@ -1,0 +1,166 @@
+"""SeerAttention kernels against dense SDPA forward, side by side in one run (issue 4 bars).
+
+  fused target   attention output + block-max-pooled normalised map   bar: <= 1.3x SDPA at S = 8k, 32k
+  block-sparse   prefill at 90% block sparsity                        bar: >= 5x faster than SDPA at S = 32k
+
+B=64, head dim 128, 32 heads, bf16, causal; kernels are swept over a few (num_warps, num_stages) and
+the best is reported with its setting. Correctness is checked on the GPU first against the PyTorch
+paths. No hydra imports: runs on the bare device image.
+
+    python bench/attention.py --seqs 8192 32768 --out docs/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowbit.kernels.attention_target import (attention_block_target_torch,  # noqa: E402
+                                             attention_block_target_triton)
+from lowbit.kernels.block_sparse_attention import (block_sparse_attention_torch,  # noqa: E402
+                                                   block_sparse_attention_triton)
+from lowbit.objectives.seer_select import sparsity, topk_mask  # noqa: E402
+
+LAUNCH = [(4, 2), (4, 3), (8, 2), (8, 3)]
+
+
+def timed(fn, reps: int = 10) -> float:
+    """Median milliseconds of `fn()` over `reps` runs after two warm-up runs (CUDA events)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def check_correctness(block: int) -> dict:
+    """GPU kernels vs PyTorch paths (float32 math) on an odd length with GQA."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 1000, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16)
+    out_ref, target_ref = attention_block_target_torch(q, k, v, block)
+    out, target = attention_block_target_triton(q, k, v, block)
+    n = target.shape[-1]
+    mask = topk_mask(torch.rand(1, 2, n, n, device="cuda"), 0.3)
+    sparse_ref = block_sparse_attention_torch(q, k, v, mask, block)
+    sparse = block_sparse_attention_triton(q, k, v, mask, block)
+    return {"target_max_abs_err": (target - target_ref).abs().max().item(),
+            "target_out_max_abs_err": (out.float() - out_ref.float()).abs().max().item(),
+            "sparse_max_abs_err": (sparse.float() - sparse_ref.float()).abs().max().item()}
+
+
+def best_launch(fn) -> tuple[float, tuple[int, int]]:
+    results = []
+    for warps, stages in LAUNCH:
+        try:
+            results.append((timed(lambda: fn(warps, stages)), (warps, stages)))
+        except Exception as error:          # e.g. out of shared memory for a setting
+            print(f"  launch {warps} warps / {stages} stages failed: {type(error).__name__}", flush=True)
+    return min(results)
+
+
+def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, density: float) -> dict:
+    torch.manual_seed(0)
+    q = torch.randn(1, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, kv_heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, kv_heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+    gqa = heads != kv_heads
+    sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    target_ms, target_launch = best_launch(lambda w, s: attention_block_target_triton(q, k, v, block, num_warps=w,
+                                                                                        num_stages=s))
+    extra_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    n = math.ceil(seq / block)
+    mask = topk_mask(torch.rand(1, kv_heads, n, n, device="cuda"), density)
+    measured = sparsity(mask)
+    sparse_ms, sparse_launch = best_launch(lambda w, s: block_sparse_attention_triton(q, k, v, mask, block,
+                                                                                       num_warps=w, num_stages=s))
+    full = torch.ones(1, kv_heads, n, n, dtype=torch.bool, device="cuda")
+    full_ms, _ = best_launch(lambda w, s: block_sparse_attention_triton(q, k, v, full, block, num_warps=w,
+                                                                          num_stages=s))
+    flops = 4 * seq * seq / 2 * head_dim * heads
+    return {"seq": seq, "heads": heads, "kv_heads": kv_heads, "sdpa_ms": sdpa_ms,
+            "sdpa_tflops": flops / sdpa_ms / 1e9, "target_ms": target_ms, "target_launch": target_launch,
+            "target_over_sdpa": target_ms / sdpa_ms, "target_extra_mib": extra_mib,
+            "target_map_mib": heads * n * n * 4 / 2 ** 20, "seer_buffer_mib": heads * seq * n * 4 / 2 ** 20,
+            "sparse_sparsity": measured, "sparse_ms": sparse_ms, "sparse_launch": sparse_launch,
+            "sparse_speedup_over_sdpa": sdpa_ms / sparse_ms, "dense_blocksparse_ms": full_ms,
+            "dense_blocksparse_over_sdpa": full_ms / sdpa_ms}
+
+
+def gate_pipeline_smoke() -> dict:
+    """Gates on a random 3-layer Llama (9 heads, 3 kv heads, head dim 64 like SmolLM2): a few distillation
+    steps and one sparsity curve point on the GPU, exercising every inference mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.eval.sparsity import sparsity_curve
+    from lowbit.objectives.seer_attach import attach_gates
+    from lowbit.objectives.seer_gate import distill_gates
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=3,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         initializer_range=0.1, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).cuda().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    controller = attach_gates(model, block_size=64)
+    batches = (torch.randint(0, 1000, (2, 2000)) for _ in range(6))
+    training = distill_gates(model, controller, batches, max_steps=6)
+    rows = sparsity_curve(model, controller, torch.randint(0, 1000, (2, 2000)), [0.5, 0.9], [0.01])
+    return {"training": training, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, nargs="+", default=[32])
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--json", default="")
+    parser.add_argument("--gate-smoke", action="store_true", help="also run the gate pipeline on a random Llama")
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name()
+    print(f"device {device}, torch {torch.__version__}, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC", flush=True)
+    print("correctness", check_correctness(args.block), flush=True)
+    rows = []
+    for kv_heads in args.kv_heads:
+        for seq in args.seqs:
+            row = bench_seq(seq, args.heads, kv_heads, args.head_dim, args.block, 1.0 - args.sparsity)
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    print(f"\n| S | heads (kv) | SDPA fwd ms | fused target ms | target/SDPA | target extra MiB | "
+          f"block-sparse ms @ sparsity | speed-up vs SDPA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seq']} | {r['heads']} ({r['kv_heads']}) | {r['sdpa_ms']:.2f} | {r['target_ms']:.2f} | "
+              f"{r['target_over_sdpa']:.2f}x | {r['target_extra_mib']:.1f} | {r['sparse_ms']:.2f} @ "
+              f"{r['sparse_sparsity']:.3f} | {r['sparse_speedup_over_sdpa']:.2f}x |")
+    smoke = {}
+    if args.gate_smoke:
+        smoke = gate_pipeline_smoke()
+        print("gate smoke", json.dumps(smoke), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "rows": rows, "gate_smoke": smoke}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Quantize kernels on a GPU: bit-exactness against the PyTorch reference, bandwidth against a device copy,
+QuantLinear of every recipe (Triton path == torch path, torch.compile == eager), and fwd+bwd times.
+
+    python bench/quantize.py [--out DIR]      # no hydra; prints a table, writes quantize_bench.json
+
+Bandwidth: the rowwise pair kernel (x along K and x^T along M) reads x twice (amax pass + quantize pass)
+and writes two 1-byte copies; "achieved" counts those bytes over the time, compared with the bytes per
+second of a device-to-device copy (x.clone: read + write) measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton  # noqa: E402
+from lowbit.kernels.quantize_triton import quantize_pair_triton  # noqa: E402
+from lowbit.precision.formats import E2M1, E4M3, E5M2  # noqa: E402
+from lowbit.precision.linear import QuantLinear  # noqa: E402
+from lowbit.precision.recipes import build_recipe  # noqa: E402
+from lowbit.precision.scaling import Quantizer, quantize_reference  # noqa: E402
+
+BASE = dict(grad_format="e4m3", dge=False, dge_k=5.0, dge_clip=3.0, occ=False, occ_quantile=0.99,
+            stochastic_rounding=False, hadamard=False, hadamard_size=16, asymmetric=False, block_size=128)
+RECIPES = {"fp8_tensorwise": {}, "fp8_rowwise": {}, "fp8_rowwise_e5m2": {"grad_format": "e5m2"},
+           "fp8_blockwise": {}, "fp4_vectorwise": {}, "fp4_vectorwise_dge_occ": {"dge": True, "occ": True},
+           "nvfp4": {}, "mxfp4": {}}
+
+
+def bench_ms(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def graph_ms(fn) -> float:
+    """GPU time of fn replayed from a CUDA graph (no Python/launch overhead between kernels)."""
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+def recipe_of(key):
+    name = key.replace("_e5m2", "").replace("_dge_occ", "")
+    return build_recipe(SimpleNamespace(recipe=name, **{**BASE, **RECIPES[key]}))
+
+
+def check_kernels(results):
+    torch.manual_seed(0)
+    mismatches = 0
+    for shape in [(333, 517), (8192, 4096), (4096, 14336)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(shape, device="cuda", dtype=dtype) * 4
+            x[0, :7] = torch.tensor([0.0, -0.0, 1e-9, 448.0, 1e5, -3.0, 0.5])
+            for fmt in (E4M3, E5M2, E2M1):
+                for block in ((0, 0), (1, 0)):
+                    q = Quantizer(fmt, *block)
+                    got, got_t = quantize_pair_triton(x, q, q)
+                    want, want_t = quantize_reference(x, q), quantize_reference(x.t(), q)
+                    same = torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)) and \
+                        torch.equal(got_t.data.view(torch.uint8), want_t.data.view(torch.uint8)) and \
+                        torch.equal(got.scale, want.scale) and torch.equal(got_t.scale, want_t.scale)
+                    mismatches += not same
+                    if not same:
+                        print("MISMATCH", shape, dtype, fmt.name, block)
+    for shape in [(333 // 16 * 16 * 8, 512), (8192, 4096)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(shape, device="cuda", dtype=dtype) * 4
+            for q in (Quantizer(E2M1, 1, 16, "nvfp4"), Quantizer(E2M1, 1, 32, "pow2"), Quantizer(E4M3, 1, 128),
+                      Quantizer(E4M3, 128, 128)):
+                got, got_t = quantize_blocks_triton(x, q, q)
+                want, want_t = quantize_reference(x, q), quantize_reference(x.t(), q)
+                same = torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)) and \
+                    torch.equal(got_t.data.view(torch.uint8), want_t.data.view(torch.uint8)) and \
+                    torch.equal(got.scale, want.scale) and torch.equal(got_t.scale, want_t.scale)
+                mismatches += not same
+                if not same:
+                    print("MISMATCH blocks", shape, dtype, q)
+    results["kernel_bitwise_mismatches"] = mismatches
+    print(f"kernels: {mismatches} mismatching cases of Triton vs reference")
+
+
+def bandwidth(results):
+    rows = []
+    for shape in [(8192, 4096), (8192, 14336)]:
+        xs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        n = xs[0].numel()
+        out = torch.empty_like(xs[0])
+        i = [0]
+
+        def rotate():
+            i[0] = (i[0] + 1) % 3
+            return xs[i[0]]
+        copy_ms = graph_ms(lambda: out.copy_(xs[0]))
+        copy_eager_ms = bench_ms(lambda: out.copy_(rotate()))
+        print(f"{str(shape):>14} device copy graph {copy_ms:.3f} ms, eager {copy_eager_ms:.3f} ms")
+        copy_gbs = 4 * n / copy_ms / 1e6
+        for label, q, qt, bytes_moved in [
+            ("rowwise pair (x, x^T) e4m3", Quantizer(E4M3, 1, 0), Quantizer(E4M3, 1, 0), 6 * n),
+            ("tensorwise pair e4m3", Quantizer(E4M3, 0, 0), Quantizer(E4M3, 0, 0), 6 * n),
+            ("rowwise single e4m3", Quantizer(E4M3, 1, 0), None, 5 * n),
+            ("rowwise pair e2m1", Quantizer(E2M1, 1, 0), Quantizer(E2M1, 1, 0), 6 * n),
+            ("1x128 blocks pair e4m3", Quantizer(E4M3, 1, 128), Quantizer(E4M3, 1, 128), 4 * n),
+            ("128x128 blocks pair e4m3", Quantizer(E4M3, 128, 128), Quantizer(E4M3, 128, 128), 4 * n),
+            ("nvfp4 pair (tensor amax + blocks)", Quantizer(E2M1, 1, 16, "nvfp4"), Quantizer(E2M1, 1, 16, "nvfp4"), 6 * n),
+            ("mxfp4 pair", Quantizer(E2M1, 1, 32, "pow2"), Quantizer(E2M1, 1, 32, "pow2"), 4 * n),
+        ]:
+            kernel = quantize_blocks_triton if q.blocked else quantize_pair_triton
+            eager_ms = bench_ms(lambda: kernel(rotate(), q, qt))
+            ms = graph_ms(lambda: kernel(xs[0], q, qt))
+            gbs = bytes_moved / ms / 1e6
+            rows.append(dict(shape=shape, kernel=label, graph_ms=ms, eager_ms=eager_ms, gbs=gbs, copy_gbs=copy_gbs,
+                             ratio=gbs / copy_gbs, bytes_per_element=bytes_moved / n))
+            print(f"{str(shape):>14} {label:<34} graph {ms:6.3f} ms (eager {eager_ms:6.3f}) {gbs:6.0f} GB/s  "
+                  f"copy {copy_gbs:5.0f} GB/s  ratio {gbs / copy_gbs:4.2f}")
+    results["bandwidth"] = rows
+
+
+def linear_checks(results):
+    torch.manual_seed(0)
+    rows = {}
+    for key in RECIPES:
+        recipe = recipe_of(key)
+        linear = torch.nn.Linear(512, 384, device="cuda")
+        layer = QuantLinear.from_linear(linear, recipe, name=key)
+        x = torch.randn(4, 96, 512, device="cuda", requires_grad=True)
+        grads = {}
+        for path in ("triton", "torch"):
+            os.environ["LOWBIT_QUANTIZE"] = "torch" if path == "torch" else ""
+            x.grad = linear.weight.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = layer(x)
+            y.float().square().mean().backward()
+            grads[path] = (y.detach().clone(), x.grad.clone(), linear.weight.grad.clone())
+        os.environ["LOWBIT_QUANTIZE"] = ""
+        same = all(torch.equal(a, b) for a, b in zip(grads["triton"], grads["torch"]))
+        exact = linear(x.detach())
+        err = ((grads["triton"][0].float() - exact).norm() / exact.norm()).item()
+        if key not in ("fp8_rowwise", "fp4_vectorwise_dge_occ"):
+            rows[key] = dict(triton_equals_torch=same, rel_err_vs_bf16=err)
+            print(f"linear {key:<24} triton==torch {same}  rel.err {err:.4f}")
+            continue
+        try:
+            compiled = torch.compile(layer)
+            x.grad = linear.weight.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yc = compiled(x)
+            yc.float().square().mean().backward()
+            rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+            compile_ok = dict(y_rel_diff=rel(yc, grads["triton"][0]), dx_rel_diff=rel(x.grad, grads["triton"][1]),
+                              dw_rel_diff=rel(linear.weight.grad, grads["triton"][2]))
+        except Exception as error:  # report, keep going
+            compile_ok = f"error: {type(error).__name__}: {str(error)[:200]}"
+        rows[key] = dict(triton_equals_torch=same, rel_err_vs_bf16=err, compile_equals_eager=compile_ok)
+        print(f"linear {key:<24} triton==torch {same}  rel.err {err:.4f}  compile==eager {compile_ok}")
+    results["linear"] = rows
+
+
+def linear_timing(results):
+    rows = []
+    M = 8192
+    for K, N in [(4096, 4096), (4096, 14336), (14336, 4096)]:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        base = torch.nn.Linear(K, N, bias=False, device="cuda")
+
+        def step(module):
+            def run():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = module(x)
+                y.backward(dy)
+            return run
+        bf16_ms = bench_ms(step(base))
+        try:
+            bf16_graph_ms = graph_ms(step(base))
+        except Exception as error:
+            bf16_graph_ms = None
+            print("graph capture failed:", repr(error)[:200])
+        row = dict(M=M, K=K, N=N, bf16_ms=bf16_ms, bf16_graph_ms=bf16_graph_ms)
+        for key in ("fp8_tensorwise", "fp8_rowwise", "fp4_vectorwise", "fp4_vectorwise_dge_occ", "fp8_blockwise",
+                    "nvfp4", "mxfp4"):
+            try:
+                layer = QuantLinear.from_linear(base, recipe_of(key))
+                row[key] = bf16_ms / bench_ms(step(layer))
+                if bf16_graph_ms is not None and key != "fp4_vectorwise_dge_occ":   # OCC's sparse ops sync
+                    row[key + "_graph"] = bf16_graph_ms / graph_ms(step(layer))
+            except Exception as error:
+                row[key] = f"error: {type(error).__name__}: {str(error)[:120]}"
+        rows.append(row)
+        print(f"fwd+bwd M={M} K={K} N={N}: bf16 {bf16_ms:.3f} ms (graph {bf16_graph_ms}); speed-up " +
+              ", ".join(f"{k} {v:.2f}x" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                        if k not in ("M", "K", "N", "bf16_ms", "bf16_graph_ms")))
+    results["linear_timing"] = rows
+
+
+def llama_training(results):
+    """A small HF Llama converted by lowbit.precision.apply, 30 AdamW steps under bf16 autocast per recipe."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lowbit import precision
+    rows = {}
+    for key in ("bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "fp4_vectorwise", "fp4_vectorwise_dge_occ",
+                "nvfp4", "mxfp4"):
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+        model = LlamaForCausalLM(config)
+        name = key.replace("_dge_occ", "")
+        options = {**BASE, **RECIPES.get(key, {})}
+        cfg = SimpleNamespace(recipe=name, include=["*.layers.*"], exclude=["*lm_head*", "*embed*"], **options)
+        model = precision.apply(model, cfg).cuda()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        data = torch.randint(0, 64, (8, 256), device="cuda")       # a learnable, low-entropy token stream
+        data = (data + torch.arange(256, device="cuda")) % 512
+        losses = []
+        try:
+            for _ in range(30):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(input_ids=data, labels=data).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+            rows[key] = dict(first=losses[0], last=losses[-1], finite=all(map(lambda v: v == v, losses)))
+        except Exception as error:
+            rows[key] = f"error: {type(error).__name__}: {str(error)[:200]}"
+        print(f"llama {key:<24} {rows[key]}")
+    results["llama_training"] = rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--skip", default="")
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import triton
+    results["triton"] = triton.__version__
+    print(results)
+    for name, fn in [("kernels", check_kernels), ("bandwidth", bandwidth), ("linear", linear_checks),
+                     ("llama", llama_training), ("timing", linear_timing)]:
+        if name in args.skip.split(","):
+            continue
+        try:
+            fn(results)
+        except Exception as error:
+            import traceback
+            traceback.print_exc()
+            results[f"{name}_error"] = repr(error)
+        Path(args.out, "quantize_bench.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

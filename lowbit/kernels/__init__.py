@@ -1,0 +1,1 @@
+"""Triton kernels, one concern per file, each with a pure-PyTorch reference path of the same numerics."""

@@ -1,0 +1,222 @@
+"""Scaled low-precision GEMMs: the matmuls behind lowbit's FP8 / FP4 linear layers.
+
+Two entry points, both computing ``out[M, N] = dequant(a)[M, K] @ dequant(b)[N, K].T``:
+
+* ``scaled_mm`` -- one scale per tensor (tensorwise) or per row of each operand (rowwise).
+  CUDA: ``torch._scaled_mm`` (cuBLASLt FP8 GEMM). CPU: float32 dequantize-then-matmul reference.
+* ``block_scaled_mm`` -- one scale per (a_rows x block_k) block of ``a`` and (b_rows x block_k) block
+  of ``b``, scales applied inside the K loop with FP32 accumulation (DeepSeek-V3 arXiv 2412.19437
+  sec. 3.3.2: 1x128 activation tiles, 128x128 weight blocks; NVFP4: block_k=16; MXFP4: block_k=32).
+  CUDA: the Triton kernel in ``lowbit.kernels.gemm_triton``. CPU: float32 reference below.
+
+FP4 (E2M1) operands are passed stored as float8_e4m3fn: every E2M1 value {0, 0.5, 1, 1.5, 2, 3, 4, 6}
+is exact in E4M3, so FP4 GEMMs run at FP8 tensor-core rate on Hopper.
+"""
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+# --------------------------------------------------------------------------------------------------
+# input checks (errors name the bad value and the fix)
+# --------------------------------------------------------------------------------------------------
+
+def _check_fp8_operand(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FP8_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; expected float8_e4m3fn or float8_e5m2. "
+            f"Quantize it first (lowbit.precision / lowbit.kernels.quantize); FP4 values are stored as float8_e4m3fn.")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, K], got shape {tuple(t.shape)}; flatten leading dims first.")
+
+
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"out_dtype={out_dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32.")
+
+
+def _check_same_k(a_q: torch.Tensor, b_q: torch.Tensor) -> None:
+    if a_q.shape[1] != b_q.shape[1]:
+        raise ValueError(
+            f"a_q is {tuple(a_q.shape)} and b_q is {tuple(b_q.shape)}: both must be [rows, K] with the same K "
+            f"(b_q is the weight in nn.Linear layout [N, K]).")
+
+
+def require_fp8_device(device: torch.device) -> None:
+    """Raise a clear error when `device` is a CUDA GPU without FP8 tensor cores (compute capability < 8.9)."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise RuntimeError(
+            f"GPU {torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; FP8 GEMMs need >= 8.9 "
+            f"(Ada/Hopper/Blackwell). Use precision=bf16 on this GPU.")
+
+
+# --------------------------------------------------------------------------------------------------
+# per-tensor / per-row scales
+# --------------------------------------------------------------------------------------------------
+
+def _check_row_scale(name: str, scale: torch.Tensor, rows: int) -> None:
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name} has dtype {scale.dtype}; scales must be float32 (use .float()).")
+    if scale.numel() == 1 and scale.dim() <= 1:
+        return
+    if scale.numel() != rows:
+        raise ValueError(
+            f"{name} has shape {tuple(scale.shape)}; expected a 0-d tensor (tensorwise) or [{rows}, 1] (rowwise).")
+
+
+def scaled_mm_reference(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Float32 reference of `scaled_mm`: ((a_q * a_scale) @ (b_q * b_scale).T).to(out_dtype).
+
+    a_q [M, K] fp8, b_q [N, K] fp8, a_scale fp32 0-d or [M, 1], b_scale fp32 0-d or [N, 1] -> [M, N] out_dtype.
+    """
+    a = a_q.float() * a_scale.float().reshape(-1, 1)
+    b = b_q.float() * b_scale.float().reshape(-1, 1)
+    return (a @ b.t()).to(out_dtype)
+
+
+def scaled_mm(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+              out_dtype: torch.dtype = torch.bfloat16, use_fast_accum: bool = True) -> torch.Tensor:
+    """out[M, N] = (a_q * a_scale) @ (b_q * b_scale).T with FP32 accumulation.
+
+    a_q: [M, K] float8 (e4m3fn or e5m2); b_q: [N, K] float8 (nn.Linear weight layout).
+    a_scale: float32 0-d (tensorwise) or [M, 1] (rowwise); b_scale: float32 0-d or [N, 1].
+    Both scales must be of the same kind (both 0-d, or both per-row), as cuBLASLt requires.
+    Returns [M, N] in out_dtype (bf16 default).
+    use_fast_accum: cuBLASLt's FP8 fast accumulation (Hopper tensor cores keep fewer accumulator bits over
+    the whole K, DeepSeek-V3 sec. 3.3.2); False promotes to FP32 periodically at some speed cost (CUDA only).
+    CUDA: torch._scaled_mm (needs K and N multiples of 16; rowwise needs bf16 output and e4m3 operands
+    on some torch builds). CPU: float32 reference.
+    """
+    _check_fp8_operand("a_q", a_q)
+    _check_fp8_operand("b_q", b_q)
+    _check_same_k(a_q, b_q)
+    _check_out_dtype(out_dtype)
+    _check_row_scale("a_scale", a_scale, a_q.shape[0])
+    _check_row_scale("b_scale", b_scale, b_q.shape[0])
+    if a_q.device.type != "cuda":
+        return scaled_mm_reference(a_q, b_q, a_scale, b_scale, out_dtype)
+    return torch.ops.lowbit.scaled_mm(a_q, b_q, a_scale, b_scale, out_dtype, use_fast_accum)
+
+
+def _scaled_mm_cuda(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                    out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:
+    require_fp8_device(a_q.device)
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    if K % 16 or N % 16:
+        raise ValueError(f"torch._scaled_mm needs K and N multiples of 16, got K={K}, N={N}; pad the layer's dims.")
+    rowwise = a_scale.numel() != 1 or b_scale.numel() != 1
+    if rowwise:
+        # cuBLASLt rowwise: scale_a [M, 1], scale_b [1, N] for the column-major second operand.
+        # (a scale of one element next to a per-row one is broadcast to rows)
+        sa = a_scale.reshape(-1, 1).expand(M, 1).contiguous()
+        sb = b_scale.reshape(1, -1).expand(1, N).contiguous()
+    else:
+        sa, sb = a_scale.reshape(()), b_scale.reshape(())
+    # b_q.t() is [K, N] column-major, the layout cuBLASLt wants for the second FP8 operand.
+    return torch._scaled_mm(a_q.contiguous(), b_q.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype,
+                            use_fast_accum=use_fast_accum)
+
+
+# --------------------------------------------------------------------------------------------------
+# block scales along K
+# --------------------------------------------------------------------------------------------------
+
+def _check_block_scale(name: str, scale: torch.Tensor, rows: int, row_block: int, k_blocks: int) -> None:
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name} has dtype {scale.dtype}; block scales must be float32 (decode E8M0/E4M3 scales first).")
+    want = (-(-rows // row_block), k_blocks)
+    if tuple(scale.shape) != want:
+        raise ValueError(
+            f"{name} has shape {tuple(scale.shape)}; expected {want} = (ceil({rows}/{row_block}), K/block_k).")
+
+
+def check_block_scaled_inputs(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype) -> None:
+    """Validate `block_scaled_mm` arguments; raises with the bad value and the fix."""
+    _check_fp8_operand("a_q", a_q)
+    _check_fp8_operand("b_q", b_q)
+    _check_same_k(a_q, b_q)
+    _check_out_dtype(out_dtype)
+    K = a_q.shape[1]
+    if block_k <= 0 or K % block_k:
+        raise ValueError(
+            f"K={K} is not a multiple of block_k={block_k}; pad K to a multiple of {block_k} "
+            f"(zero padding is exact) or choose a recipe with a smaller block.")
+    if a_rows <= 0 or b_rows <= 0:
+        raise ValueError(f"a_rows={a_rows} and b_rows={b_rows} must be positive row-block heights.")
+    _check_block_scale("a_scale", a_scale, a_q.shape[0], a_rows, K // block_k)
+    _check_block_scale("b_scale", b_scale, b_q.shape[0], b_rows, K // block_k)
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block_k: int, row_block: int) -> torch.Tensor:
+    """q [R, K] fp8, scale fp32 [ceil(R/row_block), K/block_k] -> float32 [R, K] = q * scale of its block."""
+    R = q.shape[0]
+    full = scale.repeat_interleave(row_block, dim=0)[:R].repeat_interleave(block_k, dim=1)
+    return q.float() * full
+
+
+def block_scaled_mm_reference(a_q, a_scale, b_q, b_scale, *, block_k: int, a_rows: int = 1, b_rows: int = 1,
+                              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Float32 reference of `block_scaled_mm`: dequantize each block, then one fp32 matmul."""
+    a = dequantize_blocks(a_q, a_scale, block_k, a_rows)
+    b = dequantize_blocks(b_q, b_scale, block_k, b_rows)
+    return (a @ b.t()).to(out_dtype)
+
+
+def block_scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, *,
+                    block_k: int, a_rows: int = 1, b_rows: int = 1,
+                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """out[M, N] = sum_k (a_q * a_scale_block)[M, k] (b_q * b_scale_block)[N, k], fp32 accumulation.
+
+    a_q: [M, K] float8; a_scale: float32 [ceil(M/a_rows), K//block_k].
+    b_q: [N, K] float8; b_scale: float32 [ceil(N/b_rows), K//block_k].
+    DeepSeek-V3: block_k=128, a_rows=1 (1x128 activation tiles), b_rows=128 (128x128 weight blocks).
+    NVFP4 / MXFP4: block_k=16 / 32, a_rows=b_rows=1 (scales decoded to fp32 by the caller).
+    Returns [M, N] in out_dtype. K must be a multiple of block_k.
+    CUDA: Triton kernel (scales applied per K block inside the K loop); CPU: float32 reference.
+    """
+    check_block_scaled_inputs(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype)
+    if a_q.device.type != "cuda":
+        return block_scaled_mm_reference(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows,
+                                         b_rows=b_rows, out_dtype=out_dtype)
+    return torch.ops.lowbit.block_scaled_mm(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library custom ops (CUDA), so torch.compile sees one op instead of a graph break
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("lowbit::scaled_mm", mutates_args=())
+def _scaled_mm_op(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                  out_dtype: torch.dtype, use_fast_accum: bool = True) -> torch.Tensor:
+    if a_q.device.type != "cuda":
+        return scaled_mm_reference(a_q, b_q, a_scale, b_scale, out_dtype)
+    return _scaled_mm_cuda(a_q, b_q, a_scale, b_scale, out_dtype, use_fast_accum)
+
+
+@_scaled_mm_op.register_fake
+def _(a_q, b_q, a_scale, b_scale, out_dtype, use_fast_accum=True):
+    return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("lowbit::block_scaled_mm", mutates_args=())
+def _block_scaled_mm_op(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                        block_k: int, a_rows: int, b_rows: int, out_dtype: torch.dtype) -> torch.Tensor:
+    if a_q.device.type != "cuda":
+        return block_scaled_mm_reference(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows,
+                                         b_rows=b_rows, out_dtype=out_dtype)
+    require_fp8_device(a_q.device)
+    from lowbit.kernels.gemm_triton import block_scaled_mm_triton
+    return block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows, b_rows=b_rows,
+                                  out_dtype=out_dtype)
+
+
+@_block_scaled_mm_op.register_fake
+def _(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype):
+    return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)

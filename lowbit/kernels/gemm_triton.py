@@ -1,0 +1,137 @@
+"""Triton GEMM with per-block scales applied inside the K loop (FP32 accumulation).
+
+out[M, N] = sum_kb  sa[m // a_rows, kb] * sb[n // b_rows, kb] * sum_{k in block kb} a_q[m, k] * b_q[n, k]
+
+This is the DeepSeek-V3 recipe (arXiv 2412.19437 sec. 3.3.2, "fine-grained quantization" with
+"promotion to CUDA cores"): the tensor cores produce the partial product of one K block in FP32,
+then CUDA cores multiply it by the two block scales and add it to the FP32 accumulator.
+Each K block therefore costs one scale FMA per output element on the CUDA cores; with block_k=128
+that is hidden under the 128-deep tensor-core work, with block_k=16/32 (NVFP4/MXFP4 on Hopper,
+which has no block-scaled MMA) it is not -- see docs/perf_linear.md.
+
+Operands are K-contiguous ([M, K] and [N, K], nn.Linear layout), which is the K-major layout that
+Hopper's FP8 wgmma needs for both operands.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _block_scaled_mm_kernel(
+    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_sam, stride_sak, stride_sbn, stride_sbk,
+    A_ROWS: tl.constexpr, B_ROWS: tl.constexpr, SCALE_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_BF16: tl.constexpr, RESCALE: tl.constexpr,
+):
+    # Grouped tile order so that GROUP_M row-tiles reuse the same B column-tiles from L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_n
+    group = pid // tiles_per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_size
+    pid_n = (pid % tiles_per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    sa_row = sa_ptr + (offs_m // A_ROWS) * stride_sam
+    sb_row = sb_ptr + (offs_n // B_ROWS) * stride_sbn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if RESCALE:
+        # One accumulator, kept divided by the current block's scales: acc_k = acc_{k-1} * s_{k-1}/s_k + P_k,
+        # so tl.dot accumulates in place (half the registers of a separate partial-product tile).
+        # Needs scales > 0 and finite (all-zero blocks carry scale 1); masked rows load scale 1.
+        prev_a = tl.full((BLOCK_M,), 1.0, tl.float32)
+        prev_b = tl.full((BLOCK_N,), 1.0, tl.float32)
+    # BLOCK_K == SCALE_K, or BLOCK_K divides SCALE_K: each K tile lies in exactly one scale block.
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if DOT_BF16:
+            # Small K tiles (NVFP4 16, MXFP4 32): multiply the exact bf16 upcast (FP8 wgmma needs K >= 32 and
+            # accumulates with reduced precision; these blocks are bound by the CUDA-core scaling anyway).
+            # (Off under TRITON_INTERPRET, whose fp8 casts are wrong and whose fp8 dot has no K limit.)
+            a = a.to(tl.bfloat16)
+            b = b.to(tl.bfloat16)
+        kb = k0 // SCALE_K
+        if RESCALE:
+            sa = tl.load(sa_row + kb * stride_sak, mask=mask_m, other=1.0)
+            sb = tl.load(sb_row + kb * stride_sbk, mask=mask_n, other=1.0)
+            acc = acc * ((prev_a / sa)[:, None] * (prev_b / sb)[None, :])
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
+            prev_a = sa
+            prev_b = sb
+        else:
+            sa = tl.load(sa_row + kb * stride_sak, mask=mask_m, other=0.0)
+            sb = tl.load(sb_row + kb * stride_sbk, mask=mask_n, other=0.0)
+            partial = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+            acc += partial * (sa[:, None] * sb[None, :])
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if RESCALE:
+        acc = acc * (prev_a[:, None] * prev_b[None, :])
+
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _pick_config(M: int, N: int, block_k: int) -> dict:
+    """Tile shape and accumulation scheme, from the H100 sweep in docs/perf_linear.md (8192x4096x4096).
+
+    block_k >= 64 (DeepSeek 128): FP8 wgmma per K block into a fresh FP32 tile, promoted with the scales on
+    CUDA cores (the precise scheme; the rescaled accumulator was 10% faster but chains Hopper's reduced-
+    precision FP8 accumulation over all of K: 4e-3 relative error at K=14336). block_k < 64 (MXFP4 32,
+    NVFP4 16): the exact bf16 upcast (full FP32 accumulation) with the rescaled single accumulator.
+    """
+    block_kt = min(block_k, 128)
+    if _INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_kt, GROUP_M=2, num_warps=4, num_stages=1, RESCALE=False)
+    if block_kt < 64:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_kt, GROUP_M=8, num_warps=4, num_stages=3,
+                    RESCALE=True, DOT_BF16=True)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_kt, GROUP_M=8, num_warps=8, num_stages=3, RESCALE=False)
+
+
+def block_scaled_mm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, *,
+                           block_k: int, a_rows: int = 1, b_rows: int = 1,
+                           out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
+    """Launch the block-scaled GEMM. Shapes as in lowbit.kernels.gemm.block_scaled_mm (validated there).
+
+    a_q [M, K] fp8, a_scale fp32 [ceil(M/a_rows), K/block_k], b_q [N, K] fp8,
+    b_scale fp32 [ceil(N/b_rows), K/block_k] -> [M, N] out_dtype.
+    `config` overrides the tile choice (used by bench/ to sweep tiles).
+    """
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    out = torch.empty((M, N), device=a_q.device, dtype=out_dtype)
+    cfg = dict(config or _pick_config(M, N, block_k))
+    rescale = cfg.pop("RESCALE", False)
+    dot_bf16 = cfg.pop("DOT_BF16", cfg["BLOCK_K"] < 32) and not _INTERPRET
+    if block_k % cfg["BLOCK_K"]:
+        raise ValueError(f"tile BLOCK_K={cfg['BLOCK_K']} must divide block_k={block_k}")
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _block_scaled_mm_kernel[grid](
+        a_q, b_q, out, a_scale, b_scale, M, N, K,
+        a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), out.stride(0), out.stride(1),
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+        A_ROWS=a_rows, B_ROWS=b_rows, SCALE_K=block_k, DOT_BF16=dot_bf16, RESCALE=rescale, **cfg)
+    return out

@@ -1,0 +1,56 @@
+"""Quantize dispatch: fused Triton kernels on CUDA, the pure-PyTorch reference elsewhere.
+
+`quantize(x, quantizer)` -> QTensor of x [R, C] scaled along C.
+`quantize_pair(x, quantizer, quantizer_t)` -> (QTensor of x along C, QTensor of x^T [C, R] along R): the
+operand of a forward GEMM and the transposed copy its backward GEMM needs, from one read of x on CUDA
+(lowbit/kernels/quantize_triton.py). The numerics are those of lowbit.precision.scaling exactly.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lowbit.precision.scaling import QTensor, Quantizer, quantize_reference
+
+
+def triton_kind(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None = None) -> str | None:
+    """Which Triton kernel handles this operand (pair): "rows" (tensorwise/rowwise absmax, quantize_triton),
+    "blocks" (block scales, quantize_blocks_triton), or None (the PyTorch reference)."""
+    from lowbit.kernels import quantize_blocks_triton, quantize_triton
+    if not quantize_triton.AVAILABLE or x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if quantizer.blocked:
+        return "blocks" if quantize_blocks_triton.supports(quantizer, quantizer_t) else None
+    rows_ok = lambda q: q.scale_rule == "absmax" and not q.blocked and q.tensorwise == quantizer.tensorwise
+    return "rows" if rows_ok(quantizer) and (quantizer_t is None or rows_ok(quantizer_t)) else None
+
+
+def _triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None):
+    kind = triton_kind(x, quantizer, quantizer_t) if x.is_cuda and os.environ.get("LOWBIT_QUANTIZE", "") != "torch" \
+        else None
+    if kind == "rows":
+        from lowbit.kernels.quantize_triton import quantize_pair_triton
+        return quantize_pair_triton
+    if kind == "blocks":
+        from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton
+        return quantize_blocks_triton
+    return None
+
+
+def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None = None,
+             what: str = "tensor") -> QTensor:
+    """x [R, C] (fp32/bf16/fp16) -> QTensor scaled along C (noise: stochastic rounding, torch path)."""
+    kernel = _triton(x, quantizer, None) if noise is None else None
+    if kernel is not None:
+        return kernel(x, quantizer, None)[0]
+    return quantize_reference(x, quantizer, noise, what)
+
+
+def quantize_pair(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer,
+                  what: str = "tensor") -> tuple[QTensor, QTensor]:
+    """x [R, C] -> (QTensor [R, C] scaled along C, QTensor [C, R] of x^T scaled along R)."""
+    kernel = _triton(x, quantizer, quantizer_t)
+    if kernel is not None:
+        return kernel(x, quantizer, quantizer_t)
+    return quantize_reference(x, quantizer, what=what), quantize_reference(x.t(), quantizer_t, what=what + "^T")

@@ -1,0 +1,170 @@
+"""Fused Triton quantize kernel for block scales (fp8 1x128 / 128x128, NVFP4 1x16, MXFP4 1x32).
+
+One read of x [R, C]: each program loads a tile that holds whole scale blocks of both outputs, takes
+each block's amax, computes the block scale (absmax | nvfp4 | pow2 rule of lowbit.precision.scaling,
+same fp32 operations, IEEE division via div_rn), rounds onto the element grid, and writes x_q [R, C]
+(blocks along C), x^T_q [C, R] (blocks along R, i.e. the transposed operand of the backward GEMM)
+and both scale tensors. NVFP4 needs the tensor amax first: one extra read (`_amax_kernel`).
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels.quantize_triton import AVAILABLE, FORMAT_CODES, FORMAT_OF_CODE
+from lowbit.precision.scaling import QTensor, Quantizer, check_finite, nvfp4_global_inverse
+
+RULES = {"absmax": 0, "nvfp4": 1, "pow2": 2}
+
+if AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    from lowbit.kernels.quantize_triton import _amax_kernel, _round_to_grid
+
+    @triton.jit
+    def _block_scales(amax, global_inv, global_recip, RULE: tl.constexpr, MAX: tl.constexpr):
+        """(scale, inv) of each block from its amax (fp32), as scaling.scales_from_amax."""
+        finite = amax < float("inf")
+        if RULE == 0:
+            inv = tl.where(amax > 0, tl.math.div_rn(tl.zeros_like(amax) + MAX, amax), 1.0)
+            scale = tl.math.div_rn(tl.zeros_like(amax) + 1.0, inv)
+        elif RULE == 1:
+            block_scale = _round_to_grid(tl.math.div_rn(amax, tl.zeros_like(amax) + MAX) * global_inv, 448.0, -6, 3)
+            scale = block_scale * global_recip
+            inv = tl.where(scale > 0, tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale), 0.0)
+            scale = tl.where(scale > 0, scale, 1.0)
+            finite = tl.where(global_inv == global_inv, finite, False)
+        else:
+            exponent = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 2
+            exponent = tl.where(amax > 0, exponent, 0)
+            exponent = tl.minimum(tl.maximum(exponent, -126), 126)
+            scale = ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+            inv = ((127 - exponent) << 23).to(tl.float32, bitcast=True)
+        scale = tl.where(finite, scale, float("nan"))
+        inv = tl.where(finite, inv, float("nan"))
+        return scale, inv
+
+    @triton.jit
+    def _block_amax(magnitude, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """amax of each BR x BC block of a [BLOCK_R, BLOCK_C] tile -> [BLOCK_R // BR, BLOCK_C // BC].
+        The common shapes reduce without 4-D reshapes (fewer layout conversions on the GPU)."""
+        if (BR == BLOCK_R) and (BC == BLOCK_C):
+            amax = tl.max(tl.max(magnitude, axis=1, keep_dims=True), axis=0, keep_dims=True)
+        elif BR == 1:
+            if BC == BLOCK_C:
+                amax = tl.max(magnitude, axis=1, keep_dims=True)
+            else:
+                amax = tl.max(tl.reshape(magnitude, (BLOCK_R, BLOCK_C // BC, BC)), axis=2)
+        elif BC == 1:
+            if BR == BLOCK_R:
+                amax = tl.max(magnitude, axis=0, keep_dims=True)
+            else:
+                amax = tl.max(tl.reshape(magnitude, (BLOCK_R // BR, BR, BLOCK_C)), axis=1)
+        else:
+            amax = tl.max(tl.max(tl.reshape(magnitude, (BLOCK_R // BR, BR, BLOCK_C // BC, BC)), axis=3), axis=1)
+        return amax
+
+    @triton.jit
+    def _block_expand(value, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """[BLOCK_R // BR, BLOCK_C // BC] per-block values -> [BLOCK_R, BLOCK_C] per element."""
+        if ((BR == BLOCK_R) or (BR == 1)) and ((BC == BLOCK_C) or (BC == 1)):
+            full = tl.broadcast_to(value, (BLOCK_R, BLOCK_C))
+        elif BR == 1:
+            full = tl.reshape(tl.broadcast_to(value[:, :, None], (BLOCK_R, BLOCK_C // BC, BC)), (BLOCK_R, BLOCK_C))
+        elif BC == 1:
+            full = tl.reshape(tl.broadcast_to(value[:, None, :], (BLOCK_R // BR, BR, BLOCK_C)), (BLOCK_R, BLOCK_C))
+        else:
+            full = tl.reshape(tl.broadcast_to(value[:, None, :, None], (BLOCK_R // BR, BR, BLOCK_C // BC, BC)),
+                              (BLOCK_R, BLOCK_C))
+        return full
+
+    @triton.jit
+    def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, global_ptr, R, C, stride_r,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                                BR: tl.constexpr, BC: tl.constexpr, BR_T: tl.constexpr, BC_T: tl.constexpr,
+                                TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
+                                MIN_EXP: tl.constexpr, MBITS: tl.constexpr):
+        # q blocks: BR rows x BC cols of x; q^T blocks (BR_T x BC_T in x^T) cover BC_T rows x BR_T cols of x
+        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        magnitude = tl.abs(x)
+        magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))
+        global_inv = tl.load(global_ptr)
+        global_recip = tl.load(global_ptr + 1)
+
+        amax = _block_amax(magnitude, BLOCK_R, BLOCK_C, BR, BC)             # [BLOCK_R/BR, BLOCK_C/BC]
+        scale, inv = _block_scales(amax, global_inv, global_recip, RULE, MAX)
+        s_rows = pid_r * (BLOCK_R // BR) + tl.arange(0, BLOCK_R // BR)
+        s_cols = pid_c * (BLOCK_C // BC) + tl.arange(0, BLOCK_C // BC)
+        s_mask = (s_rows[:, None] < tl.cdiv(R, BR)) & (s_cols[None, :] < C // BC)
+        tl.store(scale_ptr + s_rows[:, None] * (C // BC) + s_cols[None, :], scale, mask=s_mask)
+        inv_full = _block_expand(inv, BLOCK_R, BLOCK_C, BR, BC)
+        q = _round_to_grid(x * inv_full, MAX, MIN_EXP, MBITS)
+        tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        if TRANSPOSE:
+            amax_t = _block_amax(magnitude, BLOCK_R, BLOCK_C, BC_T, BR_T)    # [BLOCK_R/BC_T, BLOCK_C/BR_T] (x coords)
+            scale_t, inv_t = _block_scales(amax_t, global_inv, global_recip, RULE, MAX)
+            t_cols = pid_r * (BLOCK_R // BC_T) + tl.arange(0, BLOCK_R // BC_T)     # block index along R
+            t_rows = pid_c * (BLOCK_C // BR_T) + tl.arange(0, BLOCK_C // BR_T)     # block index along C
+            t_mask = (t_rows[None, :] < tl.cdiv(C, BR_T)) & (t_cols[:, None] < R // BC_T)
+            tl.store(scale_t_ptr + t_rows[None, :] * (R // BC_T) + t_cols[:, None], scale_t, mask=t_mask)
+            inv_t_full = _block_expand(inv_t, BLOCK_R, BLOCK_C, BC_T, BR_T)
+            qt = _round_to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS)
+            tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
+
+
+def supports(quantizer: Quantizer, quantizer_t: Quantizer | None) -> bool:
+    """Block quantizers this kernel handles: 1 x b blocks (both outputs), same format and rule, b a power of two.
+
+    2-D weight blocks (128 x 128, fp8_blockwise) are bit-exact under TRITON_INTERPRET=1 but did NOT match the
+    reference on an H100 (Triton 3.6, 2026-11-23), so they take the PyTorch path until that is understood.
+    """
+    def ok(q):
+        return q.blocked and q.block_rows == 1 and q.block_cols & (q.block_cols - 1) == 0
+    if not AVAILABLE or not ok(quantizer):
+        return False
+    return quantizer_t is None or (ok(quantizer_t) and quantizer_t.fmt is quantizer.fmt
+                                   and quantizer_t.scale_rule == quantizer.scale_rule)
+
+
+def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
+                           quantizer_t: Quantizer | None) -> tuple[QTensor, QTensor | None]:
+    """Triton version of scaling.quantize_reference for block quantizers, x and (optionally) x^T."""
+    x = x.contiguous()
+    R, C = x.shape
+    quantizer.check_columns(C, "operand")
+    transpose = quantizer_t is not None
+    if transpose:
+        quantizer_t.check_columns(R, "operand^T")
+    br, bc = quantizer.block_rows, quantizer.block_cols
+    br_t, bc_t = (quantizer_t.block_rows, quantizer_t.block_cols) if transpose else (1, 1)
+    block_r = max(64 if bc <= 32 else 16, br, bc_t)
+    block_c = max(64 if bc <= 32 else 128, bc, br_t)
+    fmt = quantizer.fmt
+    global_scale = torch.ones(2, device=x.device, dtype=torch.float32)
+    if quantizer.scale_rule == "nvfp4":                 # the FP32 tensor scale needs the tensor amax first
+        tensor_amax = torch.zeros(1, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(R, 64), triton.cdiv(C, 64))
+        _amax_kernel[grid](x, tensor_amax, tensor_amax, R, C, x.stride(0), BLOCK_R=64, BLOCK_C=64,
+                           ROWS=False, COLS=False, TENSOR=True)
+        check_finite(tensor_amax, "operand")
+        finite = tensor_amax < float("inf")
+        global_inv = nvfp4_global_inverse(tensor_amax, fmt)
+        global_inv = torch.where(finite, global_inv, torch.full_like(global_inv, float("nan")))
+        global_scale = torch.cat([global_inv, global_inv.reciprocal()])
+    q = torch.empty((R, C), device=x.device, dtype=fmt.storage)
+    scale = torch.empty((-(-R // br), C // bc), device=x.device, dtype=torch.float32)
+    qt = torch.empty((C, R) if transpose else (0, 0), device=x.device, dtype=fmt.storage)
+    scale_t = torch.empty((-(-C // br_t), R // bc_t) if transpose else (0, 0), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    _quantize_blocks_kernel[grid](x, q, qt, scale, scale_t, global_scale, R, C, x.stride(0),
+                                  BLOCK_R=block_r, BLOCK_C=block_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
+                                  TRANSPOSE=transpose, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
+                                  MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
+                                  num_warps=8 if block_r * block_c >= 128 * 128 else 4)
+    check_finite(scale, "operand")
+    first = QTensor(q, scale, quantizer)
+    return first, (QTensor(qt, scale_t, quantizer_t) if transpose else None)

@@ -1,0 +1,197 @@
+"""Fused Triton quantize kernels: absmax, scale, RNE rounding, saturation, FP8 cast and the transposed copy.
+
+For an operand x [R, C] the forward GEMM wants it scaled along C, the backward GEMM wants x^T [C, R]
+scaled along R. Two launches, each one read of x:
+  1. `_amax_kernel`: per-row amax (over C) and per-column amax (over R), or one tensor amax, from one
+     read of each tile (atomic max; NaN is turned into +Inf so it cannot be lost).
+  2. `_quantize_pair_kernel`: reads each tile once more, multiplies by the row (and column) inverse
+     scale, rounds onto the format grid (the integer/float steps of lowbit.precision.formats, so the
+     result equals the PyTorch reference bit for bit), casts to float8 and writes x_q [R, C] and the
+     transposed x^T_q [C, R].
+The second launch also computes the scales from the amaxes with the fp32 operations of
+lowbit.precision.scaling.scales_from_amax (IEEE division via div_rn) and writes them. Exposed as torch.library custom ops with fake
+implementations, so torch.compile keeps them as single ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.precision.formats import E2M1, E4M3, E5M2
+from lowbit.precision.scaling import QTensor, Quantizer, check_finite
+
+try:
+    import triton
+    import triton.language as tl
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    AVAILABLE = False
+
+FORMAT_CODES = {"e4m3": 0, "e5m2": 1, "e2m1": 2}
+FORMAT_OF_CODE = {0: E4M3, 1: E5M2, 2: E2M1}
+
+if AVAILABLE:
+    @triton.jit
+    def _round_to_grid(v, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr):
+        """float32 -> float32 on the grid (RNE, saturating, sign kept); see formats.round_to_format."""
+        magnitude = tl.minimum(tl.abs(v), MAX, propagate_nan=tl.PropagateNan.ALL)
+        exponent = ((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        exponent = tl.maximum(exponent, MIN_EXP)
+        ulp = ((exponent - MBITS + 127) << 23).to(tl.float32, bitcast=True)
+        inverse_ulp = ((127 - exponent + MBITS) << 23).to(tl.float32, bitcast=True)
+        steps = magnitude * inverse_ulp                         # exact (power of two) == magnitude / ulp
+        steps = (steps + 8388608.0) - 8388608.0                 # round half to even: steps < 2^23
+        rounded = tl.minimum(steps * ulp, MAX)
+        sign = v.to(tl.int32, bitcast=True) & -2147483648       # 0x80000000: keep -0.0 and negative signs
+        return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, C, stride_r,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                     TENSOR: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        magnitude = tl.abs(x)
+        magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))   # NaN -> Inf: never dropped
+        if TENSOR:
+            tl.atomic_max(row_amax_ptr, tl.max(tl.max(magnitude, axis=1), axis=0))
+        if ROWS:
+            tl.atomic_max(row_amax_ptr + rows, tl.max(magnitude, axis=1), mask=rows < R)
+        if COLS:
+            tl.atomic_max(col_amax_ptr + cols, tl.max(magnitude, axis=0), mask=cols < C)
+
+    @triton.jit
+    def _absmax_scales(amax, MAX: tl.constexpr):
+        """(scale, inv) = (1 / inv, MAX / amax) or (1, 1) for amax 0; NaN for Inf amax (scales_from_amax)."""
+        inv = tl.where(amax > 0, tl.math.div_rn(tl.zeros_like(amax) + MAX, amax), 1.0)
+        scale = tl.math.div_rn(tl.zeros_like(inv) + 1.0, inv)
+        finite = amax < float("inf")
+        return tl.where(finite, scale, float("nan")), tl.where(finite, inv, float("nan"))
+
+    @triton.jit
+    def _quantize_pair_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr,
+                              R, C, stride_r,
+                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TENSOR: tl.constexpr,
+                              TRANSPOSE: tl.constexpr,
+                              MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr,
+                              MAX_T: tl.constexpr, MIN_EXP_T: tl.constexpr, MBITS_T: tl.constexpr):
+        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if TENSOR:
+            scale, inv = _absmax_scales(tl.load(row_amax_ptr), MAX)
+            if (pid_r == 0) & (pid_c == 0):
+                tl.store(scale_ptr, scale)
+            q = _round_to_grid(x * inv, MAX, MIN_EXP, MBITS)
+        else:
+            scale, inv = _absmax_scales(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), MAX)
+            if pid_c == 0:
+                tl.store(scale_ptr + rows, scale, mask=rows < R)
+            q = _round_to_grid(x * inv[:, None], MAX, MIN_EXP, MBITS)
+        tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        if TRANSPOSE:
+            if TENSOR:
+                scale_t, inv_t = _absmax_scales(tl.load(row_amax_ptr), MAX_T)
+                if (pid_r == 0) & (pid_c == 0):
+                    tl.store(scale_t_ptr, scale_t)
+                qt = _round_to_grid(x * inv_t, MAX_T, MIN_EXP_T, MBITS_T)
+            else:
+                scale_t, inv_t = _absmax_scales(tl.load(col_amax_ptr + cols, mask=cols < C, other=0.0), MAX_T)
+                if pid_r == 0:
+                    tl.store(scale_t_ptr + cols, scale_t, mask=cols < C)
+                qt = _round_to_grid(x * inv_t[None, :], MAX_T, MIN_EXP_T, MBITS_T)
+            tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
+
+
+BLOCK = 64
+
+
+def _launch_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    R, C = x.shape
+    rows = R if per_row else 1
+    amax = torch.zeros(rows + (C if per_col else 1), device=x.device, dtype=torch.float32)   # one launch
+    row_amax, col_amax = amax[:rows], amax[rows:]
+    grid = (triton.cdiv(R, BLOCK), triton.cdiv(C, BLOCK))
+    _amax_kernel[grid](x, row_amax, col_amax, R, C, x.stride(0), BLOCK_R=BLOCK, BLOCK_C=BLOCK,
+                       ROWS=per_row, COLS=per_col, TENSOR=not per_row)
+    return row_amax, col_amax
+
+
+def _launch_pair(x, row_amax, col_amax, code: int, code_t: int, transpose: bool, tensor: bool):
+    R, C = x.shape
+    fmt, fmt_t = FORMAT_OF_CODE[code], FORMAT_OF_CODE[code_t]
+    q = torch.empty((R, C), device=x.device, dtype=fmt.storage)
+    qt = torch.empty((C, R) if transpose else (0, 0), device=x.device, dtype=fmt_t.storage)
+    # separate allocations: cuBLASLt refuses a scale pointer that is not 16-byte aligned (a view into one
+    # shared buffer at offset 4 bytes made torch._scaled_mm fail with CUBLAS_STATUS_NOT_SUPPORTED on H100)
+    scale = torch.empty(1 if tensor else R, device=x.device, dtype=torch.float32)
+    scale_t = torch.empty(0 if not transpose else 1 if tensor else C, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(R, BLOCK), triton.cdiv(C, BLOCK))
+    _quantize_pair_kernel[grid](x, row_amax, col_amax, q, qt, scale, scale_t, R, C, x.stride(0),
+                                BLOCK_R=BLOCK, BLOCK_C=BLOCK, TENSOR=tensor, TRANSPOSE=transpose,
+                                MAX=fmt.max, MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
+                                MAX_T=fmt_t.max, MIN_EXP_T=fmt_t.min_normal_exponent, MBITS_T=fmt_t.mantissa_bits)
+    return q, qt, scale, scale_t
+
+
+@torch.library.custom_op("lowbit::quantize_amax", mutates_args=())
+def quantize_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """amax of |x| [R, C]: (per row [R] or tensor [1], per column [C] or unused [1]). NaN reads as Inf."""
+    row_amax, col_amax = _launch_amax(x, per_row, per_col)
+    return row_amax.clone(), col_amax.clone()
+
+
+@quantize_amax.register_fake
+def _(x, per_row, per_col):
+    return x.new_empty((x.shape[0] if per_row else 1,), dtype=torch.float32), \
+        x.new_empty((x.shape[1] if per_col else 1,), dtype=torch.float32)
+
+
+@torch.library.custom_op("lowbit::quantize_pair", mutates_args=())
+def quantize_pair_op(x: torch.Tensor, row_amax: torch.Tensor, col_amax: torch.Tensor, code: int, code_t: int,
+                     transpose: bool, tensor: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, C] -> (x_q [R, C], x^T_q [C, R] or empty, scale, scale of x^T), absmax scales from the amaxes."""
+    q, qt, scale, scale_t = _launch_pair(x, row_amax, col_amax, code, code_t, transpose, tensor)
+    return q, qt, scale, scale_t
+
+
+@quantize_pair_op.register_fake
+def _(x, row_amax, col_amax, code, code_t, transpose, tensor):
+    R, C = x.shape
+    return x.new_empty((R, C), dtype=FORMAT_OF_CODE[code].storage), \
+        x.new_empty((C, R) if transpose else (0, 0), dtype=FORMAT_OF_CODE[code_t].storage), \
+        x.new_empty((1 if tensor else R,), dtype=torch.float32), \
+        x.new_empty((0 if not transpose else 1 if tensor else C,), dtype=torch.float32)
+
+
+def quantize_pair_triton(x: torch.Tensor, quantizer: Quantizer,
+                         quantizer_t: Quantizer | None) -> tuple[QTensor, QTensor | None]:
+    """Triton version of scaling.quantize_reference for x and (optionally) x^T; tensorwise/rowwise absmax.
+
+    Eager calls launch the kernels directly (a custom op's Python dispatch costs more than a launch);
+    under torch.compile the same work goes through the custom ops, which the compiler sees as opaque ops.
+    """
+    x = x.contiguous()
+    R, C = x.shape
+    transpose = quantizer_t is not None
+    if transpose and quantizer_t.tensorwise != quantizer.tensorwise:
+        raise ValueError("quantize_pair_triton needs both operands tensorwise or both rowwise")
+    tensor = quantizer.tensorwise
+    per_row, per_col = not tensor, transpose and not tensor
+    code, code_t = FORMAT_CODES[quantizer.fmt.name], FORMAT_CODES[(quantizer_t or quantizer).fmt.name]
+    if torch.compiler.is_compiling():
+        row_amax, col_amax = torch.ops.lowbit.quantize_amax(x, per_row, per_col)
+        q, qt, scale, scale_t = torch.ops.lowbit.quantize_pair(x, row_amax, col_amax, code, code_t, transpose, tensor)
+    else:
+        row_amax, col_amax = _launch_amax(x, per_row, per_col)
+        q, qt, scale, scale_t = _launch_pair(x, row_amax, col_amax, code, code_t, transpose, tensor)
+    check_finite(scale, "operand")
+    if quantizer.tensorwise:
+        scale, scale_t = scale.reshape(()), scale_t.reshape(()) if transpose else None
+    else:
+        scale, scale_t = scale.reshape(-1, 1), scale_t.reshape(-1, 1) if transpose else None
+    first = QTensor(q, scale, quantizer)
+    return first, (QTensor(qt, scale_t, quantizer_t) if transpose else None)

@@ -1,0 +1,213 @@
+"""AdamA: Adam Accumulation (arXiv 2305.19982), in the AdamW form.
+
+Gradient accumulation keeps a gradient buffer as large as the model alive across every micro-batch of
+a step. AdamA folds each micro-batch's gradient into Adam's moments the moment autograd has written it
+(a post-accumulate-grad hook per parameter) and frees it, so no gradient outlives its own backward:
+
+    at the first fold of step t:     m <- beta1 m,  v <- beta2 v
+    for each micro-batch i = 1..N:   m <- m + (1 - beta1) g_i
+                                     v <- v + (1 - beta2) g_i^2        (arXiv 2305.19982, Algorithm 1)
+    after the last micro-batch:      p <- p (1 - lr wd)                 (decoupled weight decay, AdamW)
+                                     p <- p - lr/(1 - beta1^t) m / (sqrt(v / (1 - beta2^t)) + eps)
+
+g_i is the gradient of micro-batch i's share of the step loss (loss_i / N, as the trainer scales it), so
+sum_i g_i is exactly the accumulated gradient and `m` equals Adam's; `v` holds sum_i g_i^2 instead of
+(sum_i g_i)^2 -- the paper's one change. With one micro-batch AdamA *is* AdamW.
+
+Clipping: the global norm of the accumulated gradient is never available (its pieces are freed as they
+arrive), so `grad_clip_mode=global` cannot be honoured and is refused. What the method allows, and what
+is implemented, is `per_tensor`: each parameter's micro-batch gradient g_i is scaled to norm <= grad_clip
+inside its hook, before it is folded. The reported `grad_norm` is sqrt(sum_i sum_p ||g_i,p||^2) (before
+clipping), an upper-bound companion of the global norm that still catches NaN/Inf.
+
+Data parallel: the hook all-reduces (averages) each gradient asynchronously as soon as it exists and
+folds it once the reduction has finished, so communication overlaps the rest of backward; the trainer
+keeps DDP's own reducer out of the way (`no_sync` on every micro-batch, see `reduces_gradients`).
+
+State: float32 `exp_avg`, `exp_avg_sq` and `step` per parameter (bf16 parameters keep float32 moments),
+in `state_dict()` like torch.optim.AdamW, so checkpoints resume bit-exactly.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+class AdamA(torch.optim.Optimizer):
+    """Adam with optimizer-state accumulation over micro-batches; gradients are freed as they arrive.
+
+    Use: build it, run any number of `loss.backward()` (the hooks fold and free every gradient), then
+    `step()` once per optimizer step. `micro_batch_grad_norm()` gives the step's norm for logging.
+    """
+
+    reduces_gradients = True     # tells the trainer: no DDP gradient sync, this optimizer reduces itself
+    frees_gradients = True       # tells the trainer: no clip_grad_norm_ on .grad (there is none left)
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, clip_per_tensor: float = 0.0,
+                 process_group=None):
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"AdamA betas={tuple(betas)} must lie in [0, 1), e.g. [0.9, 0.95]")
+        if clip_per_tensor < 0:
+            raise ValueError(f"AdamA clip_per_tensor={clip_per_tensor} must be >= 0 (0 = no clipping)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.clip_per_tensor = clip_per_tensor
+        self.process_group = process_group
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, object]] = []   # (param, grad, async work)
+        self._sq_norm: torch.Tensor | None = None
+        self._group_index = {id(p): group for group in self.param_groups for p in group["params"]}
+        # The hooks live on the parameters (C++ side, invisible to Python's cycle collector): they hold this
+        # optimizer weakly, so dropping the optimizer frees its moments.
+        self_ref = weakref.ref(self)
+
+        def on_gradient(param: torch.Tensor) -> None:
+            optimizer = self_ref()
+            if optimizer is not None:
+                optimizer._on_gradient(param)
+
+        self._hooks = [p.register_post_accumulate_grad_hook(on_gradient)
+                       for group in self.param_groups for p in group["params"]]
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def _state_of(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["folded"] = 0          # micro-batches folded into this step so far
+        return state
+
+    def _group_of(self, param: torch.Tensor) -> dict:
+        return self._group_index[id(param)]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim casts saved moments to the parameter's dtype; AdamA keeps them float32."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._group_index = {id(p): group for group in self.param_groups for p in group["params"]}
+        for index, saved in state_dict["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:      # re-read from the saved float32 tensor, not the down-cast copy
+                    self.state[params[index]][key] = saved[key].to(params[index].device, torch.float32)
+
+    def _world_size(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)
+        return 1
+
+    # ---- per micro-batch: reduce, clip, fold, free ------------------------------------------------------
+    @torch.no_grad()
+    def _on_gradient(self, param: torch.Tensor) -> None:
+        grad = param.grad
+        param.grad = None                 # freed here; only `grad` (this frame, or the pending list) holds it
+        if grad is None:
+            return
+        if self._world_size() > 1:
+            work = dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
+            self._pending.append((param, grad, work))
+            self._fold_finished()         # fold whatever has already arrived; keeps memory bounded
+            return
+        self._fold(param, grad)
+
+    def _fold_finished(self) -> None:
+        while self._pending and self._pending[0][2].is_completed():
+            param, grad, work = self._pending.pop(0)
+            work.wait()
+            self._fold(param, grad.div_(self._world_size()))
+
+    def finish_micro_batch(self) -> None:
+        """Wait for this micro-batch's outstanding reductions and fold them (call after each backward)."""
+        while self._pending:
+            param, grad, work = self._pending.pop(0)
+            work.wait()
+            self._fold(param, grad.div_(self._world_size()))
+
+    def _fold(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        group = self._group_of(param)
+        state = self._state_of(param)
+        beta1, beta2 = group["betas"]
+        grad = grad.float()               # ours alone now (param.grad is None): free to scale in place
+        norm = torch.linalg.vector_norm(grad)
+        self._sq_norm = norm.square() if self._sq_norm is None else self._sq_norm + norm.square().to(self._sq_norm.device)
+        if self.clip_per_tensor > 0:      # per-tensor clipping, the clipping AdamA can honour (module docstring)
+            grad.mul_((self.clip_per_tensor / (norm + 1e-6)).clamp(max=1.0))
+        if state["folded"] == 0:          # first micro-batch of the step: decay the moments once
+            state["exp_avg"].mul_(beta1)
+            state["exp_avg_sq"].mul_(beta2)
+        state["exp_avg"].add_(grad, alpha=1 - beta1)
+        state["exp_avg_sq"].addcmul_(grad, grad, value=1 - beta2)
+        state["folded"] += 1
+
+    def micro_batch_grad_norm(self) -> float:
+        """sqrt(sum over micro-batches and parameters of ||g||^2) of the current step (before clipping)."""
+        self.finish_micro_batch()
+        return 0.0 if self._sq_norm is None else self._sq_norm.sqrt().item()
+
+    # ---- after the last micro-batch ---------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.finish_micro_batch()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            buckets: dict[tuple, list] = defaultdict(list)     # one foreach launch per (step, dtype)
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or state["folded"] == 0:
+                    continue              # no gradient this step (frozen or unused): no update, like AdamW
+                state["step"] += 1
+                state["folded"] = 0
+                buckets[(state["step"].item(), param.dtype, param.device)].append(param)
+            for (step, dtype, _), params in self._chunks(buckets):
+                states = [self.state[p] for p in params]
+                bias1 = 1 - beta1 ** step
+                bias2_sqrt = math.sqrt(1 - beta2 ** step)
+                denominator = torch._foreach_sqrt([s["exp_avg_sq"] for s in states])
+                torch._foreach_div_(denominator, bias2_sqrt)
+                torch._foreach_add_(denominator, group["eps"])
+                masters = params if dtype == torch.float32 else [p.float() for p in params]
+                torch._foreach_mul_(masters, 1 - group["lr"] * group["weight_decay"])   # decoupled decay (AdamW)
+                torch._foreach_addcdiv_(masters, [s["exp_avg"] for s in states], denominator, value=-group["lr"] / bias1)
+                if dtype != torch.float32:  # low-precision parameters: updated in float32, rounded once
+                    torch._foreach_copy_(params, masters)
+        self._sq_norm = None
+        return loss
+
+    @staticmethod
+    def _chunks(buckets: dict, max_bytes: int = 256 << 20):
+        """Split each bucket so the float32 temporaries of one foreach call stay <= max_bytes (plus one tensor):
+        a whole-model temporary would cost the gradient-sized memory AdamA exists to save."""
+        for key, params in buckets.items():
+            chunk, size = [], 0
+            for param in params:
+                chunk.append(param)
+                size += param.numel() * 4
+                if size >= max_bytes:
+                    yield key, chunk
+                    chunk, size = [], 0
+            if chunk:
+                yield key, chunk
+
+    def discard_step(self) -> None:
+        """Nothing can be undone once folded: a non-finite gradient has reached the moments."""
+        raise RuntimeError("AdamA folded a non-finite gradient into its moments; the step cannot be skipped. "
+                           "Set trainer.on_nan=stop and resume from the last checkpoint with a lower optim.lr")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients are already freed by the hooks; drop any that escaped them (e.g. frozen-then-thawed)."""
+        super().zero_grad(set_to_none=True)
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []

@@ -1,0 +1,73 @@
+"""What lowbit's checkpointer (rank 0 writes one safetensors file and one optimizer.pt) reads and writes
+when the live model is sharded: full, plain tensors gathered on every rank before the save, and on load
+each rank keeps its own slice of the full tensors it read (no communication).
+
+DTensor parameters (TP, FSDP2) and DeepSpeed's flat-buffer views (ZeRO-1/2) are handled; plain models
+pass through unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def _full(value):
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _like(full: torch.Tensor, live) -> torch.Tensor:
+    """`full` sliced as `live` is sharded (each rank cuts its own piece: src_data_rank=None)."""
+    if isinstance(live, DTensor) and not isinstance(full, DTensor):
+        return distribute_tensor(full.to(live.device), live.device_mesh, live.placements, src_data_rank=None)
+    return full
+
+
+class FullStateView(nn.Module):
+    """state_dict: full contiguous tensors (one copy per tied group), gathered when the view is made, so
+    build it on every rank; load_state_dict: slices the full tensors into the live (sharded) parameters."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "inner", module)      # not a registered child: no second copy of the names
+        copies, self._state = {}, {}
+        for name, tensor in module.state_dict().items():
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor   # a DTensor's own data_ptr is 0
+            key = (local.data_ptr(), tuple(tensor.shape), tensor.dtype)
+            if key not in copies:
+                copies[key] = _full(tensor).detach().clone()
+            self._state[name] = copies[key]
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self._state)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        live = self.inner.state_dict()
+        return self.inner.load_state_dict({k: _like(v, live.get(k)) for k, v in state_dict.items()}, strict=strict)
+
+
+class FullOptimizerView:
+    """The optimizer's state with DTensor moments gathered to full tensors (on every rank, at creation),
+    and loaded back sliced like their parameters."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        state = optimizer.state_dict()
+        self._state = {**state, "state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}}
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def load_state_dict(self, state: dict) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        sliced = {i: {k: _like(v, params[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
+                  for i, s in state["state"].items()}
+        self.optimizer.load_state_dict({**state, "state": sliced})
+
+
+def has_dtensor_parameters(module: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())

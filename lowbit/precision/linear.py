@@ -1,0 +1,172 @@
+"""QuantLinear: an nn.Linear whose forward, input-gradient and weight-gradient GEMMs all run on
+quantized operands (lowbit/precision/recipes.py says which format and scaling axis each gets).
+
+Master weights, their gradients and the optimizer state stay in the weight's own dtype (float32 by
+default); only GEMM inputs are quantized, on the fly, every step. QuantLinear keeps nn.Linear's
+`weight`/`bias` parameters, so its state_dict (and an HF export) is that of a plain nn.Linear.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.kernels.quantize import quantize, quantize_pair
+from lowbit.precision.gemm import quantized_matmul
+from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix
+from lowbit.precision.recipes import Recipe
+from lowbit.precision.scaling import QTensor, expand_scale
+
+log = logging.getLogger("lowbit")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOGGED: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.info(message)
+
+
+def pad_rows(t: torch.Tensor, multiple: int, what: str) -> torch.Tensor:
+    """Zero-pad the token rows of t [M, C] to a multiple of `multiple` (exact: zero rows add nothing)."""
+    extra = (-t.shape[0]) % multiple
+    if extra == 0:
+        return t
+    log_once(f"precision: {what} has {t.shape[0]} tokens, not a multiple of {multiple}; zero-padding them "
+             f"(exact, costs one copy; use a batch x sequence that is a multiple of {multiple} to avoid it)")
+    return F.pad(t, (0, 0, 0, extra))
+
+
+def weight_parts(weight: torch.Tensor, asymmetric: bool) -> list[torch.Tensor]:
+    """AFPQ (arXiv 2311.01792): W = max(W, 0) + min(W, 0), each part scaled by its own absmax, i.e.
+    separate scales for positive and negative values; the GEMM is the sum of one GEMM per part."""
+    return [weight.clamp(min=0), weight.clamp(max=0)] if asymmetric else [weight]
+
+
+class QuantLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with all three GEMMs quantized per `recipe`. x [..., K], W [N, K], b [N] -> y [..., N]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe: Recipe, hadamard_signs):
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            tokens = x2.shape[0]
+            x2 = pad_rows(x2, recipe.token_multiple, "the input")
+            residual = None
+            if recipe.occ:
+                x2, residual = clamp_outliers(x2, recipe.occ_quantile)
+            transform = hadamard_matrix(recipe.hadamard, hadamard_signs) if recipe.hadamard else None
+            if transform is None:
+                xq, xtq = quantize_pair(x2, recipe.x, recipe.x_t, "activation")
+            else:
+                xq = quantize(x2, recipe.x, what="activation")
+                xtq = quantize(hadamard_last_axis(x2.t(), transform), recipe.x_t, what="activation^T")
+            pairs = [quantize_pair(part, recipe.w, recipe.w_t, "weight") for part in weight_parts(weight, recipe.asymmetric)]
+            y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype)
+            if residual is not None:        # Compensation: (x - clamp(x)) W_hat^T in float32 on the sparse residual
+                w_hat = sum(wq.dequantize() for wq, _ in pairs)
+                y = (y.float() + torch.sparse.mm(residual, w_hat.t())).to(out_dtype)
+            y = y[:tokens]
+            if bias is not None:
+                y = y + bias.to(out_dtype)
+        ctx.recipe, ctx.tokens, ctx.x_shape, ctx.x_dtype = recipe, tokens, x.shape, x.dtype
+        ctx.has_bias, ctx.compute_dtype, ctx.parts = bias is not None, out_dtype, len(pairs)
+        weight_scales = [wq.scale for wq, _ in pairs]
+        saved = [weight, xtq.data, xtq.scale, *[t for _, wtq in pairs for t in (wtq.data, wtq.scale)], *weight_scales]
+        ctx.has_residual = residual is not None
+        ctx.has_transform = transform is not None
+        ctx.save_for_backward(*saved, residual if residual is not None else None,
+                              transform if transform is not None else None)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        recipe: Recipe = ctx.recipe
+        weight, xt_data, xt_scale, *rest = ctx.saved_tensors
+        parts = ctx.parts
+        wt_saved, weight_scales, (residual, transform) = rest[:2 * parts], rest[2 * parts:3 * parts], rest[3 * parts:]
+        xtq = QTensor(xt_data, xt_scale, recipe.x_t)
+        wtqs = [QTensor(wt_saved[2 * i], wt_saved[2 * i + 1], recipe.w_t) for i in range(parts)]
+        dx = dw = db = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple, "the output gradient")
+            noise = torch.rand(dy2.shape, device=dy2.device) if recipe.stochastic_rounding else None
+            dyq = dytq = None
+            if noise is None and transform is None and all(ctx.needs_input_grad[:2]):
+                dyq, dytq = quantize_pair(dy2, recipe.dy, recipe.dy_t, "output gradient")   # one fused pass
+            if ctx.needs_input_grad[0]:
+                dyq = dyq if dyq is not None else quantize(dy2, recipe.dy, noise, what="output gradient")
+                dx = _sum_matmuls(dyq, wtqs, ctx.compute_dtype)[:ctx.tokens].to(ctx.x_dtype).reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1] and dytq is None:
+                dyt = dy2.t()
+                if transform is not None:
+                    dyt = hadamard_last_axis(dyt, transform)
+                noise_t = noise.t().contiguous() if noise is not None else None
+                dytq = quantize(dyt.contiguous(), recipe.dy_t, noise_t, what="output gradient^T")
+            if ctx.needs_input_grad[1]:
+                dw = quantized_matmul(dytq, xtq, ctx.compute_dtype).float()
+                if residual is not None:    # the compensation's weight gradient: dy^T (x - clamp(x))
+                    dw = dw + torch.sparse.mm(residual.t(), dy2.float()).t()
+                if recipe.dge:               # arXiv 2501.17116 eq. 8: dL/dW = dL/dW_q * f'(W / scale)
+                    dw = dw * _dge_factor(weight, weight_scales, recipe)
+                dw = dw.to(weight.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = dy2.float().sum(0).to(weight.dtype)
+        return dx, dw, db, None, None
+
+
+def _sum_matmuls(a: QTensor, bs: list[QTensor], out_dtype: torch.dtype) -> torch.Tensor:
+    if len(bs) == 1:
+        return quantized_matmul(a, bs[0], out_dtype)
+    return sum(quantized_matmul(a, b, torch.float32) for b in bs).to(out_dtype)
+
+
+def _dge_factor(weight: torch.Tensor, scales: list[torch.Tensor], recipe: Recipe) -> torch.Tensor:
+    """f'(W / s) with s the forward scale of W's own element (per sign under AFPQ). float32 [N, K]."""
+    w = weight.float()
+    scale = expand_scale(scales[0], recipe.w, w.shape)
+    if len(scales) == 2:
+        scale = torch.where(w >= 0, scale, expand_scale(scales[1], recipe.w, w.shape))
+    return dge_derivative(w / scale, recipe.w.fmt, recipe.dge_k, recipe.dge_clip)
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear computing with quantized GEMMs per `recipe`; same parameters and state_dict keys."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 recipe: Recipe, name: str = "", seed: int = 0):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.recipe, self.layer_name = recipe, name
+        what = f"layer {name or 'QuantLinear'} [{out_features} x {in_features}]"
+        for quantizer, columns in ((recipe.x, in_features), (recipe.w, in_features), (recipe.dy, out_features),
+                                   (recipe.w_t, out_features)):
+            quantizer.check_columns(columns, what)
+        signs = torch.randint(0, 2, (max(recipe.hadamard, 1),), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        self.register_buffer("hadamard_signs", signs.float(), persistent=False)   # not in the state_dict
+        self.stats_armed = False
+        self.last_stats: dict[str, float] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe, name: str = "", seed: int = 0) -> "QuantLinear":
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                     recipe=recipe, name=name, seed=seed)
+        module.weight, module.bias = linear.weight, linear.bias           # the same Parameters (no copy)
+        module.hadamard_signs = module.hadamard_signs.to(linear.weight.device)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{self.layer_name or 'QuantLinear'}: input dtype {x.dtype} is not supported; quantized "
+                            f"linears take float32, bfloat16 or float16 (cast the input, or exclude the layer)")
+        if self.stats_armed and self.training:
+            from lowbit.precision.stats import record
+            record(self, x)
+        return QuantLinearFunction.apply(x, self.weight, self.bias, self.recipe, self.hadamard_signs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe.name}"

@@ -1,0 +1,75 @@
+"""Training methods around the quantizer: DGE, OCC (arXiv 2501.17116) and the random Hadamard transform."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.precision.formats import FloatFormat, grid_spacing
+
+
+def dge_derivative(scaled: torch.Tensor, fmt: FloatFormat, k: float, clip: float) -> torch.Tensor:
+    """Differentiable Gradient Estimator, arXiv 2501.17116 eq. 8 (derivative of eq. 7).
+
+    Inside each quantization interval [lo, lo + delta] of `fmt` the step function is replaced by
+    f(x) = delta/2 * (1 + sign(2t - 1) |2t - 1|^(1/k)), t = (x - lo)/delta, whose derivative is
+    f'(x) = (1/k) |2t - 1|^(1/k - 1): steep mid-interval, flat near grid points. Clipped at `clip`
+    (the derivative is unbounded at the interval centre). scaled: float32 W / scale [...] -> same shape.
+    """
+    magnitude = scaled.float().abs().clamp(max=fmt.max)
+    ulp = grid_spacing(magnitude, fmt)
+    position = magnitude / ulp - torch.floor(magnitude / ulp)          # t in [0, 1): place inside the interval
+    derivative = (1.0 / k) * (2.0 * position - 1.0).abs().pow(1.0 / k - 1.0)
+    return derivative.clamp(max=clip)
+
+
+OUTLIER_SAMPLE = 1 << 20      # |x| values the OCC quantile is estimated from (exact below this size)
+
+
+def outlier_threshold(x: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The `quantile` of |x| over the tensor (fp32 0-d). Above OUTLIER_SAMPLE elements it is estimated
+    on a strided sample whose stride is coprime to the row length, so every channel is sampled evenly
+    (a full top-k over a 30M-element activation would cost more than the GEMM it protects)."""
+    flat = x.detach().reshape(-1)
+    if flat.numel() > OUTLIER_SAMPLE:
+        stride = flat.numel() // OUTLIER_SAMPLE
+        while math.gcd(stride, x.shape[-1]) != 1:
+            stride += 1
+        flat = flat[::stride]
+    magnitude = flat.abs().float()
+    count = max(1, math.ceil((1.0 - quantile) * magnitude.numel()))
+    return torch.topk(magnitude, count, sorted=False).values.min()          # the quantile, without a sort
+
+
+def clamp_outliers(x: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outlier Clamping (arXiv 2501.17116 sec. 3.2): clamp x [M, K] to +-(the `quantile` of |x| over the
+    tensor) -> (clamped x [M, K] in x's dtype, residual x - clamped as a sparse float32 COO [M, K]).
+
+    The residual holds about (1 - quantile) of the entries; its product with the weight is added back
+    in high precision (the Compensation), so the layer's output keeps the outliers.
+    """
+    threshold = outlier_threshold(x, quantile).to(x.dtype)
+    clamped = torch.maximum(torch.minimum(x, threshold), -threshold)
+    residual = (x.float() - clamped.float()).to_sparse()
+    return clamped, residual
+
+
+def hadamard_matrix(size: int, signs: torch.Tensor) -> torch.Tensor:
+    """Random orthogonal D H / sqrt(size): Sylvester Hadamard H, random +-1 diagonal `signs` [size]. float32."""
+    matrix = torch.ones(1, 1, device=signs.device)          # built where the signs live: no host round trip
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return signs.float().reshape(-1, 1) * matrix / math.sqrt(size)
+
+
+def hadamard_last_axis(t: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """Apply the block-diagonal transform along the last axis of t [R, C] (C a multiple of its size).
+
+    Used on both wgrad inputs dy^T [N, M] and x^T [K, M] along the token axis M: with Q orthogonal,
+    (dy^T Q)(x^T Q)^T = dy^T x, while outliers are spread over each block before quantization
+    (Quartet; NVIDIA's NVFP4 recipe uses 16 x 16 blocks).
+    """
+    rows, cols = t.shape
+    size = transform.shape[0]
+    blocks = t.reshape(rows, cols // size, size).float() @ transform
+    return blocks.reshape(rows, cols).to(t.dtype)

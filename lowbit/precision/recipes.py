@@ -1,0 +1,98 @@
+"""Training recipes: how each operand of the three GEMMs of a linear layer is quantized.
+
+For y = x W^T with x [M, K] (M tokens), W [N, K]:
+  forward  y  [M, N] = x  [M, K] . W   [N, K]^T   contraction K: x per token,   W per output channel
+  dgrad    dx [M, K] = dy [M, N] . W^T [K, N]^T   contraction N: dy per token,  W^T per input channel
+  wgrad    dW [N, K] = dy^T [N, M] . x^T [K, M]^T contraction M: dy^T per output channel, x^T per input channel
+Each operand is passed with its contraction axis last, so one `Quantizer` (scaling along the last axis)
+describes it; the "transposed axes for the backward GEMMs" are the `*_t` quantizers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lowbit.precision.formats import E2M1, E4M3, get_format
+from lowbit.precision.scaling import Quantizer
+
+RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "fp4_vectorwise", "nvfp4", "mxfp4")
+NVFP4_BLOCK = 16        # NVIDIA NVFP4: 16-element blocks, E4M3 block scale + FP32 tensor scale
+MXFP4_BLOCK = 32        # OCP MX v1.0: 32-element blocks, E8M0 (power-of-two) scale
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    x: Quantizer            # x    [M, K] forward
+    w: Quantizer            # W    [N, K] forward
+    dy: Quantizer           # dy   [M, N] dgrad
+    w_t: Quantizer          # W^T  [K, N] dgrad
+    dy_t: Quantizer         # dy^T [N, M] wgrad
+    x_t: Quantizer          # x^T  [K, M] wgrad
+    token_multiple: int = 16        # tokens M are zero-padded to a multiple of this (exact; logged once)
+    dge: bool = False               # arXiv 2501.17116 sec. 3.1: Differentiable Gradient Estimator (weights)
+    dge_k: float = 5.0
+    dge_clip: float = 3.0
+    occ: bool = False               # arXiv 2501.17116 sec. 3.2: Outlier Clamping and Compensation (activations)
+    occ_quantile: float = 0.99
+    stochastic_rounding: bool = False   # dy / dy^T rounded stochastically (unbiased gradients)
+    hadamard: int = 0               # block size of the random Hadamard transform on wgrad inputs (0 = off)
+    asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate scales for W's positive/negative values
+
+
+def _uniform(fmt, block_rows, block_cols, rule="absmax") -> Quantizer:
+    return Quantizer(fmt, block_rows, block_cols, rule)
+
+
+def build_recipe(cfg) -> Recipe:
+    """The Recipe of a PrecisionConfig (`cfg.recipe` one of RECIPES)."""
+    if cfg.grad_format not in ("e4m3", "e5m2"):
+        raise ValueError(f"precision.grad_format={cfg.grad_format!r} is not supported; use e4m3 or e5m2")
+    grad = get_format(cfg.grad_format)
+    name = cfg.recipe
+    if name == "fp8_tensorwise":
+        act, wgt, g = (_uniform(E4M3, 0, 0),) * 2 + (_uniform(grad, 0, 0),)
+        quantizers = dict(x=act, w=wgt, dy=g, w_t=wgt, dy_t=g, x_t=act)
+        multiple = 16
+    elif name == "fp8_rowwise":
+        row, grow = _uniform(E4M3, 1, 0), _uniform(grad, 1, 0)
+        quantizers = dict(x=row, w=row, dy=grow, w_t=row, dy_t=grow, x_t=row)
+        multiple = 16
+    elif name == "fp8_blockwise":       # DeepSeek-V3 (arXiv 2412.19437 sec. 3.3.2): 1x128 tiles, 128x128 weight blocks
+        b = cfg.block_size
+        tile, square, gtile = _uniform(E4M3, 1, b), _uniform(E4M3, b, b), _uniform(grad, 1, b)
+        quantizers = dict(x=tile, w=square, dy=gtile, w_t=square, dy_t=gtile, x_t=tile)
+        multiple = max(16, b)
+    elif name == "fp4_vectorwise":      # arXiv 2501.17116: W4A4 per-channel / per-token absmax, gradients FP8
+        row4, grow = _uniform(E2M1, 1, 0), _uniform(grad, 1, 0)
+        quantizers = dict(x=row4, w=row4, dy=grow, w_t=row4, dy_t=grow, x_t=row4)
+        multiple = 16
+    elif name in ("nvfp4", "mxfp4"):    # every GEMM input in FP4 blocks (NVIDIA NVFP4 recipe / Quartet)
+        block, rule = (NVFP4_BLOCK, "nvfp4") if name == "nvfp4" else (MXFP4_BLOCK, "pow2")
+        q = _uniform(E2M1, 1, block, rule)
+        quantizers = dict(x=q, w=q, dy=q, w_t=q, dy_t=q, x_t=q)
+        multiple = max(16, block)
+    else:
+        raise ValueError(f"precision.recipe={name!r} is not a quantized recipe; use bf16 or one of {list(RECIPES)}")
+    fp4_weights = quantizers["w"].fmt is E2M1
+    for option in ("dge", "asymmetric"):
+        if getattr(cfg, option) and not fp4_weights:
+            raise ValueError(f"precision.{option}=true applies to FP4 weights only; recipe {name} has "
+                             f"{quantizers['w'].fmt.name} weights (use fp4_vectorwise, nvfp4 or mxfp4)")
+    if cfg.asymmetric and quantizers["w"].blocked:
+        raise ValueError(f"precision.asymmetric=true is implemented for per-channel FP4 weights (fp4_vectorwise), "
+                         f"not for the block recipe {name}")
+    if cfg.occ and not 0.5 < cfg.occ_quantile < 1.0:
+        raise ValueError(f"precision.occ_quantile={cfg.occ_quantile} must lie in (0.5, 1), e.g. 0.99")
+    hadamard = cfg.hadamard_size if cfg.hadamard else 0
+    if hadamard and hadamard & (hadamard - 1):
+        raise ValueError(f"precision.hadamard_size={hadamard} must be a power of two (16 as in NVIDIA's NVFP4 recipe)")
+    return Recipe(name=name, token_multiple=max(multiple, hadamard), dge=cfg.dge, dge_k=cfg.dge_k,
+                  dge_clip=cfg.dge_clip, occ=cfg.occ, occ_quantile=cfg.occ_quantile,
+                  stochastic_rounding=cfg.stochastic_rounding, hadamard=hadamard, asymmetric=cfg.asymmetric,
+                  **quantizers)
+
+
+def with_grad_format(recipe: Recipe, fmt_name: str) -> Recipe:
+    """The same recipe with another FP8 gradient format (for tests and ablations)."""
+    fmt = get_format(fmt_name)
+    return replace(recipe, dy=replace(recipe.dy, fmt=fmt), dy_t=replace(recipe.dy_t, fmt=fmt))

@@ -1,0 +1,108 @@
+"""`FakeQuantLinear`: an nn.Linear whose weight is fake-quantized per group in every forward (QAT).
+
+The master weight stays in full precision and trains through the straight-through estimator; the
+forward uses its low-bit image. State dict keys of the original layer (`weight`, `bias`) are kept, so
+checkpoints and HF exports still name the weights as before; the module adds
+  clip_ratio      [out, n_groups] float32 buffer: range = ratio * [min, max] of each group (clipped RTN)
+  clip_lo/clip_hi [out, n_groups] float32 parameters when clipping is learnable (absolute range values)
+  calibrated      bool buffer: the clipping search has run (survives checkpoint/resume)
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.quant.fake_quant import QuantFormat, fake_quantize, from_groups, group_range, num_groups, quantize, to_groups
+
+
+class FakeQuantLinear(nn.Linear):
+    def __init__(self, linear: nn.Linear, fmt: QuantFormat, learnable_clip: bool = False):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.fmt = fmt
+        self.enabled = True          # False: plain float forward (clipping calibration reads true activations)
+        groups = num_groups(self.in_features, fmt)
+        device = linear.weight.device
+        self.register_buffer("clip_ratio", torch.ones(self.out_features, groups, device=device))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool, device=device))
+        self.learnable_clip = learnable_clip
+        if learnable_clip:
+            lo, hi = group_range(to_groups(self.weight.detach(), fmt), fmt)
+            self.clip_hi = nn.Parameter(hi.clone())
+            if fmt.name != "fp4_e2m1":               # symmetric e2m1 learns one magnitude per group
+                self.clip_lo = nn.Parameter(lo.clone())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
+                f"group_size={self.fmt.group_size}, learnable_clip={self.learnable_clip}")
+
+    def clip_range(self, grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) [out, n_groups]: learnable values, else the clip ratio times the group's current range (no grad)."""
+        if self.learnable_clip:
+            if self.fmt.name == "fp4_e2m1":
+                return -self.clip_hi, self.clip_hi
+            return self.clip_lo, self.clip_hi
+        lo, hi = group_range(grouped, self.fmt)
+        return lo * self.clip_ratio, hi * self.clip_ratio
+
+    def set_clip_ratio(self, ratio: torch.Tensor) -> None:
+        """Install searched ratios [out, n_groups]; learnable clip values restart from ratio * range."""
+        with torch.no_grad():
+            self.clip_ratio.copy_(ratio)
+            if self.learnable_clip:
+                lo, hi = group_range(to_groups(self.weight, self.fmt), self.fmt)
+                self.clip_hi.copy_(hi * ratio)
+                if hasattr(self, "clip_lo"):
+                    self.clip_lo.copy_(lo * ratio)
+            self.calibrated.fill_(True)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight [out, in] (float32, differentiable through the STE)."""
+        grouped = to_groups(self.weight, self.fmt)
+        lo, hi = self.clip_range(grouped)
+        return from_groups(fake_quantize(grouped, lo, hi, self.fmt), self.in_features)
+
+    def quantized_codes(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(codes uint8 [out, n_groups, group_size], per-group parameters) of the current weight."""
+        with torch.no_grad():
+            grouped = to_groups(self.weight, self.fmt)
+            lo, hi = self.clip_range(grouped)
+            return quantize(grouped, lo, hi, self.fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.quantized_weight().to(self.weight.dtype), self.bias)
+
+
+def matches(name: str, include: list[str], exclude: list[str]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in include) and not any(fnmatch.fnmatch(name, p) for p in exclude)
+
+
+def attach_fake_quant(model: nn.Module, fmt: QuantFormat, include: list[str], exclude: list[str],
+                      learnable_clip: bool = False) -> list[str]:
+    """Swap every nn.Linear whose name matches include and not exclude for a FakeQuantLinear; return the names."""
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and matches(name, include, exclude)]
+    if not targets:
+        raise ValueError(f"objective.qat.include={include} (exclude={exclude}) matches no nn.Linear of the model; "
+                         f"fix the patterns (module names look like 'model.layers.0.self_attn.q_proj')")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FakeQuantLinear(module, fmt, learnable_clip))
+    return [name for name, _ in targets]
+
+
+def fake_quant_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in fake_quant_layers(model).values():
+        layer.enabled = enabled

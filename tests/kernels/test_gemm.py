@@ -1,0 +1,222 @@
+"""Scaled FP8/FP4 GEMMs (issue 3): the CPU reference against float64 math, the Triton block-scaled
+GEMM (TRITON_INTERPRET=1, set before the kernel is first built) against the reference on small odd
+shapes, the torch.library ops, and the bad-input errors. GPU tests compare the CUDA paths with the
+reference and skip without CUDA.
+"""
+import os
+
+# Default to the interpreter; the GPU run sets TRITON_INTERPRET=0 to test the compiled kernels (-m gpu).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from lowbit.kernels.gemm import (block_scaled_mm, block_scaled_mm_reference, scaled_mm, scaled_mm_reference)
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def random_fp8(rows: int, cols: int, dtype=E4M3, gen=None) -> torch.Tensor:
+    """Random values spread over the format's range (no zeros-only tensors)."""
+    return (torch.randn(rows, cols, generator=gen) * 40).clamp(-440, 440).to(dtype)
+
+
+def random_fp4_as_e4m3(rows: int, cols: int, gen=None) -> torch.Tensor:
+    """Random E2M1 values (both signs) stored as E4M3, as lowbit stores FP4 operands (exact)."""
+    idx = torch.randint(0, 8, (rows, cols), generator=gen)
+    sign = torch.randint(0, 2, (rows, cols), generator=gen) * 2 - 1
+    return (E2M1_GRID[idx] * sign).to(E4M3)
+
+
+def float64_block_product(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows):
+    """out[m, n] = sum_kb sa[m//a_rows, kb] sb[n//b_rows, kb] sum_{k in kb} a[m,k] b[n,k], in float64 loops over kb."""
+    a, b = a_q.double(), b_q.double()
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
+    rows_a = torch.arange(a.shape[0]) // a_rows
+    rows_b = torch.arange(b.shape[0]) // b_rows
+    for kb in range(a.shape[1] // block_k):
+        ks = slice(kb * block_k, (kb + 1) * block_k)
+        partial = a[:, ks] @ b[:, ks].T
+        out += partial * a_scale.double()[rows_a, kb][:, None] * b_scale.double()[rows_b, kb][None, :]
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# scaled_mm (tensorwise / rowwise)
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype_a,dtype_b", [(E4M3, E4M3), (E5M2, E4M3), (E4M3, E5M2)])
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_scaled_mm_reference_matches_float64(dtype_a, dtype_b, rowwise):
+    gen = torch.Generator().manual_seed(1)
+    M, N, K = 37, 29, 96
+    a_q, b_q = random_fp8(M, K, dtype_a, gen), random_fp8(N, K, dtype_b, gen)
+    if rowwise:
+        a_scale, b_scale = torch.rand(M, 1, generator=gen) + 0.01, torch.rand(N, 1, generator=gen) + 0.01
+    else:
+        a_scale, b_scale = torch.tensor(0.37), torch.tensor(2.5)
+    expected = (a_q.double() * a_scale.double()) @ (b_q.double() * b_scale.double()).T
+    assert rel_err(scaled_mm(a_q, b_q, a_scale, b_scale, out_dtype=torch.float32), expected) < 1e-6
+    # bf16 output: only the final rounding (2^-9 relative per element) is added.
+    assert rel_err(scaled_mm(a_q, b_q, a_scale, b_scale), expected) < 4e-3
+    assert scaled_mm(a_q, b_q, a_scale, b_scale).dtype == torch.bfloat16
+
+
+def test_scaled_mm_rowwise_equals_tensorwise_when_rows_share_a_scale():
+    gen = torch.Generator().manual_seed(2)
+    a_q, b_q = random_fp8(9, 32, gen=gen), random_fp8(7, 32, gen=gen)
+    tensorwise = scaled_mm(a_q, b_q, torch.tensor(0.5), torch.tensor(3.0), out_dtype=torch.float32)
+    rowwise = scaled_mm(a_q, b_q, torch.full((9, 1), 0.5), torch.full((7, 1), 3.0), out_dtype=torch.float32)
+    torch.testing.assert_close(rowwise, tensorwise, rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------------------------------
+# block_scaled_mm: reference vs float64, Triton (interpreter) vs reference
+# -------------------------------------------------------------------------------------------------
+
+# (M, N, K, block_k, a_rows, b_rows, operand kind, scale kind)
+BLOCK_CASES = [
+    (33, 48, 256, 128, 1, 128, "fp8", "any"),        # DeepSeek-V3: 1x128 activations, 128x128 weights
+    (5, 130, 384, 128, 1, 128, "fp8", "any"),        # N spans two 128-row weight blocks, the second partial
+    (131, 24, 128, 128, 128, 1, "fp8", "any"),       # weight-like A operand (dgrad: W^T blocks)
+    (17, 40, 48, 16, 1, 1, "fp4", "e4m3"),           # NVFP4: 16-element blocks, E4M3 block scales
+    (33, 48, 96, 32, 1, 1, "fp4", "pow2"),           # MXFP4: 32-element blocks, E8M0 (power-of-two) scales
+]
+
+
+def make_block_case(M, N, K, block_k, a_rows, b_rows, kind, scale_kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    make = random_fp8 if kind == "fp8" else random_fp4_as_e4m3
+    a_q, b_q = make(M, K, gen=gen), make(N, K, gen=gen)
+
+    def scales(rows):
+        s = torch.rand(rows, K // block_k, generator=gen) * 4 + 0.01
+        if scale_kind == "pow2":
+            s = torch.exp2(torch.randint(-6, 6, s.shape, generator=gen).float())
+        elif scale_kind == "e4m3":
+            s = s.to(E4M3).float()
+        return s
+    return a_q, scales(-(-M // a_rows)), b_q, scales(-(-N // b_rows))
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}bk{c[3]}ar{c[4]}br{c[5]}{c[6]}")
+def test_block_scaled_mm_reference_matches_float64(case):
+    M, N, K, block_k, a_rows, b_rows, kind, scale_kind = case
+    a_q, a_scale, b_q, b_scale = make_block_case(*case, seed=3)
+    expected = float64_block_product(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows)
+    out = block_scaled_mm(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows, b_rows=b_rows,
+                          out_dtype=torch.float32)
+    assert out.shape == (M, N)
+    assert rel_err(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}bk{c[3]}ar{c[4]}br{c[5]}{c[6]}")
+@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="CPU tensors need the Triton interpreter")
+def test_block_scaled_mm_triton_matches_reference(case):
+    from lowbit.kernels.gemm_triton import block_scaled_mm_triton
+
+    M, N, K, block_k, a_rows, b_rows, kind, scale_kind = case
+    a_q, a_scale, b_q, b_scale = make_block_case(*case, seed=4)
+    kwargs = dict(block_k=block_k, a_rows=a_rows, b_rows=b_rows)
+    ref = block_scaled_mm_reference(a_q, a_scale, b_q, b_scale, out_dtype=torch.float32, **kwargs)
+    out = block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, out_dtype=torch.float32, **kwargs)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-5
+    expected = float64_block_product(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows)
+    out_bf16 = block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, **kwargs)
+    assert out_bf16.dtype == torch.bfloat16 and rel_err(out_bf16, expected) < 4e-3
+
+
+@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="CPU tensors need the Triton interpreter")
+@pytest.mark.parametrize("rescale", [False, True], ids=["partial_tile", "rescaled_accumulator"])
+@pytest.mark.parametrize("case", [(19, 21, 256, 128, 1, 128, "fp8", "any"), (17, 40, 48, 16, 1, 1, "fp4", "e4m3")],
+                         ids=["deepseek_tile32_in_block128", "nvfp4"])
+def test_block_scaled_mm_triton_variants(case, rescale):
+    """Both accumulation schemes (separate partial tile, or one accumulator rescaled between scale blocks),
+    and K tiles narrower than the scale block (tiles share one scale), give the float64 result."""
+    from lowbit.kernels.gemm_triton import block_scaled_mm_triton
+
+    M, N, K, block_k, a_rows, b_rows, *_ = case
+    a_q, a_scale, b_q, b_scale = make_block_case(*case, seed=5)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(32, block_k), GROUP_M=1, num_warps=4, num_stages=1,
+                  RESCALE=rescale)
+    out = block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows, b_rows=b_rows,
+                                 out_dtype=torch.float32, config=config)
+    expected = float64_block_product(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows)
+    assert rel_err(out, expected) < 1e-5
+
+
+# -------------------------------------------------------------------------------------------------
+# torch.library ops and bad input
+# -------------------------------------------------------------------------------------------------
+
+def test_custom_ops_pass_opcheck_and_compile_without_graph_break():
+    a_q, a_scale, b_q, b_scale = make_block_case(9, 16, 64, 32, 1, 1, "fp4", "pow2", seed=6)
+    torch.library.opcheck(torch.ops.lowbit.block_scaled_mm, (a_q, a_scale, b_q, b_scale, 32, 1, 1, torch.float32),
+                          test_utils=("test_faketensor",))
+    sa, sb = torch.rand(9, 1) + 0.1, torch.rand(16, 1) + 0.1
+    torch.library.opcheck(torch.ops.lowbit.scaled_mm, (a_q, b_q, sa, sb, torch.float32),
+                          test_utils=("test_faketensor",))
+
+    def both(a_q, b_q):
+        return (torch.ops.lowbit.scaled_mm(a_q, b_q, sa, sb, torch.float32)
+                + torch.ops.lowbit.block_scaled_mm(a_q, a_scale, b_q, b_scale, 32, 1, 1, torch.float32))
+    explanation = torch._dynamo.explain(both)(a_q, b_q)
+    assert explanation.graph_break_count == 0
+    expected = scaled_mm_reference(a_q, b_q, sa, sb, torch.float32) + block_scaled_mm_reference(
+        a_q, a_scale, b_q, b_scale, block_k=32, out_dtype=torch.float32)
+    torch.testing.assert_close(torch.compile(both, backend="eager")(a_q, b_q), expected)
+
+
+def test_bad_inputs_raise_clear_errors():
+    a_q, a_scale, b_q, b_scale = make_block_case(8, 16, 64, 32, 1, 1, "fp8", "any", seed=7)
+    with pytest.raises(ValueError, match="not a multiple of block_k=48"):
+        block_scaled_mm(a_q, a_scale, b_q, b_scale, block_k=48)
+    with pytest.raises(TypeError, match="expected float8_e4m3fn"):
+        block_scaled_mm(a_q.float(), a_scale, b_q, b_scale, block_k=32)
+    with pytest.raises(ValueError, match=r"expected \(8, 2\)"):
+        block_scaled_mm(a_q, a_scale[:, :1], b_q, b_scale, block_k=32)
+    with pytest.raises(TypeError, match="must be float32"):
+        block_scaled_mm(a_q, a_scale.double(), b_q, b_scale, block_k=32)
+    with pytest.raises(ValueError, match="same K"):
+        scaled_mm(a_q, b_q[:, :32], torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"\[16, 1\] \(rowwise\)"):
+        scaled_mm(a_q, b_q, torch.tensor(1.0), torch.ones(3, 1))
+    with pytest.raises(TypeError, match="out_dtype"):
+        scaled_mm(a_q, b_q, torch.tensor(1.0), torch.tensor(1.0), out_dtype=torch.int32)
+
+
+# -------------------------------------------------------------------------------------------------
+# GPU: the CUDA paths against the reference (figures come from bench/linear.py)
+# -------------------------------------------------------------------------------------------------
+
+needs_fp8_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9) or os.environ["TRITON_INTERPRET"] == "1",
+    reason="needs a CUDA GPU with FP8 (compute capability >= 8.9) and compiled Triton (TRITON_INTERPRET unset)")
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_scaled_mm_cuda_matches_reference(rowwise):
+    a_q, b_q = random_fp8(256, 512).cuda(), random_fp8(384, 512).cuda()
+    sa, sb = ((torch.rand(256, 1) + 0.1).cuda(), (torch.rand(384, 1) + 0.1).cuda()) if rowwise else (
+        torch.tensor(0.5, device="cuda"), torch.tensor(2.0, device="cuda"))
+    out = scaled_mm(a_q, b_q, sa, sb)
+    assert rel_err(out.cpu(), scaled_mm_reference(a_q.cpu(), b_q.cpu(), sa.cpu(), sb.cpu(), torch.float32)) < 4e-3
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}bk{c[3]}")
+def test_block_scaled_mm_cuda_matches_reference(case):
+    a_q, a_scale, b_q, b_scale = make_block_case(*case, seed=8)
+    M, N, K, block_k, a_rows, b_rows, *_ = case
+    kwargs = dict(block_k=block_k, a_rows=a_rows, b_rows=b_rows, out_dtype=torch.float32)
+    out = block_scaled_mm(a_q.cuda(), a_scale.cuda(), b_q.cuda(), b_scale.cuda(), **kwargs)
+    assert rel_err(out.cpu(), block_scaled_mm_reference(a_q, a_scale, b_q, b_scale, **kwargs)) < 1e-3

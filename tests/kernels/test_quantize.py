@@ -1,0 +1,121 @@
+"""The fused Triton quantize kernels equal the PyTorch reference bit for bit (TRITON_INTERPRET=1 on CPU,
+small odd shapes; run in a subprocess so the interpreter setting cannot leak into other tests)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def check_triton_equals_reference() -> None:
+    from lowbit.precision.formats import E2M1, E4M3, E5M2
+    from lowbit.precision.scaling import NonFiniteAmaxError, Quantizer, quantize_reference
+    from lowbit.kernels.quantize_triton import quantize_pair_triton
+
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    for rows, cols in [(1, 1), (7, 5), (33, 70), (65, 129)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(rows, cols, generator=generator) * torch.exp2(torch.randint(-12, 12, (rows, cols), generator=generator).float())
+            x[0, 0] = 0.0
+            if rows > 2:
+                x[2] = 0.0                            # an all-zero row: scale 1
+                x[1, 0] = -0.0
+            x = x.to(dtype)
+            for fmt, fmt_t in [(E4M3, E4M3), (E5M2, E5M2), (E2M1, E2M1), (E4M3, E2M1)]:
+                for tensorwise in (True, False):
+                    q, q_t = (Quantizer(fmt, 0, 0), Quantizer(fmt_t, 0, 0)) if tensorwise else \
+                        (Quantizer(fmt, 1, 0), Quantizer(fmt_t, 1, 0))
+                    got, got_t = quantize_pair_triton(x, q, q_t)
+                    want, want_t = quantize_reference(x, q), quantize_reference(x.t(), q_t)
+                    for a, b in ((got, want), (got_t, want_t)):
+                        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+                        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), (rows, cols, fmt, tensorwise)
+                        assert a.scale.shape == b.scale.shape and torch.equal(a.scale, b.scale)
+                    only, none = quantize_pair_triton(x, q, None)
+                    assert none is None and torch.equal(only.data.view(torch.uint8), want.data.view(torch.uint8))
+                    checked += 1
+    bad = torch.ones(9, 17)
+    bad[3, 4] = float("nan")
+    try:
+        quantize_pair_triton(bad, Quantizer(E4M3, 1, 0), Quantizer(E4M3, 1, 0))
+        raise AssertionError("NaN amax was not reported")
+    except NonFiniteAmaxError:
+        pass
+    print(f"OK {checked}")
+
+
+@pytest.mark.slow
+def test_triton_quantize_equals_reference_bitwise_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    code = "from tests.kernels.test_quantize import check_triton_equals_reference as c; c()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "OK 64" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_quantize_equals_reference_on_gpu():
+    from lowbit.kernels.quantize_triton import quantize_pair_triton
+    from lowbit.precision.formats import E2M1, E4M3
+    from lowbit.precision.scaling import Quantizer, quantize_reference
+
+    x = torch.randn(333, 517, device="cuda", dtype=torch.bfloat16) * 3
+    for fmt in (E4M3, E2M1):
+        for block in ((0, 0), (1, 0)):
+            q = Quantizer(fmt, *block)
+            got, got_t = quantize_pair_triton(x, q, q)
+            want, want_t = quantize_reference(x, q), quantize_reference(x.t(), q)
+            assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
+            assert torch.equal(got_t.data.view(torch.uint8), want_t.data.view(torch.uint8))
+
+
+def check_block_kernel_equals_reference() -> None:
+    from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton
+    from lowbit.precision.formats import E2M1, E4M3
+    from lowbit.precision.scaling import NonFiniteAmaxError, Quantizer, quantize_reference
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [  # (rows, cols, quantizer, quantizer of x^T)
+        (48, 80, Quantizer(E2M1, 1, 16, "nvfp4"), Quantizer(E2M1, 1, 16, "nvfp4")),
+        (32, 96, Quantizer(E2M1, 1, 32, "pow2"), Quantizer(E2M1, 1, 32, "pow2")),
+        (32, 64, Quantizer(E4M3, 1, 32), Quantizer(E4M3, 1, 32)),                  # 1 x b activation tiles
+        (64, 96, Quantizer(E4M3, 32, 32), Quantizer(E4M3, 32, 32)),                # b x b weight blocks
+        (70, 64, Quantizer(E4M3, 32, 32), None),                                   # ragged last row block
+        (128, 256, Quantizer(E4M3, 128, 128), Quantizer(E4M3, 128, 128)),          # DeepSeek-V3 weight blocks
+        (128, 384, Quantizer(E4M3, 1, 128), Quantizer(E4M3, 1, 128)),              # DeepSeek-V3 activation tiles
+        (17, 48, Quantizer(E2M1, 1, 16, "nvfp4"), None),
+    ]
+    checked = 0
+    for rows, cols, q, q_t in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(rows, cols, generator=generator) * torch.exp2(torch.randint(-10, 10, (rows, cols), generator=generator).float())
+            x[0, :16] = 0.0                                   # an all-zero block
+            x = x.to(dtype)
+            got, got_t = quantize_blocks_triton(x, q, q_t)
+            pairs = [(got, quantize_reference(x, q))] + ([(got_t, quantize_reference(x.t(), q_t))] if q_t else [])
+            for a, b in pairs:
+                assert a.data.shape == b.data.shape and a.scale.shape == b.scale.shape, (a.scale.shape, b.scale.shape)
+                assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), (rows, cols, q)
+                assert torch.equal(a.scale, b.scale), (rows, cols, q)
+            checked += 1
+    bad = torch.ones(32, 32)
+    bad[1, 1] = float("inf")
+    try:
+        quantize_blocks_triton(bad, Quantizer(E2M1, 1, 16, "nvfp4"), None)
+        raise AssertionError("Inf amax was not reported")
+    except NonFiniteAmaxError:
+        pass
+    print(f"OK blocks {checked}")
+
+
+@pytest.mark.slow
+def test_triton_block_quantize_equals_reference_bitwise_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    code = "from tests.kernels.test_quantize import check_block_kernel_equals_reference as c; c()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "OK blocks 16" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]

@@ -1,0 +1,180 @@
+"""AdamA (arXiv 2305.19982) against torch.optim.AdamW (one micro-batch) and a float64 reference (N micro-batches)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.config import OptimConfig
+from lowbit.optim import build
+from lowbit.optim.adama import AdamA
+
+BETAS, EPS, LR, WD = (0.9, 0.95), 1e-8, 1e-2, 0.1
+
+
+def small_model(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def groups(model):
+    return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": WD},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def batches(steps, micro_batches, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [[(torch.randn(3, 7, generator=generator), torch.randn(3, 3, generator=generator))
+             for _ in range(micro_batches)] for _ in range(steps)]
+
+
+def micro_loss(model, x, y, micro_batches):
+    return ((model(x.to(next(model.parameters()).dtype)) - y) ** 2).mean() / micro_batches
+
+
+def reference_adama_float64(model, data, lr_at, clip=0.0):
+    """The paper's Algorithm 1 in float64, written out plainly: m, v accumulate per micro-batch gradient."""
+    params = [p.detach().double().clone().requires_grad_(True) for p in model.parameters()]
+    decays = [WD if p.ndim >= 2 else 0.0 for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    shadow = small_model().double()
+    for t, step_batches in enumerate(data, start=1):
+        m = [BETAS[0] * x for x in m]
+        v = [BETAS[1] * x for x in v]
+        for x, y in step_batches:
+            for target, source in zip(shadow.parameters(), params):
+                target.data.copy_(source.data)
+            shadow.zero_grad()
+            ((shadow(x.double()) - y.double()) ** 2).mean().div(len(step_batches)).backward()
+            for index, p in enumerate(shadow.parameters()):
+                g = p.grad
+                if clip > 0:
+                    g = g * min(1.0, clip / (g.norm().item() + 1e-6))
+                m[index] = m[index] + (1 - BETAS[0]) * g
+                v[index] = v[index] + (1 - BETAS[1]) * g * g
+        lr = lr_at(t - 1)
+        with torch.no_grad():
+            for index, p in enumerate(params):
+                m_hat = m[index] / (1 - BETAS[0] ** t)
+                v_hat = v[index] / (1 - BETAS[1] ** t)
+                p.mul_(1 - lr * decays[index])
+                p.sub_(lr * m_hat / (v_hat.sqrt() + EPS))
+    return params
+
+
+def run_adama(model, optimizer, data, lr_at):
+    for step, step_batches in enumerate(data):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        for x, y in step_batches:
+            micro_loss(model, x, y, len(step_batches)).backward()
+            assert all(p.grad is None for p in model.parameters()), "AdamA must free every gradient in its hook"
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def cosine(step):
+    return LR * (0.5 + 0.5 * math.cos(math.pi * step / 20))
+
+
+def test_one_micro_batch_equals_torch_adamw_over_20_steps():
+    a, b = small_model(), small_model()
+    adama = AdamA(groups(a), lr=LR, betas=BETAS, eps=EPS)
+    adamw = torch.optim.AdamW(groups(b), lr=LR, betas=BETAS, eps=EPS)
+    data = batches(20, 1)
+    run_adama(a, adama, data, cosine)
+    for step, ((x, y),) in enumerate(data):
+        for group in adamw.param_groups:
+            group["lr"] = cosine(step)
+        micro_loss(b, x, y, 1).backward()
+        adamw.step()
+        adamw.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("micro_batches,clip", [(4, 0.0), (3, 0.05)])
+def test_n_micro_batches_equal_a_float64_reference_of_the_paper(micro_batches, clip):
+    model = small_model()
+    expected = reference_adama_float64(model, batches(20, micro_batches), cosine, clip=clip)
+    optimizer = AdamA(groups(model), lr=LR, betas=BETAS, eps=EPS, clip_per_tensor=clip)
+    run_adama(model, optimizer, batches(20, micro_batches), cosine)
+    for p, q in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.double(), q.detach(), atol=1e-6, rtol=0)
+    # and it is not plain Adam: sum of squares differs from the square of the sum
+    adamw_model = small_model()
+    adamw = torch.optim.AdamW(groups(adamw_model), lr=LR, betas=BETAS, eps=EPS)
+    for step, step_batches in enumerate(batches(20, micro_batches)):
+        for group in adamw.param_groups:
+            group["lr"] = cosine(step)
+        for x, y in step_batches:
+            micro_loss(adamw_model, x, y, micro_batches).backward()
+        adamw.step()
+        adamw.zero_grad()
+    assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), adamw_model.parameters())) > 1e-4
+
+
+def test_state_dict_resume_is_bit_exact_and_keeps_float32_moments():
+    data = batches(6, 2)
+    whole = small_model()
+    optimizer = AdamA(groups(whole), lr=LR, betas=BETAS, eps=EPS)
+    run_adama(whole, optimizer, data, cosine)
+
+    first = small_model()
+    optimizer = AdamA(groups(first), lr=LR, betas=BETAS, eps=EPS)
+    run_adama(first, optimizer, data[:3], cosine)
+    saved_model, saved_optimizer = first.state_dict(), optimizer.state_dict()
+    second = small_model()
+    second.load_state_dict(saved_model)
+    resumed = AdamA(groups(second), lr=LR, betas=BETAS, eps=EPS)
+    resumed.load_state_dict(saved_optimizer)
+    run_adama(second, resumed, data[3:], lambda step: cosine(step + 3))
+    for p, q in zip(whole.parameters(), second.parameters()):
+        assert torch.equal(p, q)
+
+    bf16 = small_model(torch.bfloat16)
+    optimizer = AdamA(groups(bf16), lr=LR, betas=BETAS, eps=EPS)
+    run_adama(bf16, optimizer, data[:2], cosine)
+    again = AdamA(groups(bf16), lr=LR, betas=BETAS, eps=EPS)
+    again.load_state_dict(optimizer.state_dict())
+    for p in bf16.parameters():
+        assert again.state[p]["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(again.state[p]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"])
+
+
+def test_bfloat16_parameters_follow_the_float64_reference_to_bf16_rounding():
+    model = small_model(torch.bfloat16)
+    start = small_model(torch.bfloat16).float()
+    expected = reference_adama_float64(start, batches(5, 2), lambda s: 1e-3)
+    optimizer = AdamA(groups(model), lr=1e-3, betas=BETAS, eps=EPS)
+    run_adama(model, optimizer, batches(5, 2), lambda s: 1e-3)
+    for p, q in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.double(), q.detach(), atol=2e-2, rtol=2e-2)
+
+
+def test_build_registers_adama_and_refuses_global_norm_clipping():
+    model = small_model()
+    cfg = OptimConfig(name="adama", grad_clip=1.0, grad_clip_mode="per_tensor")
+    assert isinstance(build(cfg, list(model.parameters())), AdamA)
+    with pytest.raises(ValueError, match="grad_clip_mode=per_tensor"):
+        build(OptimConfig(name="adama", grad_clip=1.0, grad_clip_mode="global"), list(model.parameters()))
+    assert isinstance(build(OptimConfig(name="adama", grad_clip=0.0), list(small_model().parameters())), AdamA)
+    with pytest.raises(ValueError, match="adamw or adama"):
+        build(OptimConfig(name="sgd"), list(small_model().parameters()))
+
+
+def test_dropping_the_optimizer_frees_its_moments():
+    """Hooks live on the parameters (C++), so they must not keep the optimizer (and its moments) alive."""
+    import gc
+    import weakref
+
+    model = small_model()
+    optimizer = AdamA(groups(model), lr=LR)
+    run_adama(model, optimizer, batches(1, 2), cosine)
+    alive = weakref.ref(optimizer)
+    del optimizer
+    gc.collect()
+    assert alive() is None
+    micro_loss(model, *batches(1, 1)[0][0], 1).backward()     # the orphaned hooks leave gradients alone
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,87 @@
+"""Bad parallel layouts fail with the value and the fix, before any process-group work."""
+from types import SimpleNamespace
+
+import pytest
+import torch.distributed as dist
+from transformers import LlamaConfig
+
+from lowbit.config import ParallelConfig
+from lowbit.parallel import init, mesh
+from lowbit.parallel.mesh import check_model, layout_for
+
+LLAMA = LlamaConfig(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_layout_splits_world_into_dp_ulysses_tp():
+    layout = layout_for(ParallelConfig(tp=2, dp_shard=2), world_size=4)
+    assert (layout.dp, layout.ulysses, layout.tp) == (2, 1, 2)
+    assert [layout.coordinates(r) for r in range(4)] == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]
+    layout = layout_for(ParallelConfig(ulysses=2), world_size=4)
+    assert (layout.dp, layout.ulysses) == (2, 2) and layout.coordinates(3) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("cfg, world, message", [
+    (ParallelConfig(tp=3), 4, "does not divide the world size 4"),
+    (ParallelConfig(ulysses=3), 2, "does not divide the world size 2"),
+    (ParallelConfig(tp=0), 2, "parallel.tp=0 must be >= 1"),
+    (ParallelConfig(dp_shard=4), 2, "set parallel.dp_shard=2"),
+    (ParallelConfig(sp=True), 2, "needs parallel.tp>1"),
+    (ParallelConfig(tp=2, ulysses=2), 4, "not supported yet"),
+    (ParallelConfig(tp=2), 4, "set parallel.dp_shard=2"),
+    (ParallelConfig(data_parallel="zero"), 2, "'zero' is not known"),
+])
+def test_bad_mesh_is_refused(cfg, world, message):
+    with pytest.raises(ValueError, match=message):
+        layout_for(cfg, world)
+
+
+def test_deepspeed_missing_is_refused(monkeypatch):
+    monkeypatch.setattr(mesh, "deepspeed_installed", lambda: False)
+    with pytest.raises(ImportError, match="pip install deepspeed"):
+        layout_for(ParallelConfig(data_parallel="deepspeed"), 2)
+
+
+@pytest.mark.parametrize("cfg, seq_len, message", [
+    (ParallelConfig(tp=8), 64, "num_attention_heads=4"),
+    (ParallelConfig(tp=4), 64, "num_key_value_heads=2"),
+    (ParallelConfig(ulysses=4), 64, "num_key_value_heads=2"),
+    (ParallelConfig(ulysses=2), 63, "data.seq_len=63 is not divisible by parallel.ulysses=2"),
+    (ParallelConfig(tp=2, sp=True), 65, "data.seq_len=65"),
+])
+def test_degree_not_dividing_the_model_is_refused(cfg, seq_len, message):
+    with pytest.raises(ValueError, match=message):
+        check_model(LLAMA, cfg, seq_len)
+
+
+def test_hidden_size_must_divide():
+    # A config with 4 heads of width 16.5 does not exist in HF; the check reads only these fields.
+    config = SimpleNamespace(hidden_size=66, intermediate_size=192, num_attention_heads=4, num_key_value_heads=4)
+    with pytest.raises(ValueError, match="hidden_size=66"):
+        check_model(config, ParallelConfig(tp=4), 64)
+
+
+def test_good_degrees_pass():
+    check_model(LLAMA, ParallelConfig(tp=2, sp=True), 64)
+    check_model(LLAMA, ParallelConfig(ulysses=2), 64)
+
+
+def test_init_refuses_before_joining_a_process_group(monkeypatch):
+    # As rank 0 of 4: a valid layout would block in init_process_group waiting for the others.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="parallel.tp=3"):
+        init(ParallelConfig(tp=3))
+    assert not dist.is_initialized()
+
+
+def test_tensor_parallel_refuses_quantized_linears_before_any_collective():
+    from torch import nn
+    from lowbit.parallel.tensor import check_plain_linears
+
+    class QuantLinear(nn.Linear):      # stands for lowbit.precision's subclass; only its type is read
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), QuantLinear(4, 4))
+    with pytest.raises(ValueError, match="QuantLinear.*precision=bf16 with parallel.tp"):
+        check_plain_linears(model)
+    check_plain_linears(nn.Sequential(nn.Linear(4, 4)))

@@ -1,0 +1,164 @@
+"""QuantLinear of every recipe: forward and autograd backward equal float64 math on the same
+quantized operands (to 1e-3 relative); master weights and state_dict stay those of nn.Linear."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lowbit.precision.formats import get_format
+from lowbit.precision.linear import QuantLinear, pad_rows, weight_parts
+from lowbit.precision.methods import clamp_outliers, hadamard_last_axis, hadamard_matrix
+from lowbit.precision.recipes import build_recipe
+from lowbit.precision.scaling import NonFiniteAmaxError, quantize_reference
+from tests.precision.reference import dge_float64
+
+BASE = dict(grad_format="e4m3", dge=False, dge_k=5.0, dge_clip=3.0, occ=False, occ_quantile=0.99,
+            stochastic_rounding=False, hadamard=False, hadamard_size=16, asymmetric=False, block_size=32)
+
+CASES = [
+    ("fp8_tensorwise", {}), ("fp8_tensorwise", {"grad_format": "e5m2"}), ("fp8_rowwise", {}),
+    ("fp8_rowwise", {"grad_format": "e5m2"}), ("fp8_blockwise", {}), ("fp4_vectorwise", {}),
+    ("fp4_vectorwise", {"dge": True, "occ": True}), ("fp4_vectorwise", {"asymmetric": True, "dge": True}),
+    ("fp4_vectorwise", {"hadamard": True}), ("nvfp4", {}), ("nvfp4", {"hadamard": True}), ("mxfp4", {}),
+]
+
+
+def precision_cfg(recipe, **overrides):
+    return SimpleNamespace(recipe=recipe, **{**BASE, **overrides})
+
+
+def relative_error(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def reference_forward_backward(x, weight, bias, dy, recipe, signs):
+    """Float64 reference of QuantLinear's quantized math (quantizers shared, GEMMs in float64)."""
+    deq = lambda t, q: quantize_reference(t, q).dequantize().double()
+    x2 = pad_rows(x.reshape(-1, x.shape[-1]), recipe.token_multiple, "x")
+    residual = torch.zeros_like(x2, dtype=torch.float64)
+    if recipe.occ:
+        x2, sparse = clamp_outliers(x2, recipe.occ_quantile)
+        residual = sparse.to_dense().double()
+    parts = weight_parts(weight.detach(), recipe.asymmetric)
+    w_hat = sum(deq(p, recipe.w) for p in parts)
+    wt_hat = sum(deq(p.t(), recipe.w_t) for p in parts)
+    tokens = x.reshape(-1, x.shape[-1]).shape[0]
+    y = ((deq(x2, recipe.x) + residual) @ w_hat.t())[:tokens] + bias.double()
+    dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple, "dy")
+    dx = (deq(dy2, recipe.dy) @ wt_hat.t())[:tokens]
+    xt, dyt = x2.t(), dy2.t()
+    if recipe.hadamard:
+        transform = hadamard_matrix(recipe.hadamard, signs)
+        xt, dyt = hadamard_last_axis(xt, transform), hadamard_last_axis(dyt, transform)
+    dw = deq(dyt.contiguous(), recipe.dy_t) @ deq(xt.contiguous(), recipe.x_t).t() + dy2.double().t() @ residual
+    if recipe.dge:
+        w = weight.detach().double()
+        scales = [quantize_reference(p, recipe.w).scale.double() for p in parts]
+        scale = scales[0] if len(scales) == 1 else torch.where(w >= 0, scales[0], scales[1])
+        scale = scale.expand_as(w) if scale.shape[-1] == 1 else scale.repeat_interleave(w.shape[1] // scale.shape[1], 1)
+        dw = dw * dge_float64(w / scale, recipe.w.fmt, recipe.dge_k, recipe.dge_clip)
+    return y, dx, dw, dy2.double()[:tokens].sum(0)
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{'-'.join(o) or 'plain'}" for n, o in CASES])
+def test_forward_and_backward_equal_float64_reference(name, options):
+    torch.manual_seed(0)
+    recipe = build_recipe(precision_cfg(name, **options))
+    linear = torch.nn.Linear(64, 96)
+    layer = QuantLinear.from_linear(linear, recipe, name="layer", seed=3)
+    x = (torch.randn(3, 7, 64) * torch.logspace(-2, 1, 64)).requires_grad_()     # odd token count, outlier channels
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want_y, want_dx, want_dw, want_db = reference_forward_backward(x.detach(), linear.weight, linear.bias, dy,
+                                                                   recipe, layer.hadamard_signs)
+    assert y.dtype == torch.float32 and y.shape == (3, 7, 96)
+    assert relative_error(y.reshape(-1, 96), want_y) < 1e-3
+    assert relative_error(x.grad.reshape(-1, 64), want_dx) < 1e-3
+    assert relative_error(linear.weight.grad, want_dw) < 1e-3
+    assert relative_error(linear.bias.grad, want_db) < 1e-5
+    assert linear.weight.dtype == torch.float32 and linear.weight.grad.dtype == torch.float32
+    # the quantized layer stays close to the high-precision one (FP8 ~ few %, FP4 ~ 20 %)
+    exact = linear(x.detach())
+    assert (y - exact).norm() / exact.norm() < (0.06 if name.startswith("fp8") else 0.3)
+
+
+def test_gradient_format_is_used_for_gradients_only():
+    recipe = build_recipe(precision_cfg("fp8_rowwise", grad_format="e5m2"))
+    assert recipe.dy.fmt is get_format("e5m2") and recipe.dy_t.fmt is get_format("e5m2")
+    assert recipe.x.fmt is get_format("e4m3") and recipe.w.fmt is get_format("e4m3")
+
+
+def test_state_dict_matches_nn_linear_and_parameters_are_shared():
+    linear = torch.nn.Linear(32, 16)
+    layer = QuantLinear.from_linear(linear, build_recipe(precision_cfg("fp8_rowwise")))
+    assert layer.weight is linear.weight
+    assert list(layer.state_dict()) == list(linear.state_dict()) == ["weight", "bias"]
+
+
+def test_bfloat16_inputs_and_no_bias():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    layer = QuantLinear.from_linear(linear, build_recipe(precision_cfg("fp4_vectorwise", dge=True)))
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16 and linear.weight.grad.dtype == torch.float32
+
+
+def test_stochastic_rounding_gradients_are_unbiased_on_average():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    recipe = build_recipe(precision_cfg("nvfp4", stochastic_rounding=True))
+    layer = QuantLinear.from_linear(linear, recipe)
+    x, dy = torch.randn(32, 64), torch.randn(32, 32)
+    grads = []
+    for _ in range(40):
+        linear.weight.grad = None
+        layer(x).backward(dy)
+        grads.append(linear.weight.grad.clone())
+    assert not torch.equal(grads[0], grads[1])                    # really random
+    exact = dy.t() @ quantize_reference(x.t(), recipe.x_t).dequantize().t()   # x^T is rounded to nearest
+    mean_error = (torch.stack(grads).mean(0) - exact).norm() / exact.norm()
+    single_error = (grads[0] - exact).norm() / exact.norm()
+    assert mean_error < single_error / 4
+
+
+def test_bad_inputs_fail_clearly():
+    linear = torch.nn.Linear(64, 48)
+    with pytest.raises(ValueError, match="not a multiple of the 32-element"):
+        QuantLinear.from_linear(linear, build_recipe(precision_cfg("fp8_blockwise")), name="mlp.up")
+    layer = QuantLinear.from_linear(linear, build_recipe(precision_cfg("fp8_rowwise")), name="mlp.up")
+    with pytest.raises(TypeError, match="float64 is not supported"):
+        layer(torch.randn(4, 64, dtype=torch.float64))
+    with pytest.raises(NonFiniteAmaxError, match="NaN/Inf"):
+        layer(torch.full((4, 64), float("inf")))
+    with pytest.raises(ValueError, match="FP4 weights only"):
+        build_recipe(precision_cfg("fp8_rowwise", dge=True))
+    with pytest.raises(ValueError, match="not a quantized recipe"):
+        build_recipe(precision_cfg("fp3"))
+    with pytest.raises(ValueError, match="grad_format"):
+        build_recipe(precision_cfg("fp8_rowwise", grad_format="e3m4"))
+
+
+def test_quantization_statistics_match_direct_computation():
+    from lowbit.precision.formats import E2M1
+    from lowbit.precision.scaling import Quantizer
+    from lowbit.precision.stats import collect, operand_stats
+
+    x = torch.tensor([[6.0, 0.1, -3.0, 0.0], [1.0, 2.0, 0.04, -0.5]])
+    quantized = quantize_reference(x, Quantizer(E2M1, 1, 0))          # row scales 1 and 1/3
+    stats = operand_stats(x, quantized)
+    dequantized = quantized.dequantize().double()
+    sqnr = 10 * torch.log10(x.double().pow(2).sum() / (x.double() - dequantized).pow(2).sum())
+    assert stats["absmax"] == 6.0 and stats["clamped"] == 0.0
+    assert stats["flushed"] == 2 / 8                                  # 0.1 -> 0 and 0.04 -> 0
+    assert abs(stats["sqnr_db"] - sqnr.item()) < 1e-4
+    linear = torch.nn.Linear(4, 3)
+    layer = QuantLinear.from_linear(linear, build_recipe(precision_cfg("fp4_vectorwise", occ=True)), name="l")
+    model = torch.nn.Sequential(layer)
+    assert collect(model) == {}                                      # arms the layer
+    model(torch.randn(200, 4))
+    logged = collect(model)
+    assert 0.0 < logged["quant/l/x/clamped"] <= 0.02 and logged["quant/l/w/clamped"] == 0.0
+    assert set(logged) == {f"quant/l/{o}/{k}" for o in "xw" for k in ("absmax", "clamped", "flushed", "sqnr_db")}
