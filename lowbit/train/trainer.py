@@ -179,7 +179,9 @@ class Trainer:
         if count.item() == 0:
             raise ValueError("the validation split is empty; lower data.seq_len or raise data.val_fraction")
         loss = (nll / count).item()
-        record = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 700.0)), "val/tokens": count.item()}
+        # TP and Ulysses ranks of one data-parallel replica see the same sequences: count them once.
+        replicas = self.world.world_size // self.world.dp_size
+        record = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 700.0)), "val/tokens": count.item() / replicas}
         self.loggers.log(self.state.step, record)
         return record
 

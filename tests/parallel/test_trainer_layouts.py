@@ -13,14 +13,14 @@ COMMON = TINY + ["trainer.eval_batches=0", "trainer.save_every=-1", "trainer.exp
 
 
 def records(run_dir) -> dict:
-    """{(step, key): value} for the training loss and the validation loss."""
+    """{(step, key): value} for the training loss, the validation loss and the validation token count."""
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {(r["step"], key): r[key] for r in rows for key in ("loss", "val/loss") if key in r}
+    return {(r["step"], key): r[key] for r in rows for key in ("loss", "val/loss", "val/tokens") if key in r}
 
 
 def assert_same_losses(got: dict, reference: dict, steps: int, label: str) -> None:
     shared = [k for k in reference if k in got]
-    assert {(s, "loss") for s in range(1, steps + 1)} | {(0, "val/loss")} <= set(shared), (label, got)
+    assert {(s, "loss") for s in range(1, steps + 1)} | {(0, "val/loss"), (0, "val/tokens")} <= set(shared), (label, got)
     for key in shared:
         assert abs(got[key] - reference[key]) <= RTOL * abs(reference[key]), (label, key, got, reference)
 
