@@ -33,6 +33,9 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 class Objective:
     """Attach what a method needs to the model; compute the loss of one micro-batch."""
 
+    # False where recomputing a layer in backward cannot work or cannot save memory (checked before training).
+    supports_activation_checkpointing = True
+
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 

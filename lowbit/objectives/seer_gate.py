@@ -29,6 +29,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 @register("seer_gate")
 class SeerGateObjective(Objective):
+    # The frozen model keeps no activations for backward (only the small gate graph does), so there is
+    # nothing for checkpointing to save, and its recompute would run without the gate hooks.
+    supports_activation_checkpointing = False
     def __init__(self, cfg: ObjectiveConfig, model: nn.Module):
         self.cfg = cfg.seer
         for p in model.parameters():

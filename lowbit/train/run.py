@@ -97,6 +97,10 @@ def run(cfg: DictConfig) -> TrainState:
     if cfg.model.compile:
         compile_layers(model)
     model = parallel.apply(model, world, cfg.parallel)                             # 5
+    if cfg.memory.checkpointing != "none" and not objective.supports_activation_checkpointing:
+        raise ValueError(f"objective.name={cfg.objective.name} does not support memory.checkpointing="
+                         f"{cfg.memory.checkpointing}: its frozen model saves no activations to recompute; "
+                         f"use memory.checkpointing=none")
     memory.apply(model, cfg.memory)                                                # 6
     optimizer = optim.build(cfg.optim, objective.trainable(parallel.unwrap(model)))   # 7
     if cfg.parallel.data_parallel == "deepspeed":       # the engine wraps model and optimizer together

@@ -1,0 +1,50 @@
+"""DESIGN.md's contract: the real pipeline builds and trains on a tiny model with every option of every
+single-process config group, and with methods of different stages combined, so a new method cannot break
+another's stage. (Parallel layouts need several processes: tests/parallel/.)"""
+import json
+import math
+
+import pytest
+
+from lowbit.train.run import run
+from tests.conftest import CONF, compose
+
+# Options whose tiny-model settings differ from the group's defaults (block sizes that fit llama_tiny).
+EXTRA = {("precision", "fp8_blockwise"): ["precision.block_size=32"],
+         ("objective", "seer_gate"): ["objective.seer.block_size=16"],
+         ("objective", "bitdistill"): ["objective.qat.group_size=32", "objective.kd.confidence_batches=1"]}
+SINGLE_PROCESS_GROUPS = ["precision", "objective", "optim", "memory"]
+
+
+def train_two_steps(overrides, run_dir):
+    run(compose(overrides + ["trainer.max_steps=2", "trainer.save_every=-1", "trainer.eval_every=-1",
+                             "trainer.eval_at_start=false", "trainer.export=false", f"run_dir={run_dir}"]))
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in SINGLE_PROCESS_GROUPS
+                                          for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_option_trains_through_the_real_pipeline(group, option, tiny_overrides, tmp_path):
+    train_two_steps(tiny_overrides + [f"{group}={option}"] + EXTRA.get((group, option), []), tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combination", [
+    ["precision=fp8_rowwise", "optim=adama", "optim.grad_clip_mode=per_tensor", "memory=selective"],
+    ["precision=fp4_vectorwise", "memory=checkpointing", "logger.backends=[jsonl]"],
+    ["objective=seer_gate", "objective.seer.block_size=16", "optim=adama", "optim.grad_clip_mode=per_tensor"],
+    ["objective=bitdistill", "objective.qat.group_size=32", "objective.kd.confidence_batches=1", "memory=selective"],
+])
+def test_methods_of_different_stages_compose(combination, tiny_overrides, tmp_path):
+    train_two_steps(tiny_overrides + combination, tmp_path / "run")
+
+
+def test_a_combination_that_cannot_work_is_refused_before_training(tiny_overrides, tmp_path):
+    with pytest.raises(ValueError, match="memory.checkpointing=none"):
+        train_two_steps(tiny_overrides + ["objective=seer_gate", "objective.seer.block_size=16",
+                                          "memory=checkpointing"], tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
