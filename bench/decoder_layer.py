@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--dge", action="store_true")
     parser.add_argument("--occ", action="store_true")
     parser.add_argument("--eager", action="store_true")
-    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--mode", default=None, help="torch.compile mode; reduce-overhead (CUDA graphs) fails in this repeated "
+                        "backward without torch.compiler.cudagraph_mark_step_begin (H100, 2026-11-23)")
     parser.add_argument("--profile", default="", help="recipe to profile (top kernels)")
     args = parser.parse_args()
     import torch._dynamo

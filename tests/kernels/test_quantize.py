@@ -49,12 +49,17 @@ def check_triton_equals_reference() -> None:
     print(f"OK {checked}")
 
 
+def run_under_interpreter(check: str, expected: str) -> None:
+    """Run `check` of this module in a fresh process with TRITON_INTERPRET=1 (read when kernels are built)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    code = f"from tests.kernels.test_quantize import {check} as c; c()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and expected in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
 @pytest.mark.slow
 def test_triton_quantize_equals_reference_bitwise_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    code = "from tests.kernels.test_quantize import check_triton_equals_reference as c; c()"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "OK 64" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    run_under_interpreter("check_triton_equals_reference", "OK 64")
 
 
 @pytest.mark.gpu
@@ -115,7 +120,4 @@ def check_block_kernel_equals_reference() -> None:
 
 @pytest.mark.slow
 def test_triton_block_quantize_equals_reference_bitwise_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    code = "from tests.kernels.test_quantize import check_block_kernel_equals_reference as c; c()"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "OK blocks 16" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    run_under_interpreter("check_block_kernel_equals_reference", "OK blocks 16")
