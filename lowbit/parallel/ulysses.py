@@ -9,6 +9,8 @@ else (embeddings, norms, MLPs, lm_head) runs on the local shard with no communic
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -119,13 +121,20 @@ class UlyssesCausalLM(nn.Module):
         return CausalLMOutputWithPast(logits=_GatherSequence.apply(out.logits, self.group))
 
 
+def _layer_ulysses_attention(module: nn.Module, query, key, value, attention_mask, *, inner, **kwargs):
+    """The registered attention function: Ulysses over the group that apply_ulysses put on `module`."""
+    kwargs.pop("is_causal", None)
+    return ulysses_attention(module, query, key, value, attention_mask, group=module.ulysses_group,
+                             inner=inner, **kwargs)
+
+
 def apply_ulysses(model: nn.Module, group) -> UlyssesCausalLM:
     """Route `model`'s attention through the Ulysses all-to-all over `group` and wrap it (see UlyssesCausalLM)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     config = model.config
     inner_name = config._attn_implementation
-    if inner_name == ATTENTION_NAME:
+    if inner_name.startswith(ATTENTION_NAME):
         raise ValueError("the model already runs Ulysses attention; apply parallel.ulysses once")
     inner = ALL_ATTENTION_FUNCTIONS[inner_name]
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -133,12 +142,18 @@ def apply_ulysses(model: nn.Module, group) -> UlyssesCausalLM:
     if heads % u or kv_heads % u:
         raise ValueError(f"parallel.ulysses={u} must divide num_attention_heads={heads} and num_key_value_heads="
                          f"{kv_heads}; choose a divisor of {kv_heads}")
-    name = f"{ATTENTION_NAME}_{id(group)}"
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        kwargs.pop("is_causal", None)
-        return ulysses_attention(module, query, key, value, attention_mask, group=group, inner=inner, **kwargs)
-
-    AttentionInterface.register(name, attention)
+    # The registry is global and outlives the run, so the function registered there holds no process
+    # group: each attention layer carries its own. A group kept alive by a module-level closure is
+    # destroyed at interpreter exit, after destroy_process_group, which aborts gloo ("terminate called
+    # without an active exception").
+    name = f"{ATTENTION_NAME}_{inner_name}"
+    AttentionInterface.register(name, functools.partial(_layer_ulysses_attention, inner=inner))
+    attentions = [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "config")]  # HF attention
+    if not attentions:
+        raise ValueError(f"parallel.ulysses={u}: found no HF attention modules (with is_causal and config) in "
+                         f"{type(model).__name__}; Ulysses needs a transformers model whose attention calls "
+                         f"ALL_ATTENTION_FUNCTIONS, or set parallel.ulysses=1")
+    for attention in attentions:
+        attention.ulysses_group = group
     config._attn_implementation = name
     return UlyssesCausalLM(model, group)
