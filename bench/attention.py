@@ -3,9 +3,9 @@
   fused target   attention output + block-max-pooled normalised map   bar: <= 1.3x SDPA at S = 8k, 32k
   block-sparse   prefill at 90% block sparsity                        bar: >= 5x faster than SDPA at S = 32k
 
-B=64, head dim 128, 32 heads, bf16, causal; kernels are swept over a few (num_warps, num_stages) and
-the best is reported with its setting. Correctness is checked on the GPU first against the PyTorch
-paths. No hydra imports: runs on the bare device image.
+B=64, head dim 128, 32 heads, bf16, causal; kernels are swept over a few (num_warps, num_stages), the
+target also over query rows per tile (block_m); the best is reported with its setting. Correctness is
+checked on the GPU first against the PyTorch paths. No hydra imports: runs on the bare device image.
 
     python bench/attention.py --seqs 8192 32768 --out docs/RESULTS.md
 """
@@ -83,8 +83,12 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
     sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    target_ms, target_launch = best_launch(lambda w, s: attention_block_target_triton(q, k, v, block, num_warps=w,
-                                                                                        num_stages=s))
+    target_runs = []
+    for block_m in sorted({block, max(block, 128)}):     # query rows per tile; launch = (warps, stages, block_m)
+        ms, launch = best_launch(lambda w, s: attention_block_target_triton(q, k, v, block, num_warps=w,
+                                                                            num_stages=s, block_m=block_m))
+        target_runs.append((ms, (*launch, block_m)))
+    target_ms, target_launch = min(target_runs)
     extra_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     n = math.ceil(seq / block)
     mask = topk_mask(torch.rand(1, kv_heads, n, n, device="cuda"), density)
@@ -136,8 +140,11 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--json", default="")
+    parser.add_argument("--launch", nargs="+", default=[f"{w},{s}" for w, s in LAUNCH],
+                        help="(num_warps,num_stages) settings swept per kernel, e.g. 8,2 4,3")
     parser.add_argument("--gate-smoke", action="store_true", help="also run the gate pipeline on a random Llama")
     args = parser.parse_args()
+    LAUNCH[:] = [tuple(int(n) for n in setting.split(",")) for setting in args.launch]
     device = torch.cuda.get_device_name()
     print(f"device {device}, torch {torch.__version__}, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC", flush=True)
     print("correctness", check_correctness(args.block), flush=True)

@@ -6,13 +6,14 @@
          (query block x key block) tiles, then normalised over key blocks (arXiv 2410.13276 sec. 3.2,
          the "ground truth" of the AttnGate; blocks above the diagonal are 0, each row sums to 1).
 
-The Triton kernel never materialises P: one program owns one (batch, head, query block) and
-  pass 1: flash-attention forward (online softmax, Dao et al.) -> out and the row log-sum-exp lse;
-  pass 2: recomputes the tile scores s = q k^T, takes max(exp(s - lse)) over the tile and writes
-          one float per (query block, key block).
-Extra memory: the target itself, O(S^2/B^2) per head (microsoft/SeerAttention's kernel stores the
-row-wise block maxima, O(S * S/B) per head, and pools them afterwards). The price is a second
-q k^T (no P v) per tile: ~1.5x the matmul FLOPs of a plain causal forward.
+The Triton kernel never materialises P and makes one pass over q k^T: a persistent program takes a
+(query tile, batch x head) work item, runs the flash-attention forward (online softmax, Dao et al.)
+over the causal key blocks and stores, per key block, each query row's score maximum into a small
+scratch. Once the row log-sum-exp is final, exp2(row max - lse) is that row's largest probability in
+the block, and the target entry is its maximum over the query block's rows.
+Extra memory: the target itself, O(S^2/B^2) per head, plus one [S/B, 128] float32 scratch per
+persistent program (2 per SM), O(S) in all and independent of the head count. microsoft/SeerAttention's
+kernel stores the row-wise block maxima of every query row, O(S * S/B) per head, and pools afterwards.
 
 GQA: k/v carry `kv_heads` heads, query head h reads kv head h // (q_heads // kv_heads).
 Sequences need not be multiples of `block_size`: the last block is partial and pooled over the
@@ -107,69 +108,25 @@ def attention_block_target_torch(q, k, v, block_size: int, scale: float | None =
 
 @functools.cache
 def _kernels():
-    """Build the Triton kernel on first use (TRITON_INTERPRET is read when the kernel is decorated)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def attention_target_kernel(Q, K, V, Out, Target, scale_log2, seq, n_blocks, q_heads, groups,
-                                sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, so_b, so_h, so_s,
-                                st_b, st_h, st_q,
-                                BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-        q_block = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // q_heads
-        h = bh % q_heads
-        kv_h = h // groups
-        offs_m = q_block * BLOCK + tl.arange(0, BLOCK)
-        offs_n = tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < seq
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        k_base = K + b * sk_b + kv_h * sk_h
-        v_base = V + b * sk_b + kv_h * sk_h
-        m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK,), tl.float32)
-        acc = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
-        # pass 1: flash-attention forward over key blocks 0..q_block (causal), scores in log2 units
-        for kb in range(0, q_block + 1):
-            cols = kb * BLOCK + offs_n
-            col_ok = cols < seq
-            k = tl.load(k_base + cols[:, None] * sk_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            if kb == q_block:       # only the diagonal tile needs the causal / sequence-end mask
-                s = tl.where((cols[None, :] <= offs_m[:, None]) & col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + cols[:, None] * sk_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        l_safe = tl.where(row_ok, l_i, 1.0)
-        acc = acc / l_safe[:, None]
-        tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :],
-                 acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
-        lse = tl.where(row_ok, m_i + tl.log2(l_safe), float("inf"))   # padded rows contribute exp2(-inf)=0
-        # pass 2: block maxima of the final probabilities exp2(s - lse), one float per tile
-        t_base = Target + b * st_b + h * st_h + q_block * st_q
-        for kb in range(0, q_block + 1):
-            cols = kb * BLOCK + offs_n
-            col_ok = cols < seq
-            k = tl.load(k_base + cols[:, None] * sk_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            if kb == q_block:
-                s = tl.where((cols[None, :] <= offs_m[:, None]) & col_ok[None, :], s, float("-inf"))
-            p = tl.exp2(s - lse[:, None])
-            tl.store(t_base + kb, tl.max(tl.max(p, 1), 0))
-
+    """The Triton kernel, imported on first use (TRITON_INTERPRET is read when the kernel is decorated)."""
+    from lowbit.kernels.attention_target_triton import attention_target_kernel
     return attention_target_kernel
 
 
+def _program_slots(device: torch.device, work_items: int) -> int:
+    """Persistent programs: enough to fill the GPU (2 per SM), never more than there is work."""
+    if device.type != "cuda":
+        return min(work_items, 4)
+    return min(work_items, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 def attention_block_target_triton(q, k, v, block_size: int, scale: float | None = None, num_warps: int = 0,
-                                  num_stages: int = 0):
-    """Triton path (CUDA, or CPU with TRITON_INTERPRET=1); same contract as the torch path."""
+                                  num_stages: int = 0, block_m: int = 0):
+    """Triton path (CUDA, or CPU with TRITON_INTERPRET=1); same contract as the torch path.
+
+    Extra memory beside out and target: one [ceil(S/B), block_m] float32 scratch of row maxima per
+    persistent program (2 per SM), O(S) in all -- independent of the number of heads and of S^2.
+    """
     check_attention_inputs(q, k, v, block_size)
     batch, q_heads, seq, head_dim = q.shape
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -180,16 +137,22 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
                            "use the PyTorch path (use_triton=never) on CPU")
     scale = head_dim ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    block_m = block_m or max(block_size, 128 if q.is_cuda else 2 * block_size)   # query rows per tile
+    if block_m % block_size:
+        raise ValueError(f"block_m={block_m} must be a multiple of block_size={block_size}")
     n_blocks = math.ceil(seq / block_size)
+    n_m_tiles = math.ceil(seq / block_m)
     out = torch.empty_like(q)
     target = torch.zeros((batch, q_heads, n_blocks, n_blocks), device=q.device, dtype=torch.float32)
-    kernel = _kernels()
-    extra = {"num_warps": num_warps or (4 if block_size <= 64 else 8), "num_stages": num_stages or 2} if q.is_cuda else {}
-    kernel[(n_blocks, batch * q_heads)](
-        q, k, v, out, target, scale * 1.4426950408889634, seq, n_blocks, q_heads, q_heads // k.shape[1],
+    slots = _program_slots(q.device, n_m_tiles * batch * q_heads)
+    row_max = torch.empty((slots, n_blocks, block_m), device=q.device, dtype=torch.float32)
+    extra = {"num_warps": num_warps or 8, "num_stages": num_stages or 2} if q.is_cuda else {}
+    _kernels()[(slots,)](
+        q, k, v, out, target, row_max, scale * 1.4426950408889634, seq, n_blocks, q_heads, q_heads // k.shape[1],
+        batch * q_heads, n_m_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), target.stride(0), target.stride(1), target.stride(2),
-        BLOCK=block_size, HEAD_DIM=head_dim, **extra)
+        row_max.stride(0), BLOCK_M=block_m, BLOCK=block_size, HEAD_DIM=head_dim, POOL=16, **extra)
     return out, target / target.sum(-1, keepdim=True)
 
 

@@ -71,6 +71,19 @@ def test_target_torch_and_triton_equal_float64(seq, block, q_heads, kv_heads, he
     assert (target64.triu(1) == 0).all()
 
 
+@pytest.mark.parametrize("seq,block,block_m", [(100, 16, 16), (100, 16, 64), (75, 32, 128)])
+def test_target_kernel_tiles_of_several_query_blocks_and_shared_scratch(seq, block, block_m):
+    """block_m query rows per tile (1, 4 or 4 query blocks, a partial last tile), more work items than
+    persistent programs (each program reuses its row-maximum scratch), GQA 6:2."""
+    q, k, v = random_qkv(1, 6, 2, seq, 16, seed=seq + block_m)
+    out64, target64 = naive_float64(q, k, v, block)
+    out, target = on_device(attention_block_target_triton)(q, k, v, block, block_m=block_m)
+    torch.testing.assert_close(target.double(), target64, atol=TRITON_TOL, rtol=0)
+    torch.testing.assert_close(out.double(), out64, atol=TRITON_TOL, rtol=0)
+    with pytest.raises(ValueError, match="block_m=24 must be a multiple of block_size=16"):
+        attention_block_target_triton(q, k, v, 16, block_m=24)
+
+
 def test_torch_target_chunking_does_not_change_the_result():
     q, k, v = random_qkv(1, 2, 1, 100, 16, seed=3)
     a = attention_block_target_torch(q, k, v, 16, query_chunk_blocks=1)

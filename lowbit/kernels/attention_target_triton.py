@@ -1,0 +1,86 @@
+"""Triton kernel of lowbit.kernels.attention_target: one-pass causal flash attention that also pools
+SeerAttention's block target (the algorithm and the contract are in that module's docstring).
+
+Imported on first use, so that TRITON_INTERPRET (read when a kernel is decorated) can be set first.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_ptr, kb, offs_m, offs_r, offs_n, offs_d, seq, sk_s,
+                scale_log2, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the online softmax (Dao et al.); also stores the block's per-row score maximum."""
+    cols = kb * BLOCK + offs_n
+    col_ok = cols < seq
+    k = tl.load(k_base + cols[:, None] * sk_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale_log2                       # log2 units
+    if MASKED:      # the diagonal tiles: causal mask and the sequence end
+        s = tl.where((cols[None, :] <= offs_m[:, None]) & col_ok[None, :], s, float("-inf"))
+    tile_max = tl.max(s, 1)
+    tl.store(row_max_ptr + kb * BLOCK_M + offs_r, tile_max)
+    m_new = tl.maximum(m_i, tile_max)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    v = tl.load(v_base + cols[:, None] * sk_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+@triton.jit
+def attention_target_kernel(Q, K, V, Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, groups,
+                            batch_heads, n_m_tiles,
+                            sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot,
+                            BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            POOL: tl.constexpr):
+    slot = tl.program_id(0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK)
+    offs_r = tl.arange(0, BLOCK_M)
+    row_max_base = RowMax + slot * sr_slot          # this program's [n_blocks, BLOCK_M] scratch
+    # Persistent loop: work items (query tile, batch x head), heaviest (last) query tiles first.
+    for work in range(slot, n_m_tiles * batch_heads, tl.num_programs(0)):
+        m_tile = n_m_tiles - 1 - work // batch_heads
+        bh = work % batch_heads
+        b = bh // q_heads
+        h = bh % q_heads
+        kv_h = h // groups
+        m0 = m_tile * BLOCK_M
+        offs_m = m0 + offs_r
+        row_ok = offs_m < seq
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_base = K + b * sk_b + kv_h * sk_h
+        v_base = V + b * sk_b + kv_h * sk_h
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        # One pass of flash-attention forward (online softmax) over the causal key blocks. Each tile also
+        # stores its per-row score maximum: after the loop, exp2(row max - lse) is the row's largest
+        # final probability in that key block, so the target needs no second q k^T pass.
+        full_tiles = m0 // BLOCK                      # key blocks left of the diagonal: no mask
+        key_tiles = tl.cdiv(tl.minimum(m0 + BLOCK_M, seq), BLOCK)
+        for kb in range(0, full_tiles):
+            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_base, kb, offs_m, offs_r,
+                                        offs_n, offs_d, seq, sk_s, scale_log2, BLOCK_M, BLOCK, False)
+        for kb in range(full_tiles, key_tiles):
+            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_base, kb, offs_m, offs_r,
+                                        offs_n, offs_d, seq, sk_s, scale_log2, BLOCK_M, BLOCK, True)
+        l_safe = tl.where(row_ok, l_i, 1.0)
+        tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :],
+                 (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
+        lse = tl.where(row_ok, m_i + tl.log2(l_safe), float("inf"))   # padded rows pool exp2(-inf) = 0
+        # Pool: target[query block, key block] = max over the block's rows of exp2(row max - lse).
+        tl.debug_barrier()      # the scratch rows written by every thread of the program are visible
+        q_block0 = m0 // BLOCK
+        t_base = Target + b * st_b + h * st_h
+        for kb0 in range(0, key_tiles, POOL):
+            kbs = kb0 + tl.arange(0, POOL)
+            written = kbs < key_tiles
+            row_max = tl.load(row_max_base + kbs[:, None] * BLOCK_M + offs_r[None, :], mask=written[:, None],
+                              other=float("-inf"))
+            p = tl.exp2(row_max - lse[None, :])                                   # [POOL, BLOCK_M]
+            pooled = tl.max(tl.reshape(p, (POOL, BLOCK_M // BLOCK, BLOCK)), 2)   # [POOL, query blocks]
+            q_blocks = q_block0 + tl.arange(0, BLOCK_M // BLOCK)
+            tl.store(t_base + q_blocks[None, :] * st_q + kbs[:, None], pooled,
+                     mask=written[:, None] & (q_blocks < n_blocks)[None, :])
+        tl.debug_barrier()      # all reads of the scratch are done before the next work item rewrites it
