@@ -132,14 +132,14 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim={head_dim} is not supported by the Triton attention kernels; supported: "
                          f"{SUPPORTED_HEAD_DIMS} (use_triton=never runs the PyTorch path)")
+    block_m = block_m or max(block_size, 128 if q.is_cuda else 2 * block_size)   # query rows per tile
+    if block_m % block_size:
+        raise ValueError(f"block_m={block_m} must be a multiple of block_size={block_size}")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton attention kernel needs a CUDA tensor or TRITON_INTERPRET=1; "
                            "use the PyTorch path (use_triton=never) on CPU")
     scale = head_dim ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    block_m = block_m or max(block_size, 128 if q.is_cuda else 2 * block_size)   # query rows per tile
-    if block_m % block_size:
-        raise ValueError(f"block_m={block_m} must be a multiple of block_size={block_size}")
     n_blocks = math.ceil(seq / block_size)
     n_m_tiles = math.ceil(seq / block_m)
     out = torch.empty_like(q)
