@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels.quantize_triton import AVAILABLE, FORMAT_CODES, FORMAT_OF_CODE
-from lowbit.precision.scaling import QTensor, Quantizer, check_finite, nvfp4_global_inverse
+from lowbit.precision.scaling import QTensor, Quantizer, check_finite, nvfp4_global_inverse, reduce_amax
 
 RULES = {"absmax": 0, "nvfp4": 1, "pow2": 2}
 
@@ -150,6 +150,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
         grid = (triton.cdiv(R, 64), triton.cdiv(C, 64))
         _amax_kernel[grid](x, tensor_amax, tensor_amax, R, C, x.stride(0), BLOCK_R=64, BLOCK_C=64,
                            ROWS=False, COLS=False, TENSOR=True)
+        tensor_amax = reduce_amax(tensor_amax, quantizer)       # tensor parallelism: over the whole weight/activation
         check_finite(tensor_amax, "operand")
         finite = tensor_amax < float("inf")
         global_inv = nvfp4_global_inverse(tensor_amax, fmt)

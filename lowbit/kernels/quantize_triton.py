@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.precision.formats import E2M1, E4M3, E5M2
-from lowbit.precision.scaling import QTensor, Quantizer, check_finite
+from lowbit.precision.scaling import QTensor, Quantizer, check_finite, reduce_amax
 
 try:
     import triton
@@ -182,11 +182,19 @@ def quantize_pair_triton(x: torch.Tensor, quantizer: Quantizer,
     tensor = quantizer.tensorwise
     per_row, per_col = not tensor, transpose and not tensor
     code, code_t = FORMAT_CODES[quantizer.fmt.name], FORMAT_CODES[(quantizer_t or quantizer).fmt.name]
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         row_amax, col_amax = torch.ops.lowbit.quantize_amax(x, per_row, per_col)
-        q, qt, scale, scale_t = torch.ops.lowbit.quantize_pair(x, row_amax, col_amax, code, code_t, transpose, tensor)
     else:
         row_amax, col_amax = _launch_amax(x, per_row, per_col)
+    # Tensor parallelism: the max over the shards where a scale spans the sharded axis (a tensorwise amax,
+    # shared by x and x^T, belongs to `quantizer`: both quantizers of one tensor carry the same group).
+    row_amax = reduce_amax(row_amax, quantizer)
+    if per_col:
+        col_amax = reduce_amax(col_amax, quantizer_t)
+    if compiling:
+        q, qt, scale, scale_t = torch.ops.lowbit.quantize_pair(x, row_amax, col_amax, code, code_t, transpose, tensor)
+    else:
         q, qt, scale, scale_t = _launch_pair(x, row_amax, col_amax, code, code_t, transpose, tensor)
     check_finite(scale, "operand")
     if quantizer.tensorwise:

@@ -1,5 +1,6 @@
 """Tensor parallelism (Megatron-LM, arXiv 1909.08053) and its sequence parallelism (arXiv 2205.05198)
-for HF Llama/Qwen-family decoders, with DTensor's `parallelize_module`.
+for HF Llama/Qwen-family decoders, with DTensor's `parallelize_module`. lowbit's quantized linears are
+sharded by the same styles and quantize their own shards (lowbit/precision/sharded.py).
 
 Per decoder layer: q/k/v and gate/up are column-parallel (each rank owns heads / FFN columns, no
 communication), o and down are row-parallel (one all-reduce per block, eq. 3 of 1909.08053). The
@@ -79,18 +80,6 @@ def _full_sequence_positions(module, args, kwargs):
     return args, kwargs
 
 
-def check_plain_linears(model: nn.Module) -> None:
-    """Refuse quantized linears under TP: DTensor would run their scale/quantize steps on sharded operands,
-    whose amax would not be reduced across the TP group (measured: wrong losses). Not implemented yet."""
-    quantized = sorted({type(m).__name__ for m in model.modules()
-                        if isinstance(m, nn.Linear) and type(m) is not nn.Linear})
-    if quantized:
-        raise ValueError(f"parallel.tp>1 with quantized linears ({', '.join(quantized)}, from precision.recipe) is not "
-                         f"supported yet: per-shard quantization with the amax reduced over the TP group is not "
-                         f"implemented. Use precision=bf16 with parallel.tp, or fp8/fp4 with parallel.ulysses, "
-                         f"parallel.dp_shard (FSDP2) or parallel=zero2")
-
-
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
     """Shard `model` (an HF causal LM on this rank's device) in place over the 1-D `tp_mesh`.
 
@@ -98,7 +87,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     sharded on the vocabulary (placement Shard(2)); compute the loss inside `loss_context(True)`.
     """
     base, layers = decoder_parts(model)
-    check_plain_linears(model)
     tied = model.lm_head.weight is base.embed_tokens.weight
     between = Shard(1) if sequence_parallel else Replicate()
     top = {
@@ -115,6 +103,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         model.lm_head.weight = base.embed_tokens.weight
     if sequence_parallel:
         base.register_forward_pre_hook(_full_sequence_positions, with_kwargs=True)
+    for module in model.modules():      # quantized linears build their shard recipes now: bad shapes fail here
+        if hasattr(module, "prepare_tensor_parallel") and isinstance(getattr(module, "weight", None), DTensor):
+            module.prepare_tensor_parallel()
     return model
 
 

@@ -12,11 +12,13 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 from lowbit.kernels.quantize import quantize, quantize_pair
 from lowbit.precision.gemm import quantized_matmul
 from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix
 from lowbit.precision.recipes import Recipe
+from lowbit.precision.sharded import shard_recipe, tensor_parallel_layout
 from lowbit.precision.scaling import QTensor, expand_scale
 
 log = logging.getLogger("lowbit")
@@ -59,7 +61,7 @@ class QuantLinearFunction(torch.autograd.Function):
             x2 = pad_rows(x2, recipe.token_multiple, "the input")
             residual = None
             if recipe.occ:
-                x2, residual = clamp_outliers(x2, recipe.occ_quantile)
+                x2, residual = clamp_outliers(x2, recipe.occ_quantile, recipe.outlier_group)
             transform = hadamard_matrix(recipe.hadamard, hadamard_signs) if recipe.hadamard else None
             if transform is None:
                 xq, xtq = quantize_pair(x2, recipe.x, recipe.x_t, "activation")
@@ -150,6 +152,7 @@ class QuantLinear(nn.Linear):
         self.register_buffer("hadamard_signs", signs.float(), persistent=False)   # not in the state_dict
         self.stats_armed = False
         self.last_stats: dict[str, float] = {}
+        self.shard_recipe: Recipe | None = None      # set under tensor parallelism (prepare_tensor_parallel)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe, name: str = "", seed: int = 0) -> "QuantLinear":
@@ -163,10 +166,46 @@ class QuantLinear(nn.Linear):
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{self.layer_name or 'QuantLinear'}: input dtype {x.dtype} is not supported; quantized "
                             f"linears take float32, bfloat16 or float16 (cast the input, or exclude the layer)")
+        if isinstance(self.weight, DTensor):
+            return self._forward_tensor_parallel(x)
         if self.stats_armed and self.training:
             from lowbit.precision.stats import record
-            record(self, x)
+            record(self, x, self.weight, self.recipe)
         return QuantLinearFunction.apply(x, self.weight, self.bias, self.recipe, self.hadamard_signs)
+
+    # ---- tensor parallelism (DTensor weights from parallelize_module) -----------------------------------
+    def prepare_tensor_parallel(self) -> None:
+        """Build and check this layer's shard recipe once its weight is a DTensor (lowbit.parallel calls this
+        right after sharding, so a shard the recipe cannot tile fails before training)."""
+        layout = tensor_parallel_layout(self.weight, self.layer_name)
+        local = self.weight.to_local().shape[0 if layout == "colwise" else 1]
+        self.shard_recipe = shard_recipe(self.recipe, layout, self.weight.device_mesh.get_group(), local,
+                                         self.layer_name or "QuantLinear")
+
+    def _forward_tensor_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        """Each rank runs the quantized GEMMs on its shards (QuantLinearFunction on local tensors) with the
+        shard recipe; the output is Shard(-1) (column-parallel) or Partial (row-parallel) for the style's
+        output redistribution, exactly as nn.Linear's sharded F.linear would return it."""
+        if getattr(self, "shard_recipe", None) is None:
+            self.prepare_tensor_parallel()
+        layout = tensor_parallel_layout(self.weight, self.layer_name)
+        if isinstance(x, DTensor):
+            # Column-parallel: x is replicated and each rank's dx = dy_shard W_shard is a partial sum (the
+            # DTensor machinery all-reduces it); row-parallel: x is Shard(-1) and dx is this rank's shard.
+            x_local = x.to_local(grad_placements=(Partial(),) if layout == "colwise" else None)
+        else:
+            x_local = x
+        weight = self.weight.to_local()
+        bias = self.bias.to_local() if self.bias is not None and layout == "colwise" else None
+        if self.stats_armed and self.training:
+            from lowbit.precision.stats import record
+            record(self, x_local, weight, self.shard_recipe)
+        y = QuantLinearFunction.apply(x_local, weight, bias, self.shard_recipe, self.hadamard_signs)
+        mesh = self.weight.device_mesh
+        if layout == "colwise":
+            return DTensor.from_local(y, mesh, (Shard(y.dim() - 1),), run_check=False)
+        y = DTensor.from_local(y, mesh, (Partial(),), run_check=False)
+        return y if self.bias is None else y + self.bias      # the replicated bias, once, after the sum
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from lowbit.precision.formats import FloatFormat, grid_spacing
 
@@ -26,10 +27,15 @@ def dge_derivative(scaled: torch.Tensor, fmt: FloatFormat, k: float, clip: float
 OUTLIER_SAMPLE = 1 << 20      # |x| values the OCC quantile is estimated from (exact below this size)
 
 
-def outlier_threshold(x: torch.Tensor, quantile: float) -> torch.Tensor:
+def outlier_threshold(x: torch.Tensor, quantile: float, group=None) -> torch.Tensor:
     """The `quantile` of |x| over the tensor (fp32 0-d). Above OUTLIER_SAMPLE elements it is estimated
     on a strided sample whose stride is coprime to the row length, so every channel is sampled evenly
-    (a full top-k over a 30M-element activation would cost more than the GEMM it protects)."""
+    (a full top-k over a 30M-element activation would cost more than the GEMM it protects).
+
+    group: x is one tensor-parallel shard (columns) of the tensor whose quantile is wanted. The global
+    top `count` values lie among the union of every shard's own top `count`, so gathering those gives the
+    exact quantile of the whole tensor (of the union of the shards' samples above OUTLIER_SAMPLE).
+    """
     flat = x.detach().reshape(-1)
     if flat.numel() > OUTLIER_SAMPLE:
         stride = flat.numel() // OUTLIER_SAMPLE
@@ -37,18 +43,25 @@ def outlier_threshold(x: torch.Tensor, quantile: float) -> torch.Tensor:
             stride += 1
         flat = flat[::stride]
     magnitude = flat.abs().float()
-    count = max(1, math.ceil((1.0 - quantile) * magnitude.numel()))
-    return torch.topk(magnitude, count, sorted=False).values.min()          # the quantile, without a sort
+    shards = dist.get_world_size(group) if group is not None else 1
+    count = max(1, math.ceil((1.0 - quantile) * magnitude.numel() * shards))
+    top = torch.topk(magnitude, min(count, magnitude.numel()), sorted=False).values
+    if shards > 1:
+        gathered = [torch.empty_like(top) for _ in range(shards)]      # same length on every shard
+        dist.all_gather(gathered, top, group=group)
+        top = torch.topk(torch.cat(gathered), count, sorted=False).values
+    return top.min()          # the quantile, without a sort
 
 
-def clamp_outliers(x: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clamp_outliers(x: torch.Tensor, quantile: float, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Outlier Clamping (arXiv 2501.17116 sec. 3.2): clamp x [M, K] to +-(the `quantile` of |x| over the
     tensor) -> (clamped x [M, K] in x's dtype, residual x - clamped as a sparse float32 COO [M, K]).
 
     The residual holds about (1 - quantile) of the entries; its product with the weight is added back
-    in high precision (the Compensation), so the layer's output keeps the outliers.
+    in high precision (the Compensation), so the layer's output keeps the outliers. `group`: x is a
+    tensor-parallel shard; the threshold is that of the whole tensor (see outlier_threshold).
     """
-    threshold = outlier_threshold(x, quantile).to(x.dtype)
+    threshold = outlier_threshold(x, quantile, group).to(x.dtype)
     clamped = torch.maximum(torch.minimum(x, threshold), -threshold)
     residual = (x.float() - clamped.float()).to_sparse()
     return clamped, residual

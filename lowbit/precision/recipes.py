@@ -9,7 +9,8 @@ describes it; the "transposed axes for the backward GEMMs" are the `*_t` quantiz
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from lowbit.precision.formats import E2M1, E4M3, get_format
 from lowbit.precision.scaling import Quantizer
@@ -37,6 +38,7 @@ class Recipe:
     stochastic_rounding: bool = False   # dy / dy^T rounded stochastically (unbiased gradients)
     hadamard: int = 0               # block size of the random Hadamard transform on wgrad inputs (0 = off)
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate scales for W's positive/negative values
+    outlier_group: Any = field(default=None, compare=False, repr=False)   # TP: x is a shard; OCC's quantile spans the group
 
 
 def _uniform(fmt, block_rows, block_cols, rule="absmax") -> Quantizer:

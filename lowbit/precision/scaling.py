@@ -16,9 +16,11 @@ block in fp32, so x ~= q * scale. FP4 values are stored exactly as float8_e4m3fn
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from lowbit.precision.formats import E4M3, FloatFormat, round_to_format
 
@@ -33,6 +35,9 @@ class Quantizer:
     block_rows: int = 1          # 0 = the whole tensor shares one scale (tensorwise)
     block_cols: int = 0          # 0 = a whole row (rowwise / vectorwise)
     scale_rule: str = "absmax"   # absmax | nvfp4 | pow2
+    # Tensor parallelism: the process group over which this operand's scale span is split (lowbit.parallel
+    # sets it on a layer's shard recipe); its amax is then the max over the group. None: not sharded.
+    amax_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def tensorwise(self) -> bool:
@@ -83,6 +88,16 @@ def check_finite(amax: torch.Tensor, what: str) -> None:
         raise NonFiniteAmaxError(f"{what}: non-finite values (NaN/Inf) reached the quantizer's amax; the "
                                  f"high-precision tensor already overflowed -- lower the learning rate or check the "
                                  f"inputs (trainer.on_nan=skip skips such steps)")
+
+
+def reduce_amax(amax: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
+    """The max of `amax` over `quantizer.amax_group` (tensor-parallel shards of one scale span); as is without
+    a group. NaN is turned into +Inf first, so that no rank's NaN can be lost in the reduction."""
+    if quantizer.amax_group is None:
+        return amax
+    amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax.float())
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=quantizer.amax_group)
+    return amax
 
 
 def block_amax(x: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
@@ -148,7 +163,13 @@ def quantize_reference(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tenso
         raise ValueError(f"{what}: expected a 2-D [rows, contraction] tensor, got shape {tuple(x.shape)}")
     quantizer.check_columns(x.shape[1], what)
     amax = block_amax(x, quantizer)
+    tensor_amax = None
+    if quantizer.blocked:       # block scales are local to a shard; NVFP4's FP32 tensor scale is not
+        if quantizer.scale_rule == "nvfp4":
+            tensor_amax = reduce_amax(amax.amax(), quantizer)
+    else:
+        amax = reduce_amax(amax, quantizer)
     check_finite(amax, what)
-    scale, inv = scales_from_amax(amax, quantizer)
+    scale, inv = scales_from_amax(amax, quantizer, tensor_amax)
     values = round_to_format(x.float() * expand_scale(inv, quantizer, x.shape), quantizer.fmt, noise)
     return QTensor(values.to(quantizer.fmt.storage), scale, quantizer)

@@ -1,7 +1,13 @@
 """Run under `torchrun --nproc_per_node=2`: a tiny HF Llama sharded by one layout vs the same model in
 one process. Prints one JSON line per check on rank 0; exits non-zero on a mismatch.
 
-usage: equivalence_worker.py MODE[,MODE...] [seq_len]     MODE: tp | tp_sp | ulysses
+usage: equivalence_worker.py MODE[,MODE...] [seq_len]     MODE: LAYOUT[@RECIPE[+dge][+occ]]
+  LAYOUT: tp | tp_sp | ulysses | linear;  RECIPE: a precision recipe (fp8_rowwise, nvfp4, ...): both models
+  get lowbit's quantized linears, and the sharded one must quantize exactly as the single process does.
+  `linear` checks one QuantLinear, column- and row-parallel, on the very same input: every quantized
+  value matches bit for bit, so outputs and gradients differ by float32 summation order alone. (In a whole
+  model, a 1-ulp difference of a shard's GEMM reaches the next quantizer; with OCC's clamp it can move
+  an FP4 scale, so OCC is checked here, layer by layer.)
 """
 from __future__ import annotations
 
@@ -21,12 +27,23 @@ from lowbit.parallel.ulysses import apply_ulysses
 RTOL = 1e-5
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(recipe: str = "") -> LlamaForCausalLM:
+    """A 2-layer Llama; with a recipe (name[+dge][+occ]) its decoder linears are lowbit's QuantLinear.
+    Quantized models are wider, so that every shard holds whole 16-element blocks (fp8_blockwise at
+    block 16, NVFP4)."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    hidden = 64 if recipe else 32
+    config = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=True, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).float()
+    model = LlamaForCausalLM(config).float()
+    if recipe:
+        from lowbit.config import PrecisionConfig
+        from lowbit.precision import apply
+        name, *options = recipe.split("+")
+        model = apply(model, PrecisionConfig(recipe=name, block_size=16, dge="dge" in options,
+                                             occ="occ" in options))
+    return model
 
 
 def mean_nll(logits, input_ids):
@@ -45,11 +62,57 @@ def main() -> None:
     modes = sys.argv[1].split(",")
     seq_len = int(sys.argv[2]) if len(sys.argv) > 2 else 12
     dist.init_process_group("gloo")
-    failures = [compare(mode, seq_len) for mode in modes]
+    failures = [compare_linear(mode.partition("@")[2]) if mode.startswith("linear@") else compare(mode, seq_len)
+                for mode in modes]
     dist.destroy_process_group()
     failures = [f for f in failures if f]
     if failures:
         sys.exit("\n".join(failures))
+
+
+def compare_linear(recipe: str) -> str:
+    """One QuantLinear [128 x 64], column- and row-parallel, vs the same layer in one process: output, dx,
+    dW and db on the same random input (32 tokens, a few outliers for OCC to clamp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from lowbit.config import PrecisionConfig
+    from lowbit.precision import apply
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    name, *options = recipe.split("+")
+    cfg = PrecisionConfig(recipe=name, include=["*"], exclude=[], block_size=16, dge="dge" in options,
+                          occ="occ" in options)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    failures = []
+    for layout, style in (("colwise", ColwiseParallel(use_local_output=False)),
+                          ("rowwise", RowwiseParallel(use_local_output=False))):
+        torch.manual_seed(2)
+        reference = apply(torch.nn.Sequential(torch.nn.Linear(64, 128, bias=layout == "colwise")), cfg)
+        x = torch.randn(32, 64)
+        x[torch.randint(0, 32, (6,)), torch.randint(0, 64, (6,))] *= 40.0        # outliers
+        dy = torch.randn(32, 128)
+        x_ref = x.clone().requires_grad_()
+        reference(x_ref).backward(dy)
+        sharded = parallelize_module(copy.deepcopy(reference), mesh, {"0": style})
+        sharded[0].prepare_tensor_parallel()
+        shard = 64 // world
+        x_in = (x if layout == "colwise" else x[:, rank * shard:(rank + 1) * shard]).clone().requires_grad_()
+        y = sharded(x_in)
+        y.backward(DTensor.from_local(dy, mesh, (Replicate(),)).redistribute(mesh, y.placements))
+        dx = x_in.grad if layout == "colwise" else DTensor.from_local(x_in.grad, mesh, (Shard(1),)).full_tensor()
+        errors = {"y": relative_error(y.full_tensor().detach(), reference(x).detach()),
+                  "dx": relative_error(dx, x_ref.grad),
+                  "dW": relative_error(sharded[0].weight.grad.full_tensor(), reference[0].weight.grad)}
+        if reference[0].bias is not None:
+            errors["db"] = relative_error(sharded[0].bias.grad.full_tensor(), reference[0].bias.grad)
+        row = {"mode": f"linear@{recipe}", "layout": layout, **errors}
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+        if max(errors.values()) > RTOL:
+            failures.append(f"linear@{recipe} {layout}: mismatch beyond {RTOL}: {row}")
+    return "\n".join(failures)
 
 
 def compare(mode: str, seq_len: int) -> str:
@@ -57,7 +120,8 @@ def compare(mode: str, seq_len: int) -> str:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(1)
     input_ids = torch.randint(0, 96, (2, seq_len))
-    reference = tiny_llama()
+    mode, _, recipe = mode.partition("@")
+    reference = tiny_llama(recipe)
     model = copy.deepcopy(reference)
     ref_logits = reference(input_ids=input_ids).logits
     ref_loss = mean_nll(ref_logits, input_ids)
@@ -81,7 +145,8 @@ def compare(mode: str, seq_len: int) -> str:
     with loss_context(tensor_parallel):
         loss = mean_nll(logits, input_ids)
         loss.backward()
-    results = {"mode": mode, "logits": relative_error(to_local(logits.detach()), ref_logits.detach()),
+    results = {"mode": f"{mode}@{recipe}" if recipe else mode,
+               "logits": relative_error(to_local(logits.detach()), ref_logits.detach()),
                "loss": relative_error(to_local(loss.detach()), ref_loss.detach())}
     worst = ("", 0.0)
     base = model.module if hasattr(model, "module") else model
@@ -95,13 +160,15 @@ def compare(mode: str, seq_len: int) -> str:
             dist.all_reduce(grad)
             grad /= world
         error = relative_error(grad, ref_params[name].grad)
+        if os.environ.get("EQ_DEBUG") and rank == 0:
+            print(name, error, flush=True)
         if error >= worst[1]:
             worst = (name, error)
     results["grad"], results["worst_grad"] = worst[1], worst[0]
     if rank == 0:
         print(json.dumps(results), flush=True)
     if max(results["logits"], results["loss"], results["grad"]) > RTOL:
-        return f"{mode}: mismatch beyond {RTOL}: {results}"
+        return f"{results['mode']}: mismatch beyond {RTOL}: {results}"
     return ""
 
 

@@ -1,5 +1,7 @@
 """TP=2, TP=2+SP and Ulysses=2 on 2 gloo processes (float32) against the single-process model:
-logits, loss and every gradient to 1e-5 relative (the trainer-level runs are in test_trainer_layouts.py)."""
+logits, loss and every gradient to 1e-5 relative (the trainer-level runs are in test_trainer_layouts.py).
+The same for lowbit's quantized linears under TP: whole models per recipe, and single layers (column- and
+row-parallel, DGE and OCC included) on identical inputs; see equivalence_worker.py."""
 import json
 import os
 import subprocess
@@ -10,17 +12,22 @@ import pytest
 from tests.conftest import ROOT
 
 RTOL = 1e-5
+QUANTIZED = ["tp@fp8_rowwise", "tp_sp@fp8_tensorwise", "tp@fp8_blockwise", "tp_sp@nvfp4", "tp@fp4_vectorwise+dge"]
+LINEAR = [f"linear@{r}" for r in ("fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "nvfp4", "mxfp4",
+                                  "fp4_vectorwise+dge+occ")]
+MODES = ["tp", "tp_sp", "ulysses", *QUANTIZED, *LINEAR]
 
 
 @pytest.mark.slow
 def test_tp_sp_and_ulysses_match_one_process_logits_loss_and_gradients():
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests/parallel/equivalence_worker.py"), "tp,tp_sp,ulysses", "12"]
+               str(ROOT / "tests/parallel/equivalence_worker.py"), ",".join(MODES), "12"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    rows = {r["mode"]: r for r in map(json.loads, (l for l in result.stdout.splitlines() if l.startswith("{")))}
-    assert set(rows) == {"tp", "tp_sp", "ulysses"}
-    for mode, row in rows.items():
-        for key in ("logits", "loss", "grad"):
-            assert row[key] <= RTOL, (mode, row)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {r["mode"] for r in rows} == set(MODES)
+    assert sum(r["mode"].startswith("linear@") for r in rows) == 2 * len(LINEAR)      # both layouts each
+    for row in rows:
+        for key in ("logits", "loss", "grad", "y", "dx", "dW", "db"):
+            assert row.get(key, 0.0) <= RTOL, row

@@ -72,16 +72,3 @@ def test_init_refuses_before_joining_a_process_group(monkeypatch):
     with pytest.raises(ValueError, match="parallel.tp=3"):
         init(ParallelConfig(tp=3))
     assert not dist.is_initialized()
-
-
-def test_tensor_parallel_refuses_quantized_linears_before_any_collective():
-    from torch import nn
-    from lowbit.parallel.tensor import check_plain_linears
-
-    class QuantLinear(nn.Linear):      # stands for lowbit.precision's subclass; only its type is read
-        pass
-
-    model = nn.Sequential(nn.Linear(4, 4), QuantLinear(4, 4))
-    with pytest.raises(ValueError, match="QuantLinear.*precision=bf16 with parallel.tp"):
-        check_plain_linears(model)
-    check_plain_linears(nn.Sequential(nn.Linear(4, 4)))
