@@ -176,11 +176,11 @@ def _train_step(module, gate, control, layer, query, key, value, scaling, kwargs
     if gate.gate == "prefill":
         out, target = attention_with_block_target(query, key, value, gate.block_size, scale=scaling,
                                                   use_triton=control.use_triton)
-        target = select.group_target(target, gate.gate_heads)
+        target = select.group_target(target, gate.heads_in(query, key))
     else:
         out = dense_causal_attention(query, key, value, scale=scaling)
         with torch.no_grad():
-            target = select.decode_target_torch(query, key, gate.block_size, scaling, gate.gate_heads)
+            target = select.decode_target_torch(query, key, gate.block_size, scaling, gate.heads_in(query, key))
     with torch.enable_grad():
         log_gate = gate(q_pre.detach(), k_pre.detach(), gate.rotary)
         control.layer_kl[layer] = select.kl_to_gate(target, log_gate)
@@ -196,11 +196,11 @@ def _select_blocks(mode, module, gate, control, query, key, value, scaling, kwar
                          "gates score single query tokens")
     n_blocks = -(-query.shape[2] // gate.block_size)
     if mode == "static":
-        return select.a_shape_mask(query.shape[0], gate.gate_heads, n_blocks, control.density, query.device)
+        return select.a_shape_mask(query.shape[0], gate.heads_in(query, key), n_blocks, control.density, query.device)
     if mode == "oracle":
         _, target = attention_with_block_target(query, key, value, gate.block_size, scale=scaling,
                                                 use_triton=control.use_triton)
-        return select.topk_mask(select.group_target(target, gate.gate_heads), control.density)
+        return select.topk_mask(select.group_target(target, gate.heads_in(query, key)), control.density)
     q_pre, k_pre = _pre_rope(module, gate, query, key, kwargs)
     probs = gate(q_pre, k_pre, gate.rotary).exp()
     if mode == "threshold":

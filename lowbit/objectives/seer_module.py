@@ -10,6 +10,9 @@ key blocks (its RoPE position is its block index), log_gate [B, Hg, S, nB].
 
 Gate heads: `kv_group` = one gate per GQA group (the group's query heads concatenated on the feature
 axis, SeerAttention-R), `query` = one gate per query head (k blocks shared within the group).
+
+Head-sharded attention (tensor parallelism, Ulysses): each rank's attention holds a contiguous slice of
+the heads; `shard_heads` tells the gate which one, and the gate runs the projections of those heads only.
 """
 from __future__ import annotations
 
@@ -63,8 +66,9 @@ class MultiHeadLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(heads, in_features, out_features))
         nn.init.normal_(self.weight, std=in_features ** -0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bhni,hio->bhno", x, self.weight.to(x.dtype))
+    def forward(self, x: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """x [B, h, N, in] for the heads `heads` of this module (all by default)."""
+        return torch.einsum("bhni,hio->bhno", x, self.weight[heads].to(x.dtype))
 
 
 class AttentionGate(nn.Module):
@@ -93,18 +97,60 @@ class AttentionGate(nn.Module):
         self.q_proj = MultiHeadLinear(self.gate_heads, q_in, head_dim)
         self.k_proj = MultiHeadLinear(self.gate_heads, head_dim * len(k_pool), head_dim)
 
-    def _group_queries(self, q: torch.Tensor) -> torch.Tensor:
+        self.head_shard = (0, 1)        # (index, count): this rank's contiguous slice of the heads
+
+    def shard_heads(self, index: int, count: int, reduce_group=None) -> None:
+        """Run on head slice `index` of `count` (the attention's heads are sharded over `count` ranks).
+
+        Each rank computes only its heads' projections. reduce_group: a process group whose ranks start
+        from rank 0's gate weights and average the gate's gradients after each backward (tensor
+        parallelism, where no DDP does either; the loss is the mean over every rank's heads, so the
+        average is the exact gradient and every rank keeps identical weights). Under Ulysses, DDP
+        already does both over those ranks: pass None.
+        """
+        for name, heads in (("num_attention_heads", self.q_heads), ("num_key_value_heads", self.kv_heads)):
+            if heads % count:
+                raise ValueError(f"SeerAttention gates over {count} head shards: {name}={heads} is not divisible "
+                                 f"by {count}; choose a parallel degree that divides {name}")
+        self.head_shard = (index, count)
+        if reduce_group is not None and count > 1:
+            import torch.distributed as dist
+
+            source = dist.get_global_rank(reduce_group, 0)
+            for param in self.parameters():     # one initialisation for the group (ranks seed differently)
+                dist.broadcast(param.data, src=source, group=reduce_group)
+
+            def average(grad: torch.Tensor) -> torch.Tensor:
+                grad = grad.clone()
+                dist.all_reduce(grad, group=reduce_group)
+                return grad / count
+            for param in self.parameters():
+                param.register_hook(average)
+
+    def heads_in(self, query: torch.Tensor, key: torch.Tensor) -> int:
+        """Gate heads of this rank's attention call: its kv heads (kv_group) or query heads (query)."""
+        index, count = self.head_shard
+        if query.shape[1] * count != self.q_heads or key.shape[1] * count != self.kv_heads:
+            raise ValueError(f"the gate expects {self.q_heads // count} query and {self.kv_heads // count} kv heads "
+                             f"per rank (shard {index} of {count}), the attention passed {query.shape[1]} and "
+                             f"{key.shape[1]}: gates and model do not match (layer count, heads, parallel degree)")
+        return key.shape[1] if self.heads == "kv_group" else query.shape[1]
+
+    def _group_queries(self, q: torch.Tensor, kv_heads: int) -> torch.Tensor:
         """[B, Hq, N, F] -> [B, Hg, N, F'] (kv_group: the group's heads side by side on the feature axis)."""
         if self.heads == "query":
             return q
         b, _, n, f = q.shape
-        return q.view(b, self.kv_heads, self.groups, n, f).permute(0, 1, 3, 2, 4).reshape(b, self.kv_heads, n, -1)
+        return q.view(b, kv_heads, self.groups, n, f).permute(0, 1, 3, 2, 4).reshape(b, kv_heads, n, -1)
 
     def forward(self, q_pre: torch.Tensor, k_pre: torch.Tensor, rotary) -> torch.Tensor:
-        """q_pre [B, Hq, S, D], k_pre [B, Hkv, S, D] (before RoPE) -> log gate probabilities, float32:
-        prefill [B, Hg, nB, nB], decode [B, Hg, S, nB]; -inf on key blocks after the query's block."""
+        """q_pre [B, Hq, S, D], k_pre [B, Hkv, S, D] (before RoPE; this rank's heads when sharded) -> log gate
+        probabilities, float32: prefill [B, Hg, nB, nB], decode [B, Hg, S, nB]; -inf on key blocks after the
+        query's block."""
         seq = q_pre.shape[2]
         n_blocks = math.ceil(seq / self.block_size)
+        local = self.heads_in(q_pre, k_pre)
+        heads = slice(self.head_shard[0] * local, (self.head_shard[0] + 1) * local)
         k_blk = torch.cat([block_pool(k_pre, self.block_size, p) for p in self.k_pool], dim=-1)
         if self.heads == "query":
             k_blk = k_blk.repeat_interleave(self.groups, dim=1)
@@ -114,8 +160,8 @@ class AttentionGate(nn.Module):
         else:
             q_in = q_pre
             q_block_index = torch.arange(seq, device=q_pre.device) // self.block_size
-        q_g = self.q_proj(self._group_queries(q_in))
-        k_g = self.k_proj(k_blk)
+        q_g = self.q_proj(self._group_queries(q_in, k_pre.shape[1]), heads)
+        k_g = self.k_proj(k_blk, heads)
         key_index = torch.arange(n_blocks, device=q_pre.device)
         cos_q, sin_q = rotary(q_g, q_block_index[None])
         cos_k, sin_k = rotary(k_g, key_index[None])

@@ -106,7 +106,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     for module in model.modules():      # quantized linears build their shard recipes now: bad shapes fail here
         if hasattr(module, "prepare_tensor_parallel") and isinstance(getattr(module, "weight", None), DTensor):
             module.prepare_tensor_parallel()
+    shard_head_modules(model, tp_mesh.get_local_rank(), tp_mesh.size(), reduce_group=tp_mesh.get_group())
     return model
+
+
+def shard_head_modules(model: nn.Module, index: int, count: int, reduce_group) -> None:
+    """Tell modules that keep per-head state (SeerAttention gates: `shard_heads`) which contiguous slice of
+    the attention heads this rank runs; `reduce_group` averages their gradients where no DDP does."""
+    for module in model.modules():
+        if hasattr(module, "shard_heads"):
+            module.shard_heads(index, count, reduce_group=reduce_group)
 
 
 def loss_context(tensor_parallel: bool):

@@ -92,6 +92,8 @@ def ulysses_attention(module: nn.Module, query, key, value, attention_mask, *, g
     has none), so the shard-sized mask HF builds is ignored.
     """
     q, k, v = (_SequenceToHeads.apply(t, group) for t in (query, key, value))
+    if kwargs.get("position_ids") is not None:     # the shard's positions; the inner function sees the whole sequence
+        kwargs["position_ids"] = torch.arange(q.shape[2], device=q.device).unsqueeze(0)
     output, weights = inner(module, q, k, v, None, is_causal=True, **kwargs)   # [B, S, H/u, D]
     output = _HeadsToSequence.apply(output.transpose(1, 2), group)               # [B, H, S/u, D]
     return output.transpose(1, 2).contiguous(), weights
@@ -155,5 +157,7 @@ def apply_ulysses(model: nn.Module, group) -> UlyssesCausalLM:
                          f"ALL_ATTENTION_FUNCTIONS, or set parallel.ulysses=1")
     for attention in attentions:
         attention.ulysses_group = group
+    from lowbit.parallel.tensor import shard_head_modules
+    shard_head_modules(model, dist.get_rank(group), u, reduce_group=None)   # DDP averages over these ranks
     config._attn_implementation = name
     return UlyssesCausalLM(model, group)

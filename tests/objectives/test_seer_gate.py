@@ -48,6 +48,24 @@ def test_gate_outputs_causal_log_distributions(gate, heads):
         assert torch.isinf(log_gate[..., 15, 1:]).all() and torch.isfinite(log_gate[..., 16, :2]).all()
 
 
+@pytest.mark.parametrize("gate,heads", [("prefill", "kv_group"), ("prefill", "query"), ("decode", "kv_group")])
+def test_a_gate_on_a_head_shard_equals_the_whole_gate_on_those_heads(gate, heads):
+    """Head-sharded attention (TP, Ulysses): shard i of 2 sees query heads [2i, 2i+2) and kv head i."""
+    model = tiny_llama()
+    module = AttentionGate(q_heads=4, kv_heads=2, head_dim=16, block_size=16, gate=gate, heads=heads)
+    q, k = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16)
+    whole = module(q, k, model.model.rotary_emb)
+    per_shard = whole.shape[1] // 2
+    for index in range(2):
+        module.shard_heads(index, 2)
+        part = module(q[:, 2 * index:2 * index + 2], k[:, index:index + 1], model.model.rotary_emb)
+        torch.testing.assert_close(part, whole[:, index * per_shard:(index + 1) * per_shard])
+    with pytest.raises(ValueError, match="gate expects 2 query and 1 kv heads per rank"):
+        module(q, k, model.model.rotary_emb)
+    with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by 4"):
+        module.shard_heads(0, 4)
+
+
 def test_selection_keeps_forced_blocks_and_equal_budgets_give_equal_sparsity():
     scores = torch.rand(2, 3, 9, 9)
     masks = [select.topk_mask(scores, 0.3), select.topk_mask(torch.rand(2, 3, 9, 9), 0.3),
