@@ -154,7 +154,7 @@ class ParallelConfig:
     tp: int = 1                     # tensor-parallel degree (DTensor: colwise q/k/v/gate/up, rowwise o/down, vocab-parallel embedding + lm_head)
     sp: bool = False                # Megatron sequence parallelism for norms/residuals between TP regions (needs tp>1)
     ulysses: int = 1                # DeepSpeed-Ulysses degree: sequence shards, all-to-all to head shards around attention
-    dp_shard: int = 1               # >1: FSDP2 (fully_shard) over this many data-parallel ranks (= world / (tp x ulysses))
+    dp_shard: int = 1               # >1: FSDP2 (fully_shard) over this many data-parallel ranks (= world / (tp x ulysses)), and their Ulysses ranks; with tp>1 FSDP2 is used whenever there are other ranks
     zero_stage: int = 2             # DeepSpeed ZeRO stage 1 | 2 | 3 (data_parallel=deepspeed)
     offload_optimizer: bool = False # DeepSpeed: optimizer states and step on the CPU
     deepspeed_config: str = ""      # path to a user DeepSpeed JSON; replaces the config generated from these fields

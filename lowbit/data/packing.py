@@ -62,9 +62,14 @@ class PackedData:
 
     def val_batches(self, micro_batch_size: int, max_batches: int = 0) -> Iterator[torch.Tensor]:
         """This rank's validation sequences (r, r+W, ...) in order, in micro-batches; `max_batches` 0 = all."""
+        for batch in self._val_index_batches(micro_batch_size, max_batches):
+            yield self._stack(self.val_tokens, batch)
+
+    def val_batch_count(self, micro_batch_size: int, max_batches: int = 0) -> int:
+        """How many micro-batches `val_batches` yields on this rank (ranks can differ by one)."""
+        return len(self._val_index_batches(micro_batch_size, max_batches))
+
+    def _val_index_batches(self, micro_batch_size: int, max_batches: int) -> list[list[int]]:
         indices = list(range(self.rank, self.num_val, self.world_size))
         batches = [indices[i:i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
-        if max_batches > 0:
-            batches = batches[:max_batches]
-        for batch in batches:
-            yield self._stack(self.val_tokens, batch)
+        return batches[:max_batches] if max_batches > 0 else batches

@@ -42,8 +42,13 @@ class Objective:
     def loss(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def export(self, model: nn.Module, run_dir) -> None:
-        """Write what this objective trained beyond the model's own export (e.g. gate-only weights)."""
+    def export(self, model: nn.Module, run_dir, state_dict: dict) -> dict:
+        """Write what this objective trained beyond the model's own export (e.g. gate-only weights).
+
+        `state_dict`: the model's full, plain tensors (gathered from every shard on every rank; this runs on
+        rank 0). Returns the state dict of the model's own HF export (the objective's extra tensors removed).
+        """
+        return state_dict
 
     def eval_nll(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(summed next-token NLL, number of predicted tokens) of the model being trained."""

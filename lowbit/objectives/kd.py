@@ -221,8 +221,10 @@ class BitDistill(Objective):
             total = total + weight * term
         return total, metrics
 
-    def export(self, model: nn.Module, run_dir) -> None:
-        """Packed low-bit weights: RUN_DIR/quantized/model.safetensors (lowbit.quant.pack.load_packed reads it)."""
+    def export(self, model: nn.Module, run_dir, state_dict: dict) -> dict:
+        """Packed low-bit weights: RUN_DIR/quantized/model.safetensors (lowbit.quant.pack.load_packed reads it);
+        the HF export keeps the high-precision student."""
         path = export_packed(model, Path(run_dir) / "quantized" / "model.safetensors")
         log.info("bitdistill: packed %s weights written to %s (load: lowbit.quant.pack.load_packed)",
                  self.qat.format, path)
+        return state_dict

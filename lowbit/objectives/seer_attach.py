@@ -29,6 +29,7 @@ from lowbit.objectives import seer_select as select
 from lowbit.objectives.seer_module import AttentionGate, undo_rope
 
 ATTENTION_NAME = "lowbit_seer"
+GATE_ATTRIBUTE = "seer_gate"        # each attention module's gate submodule: model.layers.N.self_attn.seer_gate
 MODES = ("dense", "train", "threshold", "topk", "oracle", "static")
 
 

@@ -17,15 +17,21 @@ WEIGHTS = "gates.safetensors"
 CONFIG = "gate_config.json"
 
 
-def save_gates(model: nn.Module, directory) -> Path:
-    """Write the gates of `model` (float32) and their config to `directory`; return the directory."""
+def save_gates(model: nn.Module, directory, state_dict: dict | None = None) -> Path:
+    """Write the gates of `model` (float32) and their config to `directory`; return the directory.
+
+    state_dict: the model's full state (plain tensors gathered from shards); the gate weights are read from
+    it instead of the live, possibly sharded, gate modules."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     gate_list = gates(model)
-    tensors = {f"layers.{i}.{name}": p.detach().float().cpu().contiguous()
-               for i, gate in enumerate(gate_list) for name, p in gate.state_dict().items()}
+    if state_dict is None:
+        state_dict = model.state_dict()
+    prefixes = [name + "." for name, module in model.named_modules() if module in gate_list]   # layer order
+    tensors = {f"layers.{i}.{key[len(prefix):]}": value.detach().float().cpu().contiguous()
+               for i, prefix in enumerate(prefixes) for key, value in state_dict.items() if key.startswith(prefix)}
     save_file(tensors, str(directory / WEIGHTS))
     config = {"format": FORMAT, "model": model_shape(model), "gate": gate_list[0].describe(),
               "threshold": gate_list[0].controller.threshold}

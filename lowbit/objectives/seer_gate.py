@@ -15,7 +15,7 @@ from torch import nn
 
 from lowbit.config import ObjectiveConfig
 from lowbit.objectives.base import Objective, register, token_nll
-from lowbit.objectives.seer_attach import attach_gates, detach_gates, gates
+from lowbit.objectives.seer_attach import GATE_ATTRIBUTE, attach_gates, detach_gates, gates
 from lowbit.objectives.seer_checkpoint import load_gates, save_gates
 
 log = logging.getLogger("lowbit")
@@ -81,13 +81,14 @@ class SeerGateObjective(Objective):
             control.mode = "dense"
         return token_nll(logits, input_ids), input_ids[:, 1:].numel()
 
-    def export(self, model: nn.Module, run_dir) -> None:
-        """Save the gate-only checkpoint to RUN_DIR/gates, then detach the gates so that the model's own
-        export is the unchanged base model."""
-        directory = save_gates(_unwrap(model), Path(run_dir) / "gates")
+    def export(self, model: nn.Module, run_dir, state_dict: dict) -> dict:
+        """Save the gate-only checkpoint to RUN_DIR/gates (from the full `state_dict`, so sharded gates export
+        whole), then detach the gates: the model's own export is the unchanged base model."""
+        directory = save_gates(_unwrap(model), Path(run_dir) / "gates", state_dict)
         log.info("saved the gate-only checkpoint to %s (load with lowbit.objectives.seer_checkpoint.load_gates)",
                  directory)
         detach_gates(_unwrap(model))
+        return {key: value for key, value in state_dict.items() if f".{GATE_ATTRIBUTE}." not in key}
 
 
 def distill_gates(model: nn.Module, controller, batches, *, lr: float = 1e-3, max_steps: int = 100,

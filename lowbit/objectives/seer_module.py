@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 POOLS = ("avg", "max", "min")
@@ -66,9 +67,26 @@ class MultiHeadLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(heads, in_features, out_features))
         nn.init.normal_(self.weight, std=in_features ** -0.5)
 
-    def forward(self, x: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
-        """x [B, h, N, in] for the heads `heads` of this module (all by default)."""
-        return torch.einsum("bhni,hio->bhno", x, self.weight[heads].to(x.dtype))
+    def forward(self, x: torch.Tensor, heads: slice = slice(None), weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, h, N, in] for the heads `heads` of this module (all by default); `weight` stands in for
+        self.weight (the same values, e.g. behind a gradient-averaging identity)."""
+        weight = self.weight if weight is None else weight
+        return torch.einsum("bhni,hio->bhno", x, weight[heads].to(x.dtype))
+
+
+class AverageGradient(torch.autograd.Function):
+    """Identity forward; backward averages the gradient over a process group (all-reduce / size)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad / dist.get_world_size(ctx.group), None
 
 
 class AttentionGate(nn.Module):
@@ -98,34 +116,40 @@ class AttentionGate(nn.Module):
         self.k_proj = MultiHeadLinear(self.gate_heads, head_dim * len(k_pool), head_dim)
 
         self.head_shard = (0, 1)        # (index, count): this rank's contiguous slice of the heads
+        self.gradient_groups = []       # process groups over which the gate's gradients are averaged
 
     def shard_heads(self, index: int, count: int, reduce_group=None) -> None:
-        """Run on head slice `index` of `count` (the attention's heads are sharded over `count` ranks).
+        """Run on head slice `index` of `count`: the attention's heads are sharded over `count` ranks.
 
-        Each rank computes only its heads' projections. reduce_group: a process group whose ranks start
-        from rank 0's gate weights and average the gate's gradients after each backward (tensor
-        parallelism, where no DDP does either; the loss is the mean over every rank's heads, so the
-        average is the exact gradient and every rank keeps identical weights). Under Ulysses, DDP
-        already does both over those ranks: pass None.
+        Called again on an already sharded gate, it refines the slice (tensor parallelism, then Ulysses
+        inside each TP shard: slice = tp_index * u + ulysses_index of tp * u). Each rank computes only its
+        heads' projections. reduce_group: see `average_gradients_over` (the TP group, which no data-parallel
+        wrapper spans; the loss is the mean over every rank's heads, so the average is the exact gradient
+        and the ranks keep identical weights). Under Ulysses the data-parallel wrapper spans the ranks:
+        pass None.
         """
+        outer_index, outer_count = self.head_shard
+        index, count = outer_index * count + index, outer_count * count
         for name, heads in (("num_attention_heads", self.q_heads), ("num_key_value_heads", self.kv_heads)):
             if heads % count:
                 raise ValueError(f"SeerAttention gates over {count} head shards: {name}={heads} is not divisible "
-                                 f"by {count}; choose a parallel degree that divides {name}")
+                                 f"by {count}; choose parallel degrees whose product divides {name}")
         self.head_shard = (index, count)
-        if reduce_group is not None and count > 1:
-            import torch.distributed as dist
+        if reduce_group is not None:
+            self.average_gradients_over(reduce_group)
 
-            source = dist.get_global_rank(reduce_group, 0)
-            for param in self.parameters():     # one initialisation for the group (ranks seed differently)
-                dist.broadcast(param.data, src=source, group=reduce_group)
+    def average_gradients_over(self, group) -> None:
+        """Start from `group`'s first rank's weights and average the gradients over `group` in backward.
 
-            def average(grad: torch.Tensor) -> torch.Tensor:
-                grad = grad.clone()
-                dist.all_reduce(grad, group=reduce_group)
-                return grad / count
-            for param in self.parameters():
-                param.register_hook(average)
+        The gate's loss does not flow through the model's output, so wrappers that hook the output (FSDP2's
+        post-backward) never reduce its gradients; lowbit.parallel leaves the gate to them and calls this
+        (TP group, FSDP2 mesh). The identity in the forward graph survives any parameter swapping."""
+        if dist.get_world_size(group) == 1:
+            return
+        source = dist.get_global_rank(group, 0)
+        for param in self.parameters():     # one initialisation for the group (ranks seed differently)
+            dist.broadcast(param.data, src=source, group=group)
+        self.gradient_groups.append(group)
 
     def heads_in(self, query: torch.Tensor, key: torch.Tensor) -> int:
         """Gate heads of this rank's attention call: its kv heads (kv_group) or query heads (query)."""
@@ -160,8 +184,11 @@ class AttentionGate(nn.Module):
         else:
             q_in = q_pre
             q_block_index = torch.arange(seq, device=q_pre.device) // self.block_size
-        q_g = self.q_proj(self._group_queries(q_in, k_pre.shape[1]), heads)
-        k_g = self.k_proj(k_blk, heads)
+        q_weight, k_weight = self.q_proj.weight, self.k_proj.weight
+        for group in self.gradient_groups:
+            q_weight, k_weight = AverageGradient.apply(q_weight, group), AverageGradient.apply(k_weight, group)
+        q_g = self.q_proj(self._group_queries(q_in, k_pre.shape[1]), heads, q_weight)
+        k_g = self.k_proj(k_blk, heads, k_weight)
         key_index = torch.arange(n_blocks, device=q_pre.device)
         cos_q, sin_q = rotary(q_g, q_block_index[None])
         cos_k, sin_k = rotary(k_g, key_index[None])

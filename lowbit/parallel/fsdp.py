@@ -6,17 +6,42 @@ TP: the parameters are then 2-D DTensors sharded over ("dp", "tp").
 """
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def synchronize_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Broadcast every parameter and buffer (the local shard of a TP DTensor) from the mesh's first rank.
+
+    fully_shard keeps each rank's own slice of its own values; ranks seed differently (trainer.seed + rank),
+    so what an objective initialises randomly (SeerAttention gates, say) would otherwise start as a patchwork.
+    DDP does the same broadcast when it wraps a model."""
+    group = mesh.get_group()
+    source = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.to_local() if isinstance(tensor, DTensor) else tensor.data, src=source, group=group)
 
 
 def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
-    """Shard `model` in place over the 1-D `dp_mesh`; returns the same (now FSDP) module."""
+    """Shard `model` in place over the 1-D `dp_mesh` (its replicas first made equal); returns the same
+    (now FSDP) module."""
+    synchronize_replicas(model, dp_mesh)
+    # Modules trained by a loss that bypasses the model's output (SeerAttention gates) average their own
+    # gradients: FSDP2 reduces a unit's gradients in a hook on the unit's forward inputs, which their
+    # backward never reaches (measured: their gradients stayed None and the gates never moved).
+    own = [m for m in model.modules() if hasattr(m, "average_gradients_over")]
+    ignored = {p for m in own for p in m.parameters()}
+    for module in own:
+        module.average_gradients_over(dp_mesh.get_group())
     inner = getattr(model, "module", model)      # the HF model inside a Ulysses wrapper
     layers = getattr(getattr(inner, "model", None), "layers", None)
     if layers is not None:
         for layer in layers:
-            fully_shard(layer, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+            fully_shard(layer, mesh=dp_mesh, ignored_params=ignored)
+    fully_shard(model, mesh=dp_mesh, ignored_params=ignored)
     return model

@@ -3,6 +3,10 @@
 Mesh axes, outermost first: `dp` (data parallel: DDP replicas or FSDP2 shards), `ulysses` (sequence
 shards around attention, arXiv 2309.14509) and `tp` (tensor parallel, arXiv 1909.08053), so the ranks
 of one TP group are adjacent (on one node with NVLink when the job spans nodes).
+
+The ranks outside a TP group (dp x ulysses) hold the same parameters and average their gradients: DDP,
+or FSDP2 over the flattened dp x ulysses axes. With TP it is always FSDP2 (DDP does not take DTensor
+parameters), the way torchtitan composes FSDP with TP and context parallelism.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ class Layout:
     dp: int
     ulysses: int
     tp: int
+    fsdp: bool = False      # FSDP2 (not DDP) over the dp x ulysses ranks
 
     def coordinates(self, rank: int) -> tuple[int, int, int]:
         """(dp_rank, ulysses_rank, tp_rank) of a global rank in the row-major mesh."""
@@ -47,9 +52,6 @@ def layout_for(cfg: ParallelConfig, world_size: int) -> Layout:
     if cfg.sp and cfg.tp == 1:
         raise ValueError("parallel.sp=true shards along the sequence between tensor-parallel regions and needs "
                          "parallel.tp>1; set parallel.tp or drop parallel.sp")
-    if cfg.tp > 1 and cfg.ulysses > 1:
-        raise ValueError(f"parallel.tp={cfg.tp} together with parallel.ulysses={cfg.ulysses} is not supported yet; "
-                         f"use one of them (with data parallelism over the remaining ranks)")
     if cfg.data_parallel not in ("ddp", "deepspeed"):
         raise ValueError(f"parallel.data_parallel={cfg.data_parallel!r} is not known; use ddp (parallel.dp_shard>1 "
                          f"selects FSDP2) or deepspeed")
@@ -60,10 +62,8 @@ def layout_for(cfg: ParallelConfig, world_size: int) -> Layout:
         if model_ranks > 1 or cfg.dp_shard > 1:
             raise ValueError(f"parallel.data_parallel=deepspeed runs ZeRO over all ranks; set parallel.tp=1, "
                              f"parallel.ulysses=1 and parallel.dp_shard=1 (got {cfg.tp}, {cfg.ulysses}, {cfg.dp_shard})")
-    if cfg.tp > 1 and dp > 1 and cfg.dp_shard == 1:
-        raise ValueError(f"parallel.tp={cfg.tp} with {dp} data-parallel replicas needs FSDP2 for the data-parallel "
-                         f"axis (DDP does not take DTensor parameters); set parallel.dp_shard={dp}")
-    return Layout(dp=dp, ulysses=cfg.ulysses, tp=cfg.tp)
+    fsdp = cfg.dp_shard > 1 or (cfg.tp > 1 and dp * cfg.ulysses > 1)
+    return Layout(dp=dp, ulysses=cfg.ulysses, tp=cfg.tp, fsdp=fsdp)
 
 
 def check_model(model_config, cfg: ParallelConfig, seq_len: int) -> None:
@@ -84,9 +84,16 @@ def check_model(model_config, cfg: ParallelConfig, seq_len: int) -> None:
             if size % degree:
                 raise ValueError(f"parallel.{key}={degree} does not divide the model's {name}={size}; choose a "
                                  f"parallel.{key} that divides {name} (e.g. {_largest_divisor(size, degree)})")
+    if cfg.tp > 1 and cfg.ulysses > 1:      # Ulysses splits each TP shard's heads again
+        for name in ("num_attention_heads", "num_key_value_heads"):
+            if sizes[name] % (cfg.tp * cfg.ulysses):
+                raise ValueError(f"parallel.tp={cfg.tp} x parallel.ulysses={cfg.ulysses} = {cfg.tp * cfg.ulysses} "
+                                 f"does not divide the model's {name}={sizes[name]}: each rank needs whole heads; "
+                                 f"lower one of the degrees")
     seq_degree = cfg.ulysses * (cfg.tp if cfg.sp else 1)
     if seq_degree > 1 and seq_len % seq_degree:
-        what = "parallel.ulysses" if cfg.ulysses > 1 else "parallel.tp (with parallel.sp=true)"
+        what = {(True, False): "parallel.ulysses", (False, True): "parallel.tp (with parallel.sp=true)",
+                (True, True): "parallel.ulysses x parallel.tp (with parallel.sp=true)"}[(cfg.ulysses > 1, cfg.sp)]
         raise ValueError(f"data.seq_len={seq_len} is not divisible by {what}={seq_degree}, which shards each "
                          f"sequence; use a data.seq_len that is a multiple of {seq_degree}")
 

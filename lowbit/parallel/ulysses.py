@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -120,7 +121,12 @@ class UlyssesCausalLM(nn.Module):
         shard = seq_len // u
         positions = torch.arange(rank * shard, (rank + 1) * shard, device=input_ids.device).unsqueeze(0)
         out = self.module(input_ids=input_ids[:, rank * shard:(rank + 1) * shard], position_ids=positions, **kwargs)
-        return CausalLMOutputWithPast(logits=_GatherSequence.apply(out.logits, self.group))
+        logits = out.logits
+        if isinstance(logits, DTensor):     # TP: vocabulary-sharded logits; gather the sequence of the local shard
+            gathered = _GatherSequence.apply(logits.to_local(), self.group)
+            return CausalLMOutputWithPast(logits=DTensor.from_local(gathered, logits.device_mesh, logits.placements,
+                                                                    run_check=False))
+        return CausalLMOutputWithPast(logits=_GatherSequence.apply(logits, self.group))
 
 
 def _layer_ulysses_attention(module: nn.Module, query, key, value, attention_mask, *, inner, **kwargs):

@@ -86,8 +86,9 @@ def apply(model: nn.Module, world: World, cfg: ParallelConfig) -> nn.Module:
     """Shard `model` (already on its device) over the mesh, then wrap it for data parallelism.
 
     TP: parameters become DTensors over the "tp" axis (lowbit.parallel.tensor). Ulysses: the model is
-    wrapped to run a sequence shard per rank (lowbit.parallel.ulysses); DDP then averages over all
-    dp x ulysses ranks, which that wrapper's gradient scaling makes the right mean. FSDP2 shards over "dp".
+    wrapped to run a sequence shard per rank (lowbit.parallel.ulysses), inside each TP shard's heads when
+    both are on; DDP, or FSDP2 (with TP, or parallel.dp_shard>1), then averages over all dp x ulysses
+    ranks, which that wrapper's gradient scaling makes the right mean.
     """
     if not world.distributed:
         return model
@@ -100,11 +101,13 @@ def apply(model: nn.Module, world: World, cfg: ParallelConfig) -> nn.Module:
     if layout is not None and layout.ulysses > 1:
         from lowbit.parallel.ulysses import apply_ulysses
         model = apply_ulysses(model, world.mesh["ulysses"].get_group())
-    if cfg.dp_shard > 1:
+    if layout is not None and layout.fsdp:
         from lowbit.parallel.fsdp import apply_fsdp2
-        return apply_fsdp2(model, world.mesh["dp"])
+        # Ulysses ranks hold the same parameters as their dp replicas: FSDP2 shards over both axes
+        replicas = world.mesh["dp"] if layout.ulysses == 1 else world.mesh["dp", "ulysses"]._flatten("dp_ulysses")
+        return apply_fsdp2(model, replicas)
     if layout is not None and layout.tp > 1:
-        return model     # dp = 1 here (layout_for demands FSDP2 for dp x tp)
+        return model     # TP alone: no other ranks (with any, layout.fsdp is set)
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids,
                                    find_unused_parameters=cfg.find_unused_parameters)
@@ -134,6 +137,12 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= dist.get_world_size()
+    return tensor
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor
 
 

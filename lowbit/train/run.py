@@ -138,7 +138,7 @@ def run(cfg: DictConfig) -> TrainState:
     exporting = cfg.trainer.export and state.step >= cfg.trainer.max_steps
     full_state = parallel.checkpoint_views(model, plain, optimizer)[0].state_dict() if exporting else None  # every rank: may gather shards
     if exporting and world.is_main:
-        objective.export(plain, run_dir)
+        full_state = objective.export(plain, run_dir, full_state)
         export_dir = run_dir / "export"
         plain.save_pretrained(export_dir, safe_serialization=True, state_dict=full_state)
         tokenizer.save_pretrained(export_dir)

@@ -7,6 +7,7 @@ learning rate, metrics; evaluation and checkpoints at their intervals.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from torch import nn
 from lowbit.config import TrainerConfig, OptimConfig
 from lowbit.objectives import Objective
 from lowbit.optim import lr_at
-from lowbit.parallel import World, all_reduce_mean, all_reduce_sum, loss_context, to_local
+from lowbit.parallel import World, all_reduce_mean, all_reduce_min, all_reduce_sum, loss_context, to_local
 from lowbit.train import metrics as step_metrics
 
 log = logging.getLogger("lowbit")
@@ -161,14 +162,20 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation loss and perplexity over this rank's validation shard, summed over ranks."""
         # The plain module, not DDP: ranks may hold different numbers of validation batches, and DDP's
-        # per-forward buffer broadcast would then wait forever for the rank that finished.
+        # per-forward buffer broadcast would then wait forever for the rank that finished. FSDP2 cannot be
+        # unwrapped (its forward gathers the shards), so there every rank runs the smallest shard's count.
         from lowbit.parallel import unwrap_data_parallel
         model = unwrap_data_parallel(self.model)
         model.eval()
         nll = torch.zeros((), device=self.world.device, dtype=torch.float64)
         count = torch.zeros((), device=self.world.device, dtype=torch.float64)
-        for input_ids in self.data.val_batches(micro_batch_size=self.cfg.micro_batch_size,
-                                               max_batches=self.cfg.eval_batches):
+        batches = self.data.val_batches(micro_batch_size=self.cfg.micro_batch_size, max_batches=self.cfg.eval_batches)
+        if self.world.layout is not None and self.world.layout.fsdp:
+            common = torch.tensor(self.data.val_batch_count(self.cfg.micro_batch_size, self.cfg.eval_batches),
+                                  device=self.world.device)
+            all_reduce_min(common)
+            batches = itertools.islice(batches, int(common.item()))
+        for input_ids in batches:
             with self.autocast(), loss_context(self.world):
                 batch_nll, batch_count = self.objective.eval_nll(model, input_ids.to(self.world.device))
             nll += to_local(batch_nll).double()

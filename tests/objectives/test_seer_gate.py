@@ -1,4 +1,5 @@
 """SeerAttention gates (issue 4): gate module pieces, training on a frozen model, checkpoints, bad input."""
+import copy
 import json
 import math
 
@@ -57,13 +58,21 @@ def test_a_gate_on_a_head_shard_equals_the_whole_gate_on_those_heads(gate, heads
     whole = module(q, k, model.model.rotary_emb)
     per_shard = whole.shape[1] // 2
     for index in range(2):
-        module.shard_heads(index, 2)
-        part = module(q[:, 2 * index:2 * index + 2], k[:, index:index + 1], model.model.rotary_emb)
+        shard = copy.deepcopy(module)
+        shard.shard_heads(index, 2)
+        part = shard(q[:, 2 * index:2 * index + 2], k[:, index:index + 1], model.model.rotary_emb)
         torch.testing.assert_close(part, whole[:, index * per_shard:(index + 1) * per_shard])
     with pytest.raises(ValueError, match="gate expects 2 query and 1 kv heads per rank"):
-        module(q, k, model.model.rotary_emb)
+        shard(q, k, model.model.rotary_emb)
     with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by 4"):
-        module.shard_heads(0, 4)
+        shard.shard_heads(0, 2)           # refines shard 1 of 2 into 2 of 4: too many for 2 kv heads
+
+
+def test_head_shards_compose_tensor_parallel_then_ulysses():
+    module = AttentionGate(q_heads=8, kv_heads=4, head_dim=16, block_size=16)
+    module.shard_heads(1, 2)        # TP rank 1 of 2: heads 4-7
+    module.shard_heads(1, 2)        # Ulysses rank 1 of 2 within it: heads 6-7
+    assert module.head_shard == (3, 4)
 
 
 def test_selection_keeps_forced_blocks_and_equal_budgets_give_equal_sparsity():
@@ -171,6 +180,9 @@ def test_training_lowers_the_gate_loss_keeps_base_weights_and_exports_gates(tiny
     run_dir = tmp_path / "run"
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "export")
     assert base_weights_digest(exported) == digest                      # the base model never changed
+    from safetensors import safe_open
+    with safe_open(str(run_dir / "export" / "model.safetensors"), framework="pt") as files:
+        assert not [key for key in files.keys() if "seer_gate" in key]  # gates go to gates/, not the HF export
     assert read_gate_config(run_dir / "gates")["gate"]["block_size"] == 16
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in logged if "seer/kl" in r][-1]

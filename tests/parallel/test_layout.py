@@ -17,7 +17,13 @@ def test_layout_splits_world_into_dp_ulysses_tp():
     assert (layout.dp, layout.ulysses, layout.tp) == (2, 1, 2)
     assert [layout.coordinates(r) for r in range(4)] == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]
     layout = layout_for(ParallelConfig(ulysses=2), world_size=4)
-    assert (layout.dp, layout.ulysses) == (2, 2) and layout.coordinates(3) == (1, 1, 0)
+    assert (layout.dp, layout.ulysses) == (2, 2) and layout.coordinates(3) == (1, 1, 0) and not layout.fsdp
+    # TP with other ranks: FSDP2 over them (DDP does not take DTensor parameters), also for Ulysses ranks
+    assert layout_for(ParallelConfig(tp=2), world_size=4).fsdp
+    layout = layout_for(ParallelConfig(tp=2, ulysses=2), world_size=4)
+    assert (layout.dp, layout.ulysses, layout.tp, layout.fsdp) == (1, 2, 2, True)
+    assert layout.coordinates(3) == (0, 1, 1)
+    assert not layout_for(ParallelConfig(tp=2), world_size=2).fsdp
 
 
 @pytest.mark.parametrize("cfg, world, message", [
@@ -26,8 +32,6 @@ def test_layout_splits_world_into_dp_ulysses_tp():
     (ParallelConfig(tp=0), 2, "parallel.tp=0 must be >= 1"),
     (ParallelConfig(dp_shard=4), 2, "set parallel.dp_shard=2"),
     (ParallelConfig(sp=True), 2, "needs parallel.tp>1"),
-    (ParallelConfig(tp=2, ulysses=2), 4, "not supported yet"),
-    (ParallelConfig(tp=2), 4, "set parallel.dp_shard=2"),
     (ParallelConfig(data_parallel="zero"), 2, "'zero' is not known"),
 ])
 def test_bad_mesh_is_refused(cfg, world, message):
@@ -47,6 +51,7 @@ def test_deepspeed_missing_is_refused(monkeypatch):
     (ParallelConfig(ulysses=4), 64, "num_key_value_heads=2"),
     (ParallelConfig(ulysses=2), 63, "data.seq_len=63 is not divisible by parallel.ulysses=2"),
     (ParallelConfig(tp=2, sp=True), 65, "data.seq_len=65"),
+    (ParallelConfig(tp=2, ulysses=2), 64, "4 does not divide the model's num_key_value_heads=2"),
 ])
 def test_degree_not_dividing_the_model_is_refused(cfg, seq_len, message):
     with pytest.raises(ValueError, match=message):
@@ -72,3 +77,11 @@ def test_init_refuses_before_joining_a_process_group(monkeypatch):
     with pytest.raises(ValueError, match="parallel.tp=3"):
         init(ParallelConfig(tp=3))
     assert not dist.is_initialized()
+
+
+def test_tp_with_ulysses_needs_whole_heads_and_sequence_shards_per_rank():
+    config = LlamaConfig(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=4)
+    check_model(config, ParallelConfig(tp=2, ulysses=2, sp=True), 64)
+    with pytest.raises(ValueError, match="data.seq_len=66 is not divisible by parallel.ulysses x parallel.tp"):
+        check_model(config, ParallelConfig(tp=2, ulysses=2, sp=True), 66)
+
