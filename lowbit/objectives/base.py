@@ -39,6 +39,10 @@ class Objective:
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
+    def check_parallel(self, cfg) -> None:
+        """Raise, naming the setting and the fix, for a parallel layout (ParallelConfig) this objective cannot
+        run under; called before any process-group work on the model."""
+
     def loss(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 

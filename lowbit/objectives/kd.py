@@ -221,6 +221,18 @@ class BitDistill(Objective):
             total = total + weight * term
         return total, metrics
 
+    def check_parallel(self, cfg) -> None:
+        """The clipping search and the packed export read whole weight matrices, and the KL compares
+        whole-vocabulary logits with the teacher's: layouts that shard weights or logits are refused
+        (measured: TP failed in the clipping all-reduce, FSDP2 on mixed DTensor/Tensor operands)."""
+        sharded = {"parallel.tp": cfg.tp > 1, "parallel.dp_shard": cfg.dp_shard > 1,
+                   "parallel.zero_stage=3": cfg.data_parallel == "deepspeed" and cfg.zero_stage == 3}
+        refused = [name for name, on in sharded.items() if on]
+        if refused:
+            raise ValueError(f"objective=bitdistill does not support {', '.join(refused)} (it shards the weights "
+                             f"or logits that clipping, the KD losses and the packed export read whole); use "
+                             f"parallel=ddp, parallel=ulysses2 or parallel=zero2 (ZeRO-1/2 shard optimizer state only)")
+
     def export(self, model: nn.Module, run_dir, state_dict: dict) -> dict:
         """Packed low-bit weights: RUN_DIR/quantized/model.safetensors (lowbit.quant.pack.load_packed reads it);
         the HF export keeps the high-precision student."""

@@ -92,6 +92,7 @@ def run(cfg: DictConfig) -> TrainState:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context of {max_positions} "
                          f"tokens (max_position_embeddings); lower data.seq_len")
     objective = objectives.build(cfg.objective, model)                             # 3
+    objective.check_parallel(cfg.parallel)
     model = precision.apply(model, cfg.precision)                                  # 4
     model.to(world.device)
     if cfg.model.compile:

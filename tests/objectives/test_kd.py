@@ -151,3 +151,16 @@ def test_exp_preset_composes_the_quality_bar_run():
     ce_only = compose(["+exp=bitdistill", "objective.kd.losses.cakld=0", "objective.kd.losses.ce=1"])
     assert dict(ce_only.objective.kd.losses) == {"ce": 1.0, "forward_kl": 0.0, "reverse_kl": 0.0, "cakld": 0.0,
                                                  "topk_kl": 0.0}
+
+
+@pytest.mark.parametrize("cfg, named", [(dict(tp=2), "parallel.tp"), (dict(dp_shard=2), "parallel.dp_shard"),
+                                        (dict(data_parallel="deepspeed", zero_stage=3), "parallel.zero_stage=3")])
+def test_layouts_that_shard_weights_or_logits_are_refused_with_the_fix(cfg, named):
+    from lowbit.config import ParallelConfig
+    from lowbit.objectives.kd import BitDistill
+
+    objective = object.__new__(BitDistill)          # the check reads the layout only
+    with pytest.raises(ValueError, match=f"does not support {named}.*parallel=ddp"):
+        objective.check_parallel(ParallelConfig(**cfg))
+    objective.check_parallel(ParallelConfig(ulysses=2))
+    objective.check_parallel(ParallelConfig(data_parallel="deepspeed", zero_stage=2))
