@@ -152,7 +152,8 @@ class QuantLinear(nn.Linear):
         self.register_buffer("hadamard_signs", signs.float(), persistent=False)   # not in the state_dict
         self.stats_armed = False
         self.last_stats: dict[str, float] = {}
-        self.shard_recipe: Recipe | None = None      # set under tensor parallelism (prepare_tensor_parallel)
+        self.shard_recipe: Recipe | None = None      # set under tensor parallelism (prepare_tensor_parallel),
+        self.shard_layout = ""                       # with its layout: colwise | rowwise
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe, name: str = "", seed: int = 0) -> "QuantLinear":
@@ -177,18 +178,18 @@ class QuantLinear(nn.Linear):
     def prepare_tensor_parallel(self) -> None:
         """Build and check this layer's shard recipe once its weight is a DTensor (lowbit.parallel calls this
         right after sharding, so a shard the recipe cannot tile fails before training)."""
-        layout = tensor_parallel_layout(self.weight, self.layer_name)
-        local = self.weight.to_local().shape[0 if layout == "colwise" else 1]
-        self.shard_recipe = shard_recipe(self.recipe, layout, self.weight.device_mesh.get_group(), local,
+        self.shard_layout = tensor_parallel_layout(self.weight, self.layer_name)
+        local = self.weight.to_local().shape[0 if self.shard_layout == "colwise" else 1]
+        self.shard_recipe = shard_recipe(self.recipe, self.shard_layout, self.weight.device_mesh.get_group(), local,
                                          self.layer_name or "QuantLinear")
 
     def _forward_tensor_parallel(self, x: torch.Tensor) -> torch.Tensor:
         """Each rank runs the quantized GEMMs on its shards (QuantLinearFunction on local tensors) with the
         shard recipe; the output is Shard(-1) (column-parallel) or Partial (row-parallel) for the style's
         output redistribution, exactly as nn.Linear's sharded F.linear would return it."""
-        if getattr(self, "shard_recipe", None) is None:
+        if self.shard_recipe is None:
             self.prepare_tensor_parallel()
-        layout = tensor_parallel_layout(self.weight, self.layer_name)
+        layout = self.shard_layout
         if isinstance(x, DTensor):
             # Column-parallel: x is replicated and each rank's dx = dy_shard W_shard is a partial sum (the
             # DTensor machinery all-reduces it); row-parallel: x is Shard(-1) and dx is this rank's shard.
