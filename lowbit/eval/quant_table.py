@@ -79,7 +79,9 @@ def perplexity(model, windows: torch.Tensor, batch_size: int, device: torch.devi
     return math.exp(nll / count)
 
 
-def load_model(name: str):
+def load_model(name: str, path: str = "", tokenizer: str = ""):
+    """(model, tokenizer) of the conf/model/ preset `name`; `path` / `tokenizer` replace its name_or_path /
+    tokenizer (e.g. a directory holding the preset's GGUF file on a machine without the embedded package)."""
     from omegaconf import OmegaConf
 
     from lowbit.config import ModelConfig
@@ -89,6 +91,11 @@ def load_model(name: str):
     if not file.is_file():
         raise FileNotFoundError(f"--model {name!r}: no {file}; use a name from conf/model/")
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(file))
+    if path:
+        cfg.name_or_path = path
+        cfg.tokenizer = tokenizer or path
+    elif tokenizer:
+        cfg.tokenizer = tokenizer
     return load(cfg)
 
 
@@ -107,6 +114,8 @@ def table(rows: list[tuple[str, float]], teacher_ppl: float, rtn_ppl: float, tit
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2_135m", help="a conf/model/ preset (the teacher)")
+    parser.add_argument("--model-path", default="", help="replaces the preset's name_or_path (a directory or hub name)")
+    parser.add_argument("--tokenizer", default="", help="replaces the preset's tokenizer (default: --model-path's)")
     parser.add_argument("--format", default="int3")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--no-partial-groups", action="store_true", help="refuse non-dividing group sizes")
@@ -123,7 +132,7 @@ def main(argv=None) -> str:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fmt = make_format(args.format, args.group_size, partial_groups=not args.no_partial_groups)
-    base, tokenizer = load_model(args.model)
+    base, tokenizer = load_model(args.model, args.model_path, args.tokenizer)
     windows = token_windows(args.heldout, tokenizer, args.seq_len, args.max_tokens)
     teacher_ppl = perplexity(copy.deepcopy(base).to(torch.bfloat16), windows, args.batch_size, device)
     rows = [("teacher (bf16)", teacher_ppl)]

@@ -30,6 +30,17 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
 
 
+def next_token_nll(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed next-token NLL, number of predicted tokens) of `model` on `input_ids` [B, S]. A Ulysses
+    model scores each rank's sequence shard in place: its [B, S, V] logits are never gathered."""
+    from lowbit.parallel.ulysses import shards_sequence
+    if shards_sequence(model):
+        nll = model(input_ids=input_ids, shard_nll=True).loss
+    else:
+        nll = token_nll(model(input_ids=input_ids).logits, input_ids)
+    return nll, input_ids[:, 1:].numel()
+
+
 class Objective:
     """Attach what a method needs to the model; compute the loss of one micro-batch."""
 
@@ -56,8 +67,7 @@ class Objective:
 
     def eval_nll(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(summed next-token NLL, number of predicted tokens) of the model being trained."""
-        logits = model(input_ids=input_ids).logits
-        return token_nll(logits, input_ids), input_ids[:, 1:].numel()
+        return next_token_nll(model, input_ids)
 
 
 @register("lm")
@@ -68,6 +78,5 @@ class LanguageModeling(Objective):
         self.cfg = cfg
 
     def loss(self, model, input_ids):
-        logits = model(input_ids=input_ids).logits
-        nll = token_nll(logits, input_ids)
-        return nll / input_ids[:, 1:].numel(), {}
+        nll, count = next_token_nll(model, input_ids)
+        return nll / count, {}

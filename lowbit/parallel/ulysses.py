@@ -13,6 +13,7 @@ import functools
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface
@@ -112,7 +113,9 @@ class UlyssesCausalLM(nn.Module):
     def config(self):
         return self.module.config
 
-    def forward(self, input_ids: torch.Tensor, **kwargs):
+    def forward(self, input_ids: torch.Tensor, shard_nll: bool = False, **kwargs):
+        """shard_nll: return `loss` = the summed next-token NLL of the whole sequences instead of logits,
+        each rank scoring its own shard, so the [B, S, V] logits are never gathered (see `_shard_nll`)."""
         u, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         seq_len = input_ids.shape[1]
         if seq_len % u:
@@ -122,11 +125,29 @@ class UlyssesCausalLM(nn.Module):
         positions = torch.arange(rank * shard, (rank + 1) * shard, device=input_ids.device).unsqueeze(0)
         out = self.module(input_ids=input_ids[:, rank * shard:(rank + 1) * shard], position_ids=positions, **kwargs)
         logits = out.logits
+        if shard_nll and not isinstance(logits, DTensor):
+            return CausalLMOutputWithPast(loss=self._shard_nll(logits, input_ids, rank * shard, u))
         if isinstance(logits, DTensor):     # TP: vocabulary-sharded logits; gather the sequence of the local shard
             gathered = _GatherSequence.apply(logits.to_local(), self.group)
-            return CausalLMOutputWithPast(logits=DTensor.from_local(gathered, logits.device_mesh, logits.placements,
-                                                                    run_check=False))
-        return CausalLMOutputWithPast(logits=_GatherSequence.apply(logits, self.group))
+            logits = DTensor.from_local(gathered, logits.device_mesh, logits.placements, run_check=False)
+        else:
+            logits = _GatherSequence.apply(logits, self.group)
+        if shard_nll:    # TP x Ulysses: the vocabulary-parallel cross-entropy on the gathered sequence
+            return CausalLMOutputWithPast(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                               input_ids[:, 1:].flatten(), reduction="sum"))
+        return CausalLMOutputWithPast(logits=logits)
+
+    def _shard_nll(self, logits: torch.Tensor, input_ids: torch.Tensor, start: int, u: int) -> torch.Tensor:
+        """Summed NLL of the whole sequences from this rank's logits [B, S/u, V] at positions start... .
+
+        Position t predicts input_ids[t + 1] (the last rank's final position predicts nothing). The value is
+        the NLL summed over all ranks; the gradient is u x this shard's, as _GatherSequence gives it, so that
+        the data-parallel mean over dp x u ranks equals the mean over the dp replicas."""
+        labels = input_ids[:, start + 1:start + 1 + logits.shape[1]]
+        local = F.cross_entropy(logits[:, :labels.shape[1]].flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        total = local.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return u * local + (total - u * local.detach())
 
 
 def _layer_ulysses_attention(module: nn.Module, query, key, value, attention_mask, *, inner, **kwargs):
@@ -167,3 +188,13 @@ def apply_ulysses(model: nn.Module, group) -> UlyssesCausalLM:
     shard_head_modules(model, dist.get_rank(group), u, reduce_group=None)   # DDP averages over these ranks
     config._attn_implementation = name
     return UlyssesCausalLM(model, group)
+
+
+def shards_sequence(model: nn.Module) -> bool:
+    """Whether `model` (through DDP, FSDP2, DeepSpeed and compile wrappers) runs Ulysses sequence shards."""
+    while model is not None:
+        if isinstance(model, UlyssesCausalLM):
+            return True
+        inner = getattr(model, "module", None)
+        model = inner if isinstance(inner, nn.Module) else getattr(model, "_orig_mod", None)
+    return False

@@ -2,7 +2,7 @@
 one process. Prints one JSON line per check on rank 0; exits non-zero on a mismatch.
 
 usage: equivalence_worker.py MODE[,MODE...] [seq_len]     MODE: LAYOUT[@RECIPE[+dge][+occ]]
-  LAYOUT: tp | tp_sp | ulysses | linear;  RECIPE: a precision recipe (fp8_rowwise, nvfp4, ...): both models
+  LAYOUT: tp | tp_sp | ulysses | ulysses_nll (the loss from each rank's shard) | linear;  RECIPE: a precision recipe (fp8_rowwise, nvfp4, ...): both models
   get lowbit's quantized linears, and the sharded one must quantize exactly as the single process does.
   `linear` checks one QuantLinear, column- and row-parallel, on the very same input: every quantized
   value matches bit for bit, so outputs and gradients differ by float32 summation order alone. (In a whole
@@ -138,13 +138,20 @@ def compare(mode: str, seq_len: int) -> str:
     seen = []   # the residual stream entering layer 0: sharded along the sequence under SP and Ulysses
     layer0 = (model.module if hasattr(model, "module") else model).model.layers[0]
     layer0.register_forward_pre_hook(lambda module, args: seen.append(tuple(to_local_shape(args[0]))))
-    with loss_context(tensor_parallel):
-        logits = model(input_ids=input_ids).logits
-    expected = seq_len // world if mode in ("tp_sp", "ulysses") else seq_len
-    assert seen[0][1] == expected, f"{mode}: layer 0 saw {seen[0]}, expected {expected} positions per rank"
-    with loss_context(tensor_parallel):
-        loss = mean_nll(logits, input_ids)
+    if mode == "ulysses_nll":   # the LM loss scored on each rank's shard, the logits never gathered
+        from lowbit.objectives.base import next_token_nll
+        nll, count = next_token_nll(model, input_ids)
+        loss = nll / count
         loss.backward()
+        logits = ref_logits
+    else:
+        with loss_context(tensor_parallel):
+            logits = model(input_ids=input_ids).logits
+        with loss_context(tensor_parallel):
+            loss = mean_nll(logits, input_ids)
+            loss.backward()
+    expected = seq_len // world if mode in ("tp_sp", "ulysses", "ulysses_nll") else seq_len
+    assert seen[0][1] == expected, f"{mode}: layer 0 saw {seen[0]}, expected {expected} positions per rank"
     results = {"mode": f"{mode}@{recipe}" if recipe else mode,
                "logits": relative_error(to_local(logits.detach()), ref_logits.detach()),
                "loss": relative_error(to_local(loss.detach()), ref_loss.detach())}

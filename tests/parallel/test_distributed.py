@@ -15,7 +15,7 @@ RTOL = 1e-5
 QUANTIZED = ["tp@fp8_rowwise", "tp_sp@fp8_tensorwise", "tp@fp8_blockwise", "tp_sp@nvfp4", "tp@fp4_vectorwise+dge"]
 LINEAR = [f"linear@{r}" for r in ("fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "nvfp4", "mxfp4",
                                   "fp4_vectorwise+dge+occ")]
-MODES = ["tp", "tp_sp", "ulysses", *QUANTIZED, *LINEAR]
+MODES = ["tp", "tp_sp", "ulysses", "ulysses_nll", *QUANTIZED, *LINEAR]
 
 
 @pytest.mark.slow
