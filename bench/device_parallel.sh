@@ -28,13 +28,16 @@ case "${1:-bench}" in
     bench 2 --layout tp2
     bench 2 --layout tp2 --precision fp8_rowwise
     bench 2 --layout ulysses2 ;;
-  trainer)
+  trainer|trainer_tp|trainer_zero)
     T2="torchrun --standalone --nproc_per_node=2"
     small="trainer.global_batch_size=8 trainer.micro_batch_size=2 trainer.eval_every=10 trainer.save_every=-1"
+    if [ "$1" != trainer_zero ]; then
     train "$T2" +exp=bf16_llama parallel=tp2 $small trainer.max_steps=10 run_name=tp2_bf16
     train "$T2" +exp=fp8_llama parallel=tp2 $small trainer.max_steps=10 run_name=tp2_fp8
     train "$T2" +exp=bf16_llama parallel=ulysses2 data.seq_len=${ULYSSES_SEQ:-131072} trainer.global_batch_size=1 \
       trainer.micro_batch_size=1 trainer.max_steps=4 trainer.eval_every=4 trainer.eval_batches=1 trainer.save_every=-1 run_name=ulysses2_long
+    fi
+    [ "$1" = trainer_tp ] && exit 0
     z3="trainer.global_batch_size=8 trainer.micro_batch_size=2 trainer.eval_every=5 trainer.save_every=5 run_name=zero3_fp8"
     train "$T2" +exp=fp8_llama parallel=zero3 $z3 trainer.max_steps=5
     train "$T2" +exp=fp8_llama parallel=zero3 $z3 trainer.max_steps=10 trainer.resume=auto

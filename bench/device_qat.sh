@@ -1,35 +1,70 @@
 #!/usr/bin/env bash
 # Issue 5 on the GPU (device tool), from the repo root, `.whl` and `.carry` carried (bench/device_env.sh).
 # The GGUF model in $MODEL_DIR, Gutenberg in $DATA_DIR ({train,valid}.jsonl.gz). Writes under $OUT.
-#   bench/device_qat.sh throughput GPU          QAT step (teacher forward included) vs plain bf16 fine-tuning
-#                                               of the same architecture (random init: same shapes and cost)
+#   bench/device_qat.sh throughput GPU LABEL OVERRIDES...   QAT step (teacher forward included) or plain bf16
+#                                               fine-tuning of the same architecture (random init: same shapes and cost)
+#   bench/device_qat.sh check GPU              compiled vs eager fake quantization, bit for bit
+#   bench/device_qat.sh launch GPU SPEC / wait GPU SPEC [SECONDS]   background QAT runs (lines "GPU NAME FORMAT LOSS=W ...")
 #   bench/device_qat.sh train GPU NAME FORMAT LOSSES...   one QAT run on the SmolLM2 GGUF, e.g. ... 0 bd_int3 int3 cakld=1
 #   bench/device_qat.sh table GPU FORMAT RUN...           the perplexity table on the validation file
 set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; MODEL_DIR=${MODEL_DIR:-/root/model}; DATA_DIR=${DATA_DIR:-/root/data}; mkdir -p "$OUT"
-RUNS=${RUNS:-/root/runs}
+RUNS=${RUNS:-/root/runs}; mkdir -p "$RUNS"
 gguf="model.name_or_path=$MODEL_DIR model.tokenizer=$MODEL_DIR"
 what=$1; gpu=$2; shift 2
 export CUDA_VISIBLE_DEVICES=$gpu
 case "$what" in
-  throughput)
-    q="model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer data.sources=[$DATA_DIR/valid.jsonl.gz]
-       data.val_sources=[] logger=console trainer.max_steps=40 trainer.eval_every=1000 trainer.save_every=-1
-       trainer.resume=none"
-    for compile in false true; do
-      python3 train.py +exp=bitdistill $q model.compile=$compile run_name=qat_$compile run_dir=$RUNS/tp_qat_$compile 2>&1 \
-        | grep -E "step (1|10|20|30|40):|run |Error|Traceback" | sed "s/^/qat compile=$compile /"
-      python3 train.py +exp=bitdistill objective=lm $q model.compile=$compile run_name=bf16_$compile run_dir=$RUNS/tp_bf16_$compile 2>&1 \
-        | grep -E "step (1|10|20|30|40):|run |Error|Traceback" | sed "s/^/bf16 compile=$compile /"
-    done ;;
+  check)    # compiled vs eager fake quantization on this GPU, SmolLM2's four weight shapes, bit for bit
+    python3 - <<'PY'
+import torch
+from torch import nn
+from lowbit.quant.fake_quant import make_format
+from lowbit.quant.linear import FakeQuantLinear
+for name in ("int3", "int2"):
+    fmt = make_format(name, 128, partial_groups=True)
+    for out_f, in_f in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
+        layer = FakeQuantLinear(nn.Linear(in_f, out_f, bias=False), fmt).cuda()
+        layer.clip_ratio.uniform_(0.5, 1.0)
+        eager = layer.quantized_weight()
+        layer.compiled = True
+        fused = layer.quantized_weight()
+        print(f"{name} {out_f}x{in_f}: compiled != eager in {(eager != fused).sum().item()} of {eager.numel()} weights")
+PY
+    ;;
+  throughput)   # LABEL OVERRIDES...: 40 steps of the SmolLM2-135M architecture (random init) on the corpus' valid file;
+                # e.g. "qat +exp=bitdistill" or "bf16 +exp=bitdistill objective=lm" (plain fine-tuning, same model)
+    label=$1; shift
+    mkdir -p "$RUNS"
+    python3 train.py model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer "data.sources=[$DATA_DIR/valid.jsonl.gz]" \
+      data.val_sources=[] logger=console trainer.max_steps=40 trainer.eval_every=1000 trainer.save_every=-1 \
+      trainer.resume=none "$@" run_name=tp_$label run_dir=$RUNS/tp_$label 2>&1 \
+      | grep -E "step (1|10|20|30|40):|run |Error|Traceback" | sed "s/^/$label /" ;;
+  launch)   # SPEC lines "GPU NAME FORMAT LOSS=W ..." from $1: each run in its own session (outlives this call)
+    while read -r g name format losses; do
+      [ -z "$g" ] && continue
+      setsid nohup bash bench/device_qat.sh train "$g" "$name" "$format" $losses > /dev/null 2>&1 < /dev/null &
+      sleep 2
+    done < "$1" ;;
+  wait)     # until every run named in $1 has its packed export (or $2 seconds pass); then their last lines
+    deadline=$((SECONDS + ${2:-540}))
+    while [ $SECONDS -lt $deadline ]; do
+      left=0
+      while read -r g name rest; do [ -z "$g" ] || [ -f "$RUNS/$name/quantized/model.safetensors" ] || left=$((left + 1)); done < "$1"
+      [ $left -eq 0 ] && break
+      sleep 10
+    done
+    while read -r g name rest; do [ -z "$g" ] && continue
+      echo "== $name"; grep -E "step [0-9]*(00|50):|val loss|Error|Traceback|packed" "$RUNS/$name.log" | tail -8
+    done < "$1" ;;
   train)
     name=$1; format=$2; shift 2
-    losses="objective.kd.losses.cakld=0"
+    losses=""; case " $* " in *" cakld="*) ;; *) losses="objective.kd.losses.cakld=0" ;; esac
     for l in "$@"; do losses="$losses objective.kd.losses.$l"; done
     python3 train.py +exp=bitdistill $gguf "data.sources=[$DATA_DIR/train.jsonl.gz]" "data.val_sources=[$DATA_DIR/valid.jsonl.gz]" \
-      logger=console objective.qat.format=$format $losses run_name=$name run_dir=$RUNS/$name ${QAT_EXTRA:-} > "$OUT/$name.log" 2>&1
-    grep -E "step [0-9]*0:|val|Error|Traceback|packed" "$OUT/$name.log" | tail -20 ;;
+      logger=console objective.qat.format=$format $losses run_name=$name run_dir=$RUNS/$name \
+      $(cat /root/qat_extra 2>/dev/null) ${QAT_EXTRA:-} > "$RUNS/$name.log" 2>&1
+    ;;
   table)
     format=$1; shift
     runs=(); for r in "$@"; do runs+=(--run "$r=$RUNS/$r/quantized/model.safetensors"); done

@@ -88,6 +88,7 @@ class QATConfig:
     clip_grid: int = 20             # ratios tried: 1 - k/clip_grid for k = 0 .. clip_max_shrink * clip_grid
     clip_max_shrink: float = 0.5
     learnable_clip: bool = False    # clip values become trainable parameters, initialised by the search
+    compile: str = "auto"           # torch.compile the fake quantization and KD losses: auto (on CUDA) | true | false
 
 
 @dataclass

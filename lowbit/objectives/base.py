@@ -50,6 +50,10 @@ class Objective:
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
+    def frozen_models(self) -> list[nn.Module]:
+        """Models the objective runs beside the trained one (a KD teacher): compiled with it (model.compile)."""
+        return []
+
     def check_parallel(self, cfg) -> None:
         """Raise, naming the setting and the fix, for a parallel layout (ParallelConfig) this objective cannot
         run under; called before any process-group work on the model."""

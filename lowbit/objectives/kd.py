@@ -67,11 +67,31 @@ def cakld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, confidence
 
     The log-softmaxes are shared by both terms; gamma = 0 / 1 gives forward_kl / reverse_kl bit for bit.
     """
+    check_confidence(confidence)
+    return _cakld(student_logits, teacher_logits, confidence, temperature)
+
+
+def check_confidence(confidence: float) -> None:
     if not 0.0 <= confidence <= 1.0:
         raise ValueError(f"CAKLD confidence {confidence} is outside [0, 1]; set objective.kd.confidence in [0, 1] "
                          f"or < 0 to measure it")
+
+
+def _cakld(student_logits, teacher_logits, confidence, temperature: float) -> torch.Tensor:
     log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
     return (confidence * _kl(log_p_s, log_p_t) + (1.0 - confidence) * _kl(log_p_t, log_p_s)) * temperature ** 2
+
+
+_COMPILED: dict = {}
+
+
+def compiled_loss(name: str):
+    """The KD loss `name` under torch.compile (fused log-softmax / exp / KL over [N, V] instead of some
+    ten full passes in float32); CAKLD takes its confidence as a 0-dim tensor so gamma's value is no guard."""
+    if name not in _COMPILED:
+        fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "cakld": _cakld, "topk_kl": topk_kl}[name]
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]
 
 
 def topk_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
@@ -96,6 +116,9 @@ def next_token_confidence(teacher_logits: torch.Tensor, input_ids: torch.Tensor)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     target = input_ids[:, 1:].unsqueeze(-1)
     return log_p.gather(-1, target).exp().sum(), target.numel()
+
+
+KD_FUNCTIONS = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "topk_kl": topk_kl}
 
 
 # ---- the objective ----
@@ -146,6 +169,12 @@ class BitDistill(Objective):
                 self.teacher = load_teacher(cfg.kd, model)
         fmt = make_format(cfg.qat.format, cfg.qat.group_size, cfg.qat.partial_groups)
         names = attach_fake_quant(model, fmt, list(cfg.qat.include), list(cfg.qat.exclude), cfg.qat.learnable_clip)
+        if str(cfg.qat.compile).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"objective.qat.compile={cfg.qat.compile!r} is not auto, true or false")
+        self.compiled = str(cfg.qat.compile).lower() == "true" or (
+            str(cfg.qat.compile).lower() == "auto" and torch.cuda.is_available())
+        for layer in fake_quant_layers(model).values():
+            layer.compiled = self.compiled
         log.info("bitdistill: %d linears fake-quantized to %s (group %d); losses %s; teacher %s", len(names),
                  fmt.name, fmt.group_size, self.weights, "none" if self.teacher is None else cfg.kd.teacher or "copy")
         self.calibration_checked = False
@@ -204,22 +233,29 @@ class BitDistill(Objective):
                                  f"use a teacher with the student's vocabulary")
             teacher = teacher_logits.flatten(0, 1)
         temperature = self.kd.temperature
+        loss_fn = compiled_loss if self.compiled else (lambda name: KD_FUNCTIONS[name])
         for name, weight in self.weights.items():
             if name == "ce":
                 term = F.cross_entropy(student.float(), input_ids[:, 1:].flatten())
-            elif name == "forward_kl":
-                term = forward_kl(student, teacher, temperature)
-            elif name == "reverse_kl":
-                term = reverse_kl(student, teacher, temperature)
+            elif name in ("forward_kl", "reverse_kl"):
+                term = loss_fn(name)(student, teacher, temperature)
             elif name == "cakld":
                 gamma = self._gamma(teacher_logits, input_ids)
                 metrics["kd/confidence"] = gamma
-                term = cakld(student, teacher, gamma, temperature)
+                if self.compiled:
+                    check_confidence(gamma)
+                    term = compiled_loss("cakld")(student, teacher, torch.tensor(gamma, device=student.device),
+                                                  temperature)
+                else:
+                    term = cakld(student, teacher, gamma, temperature)
             else:
-                term = topk_kl(student, teacher, self.kd.topk, temperature)
+                term = loss_fn(name)(student, teacher, self.kd.topk, temperature)
             metrics[f"kd/{name}"] = term.detach().item()
             total = total + weight * term
         return total, metrics
+
+    def frozen_models(self) -> list[nn.Module]:
+        return [] if self.teacher is None else [self.teacher]
 
     def check_parallel(self, cfg) -> None:
         """The clipping search and the packed export read whole weight matrices, and the KL compares

@@ -96,7 +96,8 @@ def run(cfg: DictConfig) -> TrainState:
     model = precision.apply(model, cfg.precision)                                  # 4
     model.to(world.device)
     if cfg.model.compile:
-        compile_layers(model)
+        for compiled in (model, *objective.frozen_models()):
+            compile_layers(compiled)
     model = parallel.apply(model, world, cfg.parallel)                             # 5
     if cfg.memory.checkpointing != "none" and not objective.supports_activation_checkpointing:
         raise ValueError(f"objective.name={cfg.objective.name} does not support memory.checkpointing="
