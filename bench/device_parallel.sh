@@ -34,7 +34,7 @@ case "${1:-bench}" in
     if [ "$1" != trainer_zero ]; then
     train "$T2" +exp=bf16_llama parallel=tp2 $small trainer.max_steps=10 run_name=tp2_bf16
     train "$T2" +exp=fp8_llama parallel=tp2 $small trainer.max_steps=10 run_name=tp2_fp8
-    train "$T2" +exp=bf16_llama parallel=ulysses2 data.seq_len=${ULYSSES_SEQ:-131072} trainer.global_batch_size=1 \
+    train "$T2" +exp=bf16_llama parallel=ulysses2 data.seq_len=${ULYSSES_SEQ:-65536} model.config.max_position_embeddings=131072 trainer.global_batch_size=1 \
       trainer.micro_batch_size=1 trainer.max_steps=4 trainer.eval_every=4 trainer.eval_batches=1 trainer.save_every=-1 run_name=ulysses2_long
     fi
     [ "$1" = trainer_tp ] && exit 0
