@@ -42,4 +42,10 @@ case "${1:-bench}" in
     train "$T2" +exp=fp8_llama parallel=zero3 $z3 trainer.max_steps=5
     train "$T2" +exp=fp8_llama parallel=zero3 $z3 trainer.max_steps=10 trainer.resume=auto
     train "deepspeed --num_gpus=2 --no_local_rank" +exp=fp8_llama parallel=zero2 $small trainer.max_steps=6 run_name=ds_zero2 ;;
+  zero3)     # ZeRO-3 with the fp8 linears: 5 steps and a checkpoint, then resumed to 8 and exported
+    T2="torchrun --standalone --nproc_per_node=2"
+    z3="trainer.global_batch_size=8 trainer.micro_batch_size=2 trainer.eval_every=5 trainer.save_every=5 run_name=zero3_fp8"
+    train "$T2" +exp=fp8_llama parallel=zero3 $z3 trainer.max_steps=5
+    train "$T2" +exp=fp8_llama parallel=zero3 $z3 trainer.max_steps=8 trainer.resume=auto trainer.export=true
+    ls -la runs/zero3_fp8/export | head ;;
 esac

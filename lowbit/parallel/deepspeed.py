@@ -144,9 +144,11 @@ def checkpoint_views(model: nn.Module, plain: nn.Module, optimizer):
     `plain` is the unwrapped model. Sharded (DTensor) or DeepSpeed flat-buffer parameters get views
     holding full tensors (lowbit.parallel.full_state); a plain model passes through.
     """
-    from lowbit.parallel.full_state import FullOptimizerView, FullStateView, has_dtensor_parameters
-    if isinstance(model, EngineModel):
-        return FullStateView(plain), optimizer       # the engine saves its own optimizer partitions
+    from lowbit.parallel.full_state import FullOptimizerView, FullStateView, GatheredStateView, has_dtensor_parameters
+    if isinstance(model, EngineModel):               # the engine saves its own optimizer partitions
+        if any(hasattr(p, "ds_id") for p in plain.parameters()):     # ZeRO-3: partitioned parameters
+            return GatheredStateView(plain), optimizer
+        return FullStateView(plain), optimizer
     if has_dtensor_parameters(plain):
         return FullStateView(plain), FullOptimizerView(optimizer)
     return plain, optimizer

@@ -46,6 +46,28 @@ class FullStateView(nn.Module):
         return self.inner.load_state_dict({k: _like(v, live.get(k)) for k, v in state_dict.items()}, strict=strict)
 
 
+class GatheredStateView(nn.Module):
+    """FullStateView for DeepSpeed ZeRO-3, whose parameters are partitioned flat slices (the module's own
+    tensors are empty): state_dict gathers the full tensors on every rank (a collective) through
+    deepspeed.zero.GatheredParameters; load_state_dict writes them back the same way (rank 0's values,
+    re-partitioned when the context exits)."""
+
+    def __init__(self, module: nn.Module):
+        import deepspeed
+        super().__init__()
+        object.__setattr__(self, "inner", module)
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            self._state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self._state)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(self.inner.parameters()), modifier_rank=0):
+            return self.inner.load_state_dict(state_dict, strict=strict)
+
+
 class FullOptimizerView:
     """The optimizer's state with DTensor moments gathered to full tensors (on every rank, at creation),
     and loaded back sliced like their parameters."""

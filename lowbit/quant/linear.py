@@ -104,8 +104,17 @@ def compiled_fake_quant_weight():
     which made a QAT step of SmolLM2-135M launch-bound on an H200 (3.5x slower than bf16 fine-tuning)."""
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = torch.compile(fake_quant_weight, dynamic=False)
+        _COMPILED = torch.compile(fake_quant_weight, dynamic=False, options=eager_division_options())
     return _COMPILED
+
+
+def eager_division_options() -> dict:
+    """Inductor options that keep float32 division IEEE-rounded (Triton's `/` is the approximate div.full,
+    which moved the scales of ~20% of SmolLM2's weight groups by an ulp on an H200, so the packed export no
+    longer matched the trained forward bit for bit); empty where this torch has no such option."""
+    from torch._inductor import config
+    numerics = getattr(config, "eager_numerics", None)
+    return {"eager_numerics.division_rounding": True} if hasattr(numerics, "division_rounding") else {}
 
 
 def matches(name: str, include: list[str], exclude: list[str]) -> bool:

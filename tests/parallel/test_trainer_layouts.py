@@ -1,6 +1,6 @@
 """The real trainer under torchrun with 2 gloo processes (float32) gives the single-process losses:
-Ulysses=2, TP=2 + SP (through a checkpoint save/resume and the HF export), and DeepSpeed ZeRO-2 (resuming
-from its engine checkpoint)."""
+Ulysses=2, TP=2 + SP (through a checkpoint save/resume and the HF export), and DeepSpeed ZeRO-2 and ZeRO-3
+(resuming from the engine checkpoint; ZeRO-3 also exports)."""
 import json
 
 import pytest
@@ -56,6 +56,19 @@ def test_zero2_trains_and_resumes_with_single_process_losses(single_process, tmp
     assert (tmp_path / "checkpoints/step_00000002/deepspeed/engine").is_dir()
     torchrun(args + ["trainer.max_steps=4", "trainer.resume=auto"], nproc=2)    # steps 3-4 after the resume
     assert_same_losses(records(tmp_path), single_process, 4, "zero2")
+
+
+@pytest.mark.slow
+def test_zero3_trains_resumes_and_exports_with_single_process_losses(single_process, tmp_path):
+    # ZeRO-3 partitions the parameters themselves: lowbit's checkpoint and the HF export gather them
+    # (GatheredStateView); the resume writes them back and the engine restores its optimizer partitions.
+    args = COMMON + ["parallel=zero3", f"run_dir={tmp_path}", "trainer.save_every=2"]
+    torchrun(args + ["trainer.max_steps=2"], nproc=2)
+    torchrun(args + ["trainer.max_steps=4", "trainer.resume=auto", "trainer.export=true"], nproc=2)
+    assert_same_losses(records(tmp_path), single_process, 4, "zero3")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), framework="pt") as exported:
+        assert exported.get_slice("model.layers.0.mlp.up_proj.weight").get_shape() == [192, 64]   # gathered
 
 
 @pytest.mark.slow
