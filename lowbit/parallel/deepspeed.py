@@ -147,6 +147,9 @@ def checkpoint_views(model: nn.Module, plain: nn.Module, optimizer):
     from lowbit.parallel.full_state import FullOptimizerView, FullStateView, GatheredStateView, has_dtensor_parameters
     if isinstance(model, EngineModel):               # the engine saves its own optimizer partitions
         if any(hasattr(p, "ds_id") for p in plain.parameters()):     # ZeRO-3: partitioned parameters
+            # Settle the parameter prefetcher first: on a GPU the last forward (evaluation) leaves the next
+            # layers' all-gathers in flight, and re-partitioning a parameter in flight fails (seen on H200s).
+            model.module.empty_partition_cache()
             return GatheredStateView(plain), optimizer
         return FullStateView(plain), optimizer
     if has_dtensor_parameters(plain):
