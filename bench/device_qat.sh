@@ -67,7 +67,7 @@ PY
     for l in "$@"; do losses="$losses objective.kd.losses.$l"; done
     python3 train.py +exp=bitdistill $gguf "data.sources=[$DATA_DIR/train.jsonl.gz]" "data.val_sources=[$DATA_DIR/valid.jsonl.gz]" \
       logger=console objective.qat.format=$format $losses run_name=$name run_dir=$RUNS/$name \
-      $(cat /root/qat_extra 2>/dev/null) ${QAT_EXTRA:-} > "$RUNS/$name.log" 2>&1
+      ${QAT_EXTRA:-} > "$RUNS/$name.log" 2>&1
     ;;
   table)
     format=$1; shift
