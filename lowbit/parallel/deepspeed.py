@@ -26,8 +26,14 @@ log = logging.getLogger("lowbit")
 
 
 def engine_config(cfg: ParallelConfig, trainer: TrainerConfig, optim: OptimConfig, grad_accum: int,
-                  world_size: int, bf16: bool) -> dict:
-    """The DeepSpeed JSON config for this run (a user file from parallel.deepspeed_config, or generated)."""
+                  world_size: int, bf16: bool, autocast: torch.dtype | None = None) -> dict:
+    """The DeepSpeed JSON config for this run (a user file from parallel.deepspeed_config, or generated).
+
+    autocast: the dtype of the trainer's torch.autocast, if any. DeepSpeed's forward *disables* an autocast
+    entered outside it unless its own `torch_autocast` section is on (deepspeed/runtime/torch_autocast.py),
+    which made every DeepSpeed run compute in float32 (on 2 H200s: llama_1b at 106-114 GiB per GPU, SDPA's
+    math kernel instead of flash). So the section is set to the same dtype, with no module's gradients
+    communicated in low precision (lower_precision_safe_modules empty: float32 reduction, as under DDP)."""
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
         if not path.is_file():
@@ -46,6 +52,9 @@ def engine_config(cfg: ParallelConfig, trainer: TrainerConfig, optim: OptimConfi
                   "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
         if bf16:
             config["bf16"] = {"enabled": True}
+    if autocast is not None:
+        config["torch_autocast"] = {"enabled": True, "dtype": str(autocast).removeprefix("torch."),
+                                    "lower_precision_safe_modules": []}
     config.update({"train_micro_batch_size_per_gpu": trainer.micro_batch_size,
                    "gradient_accumulation_steps": grad_accum,
                    "train_batch_size": trainer.micro_batch_size * grad_accum * world_size})

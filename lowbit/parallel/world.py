@@ -174,5 +174,17 @@ def deepspeed_engine(model: nn.Module, optimizer, cfg, world: World, grad_accum:
     Compute stays in lowbit's hands: fp32 master weights with the trainer's autocast, not DeepSpeed's bf16 mode.
     """
     from lowbit.parallel.deepspeed import build_engine, engine_config
-    config = engine_config(cfg.parallel, cfg.trainer, cfg.optim, grad_accum, world.dp_size, bf16=False)
+    config = engine_config(cfg.parallel, cfg.trainer, cfg.optim, grad_accum, world.dp_size, bf16=False,
+                           autocast=mixed_precision_dtype(cfg.trainer.mixed_precision, world.device.type))
     return build_engine(model, optimizer, config)
+
+
+def mixed_precision_dtype(mode: str, device_type: str) -> torch.dtype | None:
+    """The trainer's autocast dtype for trainer.mixed_precision (auto: bf16 on CUDA, none elsewhere)."""
+    if mode == "auto":
+        mode = "bf16" if device_type == "cuda" else "none"
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "none":
+        return None
+    raise ValueError(f"trainer.mixed_precision={mode!r} is not known; use auto, bf16 or none")

@@ -52,14 +52,11 @@ class Trainer:
         self.autocast = self._autocast_context()
 
     def _autocast_context(self):
-        mode = self.cfg.mixed_precision
-        if mode == "auto":
-            mode = "bf16" if self.world.device.type == "cuda" else "none"
-        if mode == "bf16":
-            return lambda: torch.autocast(self.world.device.type, dtype=torch.bfloat16)
-        if mode == "none":
+        from lowbit.parallel.world import mixed_precision_dtype
+        dtype = mixed_precision_dtype(self.cfg.mixed_precision, self.world.device.type)
+        if dtype is None:
             return contextlib.nullcontext
-        raise ValueError(f"trainer.mixed_precision={mode!r} is not known; use auto, bf16 or none")
+        return lambda: torch.autocast(self.world.device.type, dtype=dtype)
 
     def fit(self) -> TrainState:
         cfg = self.cfg
