@@ -42,14 +42,11 @@ class FakeQuantLinear(nn.Linear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
                 f"group_size={self.fmt.group_size}, learnable_clip={self.learnable_clip}")
 
-    def clip_range(self, grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lo, hi) [out, n_groups]: learnable values, else the clip ratio times the group's current range (no grad)."""
+    def clip_tensors(self) -> tuple:
+        """(clip_ratio, clip_lo, clip_hi) as `clip_bounds` takes them (None where the layer has no such tensor)."""
         if self.learnable_clip:
-            if self.fmt.name == "fp4_e2m1":
-                return -self.clip_hi, self.clip_hi
-            return self.clip_lo, self.clip_hi
-        lo, hi = group_range(grouped, self.fmt)
-        return lo * self.clip_ratio, hi * self.clip_ratio
+            return None, getattr(self, "clip_lo", None), self.clip_hi
+        return self.clip_ratio, None, None
 
     def set_clip_ratio(self, ratio: torch.Tensor) -> None:
         """Install searched ratios [out, n_groups]; learnable clip values restart from ratio * range."""
@@ -65,16 +62,13 @@ class FakeQuantLinear(nn.Linear):
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight [out, in] (float32, differentiable through the STE)."""
         fn = compiled_fake_quant_weight() if self.compiled else fake_quant_weight
-        if self.learnable_clip:
-            return fn(self.weight, self.fmt, None, getattr(self, "clip_lo", None), self.clip_hi)
-        return fn(self.weight, self.fmt, self.clip_ratio, None, None)
+        return fn(self.weight, self.fmt, *self.clip_tensors())
 
     def quantized_codes(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(codes uint8 [out, n_groups, group_size], per-group parameters) of the current weight."""
         with torch.no_grad():
             grouped = to_groups(self.weight, self.fmt)
-            lo, hi = self.clip_range(grouped)
-            return quantize(grouped, lo, hi, self.fmt)
+            return quantize(grouped, *clip_bounds(grouped, self.fmt, *self.clip_tensors()), self.fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -88,12 +82,18 @@ def fake_quant_weight(weight: torch.Tensor, fmt: QuantFormat, clip_ratio: torch.
     (clip_lo, clip_hi) (e2m1: [-clip_hi, clip_hi]). A pure function of tensors, so that one compiled graph
     serves every layer of a shape (`compiled_fake_quant_weight`)."""
     grouped = to_groups(weight, fmt)
-    if clip_hi is None:
-        lo, hi = group_range(grouped, fmt)
-        lo, hi = lo * clip_ratio, hi * clip_ratio
-    else:
-        lo, hi = (-clip_hi, clip_hi) if clip_lo is None else (clip_lo, clip_hi)
+    lo, hi = clip_bounds(grouped, fmt, clip_ratio, clip_lo, clip_hi)
     return from_groups(fake_quantize(grouped, lo, hi, fmt), weight.shape[1])
+
+
+def clip_bounds(grouped: torch.Tensor, fmt: QuantFormat, clip_ratio: torch.Tensor | None,
+                clip_lo: torch.Tensor | None, clip_hi: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) [out, n_groups]: the learnable values (e2m1: [-clip_hi, clip_hi]), else clip_ratio times the
+    group's current range (no gradient)."""
+    if clip_hi is not None:
+        return (-clip_hi, clip_hi) if clip_lo is None else (clip_lo, clip_hi)
+    lo, hi = group_range(grouped, fmt)
+    return lo * clip_ratio, hi * clip_ratio
 
 
 _COMPILED = None
