@@ -89,8 +89,7 @@ def compiled_loss(name: str):
     """The KD loss `name` under torch.compile (fused log-softmax / exp / KL over [N, V] instead of some
     ten full passes in float32); CAKLD takes its confidence as a 0-dim tensor so gamma's value is no guard."""
     if name not in _COMPILED:
-        fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "cakld": _cakld, "topk_kl": topk_kl}[name]
-        _COMPILED[name] = torch.compile(fn, dynamic=False)
+        _COMPILED[name] = torch.compile(KD_FUNCTIONS[name], dynamic=False)
     return _COMPILED[name]
 
 
@@ -118,7 +117,7 @@ def next_token_confidence(teacher_logits: torch.Tensor, input_ids: torch.Tensor)
     return log_p.gather(-1, target).exp().sum(), target.numel()
 
 
-KD_FUNCTIONS = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "topk_kl": topk_kl}
+KD_FUNCTIONS = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "cakld": _cakld, "topk_kl": topk_kl}
 
 
 # ---- the objective ----
@@ -233,23 +232,21 @@ class BitDistill(Objective):
                                  f"use a teacher with the student's vocabulary")
             teacher = teacher_logits.flatten(0, 1)
         temperature = self.kd.temperature
-        loss_fn = compiled_loss if self.compiled else (lambda name: KD_FUNCTIONS[name])
         for name, weight in self.weights.items():
+            fn = None if name == "ce" else compiled_loss(name) if self.compiled else KD_FUNCTIONS[name]
             if name == "ce":
                 term = F.cross_entropy(student.float(), input_ids[:, 1:].flatten())
-            elif name in ("forward_kl", "reverse_kl"):
-                term = loss_fn(name)(student, teacher, temperature)
             elif name == "cakld":
                 gamma = self._gamma(teacher_logits, input_ids)
+                check_confidence(gamma)
                 metrics["kd/confidence"] = gamma
-                if self.compiled:
-                    check_confidence(gamma)
-                    term = compiled_loss("cakld")(student, teacher, torch.tensor(gamma, device=student.device),
-                                                  temperature)
-                else:
-                    term = cakld(student, teacher, gamma, temperature)
+                # compiled: gamma as a 0-dim tensor, so that its changing value is no recompilation guard
+                term = fn(student, teacher, torch.tensor(gamma, device=student.device) if self.compiled else gamma,
+                          temperature)
+            elif name == "topk_kl":
+                term = fn(student, teacher, self.kd.topk, temperature)
             else:
-                term = loss_fn(name)(student, teacher, self.kd.topk, temperature)
+                term = fn(student, teacher, temperature)
             metrics[f"kd/{name}"] = term.detach().item()
             total = total + weight * term
         return total, metrics
