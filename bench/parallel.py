@@ -5,8 +5,8 @@ No Hydra: runs on the device image with the wheelhouse. One process per GPU, e.g
   torchrun --nproc_per_node=2 bench/parallel.py --layout tp2 --precision fp8_rowwise
   torchrun --nproc_per_node=2 bench/parallel.py --layout ulysses2 --find-max-seq
 Prints (and appends to $OUT/parallel.jsonl when OUT is set) one JSON row per measurement:
-tokens/s per GPU at --seq-len, and with --find-max-seq the longest power-of-two sequence (x --batch)
-whose forward+backward+AdamW step fits. Compare rows of one run/device: ratio = layout / single.
+tokens/s per GPU at --seq-len, and with --find-max-seq the longest power-of-two sequence (from
+--search-from, at --search-batch sequences) whose forward+backward+AdamW step fits. Compare rows of one run/device: ratio = layout / single.
 """
 from __future__ import annotations
 
