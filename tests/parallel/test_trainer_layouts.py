@@ -24,6 +24,20 @@ def assert_same_losses(got: dict, reference: dict, steps: int, label: str) -> No
         assert abs(got[key] - reference[key]) <= RTOL * abs(reference[key]), (label, key, got, reference)
 
 
+def save_resume_export(single_process: dict, run_dir, layout: str, steps: int) -> None:
+    """Train 2 steps and save, resume to `steps` and export, on 2 processes; losses = one process's."""
+    args = COMMON + [f"parallel={layout}", f"run_dir={run_dir}", "trainer.save_every=2"]
+    torchrun(args + ["trainer.max_steps=2"], nproc=2)
+    torchrun(args + [f"trainer.max_steps={steps}", "trainer.resume=auto", "trainer.export=true"], nproc=2)
+    assert_same_losses(records(run_dir), single_process, steps, layout)
+
+
+def exported_shape(run_dir, name: str) -> list[int]:
+    from safetensors import safe_open
+    with safe_open(str(run_dir / "export" / "model.safetensors"), framework="pt") as exported:
+        return exported.get_slice(name).get_shape()
+
+
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory) -> dict:
     run_dir = tmp_path_factory.mktemp("single")
@@ -40,13 +54,8 @@ def test_ulysses_trains_with_single_process_losses(single_process, tmp_path):
 @pytest.mark.slow
 def test_tp_sp_trains_saves_resumes_and_exports_with_single_process_losses(single_process, tmp_path):
     # The checkpoint holds full tensors gathered from the DTensor shards; the resumed run slices them again.
-    args = COMMON + ["parallel=tp2_sp", f"run_dir={tmp_path}", "trainer.save_every=2"]
-    torchrun(args + ["trainer.max_steps=2"], nproc=2)
-    torchrun(args + ["trainer.max_steps=3", "trainer.resume=auto", "trainer.export=true"], nproc=2)
-    assert_same_losses(records(tmp_path), single_process, 3, "tp2_sp")
-    from safetensors import safe_open
-    with safe_open(str(tmp_path / "export" / "model.safetensors"), framework="pt") as exported:
-        assert exported.get_slice("model.layers.0.self_attn.q_proj.weight").get_shape() == [64, 64]   # full, not a shard
+    save_resume_export(single_process, tmp_path, "tp2_sp", 3)
+    assert exported_shape(tmp_path, "model.layers.0.self_attn.q_proj.weight") == [64, 64]   # full, not a shard
 
 
 @pytest.mark.slow
@@ -62,13 +71,8 @@ def test_zero2_trains_and_resumes_with_single_process_losses(single_process, tmp
 def test_zero3_trains_resumes_and_exports_with_single_process_losses(single_process, tmp_path):
     # ZeRO-3 partitions the parameters themselves: lowbit's checkpoint and the HF export gather them
     # (GatheredStateView); the resume writes them back and the engine restores its optimizer partitions.
-    args = COMMON + ["parallel=zero3", f"run_dir={tmp_path}", "trainer.save_every=2"]
-    torchrun(args + ["trainer.max_steps=2"], nproc=2)
-    torchrun(args + ["trainer.max_steps=4", "trainer.resume=auto", "trainer.export=true"], nproc=2)
-    assert_same_losses(records(tmp_path), single_process, 4, "zero3")
-    from safetensors import safe_open
-    with safe_open(str(tmp_path / "export" / "model.safetensors"), framework="pt") as exported:
-        assert exported.get_slice("model.layers.0.mlp.up_proj.weight").get_shape() == [192, 64]   # gathered
+    save_resume_export(single_process, tmp_path, "zero3", 4)
+    assert exported_shape(tmp_path, "model.layers.0.mlp.up_proj.weight") == [192, 64]   # gathered
 
 
 @pytest.mark.slow
