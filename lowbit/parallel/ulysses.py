@@ -133,8 +133,8 @@ class UlyssesCausalLM(nn.Module):
         else:
             logits = _GatherSequence.apply(logits, self.group)
         if shard_nll:    # TP x Ulysses: the vocabulary-parallel cross-entropy on the gathered sequence
-            return CausalLMOutputWithPast(loss=F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                               input_ids[:, 1:].flatten(), reduction="sum"))
+            from lowbit.objectives.base import token_nll
+            return CausalLMOutputWithPast(loss=token_nll(logits, input_ids))
         return CausalLMOutputWithPast(logits=logits)
 
     def _shard_nll(self, logits: torch.Tensor, input_ids: torch.Tensor, start: int, u: int) -> torch.Tensor:

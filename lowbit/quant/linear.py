@@ -114,7 +114,9 @@ def use_eager_division() -> None:
 
     Process-wide, so that the lazily compiled backward graphs get it too. Measured on an H200 before this
     setting (2026-11-30): the compiled fake-quantized weights differed from the eager ones (the packed
-    export's) by at most 1 ulp (2.4e-7 relative) in ~19% of the weights of SmolLM2's INT3 layers."""
+    export's) by at most 1 ulp (2.4e-7 relative) in ~19% of the weights of SmolLM2's INT3 layers. Whether
+    this setting removes all of it is not yet checked on a GPU (Inductor also turns a division by a constant,
+    such as the scale's 1 / (2^b - 1), into a multiplication on GPUs)."""
     from torch._inductor import config
     numerics = getattr(config, "eager_numerics", None)
     if hasattr(numerics, "division_rounding"):
