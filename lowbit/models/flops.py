@@ -20,8 +20,12 @@ PEAK_FLOPS = {
 
 
 def matmul_parameters(model: nn.Module) -> int:
-    """Parameters that enter a matrix multiply per token: every Linear weight (lm_head included)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    """Parameters that enter a matrix multiply per token: every Linear weight (lm_head included).
+
+    A DTensor (TP, FSDP2) counts its global shape; a DeepSpeed ZeRO-3 partitioned weight, whose local tensor is
+    empty, counts its full size (`ds_numel`).
+    """
+    return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:

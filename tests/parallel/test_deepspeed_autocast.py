@@ -44,3 +44,16 @@ def test_engine_forward_runs_under_the_trainers_autocast(one_process_group, monk
     dtype, config = output_dtype(torch.bfloat16)
     assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert dtype == torch.bfloat16
+    # The same process group (see above): under ZeRO-3 the module's own weights are empty partitions, yet the
+    # FLOPs per token behind MFU must count the whole model (it logged 1/10 of the true MFU on 2 H200s).
+    from lowbit.models.flops import matmul_parameters
+    from lowbit.parallel.world import unwrap
+    from lowbit.parallel.deepspeed import build_engine, engine_config
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    full = matmul_parameters(model)
+    config = engine_config(ParallelConfig(data_parallel="deepspeed", zero_stage=3), TrainerConfig(
+        global_batch_size=2, micro_batch_size=2), OptimConfig(), grad_accum=1, world_size=1, bf16=False, autocast=None)
+    engine, _ = build_engine(model, torch.optim.AdamW(model.parameters()), config)
+    plain = unwrap(engine)
+    assert plain[0].weight.numel() == 0      # partitioned away
+    assert full == 8 * 16 + 16 * 4 and matmul_parameters(plain) == full
