@@ -94,14 +94,26 @@ def group_range(grouped: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, 
     return grouped.amin(dim=-1), grouped.amax(dim=-1)
 
 
-def scales_for(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat) -> dict[str, torch.Tensor]:
-    """Per-group parameters [out, n_groups] from a range: int: scale, zero; e2m1: scale; afpq: scale, scale_neg."""
+def scale_divisor(fmt: QuantFormat) -> float:
+    """What a group's range is divided by to give its scale: 2^b - 1 (int), 6 (the largest E2M1 magnitude)."""
+    return E2M1_MAX if fmt.is_fp4 else float(fmt.code_max)
+
+
+def scales_for(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat,
+               divisor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-group parameters [out, n_groups] from a range: int: scale, zero; e2m1: scale; afpq: scale, scale_neg.
+
+    divisor: `scale_divisor(fmt)` as a 0-d tensor, for compiled graphs: on GPUs Inductor turns a division by a
+    Python constant into a multiplication by its reciprocal (1/7 is inexact), which moves scales by 1 ulp away
+    from eager PyTorch and from the packed export; a division by a graph input stays an IEEE division.
+    """
+    d = scale_divisor(fmt) if divisor is None else divisor.float()
     if fmt.is_fp4:
-        scale = (hi / E2M1_MAX).clamp(min=SCALE_EPS)
+        scale = (hi / d).clamp(min=SCALE_EPS)
         if fmt.name == "fp4_e2m1":
             return {"scale": scale}
-        return {"scale": scale, "scale_neg": (-lo / E2M1_MAX).clamp(min=SCALE_EPS)}
-    scale = ((hi - lo) / fmt.code_max).clamp(min=SCALE_EPS)
+        return {"scale": scale, "scale_neg": (-lo / d).clamp(min=SCALE_EPS)}
+    scale = ((hi - lo) / d).clamp(min=SCALE_EPS)
     return {"scale": scale, "zero": torch.round(-lo / scale)}
 
 
@@ -112,14 +124,16 @@ def _e2m1_index(magnitude: torch.Tensor) -> torch.Tensor:
     return (magnitude.unsqueeze(-1) > midpoints).sum(-1)
 
 
-def quantize(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat):
+def quantize(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat,
+             divisor: torch.Tensor | None = None):
     """Codes uint8 [out, n_groups, group_size] and per-group parameters of `grouped` clipped to [lo, hi].
 
-    grouped: [out, n_groups, group_size] (any float dtype; computed in float32); lo, hi: [out, n_groups].
+    grouped: [out, n_groups, group_size] (any float dtype; computed in float32); lo, hi: [out, n_groups];
+    divisor: see `scales_for`.
     """
     w = grouped.detach().float()
     lo, hi = lo.detach().float(), hi.detach().float()
-    params = scales_for(lo, hi, fmt)
+    params = scales_for(lo, hi, fmt, divisor)
     clipped = torch.maximum(torch.minimum(w, hi.unsqueeze(-1)), lo.unsqueeze(-1))
     if not fmt.is_fp4:
         q = torch.round(clipped / params["scale"].unsqueeze(-1)) + params["zero"].unsqueeze(-1)
@@ -146,7 +160,7 @@ def dequantize(codes: torch.Tensor, params: dict[str, torch.Tensor], fmt: QuantF
 
 
 def _ste_surrogate(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat,
-                   exact: torch.Tensor) -> torch.Tensor:
+                   exact: torch.Tensor, divisor: torch.Tensor | None = None) -> torch.Tensor:
     """A differentiable expression whose value approximates `exact` and whose gradient is the STE's.
 
     Rounding is the identity in backward (BitDistiller's round_ste), so with x = clamp(w, lo, hi) / s:
@@ -157,7 +171,7 @@ def _ste_surrogate(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fm
     w = grouped.float()
     # where(), not min/max: a weight equal to a bound keeps its whole gradient (min/max would split it in half)
     clipped = torch.where(w > hi_, hi_, torch.where(w < lo_, lo_, w))
-    params = scales_for(lo_, hi_, fmt)
+    params = scales_for(lo_, hi_, fmt, divisor)
     scale = params["scale"]
     if fmt.name == "fp4_afpq":
         scale = torch.where(clipped.detach() < 0, params["scale_neg"], scale)
@@ -167,15 +181,16 @@ def _ste_surrogate(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fm
     return clipped + (rounded - x) * scale
 
 
-def fake_quantize(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+def fake_quantize(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat,
+                  divisor: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize [out, n_groups, group_size] float32 weights with the straight-through estimator.
 
     The value is exactly `dequantize(*quantize(...))` (the surrogate only adds its gradient: a - a == 0),
     so a fake-quantized model and its packed export produce identical logits.
     """
-    codes, params = quantize(grouped, lo, hi, fmt)
+    codes, params = quantize(grouped, lo, hi, fmt, divisor)
     exact = dequantize(codes, params, fmt)
     if not (grouped.requires_grad or lo.requires_grad or hi.requires_grad):
         return exact
-    surrogate = _ste_surrogate(grouped, lo, hi, fmt, exact)
+    surrogate = _ste_surrogate(grouped, lo, hi, fmt, exact, divisor)
     return exact + (surrogate - surrogate.detach())

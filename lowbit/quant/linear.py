@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.quant.fake_quant import QuantFormat, fake_quantize, from_groups, group_range, num_groups, quantize, to_groups
+from lowbit.quant.fake_quant import (QuantFormat, fake_quantize, from_groups, group_range, num_groups, quantize,
+                                     scale_divisor, to_groups)
 
 
 class FakeQuantLinear(nn.Linear):
@@ -31,6 +32,8 @@ class FakeQuantLinear(nn.Linear):
         device = linear.weight.device
         self.register_buffer("clip_ratio", torch.ones(self.out_features, groups, device=device))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool, device=device))
+        # The scale's divisor as a tensor: a graph input of the compiled fake quantization (see scales_for)
+        self.register_buffer("scale_divisor", torch.tensor(scale_divisor(fmt), device=device), persistent=False)
         self.learnable_clip = learnable_clip
         if learnable_clip:
             lo, hi = group_range(to_groups(self.weight.detach(), fmt), fmt)
@@ -62,7 +65,7 @@ class FakeQuantLinear(nn.Linear):
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight [out, in] (float32, differentiable through the STE)."""
         fn = compiled_fake_quant_weight() if self.compiled else fake_quant_weight
-        return fn(self.weight, self.fmt, *self.clip_tensors())
+        return fn(self.weight, self.fmt, *self.clip_tensors(), self.scale_divisor)
 
     def quantized_codes(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(codes uint8 [out, n_groups, group_size], per-group parameters) of the current weight."""
@@ -77,13 +80,14 @@ class FakeQuantLinear(nn.Linear):
 
 
 def fake_quant_weight(weight: torch.Tensor, fmt: QuantFormat, clip_ratio: torch.Tensor | None,
-                      clip_lo: torch.Tensor | None, clip_hi: torch.Tensor | None) -> torch.Tensor:
+                      clip_lo: torch.Tensor | None, clip_hi: torch.Tensor | None,
+                      divisor: torch.Tensor | None = None) -> torch.Tensor:
     """The fake-quantized [out, in] weight: range = clip_ratio x each group's [min, max], or the learnable
     (clip_lo, clip_hi) (e2m1: [-clip_hi, clip_hi]). A pure function of tensors, so that one compiled graph
     serves every layer of a shape (`compiled_fake_quant_weight`)."""
     grouped = to_groups(weight, fmt)
     lo, hi = clip_bounds(grouped, fmt, clip_ratio, clip_lo, clip_hi)
-    return from_groups(fake_quantize(grouped, lo, hi, fmt), weight.shape[1])
+    return from_groups(fake_quantize(grouped, lo, hi, fmt, divisor), weight.shape[1])
 
 
 def clip_bounds(grouped: torch.Tensor, fmt: QuantFormat, clip_ratio: torch.Tensor | None,
@@ -116,7 +120,8 @@ def use_eager_division() -> None:
     setting (2026-11-30): the compiled fake-quantized weights differed from the eager ones (the packed
     export's) by at most 1 ulp (2.4e-7 relative) in ~19% of the weights of SmolLM2's INT3 layers. Whether
     this setting removes all of it is not yet checked on a GPU (Inductor also turns a division by a constant,
-    such as the scale's 1 / (2^b - 1), into a multiplication on GPUs)."""
+    such as the scale's 1 / (2^b - 1), into a multiplication on GPUs: `FakeQuantLinear` passes that divisor
+    as a tensor, a graph input, so it stays a division; re-check on a GPU with `bench/device_qat.sh check`)."""
     from torch._inductor import config
     numerics = getattr(config, "eager_numerics", None)
     if hasattr(numerics, "division_rounding"):

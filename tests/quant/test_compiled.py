@@ -78,3 +78,34 @@ def test_a_bad_compile_setting_is_refused_by_name():
     cfg.qat.group_size, cfg.qat.partial_groups, cfg.qat.compile = 32, True, "maybe"
     with pytest.raises(ValueError, match="objective.qat.compile='maybe'"):
         build(cfg, tiny_llama())
+
+
+def test_compiled_fake_quant_divides_by_no_inexact_constant():
+    # On GPUs Inductor rewrites x / c (c a Python constant) as x * (1 / c): for c = 7 (INT3) or 6 (E2M1) that
+    # moves scales by 1 ulp from eager and from the packed export (seen on an H200). The CPU backend never
+    # rewrites, so check the captured graph itself: every division by a constant must be by a power of two.
+    import math
+    import operator
+
+    from lowbit.quant.linear import fake_quant_weight
+
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fake_quant_weight, backend=capture, dynamic=False)
+    for name in ("int3", "int2", "fp4_e2m1", "fp4_afpq"):
+        fmt = make_format(name, 32, partial_groups=True)
+        layer = FakeQuantLinear(nn.Linear(72, 40, bias=False), fmt)
+        layer.weight.requires_grad_(True)
+        got = compiled(layer.weight, fmt, *layer.clip_tensors(), layer.scale_divisor)
+        assert torch.equal(got, layer.quantized_weight()), name
+    divisions = {operator.truediv, torch.div, torch.true_divide, "div", "div_", "true_divide"}
+    constants = [node.args[1] for graph in graphs for node in graph.graph.nodes
+                 if node.op in ("call_function", "call_method") and node.target in divisions
+                 and isinstance(node.args[1], (int, float))]
+    assert all(math.frexp(c)[0] == 0.5 for c in constants), constants       # powers of two only (exact 1/c)
+    torch._dynamo.reset()
