@@ -388,9 +388,11 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
     import importlib.util
+
+    from lowbit.kernels.quantize import kernels, set_kernels
     if importlib.util.find_spec("lowbit.kernels.quantize_triton") is None:
-        os.environ["LOWBIT_QUANTIZE"] = "torch"      # fused Triton quantize kernels not there yet: torch path
-    results["quantize_path"] = "torch reference" if os.environ.get("LOWBIT_QUANTIZE") == "torch" else "triton"
+        set_kernels("torch")      # fused Triton quantize kernels not there: torch path
+    results["quantize_path"] = "torch reference" if kernels() == "torch" else "triton"
     print("quantize path:", results["quantize_path"], flush=True)
     if "ceilings" in parts:
         results["ceilings"] = measure_ceilings()

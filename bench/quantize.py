@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lowbit.kernels.quantize import set_kernels  # noqa: E402
 from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton  # noqa: E402
 from lowbit.kernels.quantize_triton import quantize_pair_triton  # noqa: E402
 from lowbit.precision.formats import E2M1, E4M3, E5M2  # noqa: E402
@@ -131,13 +132,13 @@ def linear_checks(results):
         x = torch.randn(4, 96, 512, device="cuda", requires_grad=True)
         grads = {}
         for path in ("triton", "torch"):
-            os.environ["LOWBIT_QUANTIZE"] = "torch" if path == "torch" else ""
+            set_kernels(path)
             x.grad = linear.weight.grad = None
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = layer(x)
             y.float().square().mean().backward()
             grads[path] = (y.detach().clone(), x.grad.clone(), linear.weight.grad.clone())
-        os.environ["LOWBIT_QUANTIZE"] = ""
+        set_kernels("triton")
         same = all(torch.equal(a, b) for a, b in zip(grads["triton"], grads["torch"]))
         exact = linear(x.detach())
         err = ((grads["triton"][0].float() - exact).norm() / exact.norm()).item()

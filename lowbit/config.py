@@ -58,6 +58,8 @@ class PrecisionConfig:
     block_size: int = 128           # fp8_blockwise tile: 1 x block_size activations, block_size^2 weight blocks
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate positive/negative scales for FP4
     stats_every: int = 0            # log per-layer quantization statistics every N steps (0 = off)
+    quantize_kernels: str = "triton"  # on CUDA: triton (lowbit's fused kernels) | torch (the PyTorch reference,
+                                      # which torch.compile fuses with neighbouring ops); CPU always uses torch
 
 
 @dataclass

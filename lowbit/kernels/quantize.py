@@ -26,9 +26,27 @@ def triton_kind(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | 
     return "rows" if rows_ok(quantizer) and (quantizer_t is None or rows_ok(quantizer_t)) else None
 
 
+KERNELS = ("triton", "torch")
+_kernels = "torch" if os.environ.get("LOWBIT_QUANTIZE", "") == "torch" else "triton"
+
+
+def set_kernels(name: str) -> None:
+    """Process-wide choice for CUDA operands (`precision.quantize_kernels`): "triton" (lowbit's fused quantize
+    kernels) or "torch" (the PyTorch reference, same numerics in eager; under torch.compile Inductor fuses it
+    with the ops around it). CPU operands always take the PyTorch reference."""
+    global _kernels
+    if name not in KERNELS:
+        raise ValueError(f"precision.quantize_kernels={name!r} is not one of {list(KERNELS)}; "
+                         f"use triton (lowbit's kernels) or torch (the PyTorch path, fused by torch.compile)")
+    _kernels = name
+
+
+def kernels() -> str:
+    return _kernels
+
+
 def _triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None):
-    kind = triton_kind(x, quantizer, quantizer_t) if x.is_cuda and os.environ.get("LOWBIT_QUANTIZE", "") != "torch" \
-        else None
+    kind = triton_kind(x, quantizer, quantizer_t) if x.is_cuda and _kernels == "triton" else None
     if kind == "rows":
         from lowbit.kernels.quantize_triton import quantize_pair_triton
         return quantize_pair_triton

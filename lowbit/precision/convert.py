@@ -23,6 +23,8 @@ def selected(name: str, include: list[str], exclude: list[str]) -> bool:
 
 def apply(model: nn.Module, cfg) -> nn.Module:
     """Swap the selected nn.Linear modules of `model` in place for QuantLinear(recipe of cfg); returns model."""
+    from lowbit.kernels.quantize import set_kernels
+    set_kernels(cfg.quantize_kernels)
     if cfg.recipe == "bf16":
         return model
     recipe = build_recipe(cfg)

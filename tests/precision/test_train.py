@@ -53,6 +53,22 @@ def test_conversion_follows_include_exclude_patterns(tiny_overrides):
                                                                             "precision.include=[nothing]"]).precision)
 
 
+def test_quantize_kernels_setting_selects_the_path_and_refuses_unknown_names(tiny_overrides):
+    from lowbit import precision
+    from lowbit.kernels import quantize
+    from lowbit.models.load import load
+
+    cfg = compose(tiny_overrides + ["precision=fp8_rowwise", "precision.quantize_kernels=torch"])
+    try:
+        precision.apply(load(cfg.model, seed=0)[0], cfg.precision)
+        assert quantize.kernels() == "torch"
+        cfg.precision.quantize_kernels = "cutlass"
+        with pytest.raises(ValueError, match=r"precision.quantize_kernels='cutlass'.*triton.*torch"):
+            precision.apply(load(cfg.model, seed=0)[0], cfg.precision)
+    finally:
+        quantize.set_kernels("triton")
+
+
 @pytest.mark.slow
 def test_fp8_rowwise_resume_is_bit_exact(tiny_overrides, tmp_path):
     fp8 = ["precision=fp8_rowwise"]
