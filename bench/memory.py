@@ -35,6 +35,7 @@ GIB = 2.0 ** 30
 CONFIGS = {
     "adamw+accum (baseline)": ("adamw", {}),
     "adama": ("adama", {}),
+    "adama (PyTorch fold)": ("adama_unfused", {}),
     "adamw+offload": ("adamw", {"offload": True}),
     "adamw+offload(large, layers 0-7)": ("adamw", {"offload": True, "offload_min_bytes": 32 << 20,
                                                   "offload_layers": ["model.layers.[0-7]"]}),
@@ -70,7 +71,7 @@ def build(model_name: str, optimizer_name: str, memory: dict, max_positions: int
     if optimizer_name == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
     else:
-        optimizer = AdamA(groups, lr=1e-4, betas=(0.9, 0.95), clip_per_tensor=1.0)
+        optimizer = AdamA(groups, lr=1e-4, betas=(0.9, 0.95), clip_per_tensor=1.0, fused=optimizer_name == "adama")
     return model, optimizer
 
 

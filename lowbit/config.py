@@ -137,7 +137,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0          # max gradient norm; 0 = off (what the norm is over: grad_clip_mode)
     grad_clip_mode: str = "global"  # global (norm of the accumulated gradient; adamw) | per_tensor (each parameter's micro-batch gradient, clipped in its hook; adama)
-    fused: bool = True              # fused AdamW kernel on CUDA
+    fused: bool = True              # on CUDA: fused AdamW kernel; AdamA's one-kernel fold (lowbit/kernels/adama_fold_triton.py)
 
 
 @dataclass

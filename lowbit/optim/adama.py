@@ -24,6 +24,9 @@ Data parallel: the hook all-reduces (averages) each gradient asynchronously as s
 folds it once the reduction has finished, so communication overlaps the rest of backward; the trainer
 keeps DDP's own reducer out of the way (`no_sync` on every micro-batch, see `reduces_gradients`).
 
+Fused fold (`fused=True`, the default, CUDA gradients): the clip-scale-decay-fold of one gradient is one Triton
+kernel (lowbit/kernels/adama_fold_triton.py), the same operations in the same order as the PyTorch path here.
+
 State: float32 `exp_avg`, `exp_avg_sq` and `step` per parameter (bf16 parameters keep float32 moments),
 in `state_dict()` like torch.optim.AdamW, so checkpoints resume bit-exactly.
 """
@@ -50,7 +53,7 @@ class AdamA(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, clip_per_tensor: float = 0.0,
-                 process_group=None):
+                 process_group=None, fused: bool = True):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"AdamA betas={tuple(betas)} must lie in [0, 1), e.g. [0.9, 0.95]")
         if clip_per_tensor < 0:
@@ -59,6 +62,7 @@ class AdamA(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.clip_per_tensor = clip_per_tensor
         self.process_group = process_group
+        self.fused = fused           # the one-kernel fold on CUDA gradients (PyTorch path elsewhere)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, object]] = []   # (param, grad, async work)
         self._sq_norm: torch.Tensor | None = None
         self._group_index = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -133,17 +137,24 @@ class AdamA(torch.optim.Optimizer):
         group = self._group_of(param)
         state = self._state_of(param)
         beta1, beta2 = group["betas"]
-        grad = grad.float()               # ours alone now (param.grad is None): free to scale in place
-        norm = torch.linalg.vector_norm(grad)
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         self._sq_norm = norm.square() if self._sq_norm is None else self._sq_norm + norm.square().to(self._sq_norm.device)
+        first = state["folded"] == 0      # first micro-batch of the step: decay the moments once
+        state["folded"] += 1
+        if self.fused and grad.is_cuda:
+            from lowbit.kernels import adama_fold_triton
+            if adama_fold_triton.supports(grad, state["exp_avg"]):
+                adama_fold_triton.fold(grad, state["exp_avg"], state["exp_avg_sq"], norm, self.clip_per_tensor,
+                                       beta1, beta2, first)
+                return
+        grad = grad.float()               # ours alone now (param.grad is None): free to scale in place
         if self.clip_per_tensor > 0:      # per-tensor clipping, the clipping AdamA can honour (module docstring)
             grad.mul_((self.clip_per_tensor / (norm + 1e-6)).clamp(max=1.0))
-        if state["folded"] == 0:          # first micro-batch of the step: decay the moments once
+        if first:
             state["exp_avg"].mul_(beta1)
             state["exp_avg_sq"].mul_(beta2)
         state["exp_avg"].add_(grad, alpha=1 - beta1)
         state["exp_avg_sq"].addcmul_(grad, grad, value=1 - beta2)
-        state["folded"] += 1
 
     def micro_batch_grad_norm(self) -> float:
         """sqrt(sum over micro-batches and parameters of ||g||^2) of the current step (before clipping)."""

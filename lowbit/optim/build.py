@@ -44,7 +44,7 @@ def build_adama(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
                          f"optim.grad_clip_mode=per_tensor (each parameter's micro-batch gradient clipped to "
                          f"optim.grad_clip) or optim.grad_clip=0")
     clip = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
-    return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=clip)
+    return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=clip, fused=cfg.fused)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
