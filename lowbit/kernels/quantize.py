@@ -7,7 +7,6 @@ operand of a forward GEMM and the transposed copy its backward GEMM needs, from 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -27,7 +26,7 @@ def triton_kind(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | 
 
 
 KERNELS = ("triton", "torch")
-_kernels = "torch" if os.environ.get("LOWBIT_QUANTIZE", "") == "torch" else "triton"
+_kernels = "triton"
 
 
 def set_kernels(name: str) -> None:
