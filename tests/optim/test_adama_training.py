@@ -1,12 +1,11 @@
 """AdamA in the real pipeline: `optim=adama` trains, resumes bit-exactly, and runs under real DDP (2 gloo procs)."""
 import json
-import sys
 
 import pytest
 
 from lowbit.train.run import run
 from lowbit.train.trainer import NonFiniteLossError
-from tests.conftest import ROOT, TINY, compose, torchrun
+from tests.conftest import ROOT, TINY, compose, run_gloo_workers, torchrun
 
 
 def rows(run_dir):
@@ -46,11 +45,7 @@ def test_adama_refuses_global_clipping_and_skipping_a_folded_nan(tmp_path):
 def test_adama_under_two_process_ddp_equals_a_float64_reference(tmp_path):
     """Each rank folds gradients averaged over both ranks per micro-batch; rank 0 checks a float64 replay."""
     worker = ROOT / "tests" / "optim" / "adama_ddp_worker.py"
-    import subprocess, os
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-               str(tmp_path / "result.json")]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    result = run_gloo_workers(worker, [str(tmp_path / "result.json")])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     report = json.loads((tmp_path / "result.json").read_text())
     assert report["max_abs_error"] < 1e-6, report

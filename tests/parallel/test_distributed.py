@@ -3,13 +3,10 @@ logits, loss and every gradient to 1e-5 relative (the trainer-level runs are in 
 The same for lowbit's quantized linears under TP: whole models per recipe, and single layers (column- and
 row-parallel, DGE and OCC included) on identical inputs; see equivalence_worker.py."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_gloo_workers
 
 RTOL = 1e-5
 QUANTIZED = ["tp@fp8_rowwise", "tp_sp@fp8_tensorwise", "tp@fp8_blockwise", "tp_sp@nvfp4", "tp@fp4_vectorwise+dge"]
@@ -20,10 +17,7 @@ MODES = ["tp", "tp_sp", "ulysses", "ulysses_nll", *QUANTIZED, *LINEAR]
 
 @pytest.mark.slow
 def test_tp_sp_and_ulysses_match_one_process_logits_loss_and_gradients():
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests/parallel/equivalence_worker.py"), ",".join(MODES), "12"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_gloo_workers(ROOT / "tests/parallel/equivalence_worker.py", [",".join(MODES), "12"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert {r["mode"] for r in rows} == set(MODES)
