@@ -14,6 +14,13 @@ g_i is the gradient of micro-batch i's share of the step loss (loss_i / N, as th
 sum_i g_i is exactly the accumulated gradient and `m` equals Adam's; `v` holds sum_i g_i^2 instead of
 (sum_i g_i)^2 -- the paper's one change. With one micro-batch AdamA *is* AdamW.
 
+`second_moment="cross_corrected"` (lowbit's option; "paper" is the default): the missing cross terms
+sum_{i != j} g_i g_j have expectation (1 - 1/N) E[G]^2 when the N micro-batch gradients scatter around the
+step's mean gradient G. Once per step, before the update, v <- v + (1 - beta2)(1 - 1/N) m_hat^2, with the
+bias-corrected first moment m_hat as the estimate of G. Where micro-batch gradients agree, the paper's v is
+up to N times smaller than Adam's and its steps up to sqrt(N) larger; the correction removes that bias at
+the cost of one pass over m and v per step, no extra memory (docs/RESULTS.md, issue 6 convergence).
+
 Clipping: the global norm of the accumulated gradient is never available (its pieces are freed as they
 arrive), so `grad_clip_mode=global` cannot be honoured and is refused. What the method allows, and what
 is implemented, is `per_tensor`: each parameter's micro-batch gradient g_i is scaled to norm <= grad_clip
@@ -40,6 +47,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+SECOND_MOMENTS = ("paper", "cross_corrected")
+
 
 class AdamA(torch.optim.Optimizer):
     """Adam with optimizer-state accumulation over micro-batches; gradients are freed as they arrive.
@@ -53,14 +62,17 @@ class AdamA(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, clip_per_tensor: float = 0.0,
-                 process_group=None, fused: bool = True):
+                 process_group=None, fused: bool = True, second_moment: str = "paper"):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"AdamA betas={tuple(betas)} must lie in [0, 1), e.g. [0.9, 0.95]")
+        if second_moment not in SECOND_MOMENTS:
+            raise ValueError(f"AdamA second_moment={second_moment!r} is not known; use one of {SECOND_MOMENTS}")
         if clip_per_tensor < 0:
             raise ValueError(f"AdamA clip_per_tensor={clip_per_tensor} must be >= 0 (0 = no clipping)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.clip_per_tensor = clip_per_tensor
+        self.second_moment = second_moment
         self.process_group = process_group
         self.fused = fused           # the one-kernel fold on CUDA gradients (PyTorch path elsewhere)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, object]] = []   # (param, grad, async work)
@@ -177,12 +189,19 @@ class AdamA(torch.optim.Optimizer):
                 if not state or state["folded"] == 0:
                     continue              # no gradient this step (frozen or unused): no update, like AdamW
                 state["step"] += 1
+                buckets[(state["step"].item(), state["folded"], param.dtype, param.device)].append(param)
                 state["folded"] = 0
-                buckets[(state["step"].item(), param.dtype, param.device)].append(param)
-            for (step, dtype, _), params in self._chunks(buckets):
+            for (step, folded, dtype, _), params in self._chunks(buckets):
                 states = [self.state[p] for p in params]
                 bias1 = 1 - beta1 ** step
                 bias2_sqrt = math.sqrt(1 - beta2 ** step)
+                if self.second_moment == "cross_corrected" and folded > 1:
+                    # v got (1 - beta2) sum_i g_i^2; Adam's v gets (1 - beta2) (sum_i g_i)^2. The cross terms
+                    # sum_{i != j} g_i g_j have expectation (1 - 1/N) E[G]^2 (micro-batch gradients i.i.d. around
+                    # the step's mean gradient G): estimated by the bias-corrected first moment, squared.
+                    exp_avgs = [s["exp_avg"] for s in states]
+                    torch._foreach_addcmul_([s["exp_avg_sq"] for s in states], exp_avgs, exp_avgs,
+                                            value=(1 - beta2) * (1 - 1 / folded) / bias1 ** 2)
                 denominator = torch._foreach_sqrt([s["exp_avg_sq"] for s in states])
                 torch._foreach_div_(denominator, bias2_sqrt)
                 torch._foreach_add_(denominator, group["eps"])

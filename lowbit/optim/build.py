@@ -28,6 +28,9 @@ def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer
         if cfg.grad_clip_mode != "global":
             raise ValueError(f"optim.grad_clip_mode={cfg.grad_clip_mode!r} is not supported by adamw (it clips the "
                              f"global norm of the accumulated gradient); use optim.grad_clip_mode=global")
+        if cfg.second_moment != "paper":
+            raise ValueError(f"optim.second_moment={cfg.second_moment!r} applies to optim=adama only (adamw's v already "
+                             f"folds the whole accumulated gradient); remove it or use optim=adama")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
     if cfg.name == "adama":
         return build_adama(cfg, groups)
@@ -44,7 +47,8 @@ def build_adama(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
                          f"optim.grad_clip_mode=per_tensor (each parameter's micro-batch gradient clipped to "
                          f"optim.grad_clip) or optim.grad_clip=0")
     clip = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
-    return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=clip, fused=cfg.fused)
+    return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=clip, fused=cfg.fused,
+                 second_moment=cfg.second_moment)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

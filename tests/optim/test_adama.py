@@ -32,8 +32,9 @@ def micro_loss(model, x, y, micro_batches):
     return ((model(x.to(next(model.parameters()).dtype)) - y) ** 2).mean() / micro_batches
 
 
-def reference_adama_float64(model, data, lr_at, clip=0.0):
-    """The paper's Algorithm 1 in float64, written out plainly: m, v accumulate per micro-batch gradient."""
+def reference_adama_float64(model, data, lr_at, clip=0.0, second_moment="paper"):
+    """The paper's Algorithm 1 in float64, written out plainly: m, v accumulate per micro-batch gradient.
+    second_moment="cross_corrected": after the N folds, v also gets (1 - beta2)(1 - 1/N) m_hat^2."""
     params = [p.detach().double().clone().requires_grad_(True) for p in model.parameters()]
     decays = [WD if p.ndim >= 2 else 0.0 for p in params]
     m = [torch.zeros_like(p) for p in params]
@@ -53,6 +54,9 @@ def reference_adama_float64(model, data, lr_at, clip=0.0):
                     g = g * min(1.0, clip / (g.norm().item() + 1e-6))
                 m[index] = m[index] + (1 - BETAS[0]) * g
                 v[index] = v[index] + (1 - BETAS[1]) * g * g
+        n = len(step_batches)
+        if second_moment == "cross_corrected" and n > 1:
+            v = [v[i] + (1 - BETAS[1]) * (1 - 1 / n) * (m[i] / (1 - BETAS[0] ** t)) ** 2 for i in range(len(v))]
         lr = lr_at(t - 1)
         with torch.no_grad():
             for index, p in enumerate(params):
@@ -113,6 +117,31 @@ def test_n_micro_batches_equal_a_float64_reference_of_the_paper(micro_batches, c
         adamw.step()
         adamw.zero_grad()
     assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), adamw_model.parameters())) > 1e-4
+
+
+@pytest.mark.parametrize("micro_batches", [1, 4])
+def test_cross_corrected_second_moment_equals_its_float64_reference(micro_batches):
+    """optim.second_moment=cross_corrected: the same folds, plus the expected cross terms once per step
+    (with one micro-batch there are none, so it is AdamW exactly)."""
+    model = small_model()
+    expected = reference_adama_float64(model, batches(20, micro_batches), cosine, second_moment="cross_corrected")
+    optimizer = AdamA(groups(model), lr=LR, betas=BETAS, eps=EPS, second_moment="cross_corrected")
+    run_adama(model, optimizer, batches(20, micro_batches), cosine)
+    for p, q in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.double(), q.detach(), atol=1e-6, rtol=0)
+    paper = reference_adama_float64(small_model(), batches(20, micro_batches), cosine)
+    differs = max((p.double() - q.detach()).abs().max().item() for p, q in zip(model.parameters(), paper))
+    assert (differs > 1e-4) == (micro_batches > 1), differs
+
+
+def test_second_moment_option_is_checked():
+    with pytest.raises(ValueError, match="second_moment='exact'"):
+        AdamA(groups(small_model()), second_moment="exact")
+    with pytest.raises(ValueError, match="optim=adama only"):
+        build(OptimConfig(name="adamw", second_moment="cross_corrected"), list(small_model().parameters()))
+    optimizer = build(OptimConfig(name="adama", grad_clip_mode="per_tensor", second_moment="cross_corrected"),
+                      list(small_model().parameters()))
+    assert isinstance(optimizer, AdamA) and optimizer.second_moment == "cross_corrected"
 
 
 def test_state_dict_resume_is_bit_exact_and_keeps_float32_moments():
