@@ -4,7 +4,8 @@
 #   bench/device_pending.sh check    compiled vs eager fake quantization, bit for bit (the scale divisor fix; issue 5)
 #   bench/device_pending.sh e2e      llama_1b end to end: bf16, fp8 with lowbit's quantize kernels, fp8 and fp4 with the
 #                                    PyTorch quantize path fused by torch.compile (precision.quantize_kernels=torch; issue 3)
-#   bench/device_pending.sh memory   AdamA with the one-kernel fold vs its PyTorch fold, with and without checkpointing
+#   bench/device_pending.sh memory   AdamA's GPU tests (fused fold, overlapped fold bit-exact), then AdamA with the one-kernel
+#                                    fold, its PyTorch fold and the overlapped fold, with and without checkpointing
 #                                    (issue 6; bench/memory.py, no fit search)
 set -u
 source bench/device_env.sh
@@ -23,8 +24,9 @@ case "${1:-}" in
       --variant "fp4_inductor=+exp=fp4_llama precision.occ=false precision.quantize_kernels=torch $data" \
       2>&1 | tee "$OUT/e2e.log" ;;
   memory)
-    python3 bench/memory.py --configs "adamw+accum (baseline)" adama "adama (PyTorch fold)" "adamw+ckpt full" \
-      "adama+ckpt full" --fit-configs 2>&1 | tee "$OUT/memory.log" ;;
+    python3 -m pytest -q -m gpu tests/optim/test_adama.py tests/kernels/test_adama_fold.py 2>&1 | tee "$OUT/adama_gpu_tests.log"
+    python3 bench/memory.py --configs "adamw+accum (baseline)" adama "adama (PyTorch fold)" "adama (overlapped fold)" \
+      "adamw+ckpt full" "adama+ckpt full" "adama+ckpt full (overlapped fold)" --fit-configs 2>&1 | tee "$OUT/memory.log" ;;
   *)
     echo "usage: bench/device_pending.sh check|e2e|memory" >&2; exit 2 ;;
 esac

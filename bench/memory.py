@@ -36,6 +36,7 @@ CONFIGS = {
     "adamw+accum (baseline)": ("adamw", {}),
     "adama": ("adama", {}),
     "adama (PyTorch fold)": ("adama_unfused", {}),
+    "adama (overlapped fold)": ("adama_overlap", {}),
     "adamw+offload": ("adamw", {"offload": True}),
     "adamw+offload(large, layers 0-7)": ("adamw", {"offload": True, "offload_min_bytes": 32 << 20,
                                                   "offload_layers": ["model.layers.[0-7]"]}),
@@ -43,6 +44,7 @@ CONFIGS = {
     "adamw+ckpt selective": ("adamw", {"checkpointing": "selective"}),
     "adama+offload": ("adama", {"offload": True}),
     "adama+ckpt full": ("adama", {"checkpointing": "full"}),
+    "adama+ckpt full (overlapped fold)": ("adama_overlap", {"checkpointing": "full"}),
     "adama+ckpt selective": ("adama", {"checkpointing": "selective"}),
     "adama+selective(0-7)+offload(8-15)": ("adama", {"checkpointing": "selective", "offload": True,
                                                      "checkpoint_layers": ["model.layers.[0-7]"],
@@ -71,7 +73,8 @@ def build(model_name: str, optimizer_name: str, memory: dict, max_positions: int
     if optimizer_name == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
     else:
-        optimizer = AdamA(groups, lr=1e-4, betas=(0.9, 0.95), clip_per_tensor=1.0, fused=optimizer_name == "adama")
+        optimizer = AdamA(groups, lr=1e-4, betas=(0.9, 0.95), clip_per_tensor=1.0,
+                          fused=optimizer_name != "adama_unfused", overlap=optimizer_name == "adama_overlap")
     return model, optimizer
 
 

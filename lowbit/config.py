@@ -138,6 +138,7 @@ class OptimConfig:
     grad_clip: float = 1.0          # max gradient norm; 0 = off (what the norm is over: grad_clip_mode)
     grad_clip_mode: str = "global"  # global (norm of the accumulated gradient; adamw) | per_tensor (each parameter's micro-batch gradient, clipped in its hook; adama)
     fused: bool = True              # on CUDA: fused AdamW kernel; AdamA's one-kernel fold (lowbit/kernels/adama_fold_triton.py)
+    overlap_fold: bool = False      # adama on CUDA: fold each gradient on a side stream, overlapped with the rest of backward
     second_moment: str = "paper"    # adama: paper (v folds sum_i g_i^2, arXiv 2305.19982) | cross_corrected (adds the estimated cross terms, (1 - 1/N) m_hat^2 per step, so v tracks AdamW's (sum_i g_i)^2)
 
 

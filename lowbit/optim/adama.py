@@ -62,7 +62,7 @@ class AdamA(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, clip_per_tensor: float = 0.0,
-                 process_group=None, fused: bool = True, second_moment: str = "paper"):
+                 process_group=None, fused: bool = True, second_moment: str = "paper", overlap: bool = False):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"AdamA betas={tuple(betas)} must lie in [0, 1), e.g. [0.9, 0.95]")
         if second_moment not in SECOND_MOMENTS:
@@ -73,6 +73,8 @@ class AdamA(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.clip_per_tensor = clip_per_tensor
         self.second_moment = second_moment
+        self.overlap = overlap       # CUDA: folds run on a side stream, beside the rest of backward
+        self._fold_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.process_group = process_group
         self.fused = fused           # the one-kernel fold on CUDA gradients (PyTorch path elsewhere)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, object]] = []   # (param, grad, async work)
@@ -103,8 +105,13 @@ class AdamA(torch.optim.Optimizer):
     def _group_of(self, param: torch.Tensor) -> dict:
         return self._group_index[id(param)]
 
+    def state_dict(self) -> dict:
+        self._join_folds()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim casts saved moments to the parameter's dtype; AdamA keeps them float32."""
+        self._join_folds()
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         self._group_index = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -146,8 +153,29 @@ class AdamA(torch.optim.Optimizer):
             self._fold(param, grad.div_(self._world_size()))
 
     def _fold(self, param: torch.Tensor, grad: torch.Tensor) -> None:
-        group = self._group_of(param)
-        state = self._state_of(param)
+        state = self._state_of(param)     # allocated on the current stream: the moments outlive any fold
+        if not (self.overlap and grad.is_cuda):
+            self._fold_into(state, self._group_of(param), grad)
+            return
+        # Overlapped: the fold (memory-bound) runs on a side stream while backward's GEMMs (compute-bound) go on.
+        main = torch.cuda.current_stream(grad.device)
+        stream = self._fold_streams.get(grad.device)
+        if stream is None:
+            stream = self._fold_streams[grad.device] = torch.cuda.Stream(device=grad.device)
+        stream.wait_stream(main)          # the gradient (and the last step's update of m, v) is complete
+        with torch.cuda.stream(stream):
+            self._fold_into(state, self._group_of(param), grad)
+        grad.record_stream(stream)        # the allocator keeps the freed gradient's memory until the fold has read it
+
+    def _join_folds(self) -> None:
+        """The current stream waits for every overlapped fold (before m, v or the norm are read)."""
+        for device, stream in self._fold_streams.items():
+            main = torch.cuda.current_stream(device)
+            main.wait_stream(stream)
+            if self._sq_norm is not None and self._sq_norm.device == device:
+                self._sq_norm.record_stream(main)
+
+    def _fold_into(self, state: dict, group: dict, grad: torch.Tensor) -> None:
         beta1, beta2 = group["betas"]
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         self._sq_norm = norm.square() if self._sq_norm is None else self._sq_norm + norm.square().to(self._sq_norm.device)
@@ -171,6 +199,7 @@ class AdamA(torch.optim.Optimizer):
     def micro_batch_grad_norm(self) -> float:
         """sqrt(sum over micro-batches and parameters of ||g||^2) of the current step (before clipping)."""
         self.finish_micro_batch()
+        self._join_folds()
         return 0.0 if self._sq_norm is None else self._sq_norm.sqrt().item()
 
     # ---- after the last micro-batch ---------------------------------------------------------------------
@@ -181,6 +210,7 @@ class AdamA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.finish_micro_batch()
+        self._join_folds()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             buckets: dict[tuple, list] = defaultdict(list)     # one foreach launch per (step, dtype)

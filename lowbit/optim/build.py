@@ -28,9 +28,9 @@ def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer
         if cfg.grad_clip_mode != "global":
             raise ValueError(f"optim.grad_clip_mode={cfg.grad_clip_mode!r} is not supported by adamw (it clips the "
                              f"global norm of the accumulated gradient); use optim.grad_clip_mode=global")
-        if cfg.second_moment != "paper":
-            raise ValueError(f"optim.second_moment={cfg.second_moment!r} applies to optim=adama only (adamw's v already "
-                             f"folds the whole accumulated gradient); remove it or use optim=adama")
+        if cfg.second_moment != "paper" or cfg.overlap_fold:
+            raise ValueError(f"optim.second_moment={cfg.second_moment!r} and optim.overlap_fold={cfg.overlap_fold} apply to "
+                             f"optim=adama only (adamw folds nothing per micro-batch); remove them or use optim=adama")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
     if cfg.name == "adama":
         return build_adama(cfg, groups)
@@ -48,7 +48,7 @@ def build_adama(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
                          f"optim.grad_clip) or optim.grad_clip=0")
     clip = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
     return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=clip, fused=cfg.fused,
-                 second_moment=cfg.second_moment)
+                 second_moment=cfg.second_moment, overlap=cfg.overlap_fold)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
