@@ -4,7 +4,7 @@
   block-sparse   prefill at 90% block sparsity                        bar: >= 5x faster than SDPA at S = 32k
 
 B=64, head dim 128, 32 heads, bf16, causal; kernels are swept over a few (num_warps, num_stages), the
-target also over query rows per tile (block_m); the best is reported with its setting. Correctness is
+target also over query rows and keys per tile (block_m, block_n); the best is reported with its setting. Correctness is
 checked on the GPU first against the PyTorch paths. No hydra imports: runs on the bare device image.
 
     python bench/attention.py --seqs 8192 32768 --out docs/RESULTS.md
@@ -54,13 +54,16 @@ def check_correctness(block: int) -> dict:
     k = torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16)
     out_ref, target_ref = attention_block_target_torch(q, k, v, block)
-    out, target = attention_block_target_triton(q, k, v, block)
+    target_err = out_err = 0.0
+    for block_n in sorted({block, max(block, 128)}):      # every key tile the timing sweep tries
+        out, target = attention_block_target_triton(q, k, v, block, block_n=block_n)
+        target_err = max(target_err, (target - target_ref).abs().max().item())
+        out_err = max(out_err, (out.float() - out_ref.float()).abs().max().item())
     n = target.shape[-1]
     mask = topk_mask(torch.rand(1, 2, n, n, device="cuda"), 0.3)
     sparse_ref = block_sparse_attention_torch(q, k, v, mask, block)
     sparse = block_sparse_attention_triton(q, k, v, mask, block)
-    return {"target_max_abs_err": (target - target_ref).abs().max().item(),
-            "target_out_max_abs_err": (out.float() - out_ref.float()).abs().max().item(),
+    return {"target_max_abs_err": target_err, "target_out_max_abs_err": out_err,
             "sparse_max_abs_err": (sparse.float() - sparse_ref.float()).abs().max().item()}
 
 
@@ -84,10 +87,13 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     target_runs = []
-    for block_m in sorted({block, max(block, 128)}):     # query rows per tile; launch = (warps, stages, block_m)
-        ms, launch = best_launch(lambda w, s: attention_block_target_triton(q, k, v, block, num_warps=w,
-                                                                            num_stages=s, block_m=block_m))
-        target_runs.append((ms, (*launch, block_m)))
+    # query rows and keys per tile; launch = (warps, stages, block_m, block_n)
+    for block_m in sorted({block, max(block, 128)}):
+        for block_n in sorted({block, max(block, 128)}):
+            ms, launch = best_launch(lambda w, s: attention_block_target_triton(
+                q, k, v, block, num_warps=w, num_stages=s, block_m=block_m, block_n=block_n))
+            target_runs.append((ms, (*launch, block_m, block_n)))
+            print(f"  target S={seq} block_m={block_m} block_n={block_n}: {ms:.3f} ms {launch}", flush=True)
     target_ms, target_launch = min(target_runs)
     extra_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     n = math.ceil(seq / block)

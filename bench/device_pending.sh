@@ -7,6 +7,8 @@
 #   bench/device_pending.sh memory   AdamA's GPU tests (fused fold, overlapped fold bit-exact), then AdamA with the one-kernel
 #                                    fold, its PyTorch fold and the overlapped fold, with and without checkpointing
 #                                    (issue 6; bench/memory.py, no fit search)
+#   bench/device_pending.sh attention the fused target kernel swept over key tiles of 1 and 2 gate blocks (block_n 64 / 128)
+#                                    against SDPA at 8k and 32k, and the block-sparse kernel (issue 4; bench/attention.py)
 set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,6 +29,8 @@ case "${1:-}" in
     python3 -m pytest -q -m gpu tests/optim/test_adama.py tests/kernels/test_adama_fold.py 2>&1 | tee "$OUT/adama_gpu_tests.log"
     python3 bench/memory.py --configs "adamw+accum (baseline)" adama "adama (PyTorch fold)" "adama (overlapped fold)" \
       "adamw+ckpt full" "adama+ckpt full" "adama+ckpt full (overlapped fold)" --fit-configs 2>&1 | tee "$OUT/memory.log" ;;
+  attention)
+    python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 2>&1 | tee "$OUT/attention.log" ;;
   *)
-    echo "usage: bench/device_pending.sh check|e2e|memory" >&2; exit 2 ;;
+    echo "usage: bench/device_pending.sh check|e2e|memory|attention" >&2; exit 2 ;;
 esac

@@ -121,9 +121,11 @@ def _program_slots(device: torch.device, work_items: int) -> int:
 
 
 def attention_block_target_triton(q, k, v, block_size: int, scale: float | None = None, num_warps: int = 0,
-                                  num_stages: int = 0, block_m: int = 0):
+                                  num_stages: int = 0, block_m: int = 0, block_n: int = 0):
     """Triton path (CUDA, or CPU with TRITON_INTERPRET=1); same contract as the torch path.
 
+    Tiles: `block_m` query rows and `block_n` keys (default: one gate block, `block_size`; a multiple of it
+    makes fewer, larger MMAs, each storing one row maximum per gate block it spans).
     Extra memory beside out and target: one [ceil(S/B), block_m] float32 scratch of row maxima per
     persistent program (2 per SM), O(S) in all -- independent of the number of heads and of S^2.
     """
@@ -133,8 +135,9 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
         raise ValueError(f"head_dim={head_dim} is not supported by the Triton attention kernels; supported: "
                          f"{SUPPORTED_HEAD_DIMS} (use_triton=never runs the PyTorch path)")
     block_m = block_m or max(block_size, 128 if q.is_cuda else 2 * block_size)   # query rows per tile
-    if block_m % block_size:
-        raise ValueError(f"block_m={block_m} must be a multiple of block_size={block_size}")
+    block_n = block_n or block_size                                              # keys per tile
+    if block_m % block_size or block_n % block_size:
+        raise ValueError(f"block_m={block_m} and block_n={block_n} must be multiples of block_size={block_size}")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton attention kernel needs a CUDA tensor or TRITON_INTERPRET=1; "
                            "use the PyTorch path (use_triton=never) on CPU")
@@ -152,7 +155,8 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
         batch * q_heads, n_m_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), target.stride(0), target.stride(1), target.stride(2),
-        row_max.stride(0), BLOCK_M=block_m, BLOCK=block_size, HEAD_DIM=head_dim, POOL=16, **extra)
+        row_max.stride(0), BLOCK_M=block_m, BLOCK=block_size, BLOCK_N=block_n, HEAD_DIM=head_dim, POOL=16,
+        **extra)
     return out, target / target.sum(-1, keepdim=True)
 
 

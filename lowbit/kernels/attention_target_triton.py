@@ -8,17 +8,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_ptr, kb, offs_m, offs_r, offs_n, offs_d, seq, sk_s,
-                scale_log2, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    """One key block of the online softmax (Dao et al.); also stores the block's per-row score maximum."""
-    cols = kb * BLOCK + offs_n
+def _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_ptr, kt, offs_m, offs_r, offs_n, offs_d, seq, n_blocks,
+                sk_s, scale_log2, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr):
+    """One key tile (BLOCK_N keys = BLOCK_N / BLOCK gate blocks) of the online softmax (Dao et al.); also
+    stores each gate block's per-row score maximum."""
+    cols = kt * BLOCK_N + offs_n
     col_ok = cols < seq
     k = tl.load(k_base + cols[:, None] * sk_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k)) * scale_log2                       # log2 units
     if MASKED:      # the diagonal tiles: causal mask and the sequence end
         s = tl.where((cols[None, :] <= offs_m[:, None]) & col_ok[None, :], s, float("-inf"))
-    tile_max = tl.max(s, 1)
-    tl.store(row_max_ptr + kb * BLOCK_M + offs_r, tile_max)
+    if BLOCK_N == BLOCK:
+        tile_max = tl.max(s, 1)
+        tl.store(row_max_ptr + kt * BLOCK_M + offs_r, tile_max)
+    else:           # several gate blocks per key tile: one maximum per (row, gate block)
+        GATE_BLOCKS: tl.constexpr = BLOCK_N // BLOCK
+        block_max = tl.max(tl.reshape(s, (BLOCK_M, GATE_BLOCKS, BLOCK)), 2)       # [BLOCK_M, GATE_BLOCKS]
+        tile_max = tl.max(block_max, 1)
+        blocks = kt * GATE_BLOCKS + tl.arange(0, GATE_BLOCKS)
+        tl.store(row_max_ptr + blocks[None, :] * BLOCK_M + offs_r[:, None], block_max,
+                 mask=(blocks < n_blocks)[None, :])
     m_new = tl.maximum(m_i, tile_max)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -30,11 +40,11 @@ def _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_ptr, kb, offs_m, offs_
 def attention_target_kernel(Q, K, V, Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, groups,
                             batch_heads, n_m_tiles,
                             sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot,
-                            BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            POOL: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, POOL: tl.constexpr):
     slot = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_M)
     row_max_base = RowMax + slot * sr_slot          # this program's [n_blocks, BLOCK_M] scratch
     # Persistent loop: work items (query tile, batch x head), heaviest (last) query tiles first.
@@ -57,14 +67,15 @@ def attention_target_kernel(Q, K, V, Out, Target, RowMax, scale_log2, seq, n_blo
         # One pass of flash-attention forward (online softmax) over the causal key blocks. Each tile also
         # stores its per-row score maximum: after the loop, exp2(row max - lse) is the row's largest
         # final probability in that key block, so the target needs no second q k^T pass.
-        full_tiles = m0 // BLOCK                      # key blocks left of the diagonal: no mask
-        key_tiles = tl.cdiv(tl.minimum(m0 + BLOCK_M, seq), BLOCK)
-        for kb in range(0, full_tiles):
-            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_base, kb, offs_m, offs_r,
-                                        offs_n, offs_d, seq, sk_s, scale_log2, BLOCK_M, BLOCK, False)
-        for kb in range(full_tiles, key_tiles):
-            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_base, kb, offs_m, offs_r,
-                                        offs_n, offs_d, seq, sk_s, scale_log2, BLOCK_M, BLOCK, True)
+        full_tiles = m0 // BLOCK_N                    # key tiles left of the diagonal: no mask
+        key_end = tl.minimum(m0 + BLOCK_M, seq)
+        for kt in range(0, full_tiles):
+            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_base, kt, offs_m, offs_r, offs_n,
+                                        offs_d, seq, n_blocks, sk_s, scale_log2, BLOCK_M, BLOCK, BLOCK_N, False)
+        for kt in range(full_tiles, tl.cdiv(key_end, BLOCK_N)):
+            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_base, kt, offs_m, offs_r, offs_n,
+                                        offs_d, seq, n_blocks, sk_s, scale_log2, BLOCK_M, BLOCK, BLOCK_N, True)
+        key_blocks = tl.cdiv(key_end, BLOCK)          # gate blocks with a stored row maximum
         l_safe = tl.where(row_ok, l_i, 1.0)
         tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :],
                  (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
@@ -73,9 +84,9 @@ def attention_target_kernel(Q, K, V, Out, Target, RowMax, scale_log2, seq, n_blo
         tl.debug_barrier()      # the scratch rows written by every thread of the program are visible
         q_block0 = m0 // BLOCK
         t_base = Target + b * st_b + h * st_h
-        for kb0 in range(0, key_tiles, POOL):
+        for kb0 in range(0, key_blocks, POOL):
             kbs = kb0 + tl.arange(0, POOL)
-            written = kbs < key_tiles
+            written = kbs < key_blocks
             row_max = tl.load(row_max_base + kbs[:, None] * BLOCK_M + offs_r[None, :], mask=written[:, None],
                               other=float("-inf"))
             p = tl.exp2(row_max - lse[None, :])                                   # [POOL, BLOCK_M]
