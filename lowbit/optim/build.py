@@ -39,13 +39,16 @@ def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer
 
 def build_adama(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """AdamA (arXiv 2305.19982): refuses what it cannot honour -- global-norm clipping of a gradient it frees."""
-    from lowbit.optim.adama import AdamA
+    from lowbit.optim.adama import SECOND_MOMENTS, AdamA
 
     if cfg.grad_clip > 0 and cfg.grad_clip_mode != "per_tensor":
         raise ValueError(f"optim=adama frees each micro-batch gradient once folded, so the global norm of the "
                          f"accumulated gradient (optim.grad_clip_mode={cfg.grad_clip_mode!r}) never exists; use "
                          f"optim.grad_clip_mode=per_tensor (each parameter's micro-batch gradient clipped to "
                          f"optim.grad_clip) or optim.grad_clip=0")
+    if cfg.second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"optim.second_moment={cfg.second_moment!r} is not known; use one of {list(SECOND_MOMENTS)} "
+                         f"(paper: the paper's sum of squares; cross_corrected: plus the expected cross terms)")
     clip = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
     return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=clip, fused=cfg.fused,
                  second_moment=cfg.second_moment, overlap=cfg.overlap_fold)

@@ -142,6 +142,8 @@ def test_second_moment_option_is_checked():
         build(OptimConfig(name="adamw", overlap_fold=True), list(small_model().parameters()))
     with pytest.raises(ValueError, match="optim=adama only"):
         build(OptimConfig(name="adamw", second_moment="cross_corrected"), list(small_model().parameters()))
+    with pytest.raises(ValueError, match="optim.second_moment='exact' is not known"):
+        build(OptimConfig(name="adama", grad_clip_mode="per_tensor", second_moment="exact"), list(small_model().parameters()))
     optimizer = build(OptimConfig(name="adama", grad_clip_mode="per_tensor", second_moment="cross_corrected"),
                       list(small_model().parameters()))
     assert isinstance(optimizer, AdamA) and optimizer.second_moment == "cross_corrected"
