@@ -28,9 +28,12 @@ def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer
         if cfg.grad_clip_mode != "global":
             raise ValueError(f"optim.grad_clip_mode={cfg.grad_clip_mode!r} is not supported by adamw (it clips the "
                              f"global norm of the accumulated gradient); use optim.grad_clip_mode=global")
-        if cfg.second_moment != "paper" or cfg.overlap_fold:
-            raise ValueError(f"optim.second_moment={cfg.second_moment!r} and optim.overlap_fold={cfg.overlap_fold} apply to "
-                             f"optim=adama only (adamw folds nothing per micro-batch); remove them or use optim=adama")
+        adama_only = {"optim.second_moment": cfg.second_moment, "optim.overlap_fold": cfg.overlap_fold}
+        adama_only = {k: v for k, v in adama_only.items() if v not in ("paper", False)}
+        if adama_only:
+            settings = ", ".join(f"{k}={v!r}" for k, v in adama_only.items())
+            raise ValueError(f"{settings}: applies to optim=adama only (adamw folds nothing per micro-batch); "
+                             f"remove it or use optim=adama")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
     if cfg.name == "adama":
         return build_adama(cfg, groups)
