@@ -36,7 +36,6 @@ CONFIGS = {
     "adamw+accum (baseline)": ("adamw", {}),
     "adama": ("adama", {}),
     "adama (PyTorch fold)": ("adama_unfused", {}),
-    "adama (overlapped fold)": ("adama_overlap", {}),
     "adamw+offload": ("adamw", {"offload": True}),
     "adamw+offload(large, layers 0-7)": ("adamw", {"offload": True, "offload_min_bytes": 32 << 20,
                                                   "offload_layers": ["model.layers.[0-7]"]}),
@@ -44,7 +43,6 @@ CONFIGS = {
     "adamw+ckpt selective": ("adamw", {"checkpointing": "selective"}),
     "adama+offload": ("adama", {"offload": True}),
     "adama+ckpt full": ("adama", {"checkpointing": "full"}),
-    "adama+ckpt full (overlapped fold)": ("adama_overlap", {"checkpointing": "full"}),
     "adama+ckpt selective": ("adama", {"checkpointing": "selective"}),
     "adama+selective(0-7)+offload(8-15)": ("adama", {"checkpointing": "selective", "offload": True,
                                                      "checkpoint_layers": ["model.layers.[0-7]"],
@@ -74,7 +72,7 @@ def build(model_name: str, optimizer_name: str, memory: dict, max_positions: int
         optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
     else:
         optimizer = AdamA(groups, lr=1e-4, betas=(0.9, 0.95), clip_per_tensor=1.0,
-                          fused=optimizer_name != "adama_unfused", overlap=optimizer_name == "adama_overlap")
+                          fused=optimizer_name != "adama_unfused")
     return model, optimizer
 
 
@@ -134,10 +132,68 @@ def measure(args, name: str) -> dict:
            "tokens_per_s": args.micro_batch * args.seq * args.micro_batches / seconds,
            "offloaded_gib_per_step": (offloader.bytes_offloaded / GIB / args.steps) if offloader else 0.0,
            "loss": measured[-1]["loss"]}
+    if args.profile:
+        profile_step(args, name, model, optimizer)
     if isinstance(optimizer, AdamA):
         optimizer.remove_hooks()
     del model, optimizer, offloader
     release()
+    return row
+
+
+def host_link_gbps(gib: float = 1.0) -> dict:
+    """Measured pinned-host <-> GPU copy rates (GB/s): one way each, then both ways at once on two streams --
+    the ceiling that activation offload's transfers have to fit under."""
+    n = int(gib * GIB)
+    device = torch.empty(n, dtype=torch.uint8, device="cuda")
+    host = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    device_in = torch.empty_like(device)
+
+    def seconds(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / 3
+
+    def both():
+        with torch.cuda.stream(streams[0]):
+            host[0].copy_(device, non_blocking=True)
+        with torch.cuda.stream(streams[1]):
+            device_in.copy_(host[1], non_blocking=True)
+
+    d2h = n / seconds(lambda: host[0].copy_(device, non_blocking=True)) / 1e9
+    h2d = n / seconds(lambda: device_in.copy_(host[1], non_blocking=True)) / 1e9
+    duplex = 2 * n / seconds(both) / 1e9
+    del device, host, device_in
+    release()
+    return {"d2h_gbps": d2h, "h2d_gbps": h2d, "both_ways_gbps": duplex}
+
+
+def profile_step(args, name: str, model, optimizer) -> None:
+    """One more step under torch.profiler: where the time goes (GPU kernels, CPU ops) and how busy the GPU is."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        seconds = train_step(model, optimizer, args.micro_batch, args.seq, args.micro_batches)["seconds"]
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"profile {name}: step {seconds * 1e3:.1f} ms (profiled), GPU kernels {gpu_us / 1e3:.1f} ms "
+          f"({gpu_us / 1e4 / seconds:.0f}% busy)", flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=12), flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+
+
+def combine(name: str, measured: list[dict]) -> dict:
+    """One row per config over the rounds: the median tokens/s (the spread kept), the largest memory figures."""
+    if any("oom" in m for m in measured):
+        return {"config": name, "oom": True}
+    speeds = sorted(m["tokens_per_s"] for m in measured)
+    row = {**measured[0], "tokens_per_s": speeds[len(speeds) // 2], "tokens_per_s_range": [speeds[0], speeds[-1]]}
+    for key in ("peak_alloc_gib", "peak_reserved_gib", "activation_peak_gib"):
+        row[key] = max(m[key] for m in measured)
     return row
 
 
@@ -146,7 +202,7 @@ def reset_after_oom(model, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     if isinstance(optimizer, AdamA):
         optimizer._pending.clear()
-        optimizer._sq_norm = None
+        optimizer.reset_grad_norm()
         for state in optimizer.state.values():
             state["folded"] = 0
     offloader = getattr(model, "_lowbit_offloader", None)
@@ -197,25 +253,31 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="steps per config; the first is dropped, the median of the rest timed")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--fit-configs", nargs="*", default=FIT_CONFIGS)
     parser.add_argument("--fit-seconds", type=float, default=180.0, help="time budget of the fit search")
     parser.add_argument("--max-host-gib", type=float, default=80.0, help="skip fit trials offloading more")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds through the configs (median tokens/s)")
+    parser.add_argument("--profile", action="store_true", help="profile one more step of each config")
     parser.add_argument("--json", default="")
     parser.add_argument("--out", default="", help="append a markdown section to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/memory.py needs a CUDA GPU (peak GPU memory is what it measures)")
     device = torch.cuda.get_device_name()
-    rows = []
-    for name in args.configs:
-        try:
-            rows.append(measure(args, name))
-        except torch.OutOfMemoryError:
-            rows.append({"config": name, "oom": True})
-        release()
-        print(json.dumps(rows[-1]), flush=True)
+    link = host_link_gbps()
+    print(json.dumps({"host_link": link}), flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+    for _ in range(args.repeat):        # rounds through every config, so drift hits them all alike
+        for name in args.configs:
+            try:
+                runs[name].append(measure(args, name))
+            except torch.OutOfMemoryError:
+                runs[name].append({"config": name, "oom": True})
+            release()
+            print(json.dumps(runs[name][-1]), flush=True)
+    rows = [combine(name, measured) for name, measured in runs.items()]
     base = rows[0]
     for row in rows:
         if "oom" in row or "oom" in base:
@@ -232,7 +294,8 @@ def main() -> None:
         print(json.dumps(fit_rows[-1]), flush=True)
     report = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "model": args.model, "seq": args.seq, "micro_batch": args.micro_batch,
-              "micro_batches": args.micro_batches, "rows": rows, "fits": fit_rows}
+              "micro_batches": args.micro_batches, "repeat": args.repeat, "rows": rows, "fits": fit_rows,
+              "host_link": link}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     table = markdown(report)
@@ -244,8 +307,11 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     lines = [f"### bench/memory.py -- {report['model']}, seq {report['seq']}, micro-batch {report['micro_batch']} x "
-             f"{report['micro_batches']} micro-batches, bf16 autocast, fp32 master, eager",
-             f"{report['device']}, torch {report['torch']}, {report['date']}", "",
+             f"{report['micro_batches']} micro-batches, bf16 autocast, fp32 master, eager; tokens/s: median of "
+             f"{report['repeat']} round(s) through the configs (range in brackets)",
+             f"{report['device']}, torch {report['torch']}, {report['date']}; pinned host link: "
+             f"{report['host_link']['d2h_gbps']:.1f} GB/s to host, {report['host_link']['h2d_gbps']:.1f} GB/s to "
+             f"the GPU, {report['host_link']['both_ways_gbps']:.1f} GB/s both ways at once", "",
              "| config | peak alloc GiB | peak reserved GiB | activation peak GiB | tokens/s | peak vs base | "
              "activation vs base | throughput vs base |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -253,7 +319,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['config']} | OOM | | | | | | |")
             continue
         lines.append(f"| {r['config']} | {r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | "
-                     f"{r['activation_peak_gib']:.2f} | {r['tokens_per_s']:.0f} | {r.get('peak_vs_base', 0):.3f} | "
+                     f"{r['activation_peak_gib']:.2f} | {r['tokens_per_s']:.0f} [{r['tokens_per_s_range'][0]:.0f}-"
+                     f"{r['tokens_per_s_range'][1]:.0f}] | {r.get('peak_vs_base', 0):.3f} | "
                      f"{r.get('activation_vs_base', 0):.3f} | {r.get('throughput_vs_base', 0):.3f} |")
     lines += ["", "| config | largest micro-batch at seq | largest seq at micro-batch 1 |", "|---|---|---|"]
     for r in report["fits"]:

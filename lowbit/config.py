@@ -58,8 +58,9 @@ class PrecisionConfig:
     block_size: int = 128           # fp8_blockwise tile: 1 x block_size activations, block_size^2 weight blocks
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate positive/negative scales for FP4
     stats_every: int = 0            # log per-layer quantization statistics every N steps (0 = off)
-    quantize_kernels: str = "triton"  # on CUDA: triton (lowbit's fused kernels) | torch (the PyTorch reference,
-                                      # which torch.compile fuses with neighbouring ops); CPU always uses torch
+    quantize_kernels: str = "auto"  # on CUDA: triton (lowbit's fused kernels) | torch (the PyTorch reference, which
+                                    # torch.compile fuses with neighbouring ops) | auto (torch when model.compile,
+                                    # else triton); CPU always uses torch
 
 
 @dataclass
@@ -138,7 +139,6 @@ class OptimConfig:
     grad_clip: float = 1.0          # max gradient norm; 0 = off (what the norm is over: grad_clip_mode)
     grad_clip_mode: str = "global"  # global (norm of the accumulated gradient; adamw) | per_tensor (each parameter's micro-batch gradient, clipped in its hook; adama)
     fused: bool = True              # on CUDA: fused AdamW kernel; AdamA's one-kernel fold (lowbit/kernels/adama_fold_triton.py)
-    overlap_fold: bool = False      # adama on CUDA: fold each gradient on a side stream, overlapped with the rest of backward
     second_moment: str = "paper"    # adama: paper (v folds sum_i g_i^2, arXiv 2305.19982) | cross_corrected (adds the estimated cross terms, (1 - 1/N) m_hat^2 per step, so v tracks AdamW's (sum_i g_i)^2)
 
 

@@ -3,6 +3,7 @@
 For one parameter's micro-batch gradient g (float32 or bf16), its float32 moments m, v, and the norm ||g||
 (already computed, so the clipping scale needs no extra pass), in one read of g, m, v and one write of m, v:
 
+    sq <- sq + ||g||^2                  (the parameter's running squared norm of the step, for grad_norm)
     s = min(clip / (||g|| + 1e-6), 1)   (clip > 0; else s = 1)      g <- s g
     first fold of the step:  m <- beta1 m,  v <- beta2 v
     m <- m + (1 - beta1) g,  v <- v + (1 - beta2) g g
@@ -25,8 +26,11 @@ BLOCK = 2048
 
 if AVAILABLE:
     @triton.jit
-    def _fold_kernel(g_ptr, m_ptr, v_ptr, norm_ptr, n, clip, beta1, beta2, one_minus_beta1, one_minus_beta2,
-                     CLIP: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    def _fold_kernel(g_ptr, m_ptr, v_ptr, norm_ptr, sq_ptr, n, clip, beta1, beta2, one_minus_beta1,
+                     one_minus_beta2, CLIP: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
+        if tl.program_id(0) == 0:           # one writer: the running squared norm stays deterministic
+            norm0 = tl.load(norm_ptr)
+            tl.store(sq_ptr, tl.load(sq_ptr) + norm0 * norm0)
         # 1 - beta arrive computed in double and rounded once, as torch's `alpha=1 - beta1` scalar is
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
@@ -52,9 +56,10 @@ def supports(grad: torch.Tensor, exp_avg: torch.Tensor) -> bool:
             and exp_avg.is_contiguous() and exp_avg.dtype == torch.float32 and grad.numel() == exp_avg.numel())
 
 
-def fold(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, norm: torch.Tensor, clip: float,
-         beta1: float, beta2: float, first: bool) -> None:
-    """Fold one micro-batch gradient into (exp_avg, exp_avg_sq) in place; `norm` = ||grad|| (float32, 0-d)."""
+def fold(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, norm: torch.Tensor,
+         sq_norm: torch.Tensor, clip: float, beta1: float, beta2: float, first: bool) -> None:
+    """Fold one micro-batch gradient into (exp_avg, exp_avg_sq) in place; `norm` = ||grad|| (float32, 0-d);
+    `sq_norm` (float32, 0-d) gets norm^2 added, as `sq_norm.add_(norm.square())` would."""
     if not supports(grad, exp_avg) or exp_avg_sq.shape != exp_avg.shape or not exp_avg_sq.is_contiguous():
         raise ValueError(f"AdamA fused fold: gradient {grad.dtype} {tuple(grad.shape)} (contiguous "
                          f"{grad.is_contiguous()}) with moments {exp_avg.dtype} {tuple(exp_avg.shape)} is not a case "
@@ -62,6 +67,6 @@ def fold(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, no
     n = grad.numel()
     if n == 0:
         return
-    _fold_kernel[(triton.cdiv(n, BLOCK),)](grad, exp_avg, exp_avg_sq, norm, n, float(clip), float(beta1),
+    _fold_kernel[(triton.cdiv(n, BLOCK),)](grad, exp_avg, exp_avg_sq, norm, sq_norm, n, float(clip), float(beta1),
                                           float(beta2), 1.0 - beta1, 1.0 - beta2, CLIP=clip > 0, FIRST=first,
                                           BLOCK=BLOCK)

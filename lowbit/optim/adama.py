@@ -47,6 +47,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from lowbit.kernels import adama_fold_triton
+
 SECOND_MOMENTS = ("paper", "cross_corrected")
 
 
@@ -62,7 +64,7 @@ class AdamA(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, clip_per_tensor: float = 0.0,
-                 process_group=None, fused: bool = True, second_moment: str = "paper", overlap: bool = False):
+                 process_group=None, fused: bool = True, second_moment: str = "paper"):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"AdamA betas={tuple(betas)} must lie in [0, 1), e.g. [0.9, 0.95]")
         if second_moment not in SECOND_MOMENTS:
@@ -73,12 +75,12 @@ class AdamA(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.clip_per_tensor = clip_per_tensor
         self.second_moment = second_moment
-        self.overlap = overlap       # CUDA: folds run on a side stream, beside the rest of backward
-        self._fold_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.process_group = process_group
         self.fused = fused           # the one-kernel fold on CUDA gradients (PyTorch path elsewhere)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, object]] = []   # (param, grad, async work)
-        self._sq_norm: torch.Tensor | None = None
+        # per parameter: its float32 squared gradient norm summed over this step's micro-batches (for grad_norm;
+        # kept out of `state`, so checkpoints hold what torch.optim.AdamW's do)
+        self._sq_norms: dict[torch.Tensor, torch.Tensor] = {}
         self._group_index = {id(p): group for group in self.param_groups for p in group["params"]}
         # The hooks live on the parameters (C++ side, invisible to Python's cycle collector): they hold this
         # optimizer weakly, so dropping the optimizer frees its moments.
@@ -100,18 +102,15 @@ class AdamA(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
             state["folded"] = 0          # micro-batches folded into this step so far
+        if param not in self._sq_norms:  # (also for state loaded from a checkpoint)
+            self._sq_norms[param] = torch.zeros((), dtype=torch.float32, device=param.device)
         return state
 
     def _group_of(self, param: torch.Tensor) -> dict:
         return self._group_index[id(param)]
 
-    def state_dict(self) -> dict:
-        self._join_folds()
-        return super().state_dict()
-
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim casts saved moments to the parameter's dtype; AdamA keeps them float32."""
-        self._join_folds()
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         self._group_index = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -153,40 +152,17 @@ class AdamA(torch.optim.Optimizer):
             self._fold(param, grad.div_(self._world_size()))
 
     def _fold(self, param: torch.Tensor, grad: torch.Tensor) -> None:
-        state = self._state_of(param)     # allocated on the current stream: the moments outlive any fold
-        if not (self.overlap and grad.is_cuda):
-            self._fold_into(state, self._group_of(param), grad)
-            return
-        # Overlapped: the fold (memory-bound) runs on a side stream while backward's GEMMs (compute-bound) go on.
-        main = torch.cuda.current_stream(grad.device)
-        stream = self._fold_streams.get(grad.device)
-        if stream is None:
-            stream = self._fold_streams[grad.device] = torch.cuda.Stream(device=grad.device)
-        stream.wait_stream(main)          # the gradient (and the last step's update of m, v) is complete
-        with torch.cuda.stream(stream):
-            self._fold_into(state, self._group_of(param), grad)
-        grad.record_stream(stream)        # the allocator keeps the freed gradient's memory until the fold has read it
-
-    def _join_folds(self) -> None:
-        """The current stream waits for every overlapped fold (before m, v or the norm are read)."""
-        for device, stream in self._fold_streams.items():
-            main = torch.cuda.current_stream(device)
-            main.wait_stream(stream)
-            if self._sq_norm is not None and self._sq_norm.device == device:
-                self._sq_norm.record_stream(main)
-
-    def _fold_into(self, state: dict, group: dict, grad: torch.Tensor) -> None:
+        state, group = self._state_of(param), self._group_of(param)
         beta1, beta2 = group["betas"]
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        self._sq_norm = norm.square() if self._sq_norm is None else self._sq_norm + norm.square().to(self._sq_norm.device)
+        sq_norm = self._sq_norms[param]
         first = state["folded"] == 0      # first micro-batch of the step: decay the moments once
         state["folded"] += 1
-        if self.fused and grad.is_cuda:
-            from lowbit.kernels import adama_fold_triton
-            if adama_fold_triton.supports(grad, state["exp_avg"]):
-                adama_fold_triton.fold(grad, state["exp_avg"], state["exp_avg_sq"], norm, self.clip_per_tensor,
-                                       beta1, beta2, first)
-                return
+        if self.fused and grad.is_cuda and adama_fold_triton.supports(grad, state["exp_avg"]):
+            adama_fold_triton.fold(grad, state["exp_avg"], state["exp_avg_sq"], norm, sq_norm, self.clip_per_tensor,
+                                   beta1, beta2, first)
+            return
+        sq_norm.add_(norm.square())
         grad = grad.float()               # ours alone now (param.grad is None): free to scale in place
         if self.clip_per_tensor > 0:      # per-tensor clipping, the clipping AdamA can honour (module docstring)
             grad.mul_((self.clip_per_tensor / (norm + 1e-6)).clamp(max=1.0))
@@ -199,8 +175,10 @@ class AdamA(torch.optim.Optimizer):
     def micro_batch_grad_norm(self) -> float:
         """sqrt(sum over micro-batches and parameters of ||g||^2) of the current step (before clipping)."""
         self.finish_micro_batch()
-        self._join_folds()
-        return 0.0 if self._sq_norm is None else self._sq_norm.sqrt().item()
+        folded = [self._sq_norms[p] for p, state in self.state.items() if state.get("folded")]
+        if not folded:
+            return 0.0
+        return torch.stack([s.to(folded[0].device) for s in folded]).sum().sqrt().item()
 
     # ---- after the last micro-batch ---------------------------------------------------------------------
     @torch.no_grad()
@@ -210,7 +188,6 @@ class AdamA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.finish_micro_batch()
-        self._join_folds()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             buckets: dict[tuple, list] = defaultdict(list)     # one foreach launch per (step, dtype)
@@ -240,8 +217,13 @@ class AdamA(torch.optim.Optimizer):
                 torch._foreach_addcdiv_(masters, [s["exp_avg"] for s in states], denominator, value=-group["lr"] / bias1)
                 if dtype != torch.float32:  # low-precision parameters: updated in float32, rounded once
                     torch._foreach_copy_(params, masters)
-        self._sq_norm = None
+        self.reset_grad_norm()
         return loss
+
+    def reset_grad_norm(self) -> None:
+        """Zero every parameter's running squared norm (after a step, or after a failed micro-batch)."""
+        if self._sq_norms:
+            torch._foreach_zero_(list(self._sq_norms.values()))
 
     @staticmethod
     def _chunks(buckets: dict, max_bytes: int = 256 << 20):

@@ -28,12 +28,9 @@ def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer
         if cfg.grad_clip_mode != "global":
             raise ValueError(f"optim.grad_clip_mode={cfg.grad_clip_mode!r} is not supported by adamw (it clips the "
                              f"global norm of the accumulated gradient); use optim.grad_clip_mode=global")
-        adama_only = {"optim.second_moment": cfg.second_moment, "optim.overlap_fold": cfg.overlap_fold}
-        adama_only = {k: v for k, v in adama_only.items() if v not in ("paper", False)}
-        if adama_only:
-            settings = ", ".join(f"{k}={v!r}" for k, v in adama_only.items())
-            raise ValueError(f"{settings}: applies to optim=adama only (adamw folds nothing per micro-batch); "
-                             f"remove it or use optim=adama")
+        if cfg.second_moment != "paper":
+            raise ValueError(f"optim.second_moment={cfg.second_moment!r}: applies to optim=adama only (adamw folds "
+                             f"nothing per micro-batch); remove it or use optim=adama")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
     if cfg.name == "adama":
         return build_adama(cfg, groups)
@@ -54,7 +51,7 @@ def build_adama(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
                          f"(paper: the paper's sum of squares; cross_corrected: plus the expected cross terms)")
     clip = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
     return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=clip, fused=cfg.fused,
-                 second_moment=cfg.second_moment, overlap=cfg.overlap_fold)
+                 second_moment=cfg.second_moment)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -49,7 +49,9 @@ def check_kernel() -> None:
                     m64, v64 = float64_path(grad, m, v, clip, 0.9, 0.95, first)
                     got_m, got_v = m.clone(), v.clone()
                     norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-                    adama_fold_triton.fold(grad, got_m, got_v, norm, clip, 0.9, 0.95, first)
+                    sq_norm = torch.full((), 0.25)
+                    adama_fold_triton.fold(grad, got_m, got_v, norm, sq_norm, clip, 0.9, 0.95, first)
+                    assert sq_norm.item() == (torch.full((), 0.25) + norm.square()).item()
                     # float32, within an ulp of the operands (|m| < 0.5, v < 0.05): where m * beta1 and the
                     # increment nearly cancel, fused multiply-add and two roundings differ by that much
                     torch.testing.assert_close(got_m, want_m, rtol=2e-7, atol=6e-8)
@@ -59,7 +61,7 @@ def check_kernel() -> None:
                     cases += 1
     try:
         adama_fold_triton.fold(torch.zeros(4, 4).t(), torch.zeros(4, 4), torch.zeros(4, 4), torch.ones(()),
-                               0.0, 0.9, 0.95, True)
+                               torch.zeros(()), 0.0, 0.9, 0.95, True)
     except ValueError as error:
         assert "optim.fused=false" in str(error)
     else:
@@ -68,7 +70,8 @@ def check_kernel() -> None:
 
 
 def test_fused_fold_kernel_equals_the_pytorch_path_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     code = "from tests.kernels.test_adama_fold import check_kernel; check_kernel()"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
