@@ -29,6 +29,9 @@ from lowbit.kernels.block_sparse_attention import (block_sparse_attention_torch,
 from lowbit.objectives.seer_select import sparsity, topk_mask  # noqa: E402
 
 LAUNCH = [(4, 2), (4, 3), (8, 2), (8, 3)]
+TMA = [True, False]          # K/V tiles by tensor descriptors or by pointers
+PER_SM = [2]                 # persistent programs per SM
+TILES_M: list[int] = []      # query rows per tile (empty: B and 128)
 
 
 def timed(fn, reps: int = 10) -> float:
@@ -84,17 +87,25 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
     v = torch.randn(1, kv_heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
     gqa = heads != kv_heads
     sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
     target_runs = []
-    # query rows and keys per tile; launch = (warps, stages, block_m, block_n)
-    for block_m in sorted({block, max(block, 128)}):
+    # launch = (warps, stages, query rows per tile, keys per tile, K/V by descriptors, programs per SM)
+    for block_m in TILES_M or sorted({block, max(block, 128)}):
         for block_n in sorted({block, max(block, 128)}):
-            ms, launch = best_launch(lambda w, s: attention_block_target_triton(
-                q, k, v, block, num_warps=w, num_stages=s, block_m=block_m, block_n=block_n))
-            target_runs.append((ms, (*launch, block_m, block_n)))
-            print(f"  target S={seq} block_m={block_m} block_n={block_n}: {ms:.3f} ms {launch}", flush=True)
+            for tma in TMA:
+                for per_sm in PER_SM:
+                    ms, launch = best_launch(lambda w, s: attention_block_target_triton(
+                        q, k, v, block, num_warps=w, num_stages=s, block_m=block_m, block_n=block_n, tma=tma,
+                        programs_per_sm=per_sm))
+                    target_runs.append((ms, (*launch, block_m, block_n, tma, per_sm)))
+                    print(f"  target S={seq} block_m={block_m} block_n={block_n} tma={tma} programs/SM={per_sm}: "
+                          f"{ms:.3f} ms {launch}", flush=True)
     target_ms, target_launch = min(target_runs)
+    warps, stages, block_m, block_n, tma, per_sm = target_launch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()          # the best setting once more, alone: its extra memory
+    attention_block_target_triton(q, k, v, block, num_warps=warps, num_stages=stages, block_m=block_m,
+                                  block_n=block_n, tma=tma, programs_per_sm=per_sm)
     extra_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     n = math.ceil(seq / block)
     mask = topk_mask(torch.rand(1, kv_heads, n, n, device="cuda"), density)
@@ -148,11 +159,17 @@ def main() -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--launch", nargs="+", default=[f"{w},{s}" for w, s in LAUNCH],
                         help="(num_warps,num_stages) settings swept per kernel, e.g. 8,2 4,3")
+    parser.add_argument("--tma", default="both", choices=["both", "on", "off"], help="K/V tile loads swept")
+    parser.add_argument("--per-sm", type=int, nargs="+", default=[2], help="persistent programs per SM swept")
+    parser.add_argument("--block-m", type=int, nargs="*", default=[], help="query rows per tile swept")
     parser.add_argument("--gate-smoke", action="store_true", help="also run the gate pipeline on a random Llama")
     args = parser.parse_args()
     LAUNCH[:] = [tuple(int(n) for n in setting.split(",")) for setting in args.launch]
+    TMA[:] = {"both": [True, False], "on": [True], "off": [False]}[args.tma]
+    PER_SM[:] = args.per_sm
+    TILES_M[:] = args.block_m
     device = torch.cuda.get_device_name()
-    print(f"device {device}, torch {torch.__version__}, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC", flush=True)
+    print(f"device {device}, torch {torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", flush=True)
     print("correctness", check_correctness(args.block), flush=True)
     rows = []
     for kv_heads in args.kv_heads:

@@ -8,40 +8,50 @@ import triton.language as tl
 
 
 @triton.jit
-def _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_ptr, kt, offs_m, offs_r, offs_n, offs_d, seq, n_blocks,
-                sk_s, scale_log2, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr):
+def _load_kv(base, desc, kv_row, start, cols, offs_d, seq, sk_s, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             TMA: tl.constexpr):
+    """One [BLOCK_N, HEAD_DIM] tile of K or V: by the tensor-memory accelerator (a descriptor over
+    [batch x kv_heads, seq, head_dim], rows past `seq` read as 0) or by pointers (masked)."""
+    if TMA:
+        return desc.load([kv_row, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    return tl.load(base + cols[:, None] * sk_s + offs_d[None, :], mask=(cols < seq)[:, None], other=0.0)
+
+
+@triton.jit
+def _flash_step(q, acc, m_i, l_i, k_base, v_base, k_desc, v_desc, kv_row, row_max_ptr, kt, offs_m, offs_r, offs_n,
+                offs_d, seq, n_blocks, sk_s, scale_log2, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
     """One key tile (BLOCK_N keys = BLOCK_N / BLOCK gate blocks) of the online softmax (Dao et al.); also
-    stores each gate block's per-row score maximum."""
+    stores each gate block's per-row score maximum (log2 units)."""
     cols = kt * BLOCK_N + offs_n
-    col_ok = cols < seq
-    k = tl.load(k_base + cols[:, None] * sk_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k)) * scale_log2                       # log2 units
+    k = _load_kv(k_base, k_desc, kv_row, kt * BLOCK_N, cols, offs_d, seq, sk_s, BLOCK_N, HEAD_DIM, TMA)
+    qk = tl.dot(q, tl.trans(k))                                   # raw scores; scale_log2 > 0 commutes with max
     if MASKED:      # the diagonal tiles: causal mask and the sequence end
-        s = tl.where((cols[None, :] <= offs_m[:, None]) & col_ok[None, :], s, float("-inf"))
+        qk = tl.where((cols[None, :] <= offs_m[:, None]) & (cols < seq)[None, :], qk, float("-inf"))
     if BLOCK_N == BLOCK:
-        tile_max = tl.max(s, 1)
+        tile_max = tl.max(qk, 1) * scale_log2
         tl.store(row_max_ptr + kt * BLOCK_M + offs_r, tile_max)
     else:           # several gate blocks per key tile: one maximum per (row, gate block)
         GATE_BLOCKS: tl.constexpr = BLOCK_N // BLOCK
-        block_max = tl.max(tl.reshape(s, (BLOCK_M, GATE_BLOCKS, BLOCK)), 2)       # [BLOCK_M, GATE_BLOCKS]
+        block_max = tl.max(tl.reshape(qk, (BLOCK_M, GATE_BLOCKS, BLOCK)), 2) * scale_log2   # [BLOCK_M, GATE_BLOCKS]
         tile_max = tl.max(block_max, 1)
         blocks = kt * GATE_BLOCKS + tl.arange(0, GATE_BLOCKS)
         tl.store(row_max_ptr + blocks[None, :] * BLOCK_M + offs_r[:, None], block_max,
                  mask=(blocks < n_blocks)[None, :])
     m_new = tl.maximum(m_i, tile_max)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    v = tl.load(v_base + cols[:, None] * sk_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])                 # one FMA per score
+    v = _load_kv(v_base, v_desc, kv_row, kt * BLOCK_N, cols, offs_d, seq, sk_s, BLOCK_N, HEAD_DIM, TMA)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])          # accumulate in the MMA
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
+
 @triton.jit
-def attention_target_kernel(Q, K, V, Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, groups,
+def attention_target_kernel(Q, K, V, K_desc, V_desc, Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, groups,
                             batch_heads, n_m_tiles,
                             sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot,
                             BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                            HEAD_DIM: tl.constexpr, POOL: tl.constexpr):
+                            HEAD_DIM: tl.constexpr, POOL: tl.constexpr, TMA: tl.constexpr):
     slot = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -61,6 +71,7 @@ def attention_target_kernel(Q, K, V, Out, Target, RowMax, scale_log2, seq, n_blo
                     mask=row_ok[:, None], other=0.0)
         k_base = K + b * sk_b + kv_h * sk_h
         v_base = V + b * sk_b + kv_h * sk_h
+        kv_row = b * (q_heads // groups) + kv_h        # this head's plane of the [batch x kv_heads, seq, d] view
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -70,11 +81,13 @@ def attention_target_kernel(Q, K, V, Out, Target, RowMax, scale_log2, seq, n_blo
         full_tiles = m0 // BLOCK_N                    # key tiles left of the diagonal: no mask
         key_end = tl.minimum(m0 + BLOCK_M, seq)
         for kt in range(0, full_tiles):
-            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_base, kt, offs_m, offs_r, offs_n,
-                                        offs_d, seq, n_blocks, sk_s, scale_log2, BLOCK_M, BLOCK, BLOCK_N, False)
+            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, K_desc, V_desc, kv_row, row_max_base, kt,
+                                        offs_m, offs_r, offs_n, offs_d, seq, n_blocks, sk_s, scale_log2, BLOCK_M,
+                                        BLOCK, BLOCK_N, HEAD_DIM, False, TMA)
         for kt in range(full_tiles, tl.cdiv(key_end, BLOCK_N)):
-            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, row_max_base, kt, offs_m, offs_r, offs_n,
-                                        offs_d, seq, n_blocks, sk_s, scale_log2, BLOCK_M, BLOCK, BLOCK_N, True)
+            acc, m_i, l_i = _flash_step(q, acc, m_i, l_i, k_base, v_base, K_desc, V_desc, kv_row, row_max_base, kt,
+                                        offs_m, offs_r, offs_n, offs_d, seq, n_blocks, sk_s, scale_log2, BLOCK_M,
+                                        BLOCK, BLOCK_N, HEAD_DIM, True, TMA)
         key_blocks = tl.cdiv(key_end, BLOCK)          # gate blocks with a stored row maximum
         l_safe = tl.where(row_ok, l_i, 1.0)
         tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :],

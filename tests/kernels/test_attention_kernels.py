@@ -71,16 +71,19 @@ def test_target_torch_and_triton_equal_float64(seq, block, q_heads, kv_heads, he
     assert (target64.triu(1) == 0).all()
 
 
-@pytest.mark.parametrize("seq,block,block_m,block_n", [(100, 16, 16, 0), (100, 16, 64, 0), (75, 32, 128, 0),
-                                                     (100, 16, 64, 32), (100, 16, 16, 32), (75, 32, 128, 64),
-                                                     (90, 16, 32, 64)])
-def test_target_kernel_tiles_of_several_query_blocks_and_shared_scratch(seq, block, block_m, block_n):
+@pytest.mark.parametrize("seq,block,block_m,block_n,tma", [
+    (100, 16, 16, 0, False), (100, 16, 64, 0, False), (75, 32, 128, 0, False), (100, 16, 64, 32, False),
+    (100, 16, 16, 32, False), (75, 32, 128, 64, False), (90, 16, 32, 64, False),
+    (100, 16, 16, 0, True), (100, 16, 64, 32, True), (75, 32, 128, 64, True), (90, 16, 32, 64, True)])
+def test_target_kernel_tiles_of_several_query_blocks_and_shared_scratch(seq, block, block_m, block_n, tma):
     """block_m query rows per tile (1, 2 or 4 query blocks, a partial last tile), block_n keys per tile (one
     gate block, or 2 or 4 pooled from one MMA; key tiles longer than query tiles too), more work items than
-    persistent programs (each program reuses its row-maximum scratch), GQA 6:2."""
+    persistent programs (each program reuses its row-maximum scratch), GQA 6:2; K/V tiles by pointers or by
+    tensor descriptors (rows past the sequence end read as zeros)."""
     q, k, v = random_qkv(1, 6, 2, seq, 16, seed=seq + block_m + block_n)
     out64, target64 = naive_float64(q, k, v, block)
-    out, target = on_device(attention_block_target_triton)(q, k, v, block, block_m=block_m, block_n=block_n)
+    out, target = on_device(attention_block_target_triton)(q, k, v, block, block_m=block_m, block_n=block_n,
+                                                           tma=tma)
     torch.testing.assert_close(target.double(), target64, atol=TRITON_TOL, rtol=0)
     torch.testing.assert_close(out.double(), out64, atol=TRITON_TOL, rtol=0)
     with pytest.raises(ValueError, match="block_m=24 and block_n=16 must be multiples of block_size=16"):
