@@ -25,19 +25,21 @@ def triton_kind(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | 
     return "rows" if rows_ok(quantizer) and (quantizer_t is None or rows_ok(quantizer_t)) else None
 
 
-KERNELS = ("triton", "torch")
+KERNELS = ("auto", "triton", "torch")
 _kernels = "triton"
 
 
-def set_kernels(name: str) -> None:
+def set_kernels(name: str, compiled: bool = False) -> None:
     """Process-wide choice for CUDA operands (`precision.quantize_kernels`): "triton" (lowbit's fused quantize
     kernels) or "torch" (the PyTorch reference, same numerics in eager; under torch.compile Inductor fuses it
-    with the ops around it). CPU operands always take the PyTorch reference."""
+    with the ops around it); "auto" takes torch for compiled layers and triton in eager. Measured end to end
+    (llama_1b, compiled layers, H200, docs/RESULTS.md issue 3): fp8 rowwise 1.03x bf16 with torch vs 0.93x with
+    triton. CPU operands always take the PyTorch reference."""
     global _kernels
     if name not in KERNELS:
-        raise ValueError(f"precision.quantize_kernels={name!r} is not one of {list(KERNELS)}; "
-                         f"use triton (lowbit's kernels) or torch (the PyTorch path, fused by torch.compile)")
-    _kernels = name
+        raise ValueError(f"precision.quantize_kernels={name!r} is not one of {list(KERNELS)}; use auto, triton "
+                         f"(lowbit's kernels) or torch (the PyTorch path, fused by torch.compile)")
+    _kernels = ("torch" if compiled else "triton") if name == "auto" else name
 
 
 def kernels() -> str:

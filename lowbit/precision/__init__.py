@@ -6,10 +6,11 @@ from typing import Callable
 from torch import nn
 
 
-def apply(model: nn.Module, cfg) -> nn.Module:
-    """Swap the model's included nn.Linear layers for lowbit's QuantLinear of `cfg.recipe` (bf16: no-op)."""
+def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
+    """Swap the model's included nn.Linear layers for lowbit's QuantLinear of `cfg.recipe` (bf16: no-op);
+    `compiled`: its layers will run under torch.compile."""
     from lowbit.precision.convert import apply as convert
-    return convert(model, cfg)
+    return convert(model, cfg, compiled)
 
 
 def stats_hook(model: nn.Module, cfg) -> Callable[[int], dict] | None:

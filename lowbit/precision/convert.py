@@ -21,10 +21,11 @@ def selected(name: str, include: list[str], exclude: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
-def apply(model: nn.Module, cfg) -> nn.Module:
-    """Swap the selected nn.Linear modules of `model` in place for QuantLinear(recipe of cfg); returns model."""
+def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
+    """Swap the selected nn.Linear modules of `model` in place for QuantLinear(recipe of cfg); returns model.
+    `compiled`: the layers will run under torch.compile (quantize_kernels=auto then takes the PyTorch path)."""
     from lowbit.kernels.quantize import set_kernels
-    set_kernels(cfg.quantize_kernels)
+    set_kernels(cfg.quantize_kernels, compiled)
     if cfg.recipe == "bf16":
         return model
     recipe = build_recipe(cfg)

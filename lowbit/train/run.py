@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> TrainState:
                          f"tokens (max_position_embeddings); lower data.seq_len")
     objective = objectives.build(cfg.objective, model)                             # 3
     objective.check_parallel(cfg.parallel)
-    model = precision.apply(model, cfg.precision)                                  # 4
+    model = precision.apply(model, cfg.precision, compiled=cfg.model.compile)      # 4
     model.to(world.device)
     if cfg.model.compile:
         for compiled in (model, *objective.frozen_models()):

@@ -62,8 +62,12 @@ def test_quantize_kernels_setting_selects_the_path_and_refuses_unknown_names(tin
     try:
         precision.apply(load(cfg.model, seed=0)[0], cfg.precision)
         assert quantize.kernels() == "torch"
+        cfg.precision.quantize_kernels = "auto"
+        for compiled, expected in ((True, "torch"), (False, "triton")):
+            precision.apply(load(cfg.model, seed=0)[0], cfg.precision, compiled=compiled)
+            assert quantize.kernels() == expected
         cfg.precision.quantize_kernels = "cutlass"
-        with pytest.raises(ValueError, match=r"precision.quantize_kernels='cutlass'.*triton.*torch"):
+        with pytest.raises(ValueError, match=r"precision.quantize_kernels='cutlass'.*auto.*triton.*torch"):
             precision.apply(load(cfg.model, seed=0)[0], cfg.precision)
     finally:
         quantize.set_kernels("triton")
