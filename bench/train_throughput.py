@@ -26,7 +26,10 @@ def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, ti
     command = [sys.executable, str(ROOT / "train.py"), *overrides, f"trainer.max_steps={steps}",
                "trainer.eval_every=-1", "trainer.eval_at_start=false", "trainer.save_every=-1",
                "trainer.export=false", "logger.backends=[jsonl]", f"run_dir={run_dir}"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish {steps} steps within --timeout {timeout} s"}
     if result.returncode != 0:
         return {"error": (result.stderr or result.stdout)[-1500:]}
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
