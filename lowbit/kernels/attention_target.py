@@ -29,6 +29,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lowbit.kernels import use_triton_for
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -48,17 +50,6 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     if q.shape[2] < block_size:
         raise ValueError(f"sequence length {q.shape[2]} is shorter than one block of {block_size} tokens; "
                          f"use longer sequences or a smaller block size")
-
-
-def use_triton_for(t: torch.Tensor, mode: str = "auto") -> bool:
-    """Triton on CUDA, or on CPU under TRITON_INTERPRET=1 when mode='always'; torch otherwise."""
-    if mode == "never":
-        return False
-    if mode == "always":
-        return True
-    if mode != "auto":
-        raise ValueError(f"use_triton={mode!r} is not one of auto | always | never")
-    return t.is_cuda
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ import os
 
 import torch
 
-from lowbit.kernels.attention_target import (SUPPORTED_HEAD_DIMS, check_attention_inputs, repeat_kv,
-                                             use_triton_for)
+from lowbit.kernels import use_triton_for
+from lowbit.kernels.attention_target import SUPPORTED_HEAD_DIMS, check_attention_inputs, repeat_kv
 
 
 def check_block_mask(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> None:

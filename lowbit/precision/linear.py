@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 
 from lowbit.kernels.quantize import quantize, quantize_pair
 from lowbit.precision.gemm import quantized_matmul
-from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix
+from lowbit.precision.methods import Outliers, clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix
 from lowbit.precision.recipes import Recipe
 from lowbit.precision.sharded import shard_recipe, tensor_parallel_layout
 from lowbit.precision.scaling import QTensor, expand_scale
@@ -72,7 +72,7 @@ class QuantLinearFunction(torch.autograd.Function):
             y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype)
             if residual is not None:        # Compensation: (x - clamp(x)) W_hat^T in float32 on the sparse residual
                 w_hat = sum(wq.dequantize() for wq, _ in pairs)
-                y = (y.float() + torch.sparse.mm(residual, w_hat.t())).to(out_dtype)
+                y = residual.matmul_add_(y.to(out_dtype), w_hat.t())
             y = y[:tokens]
             if bias is not None:
                 y = y + bias.to(out_dtype)
@@ -80,10 +80,10 @@ class QuantLinearFunction(torch.autograd.Function):
         ctx.has_bias, ctx.compute_dtype, ctx.parts = bias is not None, out_dtype, len(pairs)
         weight_scales = [wq.scale for wq, _ in pairs]
         saved = [weight, xtq.data, xtq.scale, *[t for _, wtq in pairs for t in (wtq.data, wtq.scale)], *weight_scales]
-        ctx.has_residual = residual is not None
+        ctx.residual_shape = residual.shape if residual is not None else None
         ctx.has_transform = transform is not None
-        ctx.save_for_backward(*saved, residual if residual is not None else None,
-                              transform if transform is not None else None)
+        outliers = (residual.row_ptr, residual.cols, residual.vals) if residual is not None else (None, None, None)
+        ctx.save_for_backward(*saved, *outliers, transform if transform is not None else None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -91,7 +91,9 @@ class QuantLinearFunction(torch.autograd.Function):
         recipe: Recipe = ctx.recipe
         weight, xt_data, xt_scale, *rest = ctx.saved_tensors
         parts = ctx.parts
-        wt_saved, weight_scales, (residual, transform) = rest[:2 * parts], rest[2 * parts:3 * parts], rest[3 * parts:]
+        wt_saved, weight_scales, (row_ptr, cols, vals, transform) = (rest[:2 * parts], rest[2 * parts:3 * parts],
+                                                                     rest[3 * parts:])
+        residual = Outliers(row_ptr, cols, vals, ctx.residual_shape) if ctx.residual_shape is not None else None
         xtq = QTensor(xt_data, xt_scale, recipe.x_t)
         wtqs = [QTensor(wt_saved[2 * i], wt_saved[2 * i + 1], recipe.w_t) for i in range(parts)]
         dx = dw = db = None
@@ -113,7 +115,7 @@ class QuantLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 dw = quantized_matmul(dytq, xtq, ctx.compute_dtype).float()
                 if residual is not None:    # the compensation's weight gradient: dy^T (x - clamp(x))
-                    dw = dw + torch.sparse.mm(residual.t(), dy2.float()).t()
+                    dw = dw + residual.t_matmul(dy2).t()
                 if recipe.dge:               # arXiv 2501.17116 eq. 8: dL/dW = dL/dW_q * f'(W / scale)
                     dw = dw * _dge_factor(weight, weight_scales, recipe)
                 dw = dw.to(weight.dtype)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from lowbit.kernels.segment_matmul import segment_matmul_add_
 from lowbit.precision.formats import FloatFormat, grid_spacing
 
 
@@ -53,18 +55,52 @@ def outlier_threshold(x: torch.Tensor, quantile: float, group=None) -> torch.Ten
     return top.min()          # the quantile, without a sort
 
 
-def clamp_outliers(x: torch.Tensor, quantile: float, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class Outliers:
+    """OCC's residual R = x - clamp(x) [M, K], float32, in compressed-row form: row r's entries are
+    cols[row_ptr[r]:row_ptr[r + 1]] with values vals[...] (lowbit/kernels/segment_matmul.py multiplies it)."""
+
+    row_ptr: torch.Tensor      # int64 [M + 1]
+    cols: torch.Tensor         # int64 [P], increasing within a row
+    vals: torch.Tensor         # float32 [P]
+    shape: tuple[int, int]
+
+    def matmul_add_(self, out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """out [M, N] <- round(out + R b), b [K, N]; in place."""
+        return segment_matmul_add_(out, self.row_ptr, self.cols, self.vals, b)
+
+    def t_matmul(self, b: torch.Tensor) -> torch.Tensor:
+        """R^T b (float32 [K, N]) for b [M, N]: the entries regrouped by column, then the same product."""
+        order = torch.argsort(self.cols, stable=True)
+        col_ptr = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=self.cols.device)
+        col_ptr[1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device), self.row_ptr.diff())
+        out = torch.zeros(self.shape[1], b.shape[1], dtype=torch.float32, device=b.device)
+        return segment_matmul_add_(out, col_ptr, rows[order], self.vals[order], b)
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.shape, dtype=torch.float32, device=self.vals.device)
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device), self.row_ptr.diff())
+        dense[rows, self.cols] = self.vals
+        return dense
+
+
+def clamp_outliers(x: torch.Tensor, quantile: float, group=None) -> tuple[torch.Tensor, Outliers]:
     """Outlier Clamping (arXiv 2501.17116 sec. 3.2): clamp x [M, K] to +-(the `quantile` of |x| over the
-    tensor) -> (clamped x [M, K] in x's dtype, residual x - clamped as a sparse float32 COO [M, K]).
+    tensor) -> (clamped x [M, K] in x's dtype, the residual x - clamped as `Outliers`, float32).
 
     The residual holds about (1 - quantile) of the entries; its product with the weight is added back
     in high precision (the Compensation), so the layer's output keeps the outliers. `group`: x is a
     tensor-parallel shard; the threshold is that of the whole tensor (see outlier_threshold).
+    One host synchronisation: the number of outliers sizes the residual.
     """
     threshold = outlier_threshold(x, quantile, group).to(x.dtype)
     clamped = torch.maximum(torch.minimum(x, threshold), -threshold)
-    residual = (x.float() - clamped.float()).to_sparse()
-    return clamped, residual
+    residual = x.float() - clamped.float()
+    rows, cols = residual.nonzero(as_tuple=True)          # row-major order: compressed rows for free
+    row_ptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
+    row_ptr[1:] = torch.bincount(rows, minlength=x.shape[0]).cumsum(0)
+    return clamped, Outliers(row_ptr, cols, residual[rows, cols], tuple(x.shape))
 
 
 def hadamard_matrix(size: int, signs: torch.Tensor) -> torch.Tensor:
