@@ -16,23 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import timed  # noqa: E402  (bench/attention.py: CUDA-event median)
 from lowbit.kernels.segment_matmul import segment_matmul_add_  # noqa: E402
 from lowbit.precision.methods import clamp_outliers  # noqa: E402
-
-
-def timed(fn, reps: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def bench(tokens: int, k: int, n: int, quantile: float) -> dict:
