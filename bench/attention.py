@@ -169,7 +169,8 @@ def main() -> None:
     PER_SM[:] = args.per_sm
     TILES_M[:] = args.block_m
     device = torch.cuda.get_device_name()
-    print(f"device {device}, torch {torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", flush=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"device {device}, torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC", flush=True)
     print("correctness", check_correctness(args.block), flush=True)
     rows = []
     for kv_heads in args.kv_heads:

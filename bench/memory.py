@@ -253,7 +253,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8, help="steps per config; the first is dropped, the median of the rest timed")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="steps per config; the first is dropped, the median of the rest timed")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--fit-configs", nargs="*", default=FIT_CONFIGS)
     parser.add_argument("--fit-seconds", type=float, default=180.0, help="time budget of the fit search")

@@ -163,8 +163,8 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
     row_max = torch.empty((slots, n_blocks, block_m), device=q.device, dtype=torch.float32)
     extra = {"num_warps": num_warps or 8, "num_stages": num_stages or 3} if q.is_cuda else {}
     _kernels()[(slots,)](
-        q, k, v, k_desc, v_desc, out, target, row_max, scale * 1.4426950408889634, seq, n_blocks, q_heads, q_heads // k.shape[1],
-        batch * q_heads, n_m_tiles,
+        q, k, v, k_desc, v_desc, out, target, row_max, scale * 1.4426950408889634, seq, n_blocks, q_heads,
+        q_heads // k.shape[1], batch * q_heads, n_m_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), target.stride(0), target.stride(1), target.stride(2),
         row_max.stride(0), BLOCK_M=block_m, BLOCK=block_size, BLOCK_N=block_n, HEAD_DIM=head_dim, POOL=16,

@@ -72,7 +72,7 @@ class QuantLinearFunction(torch.autograd.Function):
             y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype)
             if residual is not None:        # Compensation: (x - clamp(x)) W_hat^T in float32 on the sparse residual
                 w_hat = sum(wq.dequantize() for wq, _ in pairs)
-                y = residual.matmul_add_(y.to(out_dtype), w_hat.t())
+                y = residual.matmul_add_(y, w_hat.t())   # in place, one rounding to y's dtype
             y = y[:tokens]
             if bias is not None:
                 y = y + bias.to(out_dtype)

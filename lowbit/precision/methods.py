@@ -74,14 +74,16 @@ class Outliers:
         order = torch.argsort(self.cols, stable=True)
         col_ptr = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=self.cols.device)
         col_ptr[1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
-        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device), self.row_ptr.diff())
         out = torch.zeros(self.shape[1], b.shape[1], dtype=torch.float32, device=b.device)
-        return segment_matmul_add_(out, col_ptr, rows[order], self.vals[order], b)
+        return segment_matmul_add_(out, col_ptr, self.rows()[order], self.vals[order], b)
+
+    def rows(self) -> torch.Tensor:
+        """The row index of every entry (int64 [P])."""
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device), self.row_ptr.diff())
 
     def to_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.shape, dtype=torch.float32, device=self.vals.device)
-        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device), self.row_ptr.diff())
-        dense[rows, self.cols] = self.vals
+        dense[self.rows(), self.cols] = self.vals
         return dense
 
 

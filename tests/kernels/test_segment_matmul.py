@@ -17,7 +17,8 @@ from lowbit.precision.methods import clamp_outliers  # noqa: E402
 def random_segments(segments: int, rows: int, density: float, seed: int):
     """A random sparse [segments, rows] float32 matrix (some segments empty) in segment form, and its dense copy."""
     generator = torch.Generator().manual_seed(seed)
-    dense = torch.randn(segments, rows, generator=generator) * (torch.rand(segments, rows, generator=generator) < density)
+    kept = torch.rand(segments, rows, generator=generator) < density
+    dense = torch.randn(segments, rows, generator=generator) * kept
     dense[::3] = 0                                     # every third segment has no entries
     seg, idx = dense.nonzero(as_tuple=True)
     seg_ptr = torch.zeros(segments + 1, dtype=torch.int64)
