@@ -36,7 +36,8 @@ case "${1:-}" in
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
     python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 240 --variant "bf16=+exp=bf16_llama $data" \
-      --variant "fp4=+exp=fp4_llama $data" 2>&1 | tee "$OUT/e2e_occ.log" ;;
+      --variant "fp4=+exp=fp4_llama $data" --variant "fp4_q999=+exp=fp4_llama precision.occ_quantile=0.999 $data" \
+      --variant "fp4_no_occ=+exp=fp4_llama precision.occ=false $data" 2>&1 | tee "$OUT/e2e_occ.log" ;;
   attention)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 --block-m 128 --launch 8,3 8,4 4,3 2>&1 | tee "$OUT/attention.log" ;;
   *)

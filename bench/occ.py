@@ -1,15 +1,18 @@
 """OCC's compensation on the GPU, side by side (issue 3): what the outliers cost next to the GEMM they correct.
 
-For M tokens and each (K, N), on a random activation with heavy-tailed channels (x ~ N(0,1) with every 64th
-channel scaled 20x): the bf16 GEMM x W^T, the clamp (threshold + residual in compressed rows), and the two
-compensation products, forward R W_hat^T and weight-gradient R^T dy, each by lowbit's Triton segment kernel,
-by its PyTorch path (index_add) and by cuSPARSE on the old COO residual (`torch.sparse.mm`). CUDA-event medians.
+For M tokens and each (K, N), on two random activations: `channels` (x ~ N(0,1) with every 64th channel scaled
+20x, the outlier channels of a trained LLM) and `gaussian` (x ~ N(0,1): outliers scattered, as at initialisation):
+the bf16 GEMM x W^T, the clamp (threshold, then the residual: dense outlier columns + compressed rows), and the
+two compensation products, forward R W_hat^T and weight-gradient R^T dy, by lowbit's path (GEMMs for the dense
+columns, the Triton segment kernel for the rest) and by cuSPARSE on a COO residual (`torch.sparse.mm`), plus the
+segment kernel's PyTorch path (index_add) for the forward. CUDA-event medians.
 
-    python bench/occ.py --tokens 8192 --shapes 4096,4096 4096,14336 14336,4096
+    python bench/occ.py --tokens 8192 --shapes 4096,4096 4096,14336 14336,4096 --patterns channels gaussian
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -19,31 +22,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import timed  # noqa: E402  (bench/attention.py: CUDA-event median)
 from lowbit.kernels.segment_matmul import segment_matmul_add_  # noqa: E402
-from lowbit.precision.methods import clamp_outliers  # noqa: E402
+from lowbit.precision.methods import clamp_outliers, outlier_threshold  # noqa: E402
 
 
-def bench(tokens: int, k: int, n: int, quantile: float) -> dict:
+def bench(tokens: int, k: int, n: int, quantile: float, pattern: str) -> dict:
     torch.manual_seed(0)
     x = torch.randn(tokens, k, device="cuda")
-    x[:, ::64] *= 20.0
+    if pattern == "channels":
+        x[:, ::64] *= 20.0
     x = x.to(torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
     dy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
     clamped, outliers = clamp_outliers(x, quantile)
     w_t = w.float().t().contiguous()
-    coo = outliers.to_dense().to_sparse()
+    coo = outliers.to_dense(k).to_sparse()
     y = torch.empty(tokens, n, device="cuda", dtype=torch.bfloat16)
-    rows = dict(tokens=tokens, k=k, n=n, outliers=outliers.vals.numel())
+    dense = outliers.dense_cols.numel()
+    rows = dict(tokens=tokens, k=k, n=n, sparse=outliers.vals.numel(), dense=dense)
     rows["gemm_bf16_ms"] = timed(lambda: x @ w.t())
+    rows["threshold_ms"] = timed(lambda: outlier_threshold(x, quantile))
     rows["clamp_ms"] = timed(lambda: clamp_outliers(x, quantile))
-    for path in ("always", "never"):
-        name = "triton" if path == "always" else "torch"
-        rows[f"fwd_{name}_ms"] = timed(lambda: segment_matmul_add_(y, outliers.row_ptr, outliers.cols, outliers.vals,
-                                                                  w_t, use_triton=path))
+    rows["fwd_triton_ms"] = timed(lambda: outliers.matmul_add(y, w_t))
+    rows["fwd_torch_ms"] = timed(lambda: segment_matmul_add_(y, outliers.row_ptr, outliers.cols, outliers.vals, w_t,
+                                                             use_triton="never"))
     rows["fwd_coo_ms"] = timed(lambda: torch.sparse.mm(coo, w_t))
-    rows["wgrad_triton_ms"] = timed(lambda: outliers.t_matmul(dy))
+    rows["wgrad_triton_ms"] = timed(lambda: outliers.t_matmul(dy, k))
     rows["wgrad_coo_ms"] = timed(lambda: torch.sparse.mm(coo.t(), dy.float()))
+    x.requires_grad_(True)
+    for name, layer in layers(k, n, quantile).items():
+        rows[f"layer_{name}_ms"] = timed(lambda: torch.autograd.grad(layer(x), (x, layer.weight), dy))
     return rows
+
+
+def layers(k: int, n: int, quantile: float) -> dict:
+    """One linear layer three ways, fwd+bwd timed on the same x: bf16, fp4 vectorwise+DGE, and with OCC too."""
+    from lowbit.config import PrecisionConfig
+    from lowbit.precision.linear import QuantLinear
+    from lowbit.precision.recipes import build_recipe
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    fp4 = {occ: QuantLinear.from_linear(linear, build_recipe(PrecisionConfig(
+        recipe="fp4_vectorwise", dge=True, occ=occ, occ_quantile=quantile))) for occ in (False, True)}
+    return {"bf16": linear, "fp4": fp4[False], "fp4_occ": fp4[True]}
 
 
 def main() -> None:
@@ -51,16 +71,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--shapes", nargs="+", default=["4096,4096", "4096,14336", "14336,4096"])
     parser.add_argument("--quantile", type=float, default=0.99)
+    parser.add_argument("--patterns", nargs="+", default=["channels", "gaussian"], choices=["channels", "gaussian"])
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    print("| M | K | N | outliers | bf16 GEMM ms | clamp ms | fwd Triton / torch / COO ms | wgrad Triton / COO ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for shape in args.shapes:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, quantile {args.quantile}", flush=True)
+    print("| x | M | K | N | sparse outliers | dense columns | bf16 GEMM ms | threshold / clamp ms | fwd lowbit / torch sparse / COO ms "
+          "| wgrad lowbit / COO ms | layer fwd+bwd bf16 / fp4+DGE / fp4+DGE+OCC ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for pattern, shape in itertools.product(args.patterns, args.shapes):
         k, n = (int(v) for v in shape.split(","))
-        r = bench(args.tokens, k, n, args.quantile)
-        print(f"| {r['tokens']} | {k} | {n} | {r['outliers']} | {r['gemm_bf16_ms']:.3f} | {r['clamp_ms']:.3f} | "
+        r = bench(args.tokens, k, n, args.quantile, pattern)
+        print(f"| {pattern} | {r['tokens']} | {k} | {n} | {r['sparse']} | {r['dense']} | {r['gemm_bf16_ms']:.3f} | "
+              f"{r['threshold_ms']:.3f} / {r['clamp_ms']:.3f} | "
               f"{r['fwd_triton_ms']:.3f} / {r['fwd_torch_ms']:.3f} / {r['fwd_coo_ms']:.3f} | "
-              f"{r['wgrad_triton_ms']:.3f} / {r['wgrad_coo_ms']:.3f} |", flush=True)
+              f"{r['wgrad_triton_ms']:.3f} / {r['wgrad_coo_ms']:.3f} | {r['layer_bf16_ms']:.3f} / "
+              f"{r['layer_fp4_ms']:.3f} / {r['layer_fp4_occ_ms']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def triton_kind(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | 
 
 KERNELS = ("auto", "triton", "torch")
 _kernels = "triton"
+_auto = False           # quantize_kernels=auto: code that runs eagerly (a graph break) takes the Triton kernels
 
 
 def set_kernels(name: str, compiled: bool = False) -> None:
@@ -34,12 +35,14 @@ def set_kernels(name: str, compiled: bool = False) -> None:
     kernels) or "torch" (the PyTorch reference, same numerics in eager; under torch.compile Inductor fuses it
     with the ops around it); "auto" takes torch for compiled layers and triton in eager. Measured end to end
     (llama_1b, compiled layers, H200, docs/RESULTS.md issue 3): fp8 rowwise 1.03x bf16 with torch vs 0.93x with
-    triton. CPU operands always take the PyTorch reference."""
-    global _kernels
+    triton. Under "auto", a quantization that runs eagerly although its layer is compiled (OCC's data-dependent
+    residual breaks the graph) still takes the Triton kernels. CPU operands always take the PyTorch reference."""
+    global _kernels, _auto
     if name not in KERNELS:
         raise ValueError(f"precision.quantize_kernels={name!r} is not one of {list(KERNELS)}; use auto, triton "
                          f"(lowbit's kernels) or torch (the PyTorch path, fused by torch.compile)")
     _kernels = ("torch" if compiled else "triton") if name == "auto" else name
+    _auto = name == "auto"
 
 
 def kernels() -> str:
@@ -47,7 +50,8 @@ def kernels() -> str:
 
 
 def _triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None):
-    kind = triton_kind(x, quantizer, quantizer_t) if x.is_cuda and _kernels == "triton" else None
+    wanted = _kernels == "triton" or (_auto and not torch.compiler.is_compiling())
+    kind = triton_kind(x, quantizer, quantizer_t) if x.is_cuda and wanted else None
     if kind == "rows":
         from lowbit.kernels.quantize_triton import quantize_pair_triton
         return quantize_pair_triton

@@ -8,7 +8,8 @@ with the sum in float32 and one rounding to out's dtype; segments without entrie
 R b for a sparse R in compressed-row form (seg_ptr = row pointers, idx = column indices, vals = values), or
 R^T b with R in compressed-column form. OCC's residual holds ~1% of an activation's entries, so the product is
 a gather: per entry one row of `b`, no tensor cores. The Triton kernel runs one program per (segment, block of
-columns), walks the segment's entries and accumulates in registers, reading `b`'s rows where they lie (L2);
+columns), walks the segment's entries ENTRIES at a time (that many rows of `b` in flight) and accumulates in
+registers, reading `b`'s rows where they lie (L2);
 nothing of size entries x N is materialised. The PyTorch path (CPU, and `use_triton="never"`) sums the same
 products with `index_add_` in chunks; the two agree to float32 rounding (summation order), and the tests check
 both against float64.
@@ -23,6 +24,7 @@ import torch
 from lowbit.kernels import use_triton_for
 
 BLOCK_N = 256
+ENTRIES = 16                        # entries gathered per step of the Triton kernel (memory-level parallelism)
 TORCH_CHUNK_ELEMENTS = 1 << 24      # the PyTorch path's entries x N temporary stays <= 64 MiB of float32
 
 
@@ -34,7 +36,7 @@ def _kernel():
 
     @triton.jit
     def segment_matmul_add_kernel(out_ptr, seg_ptr, idx_ptr, val_ptr, b_ptr, n, so_s, so_n, sb_r,
-                                  BLOCK_N: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, ENTRIES: tl.constexpr):
         segment = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = cols < n
@@ -42,10 +44,14 @@ def _kernel():
         end = tl.load(seg_ptr + segment + 1)
         if end > start:                                  # empty segments: out stays bit for bit
             acc = tl.zeros((BLOCK_N,), tl.float32)
-            for p in range(start, end):
-                row = tl.load(idx_ptr + p).to(tl.int64)
-                value = tl.load(val_ptr + p)
-                acc += value * tl.load(b_ptr + row * sb_r + cols, mask=in_range, other=0.0).to(tl.float32)
+            for first in range(start, end, ENTRIES):     # ENTRIES rows of b in flight at once
+                entries = first + tl.arange(0, ENTRIES)
+                present = entries < end
+                rows = tl.load(idx_ptr + entries, mask=present, other=0).to(tl.int64)
+                values = tl.load(val_ptr + entries, mask=present, other=0.0)
+                tile = tl.load(b_ptr + rows[:, None] * sb_r + cols[None, :], mask=present[:, None] & in_range[None, :],
+                               other=0.0).to(tl.float32)
+                acc += tl.sum(values[:, None] * tile, axis=0)
             target = out_ptr + segment.to(tl.int64) * so_s + cols * so_n
             current = tl.load(target, mask=in_range).to(tl.float32)
             tl.store(target, (current + acc).to(out_ptr.dtype.element_ty), mask=in_range)
@@ -88,7 +94,7 @@ def segment_matmul_add_triton(out, seg_ptr, idx, vals, b) -> torch.Tensor:
     if out.shape[0] and out.shape[1]:
         grid = (out.shape[0], -(-out.shape[1] // BLOCK_N))
         _kernel()[grid](out, seg_ptr, idx, vals, b, out.shape[1], out.stride(0), out.stride(1), b.stride(0),
-                        BLOCK_N=BLOCK_N)
+                        BLOCK_N=BLOCK_N, ENTRIES=ENTRIES)
     return out
 
 

@@ -55,54 +55,125 @@ def outlier_threshold(x: torch.Tensor, quantile: float, group=None) -> torch.Ten
     return top.min()          # the quantile, without a sort
 
 
+DENSE_COLUMN_SHARE = 1 / 32   # a column with outliers in more than this share of rows is held densely
+
+
 @dataclass
 class Outliers:
-    """OCC's residual R = x - clamp(x) [M, K], float32, in compressed-row form: row r's entries are
-    cols[row_ptr[r]:row_ptr[r + 1]] with values vals[...] (lowbit/kernels/segment_matmul.py multiplies it)."""
+    """OCC's residual R = x - clamp(x) [M, K], float32, in two parts. Columns where outliers are common (LLM
+    activations concentrate them in a few channels) are held densely: dense_vals [M, c] for columns dense_cols [c]
+    (c may be 0), multiplied by GEMMs. The rest is in compressed rows: row r's entries are
+    cols[row_ptr[r]:row_ptr[r + 1]] with values vals[...], multiplied by lowbit/kernels/segment_matmul.py (a gather
+    per entry). The products are custom ops, so torch.compile keeps a layer with OCC in one graph."""
 
     row_ptr: torch.Tensor      # int64 [M + 1]
     cols: torch.Tensor         # int64 [P], increasing within a row
     vals: torch.Tensor         # float32 [P]
-    shape: tuple[int, int]
+    dense_cols: torch.Tensor   # int64 [c]
+    dense_vals: torch.Tensor   # float32 [M, c]
 
-    def matmul_add_(self, out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """out [M, N] <- round(out + R b), b [K, N]; in place."""
-        return segment_matmul_add_(out, self.row_ptr, self.cols, self.vals, b)
+    def tensors(self) -> tuple:
+        """What autograd saves; Outliers(*tensors) rebuilds it."""
+        return self.row_ptr, self.cols, self.vals, self.dense_cols, self.dense_vals
 
-    def t_matmul(self, b: torch.Tensor) -> torch.Tensor:
-        """R^T b (float32 [K, N]) for b [M, N]: the entries regrouped by column, then the same product."""
-        order = torch.argsort(self.cols, stable=True)
-        col_ptr = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=self.cols.device)
-        col_ptr[1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
-        out = torch.zeros(self.shape[1], b.shape[1], dtype=torch.float32, device=b.device)
-        return segment_matmul_add_(out, col_ptr, self.rows()[order], self.vals[order], b)
+    def matmul_add(self, out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """round(out + R b) for out [M, N], b [K, N]: a new tensor of out's dtype."""
+        return torch.ops.lowbit.occ_matmul_add(out, *self.tensors(), b)
+
+    def t_matmul(self, b: torch.Tensor, k: int) -> torch.Tensor:
+        """R^T b (float32 [K, N]) for b [M, N]."""
+        return torch.ops.lowbit.occ_t_matmul(*self.tensors(), b, k)
 
     def rows(self) -> torch.Tensor:
-        """The row index of every entry (int64 [P])."""
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device), self.row_ptr.diff())
+        """The row index of every sparse entry (int64 [P])."""
+        return _rows(self.row_ptr, self.cols)
 
-    def to_dense(self) -> torch.Tensor:
-        dense = torch.zeros(self.shape, dtype=torch.float32, device=self.vals.device)
+    def to_dense(self, k: int) -> torch.Tensor:
+        dense = torch.zeros(self.row_ptr.shape[0] - 1, k, dtype=torch.float32, device=self.vals.device)
         dense[self.rows(), self.cols] = self.vals
+        dense[:, self.dense_cols] = self.dense_vals
         return dense
 
 
-def clamp_outliers(x: torch.Tensor, quantile: float, group=None) -> tuple[torch.Tensor, Outliers]:
+def _rows(row_ptr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(row_ptr.shape[0] - 1, device=cols.device), row_ptr.diff(),
+                                   output_size=cols.numel())
+
+
+def clamp_outliers(x: torch.Tensor, quantile: float, group=None,
+                   dense_share: float = DENSE_COLUMN_SHARE) -> tuple[torch.Tensor, Outliers]:
     """Outlier Clamping (arXiv 2501.17116 sec. 3.2): clamp x [M, K] to +-(the `quantile` of |x| over the
     tensor) -> (clamped x [M, K] in x's dtype, the residual x - clamped as `Outliers`, float32).
 
     The residual holds about (1 - quantile) of the entries; its product with the weight is added back
     in high precision (the Compensation), so the layer's output keeps the outliers. `group`: x is a
-    tensor-parallel shard; the threshold is that of the whole tensor (see outlier_threshold).
-    One host synchronisation: the number of outliers sizes the residual.
+    tensor-parallel shard; the threshold is that of the whole tensor (see outlier_threshold). Columns with
+    outliers in more than `dense_share` of the rows form the residual's dense part.
     """
     threshold = outlier_threshold(x, quantile, group).to(x.dtype)
+    clamped, *parts = torch.ops.lowbit.occ_clamp(x, threshold, dense_share)
+    return clamped, Outliers(*parts)
+
+
+@torch.library.custom_op("lowbit::occ_clamp", mutates_args=())
+def _occ_clamp(x: torch.Tensor, threshold: torch.Tensor, dense_share: float) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """clamp(x, +-threshold) and the residual's parts (see Outliers); sizes depend on the data (two host
+    synchronisations: which columns are dense, how many other outliers), hence a custom op."""
     clamped = torch.maximum(torch.minimum(x, threshold), -threshold)
-    residual = x.float() - clamped.float()
-    rows, cols = residual.nonzero(as_tuple=True)          # row-major order: compressed rows for free
+    outlier = x.abs() > threshold                                 # exactly where x - clamped != 0
+    dense_cols = (outlier.sum(0) > x.shape[0] * dense_share).nonzero().squeeze(1)
+    dense_vals = x[:, dense_cols].float() - clamped[:, dense_cols].float()
+    outlier[:, dense_cols] = False
+    rows, cols = outlier.nonzero(as_tuple=True)                   # row-major order: compressed rows for free
     row_ptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
-    row_ptr[1:] = torch.bincount(rows, minlength=x.shape[0]).cumsum(0)
-    return clamped, Outliers(row_ptr, cols, residual[rows, cols], tuple(x.shape))
+    row_ptr[1:] = outlier.sum(1).cumsum(0)
+    vals = x[rows, cols].float() - clamped[rows, cols].float()
+    return clamped, row_ptr, cols, vals, dense_cols, dense_vals
+
+
+@_occ_clamp.register_fake
+def _(x, threshold, dense_share):
+    ctx = torch.library.get_ctx()
+    entries, columns = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    rows = x.shape[0]
+    return (torch.empty_like(x), x.new_empty(rows + 1, dtype=torch.int64), x.new_empty(entries, dtype=torch.int64),
+            x.new_empty(entries, dtype=torch.float32), x.new_empty(columns, dtype=torch.int64),
+            x.new_empty(rows, columns, dtype=torch.float32))
+
+
+@torch.library.custom_op("lowbit::occ_matmul_add", mutates_args=())
+def _occ_matmul_add(out: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                    dense_cols: torch.Tensor, dense_vals: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """round(out + R b): the dense columns by a float32 GEMM, the rest by the segment kernel, one rounding."""
+    if dense_cols.numel() == 0:
+        return segment_matmul_add_(out.clone(), row_ptr, cols, vals, b)
+    total = torch.addmm(out.float(), dense_vals, b[dense_cols].float())
+    return segment_matmul_add_(total, row_ptr, cols, vals, b).to(out.dtype)
+
+
+@_occ_matmul_add.register_fake
+def _(out, row_ptr, cols, vals, dense_cols, dense_vals, b):
+    return torch.empty_like(out)
+
+
+@torch.library.custom_op("lowbit::occ_t_matmul", mutates_args=())
+def _occ_t_matmul(row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, dense_cols: torch.Tensor,
+                  dense_vals: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """R^T b (float32 [k, N]): the dense columns by a GEMM, the sparse entries regrouped by column (a stable
+    sort keeps the sum's order fixed), then the segment kernel."""
+    out = torch.zeros(k, b.shape[1], dtype=torch.float32, device=b.device)
+    if dense_cols.numel():
+        out[dense_cols] = dense_vals.t() @ b.float()
+    order = torch.argsort(cols, stable=True)
+    col_ptr = torch.zeros(k + 1, dtype=torch.int64, device=cols.device)
+    col_ptr[1:] = torch.zeros_like(col_ptr[1:]).index_add_(0, cols, torch.ones_like(cols)).cumsum(0)
+    return segment_matmul_add_(out, col_ptr, _rows(row_ptr, cols)[order], vals[order], b)
+
+
+@_occ_t_matmul.register_fake
+def _(row_ptr, cols, vals, dense_cols, dense_vals, b, k):
+    return b.new_empty(k, b.shape[1], dtype=torch.float32)
 
 
 def hadamard_matrix(size: int, signs: torch.Tensor) -> torch.Tensor:

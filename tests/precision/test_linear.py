@@ -34,11 +34,13 @@ def relative_error(got, want):
 def reference_forward_backward(x, weight, bias, dy, recipe, signs):
     """Float64 reference of QuantLinear's quantized math (quantizers shared, GEMMs in float64)."""
     deq = lambda t, q: quantize_reference(t, q).dequantize().double()
-    x2 = pad_rows(x.reshape(-1, x.shape[-1]), recipe.token_multiple, "x")
+    x2 = x.reshape(-1, x.shape[-1])
     residual = torch.zeros_like(x2, dtype=torch.float64)
-    if recipe.occ:
+    if recipe.occ:                    # the quantile is over the tokens, before any padding
         x2, sparse = clamp_outliers(x2, recipe.occ_quantile)
-        residual = sparse.to_dense().double()
+        residual = sparse.to_dense(x2.shape[1]).double()
+    x2 = pad_rows(x2, recipe.token_multiple, "x")
+    residual = pad_rows(residual, recipe.token_multiple, "x")
     parts = weight_parts(weight.detach(), recipe.asymmetric)
     w_hat = sum(deq(p, recipe.w) for p in parts)
     wt_hat = sum(deq(p.t(), recipe.w_t) for p in parts)
