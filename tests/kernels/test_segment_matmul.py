@@ -100,10 +100,9 @@ def test_occ_layer_compiles_in_one_graph_and_equals_eager():
     """OCC's data-dependent residual lives in custom ops: the OCC linear traces without a graph break when Dynamo
     captures data-dependent sizes, and the AOT-traced forward and backward equal eager bit for bit. (QuantLinear
     itself runs OCC eagerly under compile: this tracing failed end to end on the H200, see linear.quant_linear.)"""
-    from lowbit.precision.linear import occ_linear
     from types import SimpleNamespace
 
-    from lowbit.precision.linear import QuantLinear
+    from lowbit.precision.linear import QuantLinear, occ_linear
     from lowbit.precision.recipes import build_recipe
     torch.library.opcheck(torch.ops.lowbit.occ_matmul_add, (torch.randn(3, 5), torch.tensor([0, 1, 1, 2]),
                           torch.tensor([1, 0]), torch.randn(2), torch.tensor([2]), torch.randn(3, 1),
