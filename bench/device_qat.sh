@@ -26,26 +26,7 @@ what=$1; gpu=$2; shift 2
 export CUDA_VISIBLE_DEVICES=$gpu
 case "$what" in
   check)    # compiled vs eager fake quantization on this GPU, SmolLM2's four weight shapes, bit for bit
-    python3 - <<'PY'
-import torch
-from torch import nn
-from lowbit.quant.fake_quant import make_format
-from lowbit.quant.linear import FakeQuantLinear
-for name in ("int3",):
-    fmt = make_format(name, 128, partial_groups=True)
-    for out_f, in_f in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
-        layer = FakeQuantLinear(nn.Linear(in_f, out_f, bias=False), fmt).cuda()
-        layer.clip_ratio.uniform_(0.5, 1.0)
-        eager = layer.quantized_weight()
-        layer.compiled = True
-        fused = layer.quantized_weight()
-        rel = ((eager - fused).abs() / eager.abs().clamp_min(1e-30)).max().item()
-        print(f"{name} {out_f}x{in_f}: compiled != eager in {(eager != fused).sum().item()} of {eager.numel()} weights, "
-              f"max relative difference {rel:.2e}")
-from torch._inductor import config
-print("inductor eager_numerics.division_rounding:", getattr(getattr(config, "eager_numerics", None), "division_rounding", "absent"))
-PY
-    ;;
+    python3 bench/fq_check.py ;;
   throughput)   # LABEL OVERRIDES...: 40 steps of the SmolLM2-135M architecture (random init) on the corpus' valid file;
                 # e.g. "qat +exp=bitdistill" or "bf16 +exp=bitdistill objective=lm" (plain fine-tuning, same model)
     label=$1; shift

@@ -9,7 +9,8 @@ Formats (all per group of `group_size` consecutive weights along a row's input d
                       (s+ = hi / 6) and negative (s- = -lo / 6) weights of a group
 The range [lo, hi] of a group is its [min, max] (e2m1: [-amax, amax]) times a clipping ratio, or a pair of
 learnable clip values (see lowbit/quant/clipping.py). Codes are uint8: integers q in [0, 2^b - 1]; FP4
-codes are sign << 3 | magnitude index. Dequantization is the one function `dequantize`, used by the
+codes are sign << 3 | magnitude index. Scales, zero points and codes are computed in float64 from the float32
+inputs, and the scales stored as float32 (see `_scales64`). Dequantization is the one function `dequantize`, used by the
 fake-quantized forward, the packed export and its loader alike, so all three agree bit for bit.
 
 A row whose input dimension is not a multiple of `group_size` is refused unless `partial_groups` is set;
@@ -99,15 +100,20 @@ def scale_divisor(fmt: QuantFormat) -> float:
     return E2M1_MAX if fmt.is_fp4 else float(fmt.code_max)
 
 
-def scales_for(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat,
-               divisor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-group parameters [out, n_groups] from a range: int: scale, zero; e2m1: scale; afpq: scale, scale_neg.
+def _scales64(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat,
+              divisor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The per-group parameters in float64 (`scales_for` rounds them to the stored float32 values).
 
+    Quantization runs in float64 from the float32 inputs to the rounded codes, with no float32 value in between:
+    a compiled GPU graph otherwise leaves eager PyTorch (and the packed export) by 1 ulp in ~20% of the groups
+    (H200, bench/fq_check.py): Triton's float32 `/` is the approximate div.full, `hi * r - lo * r` is contracted
+    into an FMA, and Inductor drops a float32 rounding between two float64 operations. In float64 such changes
+    stay far below float32's resolution.
     divisor: `scale_divisor(fmt)` as a 0-d tensor, for compiled graphs: on GPUs Inductor turns a division by a
-    Python constant into a multiplication by its reciprocal (1/7 is inexact), which moves scales by 1 ulp away
-    from eager PyTorch and from the packed export; a division by a graph input stays an IEEE division.
+    Python constant into a multiplication by its reciprocal; a division by a graph input stays an IEEE division.
     """
-    d = scale_divisor(fmt) if divisor is None else divisor.float()
+    lo, hi = lo.double(), hi.double()
+    d = scale_divisor(fmt) if divisor is None else divisor.double()
     if fmt.is_fp4:
         scale = (hi / d).clamp(min=SCALE_EPS)
         if fmt.name == "fp4_e2m1":
@@ -115,6 +121,13 @@ def scales_for(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat,
         return {"scale": scale, "scale_neg": (-lo / d).clamp(min=SCALE_EPS)}
     scale = ((hi - lo) / d).clamp(min=SCALE_EPS)
     return {"scale": scale, "zero": torch.round(-lo / scale)}
+
+
+def scales_for(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat,
+               divisor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-group parameters [out, n_groups] float32 from a range: int: scale, zero; e2m1: scale; afpq: scale,
+    scale_neg (see `_scales64`)."""
+    return {name: value.float() for name, value in _scales64(lo, hi, fmt, divisor).items()}
 
 
 def _e2m1_index(magnitude: torch.Tensor) -> torch.Tensor:
@@ -128,22 +141,23 @@ def quantize(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: Qua
              divisor: torch.Tensor | None = None):
     """Codes uint8 [out, n_groups, group_size] and per-group parameters of `grouped` clipped to [lo, hi].
 
-    grouped: [out, n_groups, group_size] (any float dtype; computed in float32); lo, hi: [out, n_groups];
-    divisor: see `scales_for`.
+    grouped: [out, n_groups, group_size] (any float dtype; computed in float64, see `_scales64`);
+    lo, hi: [out, n_groups]; divisor: see `_scales64`. The parameters returned are float32.
     """
-    w = grouped.detach().float()
-    lo, hi = lo.detach().float(), hi.detach().float()
-    params = scales_for(lo, hi, fmt, divisor)
+    w = grouped.detach().double()
+    lo, hi = lo.detach().double(), hi.detach().double()
+    params = _scales64(lo, hi, fmt, divisor)
+    stored = {name: value.float() for name, value in params.items()}
     clipped = torch.maximum(torch.minimum(w, hi.unsqueeze(-1)), lo.unsqueeze(-1))
     if not fmt.is_fp4:
         q = torch.round(clipped / params["scale"].unsqueeze(-1)) + params["zero"].unsqueeze(-1)
-        return q.clamp(0, fmt.code_max).to(torch.uint8), params
+        return q.clamp(0, fmt.code_max).to(torch.uint8), stored
     negative = clipped < 0
     scale = params["scale"].unsqueeze(-1)
     if fmt.name == "fp4_afpq":
         scale = torch.where(negative, params["scale_neg"].unsqueeze(-1), scale)
     index = _e2m1_index((clipped.abs() / scale).clamp(max=E2M1_MAX))
-    return (negative.to(torch.uint8) << 3) | index.to(torch.uint8), params
+    return (negative.to(torch.uint8) << 3) | index.to(torch.uint8), stored
 
 
 def dequantize(codes: torch.Tensor, params: dict[str, torch.Tensor], fmt: QuantFormat) -> torch.Tensor:
@@ -167,7 +181,7 @@ def _ste_surrogate(grouped: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fm
     d w_hat / d w = 1 for lo <= w <= hi and 0 outside (clipped weights get no gradient); learnable lo/hi
     receive the clamp's gradient plus (round(x) - x) * ds/d(lo, hi) (the LSQ step-size term, arXiv 1902.08153).
     """
-    lo_, hi_ = lo.unsqueeze(-1), hi.unsqueeze(-1)
+    lo_, hi_ = lo.float().unsqueeze(-1), hi.float().unsqueeze(-1)
     w = grouped.float()
     # where(), not min/max: a weight equal to a bound keeps its whole gradient (min/max would split it in half)
     clipped = torch.where(w > hi_, hi_, torch.where(w < lo_, lo_, w))

