@@ -5,6 +5,7 @@
 #   bench/device_pending.sh e2e       llama_1b end to end: bf16, fp8 and fp4 as `+exp` runs them, fp4 without OCC (issue 3)
 #   bench/device_pending.sh memory    AdamA's GPU tests, then bench/memory.py: AdamA (one-kernel and PyTorch fold) and
 #                                     checkpointing, three rounds through the configs (issue 6)
+#   bench/device_pending.sh memory_compiled   the same with each decoder layer compiled (the trainer's default)
 #   bench/device_pending.sh occ       OCC's compensation: the segment kernel's GPU tests, then Triton vs PyTorch vs the old
 #                                     COO cuSPARSE product next to the bf16 GEMM (bench/occ.py), then the main job end to
 #                                     end against bf16 (issue 3; `+exp=fp4_llama` ran at 0.09x with the COO residual)
@@ -16,7 +17,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 case "${1:-}" in
   check)
-    bash bench/device_qat.sh check 0 2>&1 | tee "$OUT/fq_check.log" ;;
+    python3 bench/fq_check.py 2>&1 | tee "$OUT/fq_check.log" ;;
   e2e)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
@@ -30,6 +31,9 @@ case "${1:-}" in
     python3 -m pytest -q tests/optim/test_adama.py tests/kernels/test_adama_fold.py 2>&1 | tail -3 | tee "$OUT/adama_gpu_tests.log"
     python3 bench/memory.py --configs "adamw+accum (baseline)" adama "adama (PyTorch fold)" "adamw+ckpt full" \
       "adama+ckpt full" --repeat 3 --fit-configs 2>&1 | tee "$OUT/memory.log" ;;
+  memory_compiled)
+    python3 bench/memory.py --compile --configs "adamw+accum (baseline)" adama "adamw+ckpt full" "adama+ckpt full" \
+      --repeat 3 --fit-configs 2>&1 | tee "$OUT/memory_compiled.log" ;;
   occ)
     python3 -m pytest -q tests/kernels/test_segment_matmul.py tests/precision/test_linear.py 2>&1 | tail -3 | tee "$OUT/occ_gpu_tests.log"
     python3 bench/occ.py 2>&1 | tee "$OUT/occ.log"
@@ -41,5 +45,5 @@ case "${1:-}" in
   attention)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 --block-m 128 --launch 8,3 8,4 4,3 2>&1 | tee "$OUT/attention.log" ;;
   *)
-    echo "usage: bench/device_pending.sh check|e2e|memory|occ|attention" >&2; exit 2 ;;
+    echo "usage: bench/device_pending.sh check|e2e|memory|memory_compiled|occ|attention" >&2; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 """Peak GPU memory and tokens/s of the memory savers, side by side in one run (issue 6 bars).
 
-For one model (default llama_1b, fp32 master weights, bf16 autocast, SDPA, eager) and one batch shape
+For one model (default llama_1b, fp32 master weights, bf16 autocast, SDPA, eager or with --compile each
+decoder layer compiled) and one batch shape
 (default seq 4096, micro-batch 1, 4 micro-batches per step), each configuration trains a few steps on
 random tokens and reports: peak allocated / reserved GiB over a step, the peak activation memory (peak
 of one micro-batch's forward+backward minus what was allocated before it), tokens/s, and the ratios to
@@ -52,7 +53,7 @@ FIT_CONFIGS = ["adamw+accum (baseline)", "adama", "adamw+offload", "adamw+ckpt f
                "adama+ckpt full", "adama+selective(0-7)+offload(8-15)"]
 
 
-def build(model_name: str, optimizer_name: str, memory: dict, max_positions: int):
+def build(model_name: str, optimizer_name: str, memory: dict, max_positions: int, compile_layers: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = yaml.safe_load((ROOT / "conf" / "model" / f"{model_name}.yaml").read_text())
@@ -64,6 +65,9 @@ def build(model_name: str, optimizer_name: str, memory: dict, max_positions: int
     with torch.device("cuda"):
         model = LlamaForCausalLM(config)
     model.train()
+    if compile_layers:                  # as the trainer does with model.compile=true: compile, then checkpoint
+        from lowbit.train.run import compile_layers as compile_each
+        compile_each(model)
     apply_memory(model, MemoryConfig(**memory))
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
@@ -120,7 +124,7 @@ def release() -> None:
 
 def measure(args, name: str) -> dict:
     optimizer_name, memory = CONFIGS[name]
-    model, optimizer = build(args.model, optimizer_name, memory, args.seq)
+    model, optimizer = build(args.model, optimizer_name, memory, args.seq, args.compile)
     torch.cuda.reset_peak_memory_stats()
     runs = [train_step(model, optimizer, args.micro_batch, args.seq, args.micro_batches) for _ in range(args.steps)]
     measured = runs[1:]                                   # the first step allocates optimizer state
@@ -259,6 +263,8 @@ def main() -> None:
     parser.add_argument("--fit-configs", nargs="*", default=FIT_CONFIGS)
     parser.add_argument("--fit-seconds", type=float, default=180.0, help="time budget of the fit search")
     parser.add_argument("--max-host-gib", type=float, default=80.0, help="skip fit trials offloading more")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each decoder layer, as the trainer does with model.compile=true")
     parser.add_argument("--repeat", type=int, default=1, help="rounds through the configs (median tokens/s)")
     parser.add_argument("--profile", action="store_true", help="profile one more step of each config")
     parser.add_argument("--json", default="")
@@ -295,7 +301,7 @@ def main() -> None:
         print(json.dumps(fit_rows[-1]), flush=True)
     report = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "model": args.model, "seq": args.seq, "micro_batch": args.micro_batch,
-              "micro_batches": args.micro_batches, "repeat": args.repeat, "rows": rows, "fits": fit_rows,
+              "micro_batches": args.micro_batches, "repeat": args.repeat, "compiled": args.compile, "rows": rows, "fits": fit_rows,
               "host_link": link}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
@@ -308,7 +314,8 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     lines = [f"### bench/memory.py -- {report['model']}, seq {report['seq']}, micro-batch {report['micro_batch']} x "
-             f"{report['micro_batches']} micro-batches, bf16 autocast, fp32 master, eager; tokens/s: median of "
+             f"{report['micro_batches']} micro-batches, bf16 autocast, fp32 master, "
+             f"{'compiled decoder layers' if report.get('compiled') else 'eager'}; tokens/s: median of "
              f"{report['repeat']} round(s) through the configs (range in brackets)",
              f"{report['device']}, torch {report['torch']}, {report['date']}; pinned host link: "
              f"{report['host_link']['d2h_gbps']:.1f} GB/s to host, {report['host_link']['h2d_gbps']:.1f} GB/s to "

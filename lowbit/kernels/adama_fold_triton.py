@@ -10,6 +10,13 @@ For one parameter's micro-batch gradient g (float32 or bf16), its float32 moment
 
 The PyTorch path runs these as six to eight separate passes (about 40-56 bytes per element against this
 kernel's 20 for float32 gradients); the operations and their order are the same.
+
+The update after the last micro-batch is one kernel too (`update`), one read of p, m, v and one write of p
+(and of v with the cross-term correction), where the foreach path makes five passes with a v-sized temporary:
+
+    v <- v + c m m                      (second_moment=cross_corrected only; c given)
+    d = sqrt(v) / sqrt(1 - beta2^t) + eps
+    p <- p (1 - lr wd);  p <- p - lr / (1 - beta1^t) m / d
 """
 from __future__ import annotations
 
@@ -50,21 +57,55 @@ if AVAILABLE:
         tl.store(v_ptr + offsets, v, mask=mask)
 
 
+if AVAILABLE:
+    @triton.jit
+    def _update_kernel(p_ptr, m_ptr, v_ptr, n, bias2_sqrt, eps, decay, step_size, cross,
+                       CROSS: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offsets, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offsets, mask=mask, other=1.0)
+        if CROSS:
+            v = v + cross * m * m                # addcmul's order: (value * m) * m
+            tl.store(v_ptr + offsets, v, mask=mask)
+        denominator = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt + tl.zeros_like(v)) + eps
+        master = p.to(tl.float32) * decay
+        master = master + step_size * tl.math.div_rn(m, denominator)   # addcdiv: p + value * (m / d)
+        tl.store(p_ptr + offsets, master.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+def update(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, weight_decay: float,
+           eps: float, bias1: float, bias2_sqrt: float, cross: float = 0.0) -> None:
+    """AdamA's parameter update of one tensor in place (module doc); cross > 0 adds cross * m^2 to v first."""
+    n = _require("update: parameter", param, exp_avg, exp_avg_sq)
+    if n == 0:
+        return
+    _update_kernel[(triton.cdiv(n, BLOCK),)](param, exp_avg, exp_avg_sq, n, float(bias2_sqrt), float(eps),
+                                            1.0 - lr * weight_decay, -lr / bias1, float(cross), CROSS=cross > 0,
+                                            BLOCK=BLOCK)
+
+
 def supports(grad: torch.Tensor, exp_avg: torch.Tensor) -> bool:
     """The kernel's cases: contiguous float32/bf16 gradients, float32 moments of the same layout."""
     return (AVAILABLE and grad.dtype in (torch.float32, torch.bfloat16) and grad.is_contiguous()
             and exp_avg.is_contiguous() and exp_avg.dtype == torch.float32 and grad.numel() == exp_avg.numel())
 
 
+def _require(what: str, tensor: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> int:
+    """The element count, once the tensors are a case of the kernels; else an error naming them and the fix."""
+    if not supports(tensor, exp_avg) or exp_avg_sq.shape != exp_avg.shape or not exp_avg_sq.is_contiguous():
+        raise ValueError(f"AdamA fused {what} {tensor.dtype} {tuple(tensor.shape)} (contiguous "
+                         f"{tensor.is_contiguous()}) with moments {exp_avg.dtype} {tuple(exp_avg.shape)} is not a case "
+                         f"of the kernel; set optim.fused=false for the PyTorch path")
+    return tensor.numel()
+
+
 def fold(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, norm: torch.Tensor,
          sq_norm: torch.Tensor, clip: float, beta1: float, beta2: float, first: bool) -> None:
     """Fold one micro-batch gradient into (exp_avg, exp_avg_sq) in place; `norm` = ||grad|| (float32, 0-d);
     `sq_norm` (float32, 0-d) gets norm^2 added, as `sq_norm.add_(norm.square())` would."""
-    if not supports(grad, exp_avg) or exp_avg_sq.shape != exp_avg.shape or not exp_avg_sq.is_contiguous():
-        raise ValueError(f"AdamA fused fold: gradient {grad.dtype} {tuple(grad.shape)} (contiguous "
-                         f"{grad.is_contiguous()}) with moments {exp_avg.dtype} {tuple(exp_avg.shape)} is not a case "
-                         f"of the kernel; set optim.fused=false for the PyTorch path")
-    n = grad.numel()
+    n = _require("fold: gradient", grad, exp_avg, exp_avg_sq)
     if n == 0:
         return
     _fold_kernel[(triton.cdiv(n, BLOCK),)](grad, exp_avg, exp_avg_sq, norm, sq_norm, n, float(clip), float(beta1),

@@ -31,8 +31,9 @@ Data parallel: the hook all-reduces (averages) each gradient asynchronously as s
 folds it once the reduction has finished, so communication overlaps the rest of backward; the trainer
 keeps DDP's own reducer out of the way (`no_sync` on every micro-batch, see `reduces_gradients`).
 
-Fused fold (`fused=True`, the default, CUDA gradients): the clip-scale-decay-fold of one gradient is one Triton
-kernel (lowbit/kernels/adama_fold_triton.py), the same operations in the same order as the PyTorch path here.
+Fused fold and update (`fused=True`, the default, CUDA tensors): the clip-scale-decay-fold of one gradient is one
+Triton kernel, and so is the update of one parameter after the last micro-batch (lowbit/kernels/adama_fold_triton.py),
+the same operations in the same order as the PyTorch path here.
 
 State: float32 `exp_avg`, `exp_avg_sq` and `step` per parameter (bf16 parameters keep float32 moments),
 in `state_dict()` like torch.optim.AdamW, so checkpoints resume bit-exactly.
@@ -202,13 +203,21 @@ class AdamA(torch.optim.Optimizer):
                 states = [self.state[p] for p in params]
                 bias1 = 1 - beta1 ** step
                 bias2_sqrt = math.sqrt(1 - beta2 ** step)
-                if self.second_moment == "cross_corrected" and folded > 1:
+                cross = (1 - beta2) * (1 - 1 / folded) / bias1 ** 2 \
+                    if self.second_moment == "cross_corrected" and folded > 1 else 0.0
+                if self.fused and all(p.is_cuda and type(p.data) is torch.Tensor       # not DTensor shards
+                                      and adama_fold_triton.supports(p, s["exp_avg"]) for p, s in zip(params, states)):
+                    for param, state in zip(params, states):     # one kernel per tensor: read p, m, v, write p
+                        adama_fold_triton.update(param, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                                                 weight_decay=group["weight_decay"], eps=group["eps"], bias1=bias1,
+                                                 bias2_sqrt=bias2_sqrt, cross=cross)
+                    continue
+                if cross:
                     # v got (1 - beta2) sum_i g_i^2; Adam's v gets (1 - beta2) (sum_i g_i)^2. The cross terms
                     # sum_{i != j} g_i g_j have expectation (1 - 1/N) E[G]^2 (micro-batch gradients i.i.d. around
                     # the step's mean gradient G): estimated by the bias-corrected first moment, squared.
                     exp_avgs = [s["exp_avg"] for s in states]
-                    torch._foreach_addcmul_([s["exp_avg_sq"] for s in states], exp_avgs, exp_avgs,
-                                            value=(1 - beta2) * (1 - 1 / folded) / bias1 ** 2)
+                    torch._foreach_addcmul_([s["exp_avg_sq"] for s in states], exp_avgs, exp_avgs, value=cross)
                 denominator = torch._foreach_sqrt([s["exp_avg_sq"] for s in states])
                 torch._foreach_div_(denominator, bias2_sqrt)
                 torch._foreach_add_(denominator, group["eps"])

@@ -1,6 +1,7 @@
-"""AdamA's one-kernel fold (lowbit/kernels/adama_fold_triton.py) equals the PyTorch path of AdamA._fold and a
-float64 evaluation of the same formula (TRITON_INTERPRET=1 on CPU, in a subprocess so the interpreter setting
-cannot leak into other tests)."""
+"""AdamA's one-kernel fold and update (lowbit/kernels/adama_fold_triton.py) equal the PyTorch paths of AdamA._fold
+and AdamA.step and a float64 evaluation of the same formulas (TRITON_INTERPRET=1 on CPU, in a subprocess so the
+interpreter setting cannot leak into other tests)."""
+import math
 import os
 import subprocess
 import sys
@@ -69,11 +70,53 @@ def check_kernel() -> None:
     print(f"adama fold kernel == torch path: {cases} cases")
 
 
+def check_update() -> None:
+    """The one-kernel update equals AdamA.step's foreach path (fused=False) and float64, after 3 folded steps."""
+    from lowbit.kernels import adama_fold_triton
+    from lowbit.optim.adama import AdamA
+    generator = torch.Generator().manual_seed(1)
+    cases = 0
+    for n in (1, 7, 2048, 5000):
+        for dtype in (torch.float32, torch.bfloat16):
+            for second_moment in ("paper", "cross_corrected"):
+                for weight_decay in (0.0, 0.1):
+                    p0 = torch.randn(n, generator=generator).to(dtype)
+                    m = torch.randn(n, generator=generator) * 0.1
+                    v = torch.rand(n, generator=generator) * 0.01
+                    param = torch.nn.Parameter(p0.clone())
+                    optimizer = AdamA([param], lr=1e-2, betas=(0.9, 0.95), weight_decay=weight_decay,
+                                      fused=False, second_moment=second_moment)
+                    state = optimizer._state_of(param)
+                    state["exp_avg"].copy_(m)
+                    state["exp_avg_sq"].copy_(v)
+                    state["step"].fill_(2)
+                    state["folded"] = 4
+                    optimizer.step()
+                    optimizer.remove_hooks()
+                    bias1, bias2_sqrt = 1 - 0.9 ** 3, math.sqrt(1 - 0.95 ** 3)
+                    cross = (1 - 0.95) * (1 - 1 / 4) / bias1 ** 2 if second_moment == "cross_corrected" else 0.0
+                    got_p, got_v = p0.clone(), v.clone()
+                    adama_fold_triton.update(got_p, m, got_v, lr=1e-2, weight_decay=weight_decay, eps=1e-8,
+                                             bias1=bias1, bias2_sqrt=bias2_sqrt, cross=cross)
+                    v64 = v.double() + cross * m.double() ** 2
+                    want64 = p0.double() * (1 - 1e-2 * weight_decay) - 1e-2 / bias1 * m.double() / (
+                        v64.sqrt() / bias2_sqrt + 1e-8)
+                    # float32: within an ulp of the parameter (fused multiply-add vs two roundings); bf16: the
+                    # same float32 value rounded once, so equal or one bf16 ulp apart where it lands on a tie
+                    tol = dict(rtol=2e-7, atol=2e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+                    torch.testing.assert_close(got_v, state["exp_avg_sq"], rtol=2e-7, atol=1e-9)
+                    torch.testing.assert_close(got_p, param.detach(), **tol)
+                    torch.testing.assert_close(got_p.double(), want64, rtol=1e-6 if dtype == torch.float32 else 8e-3,
+                                               atol=1e-6)
+                    cases += 1
+    print(f"adama update kernel == torch path: {cases} cases")
+
+
 def test_fused_fold_kernel_equals_the_pytorch_path_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    code = "from tests.kernels.test_adama_fold import check_kernel; check_kernel()"
+    code = "from tests.kernels.test_adama_fold import check_kernel, check_update; check_kernel(); check_update()"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "48 cases" in result.stdout
+    assert "48 cases" in result.stdout and "update kernel == torch path: 32 cases" in result.stdout
