@@ -168,10 +168,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for method in METHODS:
         points = sorted((r["sparsity"], r["ppl"]) for r in rows if r["method"] == method)
         if points:
-            axis.plot(*zip(*points), marker="o", label={"gate": "trained gate"}.get(method, method))
+            axis.plot(*zip(*points), marker="o", label={"gate": "trained gate"}.get(method, method) + " (top-k)")
     thresholded = sorted((r["sparsity"], r["ppl"]) for r in rows if r["method"].startswith("gate@"))
     if thresholded:
         axis.plot(*zip(*thresholded), marker="x", linestyle=":", label="trained gate (threshold)")
+    for method in ("static", "untrained"):          # baselines at the thresholds' sparsities (--match-thresholds)
+        matched = sorted((r["sparsity"], r["ppl"]) for r in rows if r["method"] == f"{method}@matched")
+        if matched:
+            axis.plot(*zip(*matched), marker="+", linestyle=":", label=f"{method} at threshold sparsity")
     axis.axhline(dense, color="black", linestyle="--", label="dense")
     axis.set_xlabel("measured block sparsity")
     axis.set_ylabel("perplexity")

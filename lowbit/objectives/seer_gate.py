@@ -8,6 +8,7 @@ Decode variant (objective.seer.gate=decode, arXiv 2506.08889): per-token gates, 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -96,7 +97,8 @@ def distill_gates(model: nn.Module, controller, batches, *, lr: float = 1e-3, ma
                   log_every: int = 10) -> dict:
     """A minimal gate-distillation loop without the Hydra pipeline (quality experiments, the GPU bench).
 
-    `batches` yields input_ids [B, S]; AdamW on the gate parameters only, bf16 autocast on CUDA.
+    `batches` yields input_ids [B, S]; AdamW on the gate parameters only, bf16 autocast on CUDA; the learning
+    rate warms up linearly, then decays by a cosine to lr/10 over `max_tokens` (or `max_steps`).
     Returns {"steps", "tokens", "seconds", "first_kl", "last_kl"}.
     """
     import time
@@ -108,8 +110,11 @@ def distill_gates(model: nn.Module, controller, batches, *, lr: float = 1e-3, ma
     start, tokens, history = time.perf_counter(), 0, []
     step = 0
     for step, input_ids in enumerate(batches, start=1):
+        # linear warmup, then cosine decay to lr/10 over the token budget (or the step budget without one)
+        done = tokens / max_tokens if max_tokens else (step - 1) / max_steps if max_steps < float("inf") else 0.0
+        decay = 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, done)))
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, step / max(1, warmup_steps))
+            group["lr"] = lr * min(1.0, step / max(1, warmup_steps)) * decay
         controller.reset()
         controller.mode = "train"
         if autocast is not None:
