@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.kernels.quantize import set_kernels  # noqa: E402
 from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton  # noqa: E402
+from lowbit.kernels import quantize_triton  # noqa: E402
 from lowbit.kernels.quantize_triton import quantize_pair_triton  # noqa: E402
 from lowbit.precision.formats import E2M1, E4M3, E5M2  # noqa: E402
 from lowbit.precision.linear import QuantLinear  # noqa: E402
@@ -52,6 +53,15 @@ def recipe_of(key):
 
 
 def check_kernels(results):
+    mismatches = 0
+    for hw in (False, True):            # lowbit's integer rounding, then the float8 cast's own (the default)
+        quantize_triton.HARDWARE_CAST = hw
+        mismatches += check_kernels_once(hw)
+    results["kernel_bitwise_mismatches"] = mismatches
+    print(f"kernels: {mismatches} mismatching cases of Triton vs reference")
+
+
+def check_kernels_once(hw: bool) -> int:
     torch.manual_seed(0)
     mismatches = 0
     for shape in [(333, 517), (8192, 4096), (4096, 14336)]:
@@ -68,7 +78,7 @@ def check_kernels(results):
                         torch.equal(got.scale, want.scale) and torch.equal(got_t.scale, want_t.scale)
                     mismatches += not same
                     if not same:
-                        print("MISMATCH", shape, dtype, fmt.name, block)
+                        print("MISMATCH", shape, dtype, fmt.name, block, "cast rounds" if hw else "")
     for shape in [(333 // 16 * 16 * 8, 512), (8192, 4096)]:
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(shape, device="cuda", dtype=dtype) * 4
@@ -81,9 +91,8 @@ def check_kernels(results):
                     torch.equal(got.scale, want.scale) and torch.equal(got_t.scale, want_t.scale)
                 mismatches += not same
                 if not same:
-                    print("MISMATCH blocks", shape, dtype, q)
-    results["kernel_bitwise_mismatches"] = mismatches
-    print(f"kernels: {mismatches} mismatching cases of Triton vs reference")
+                    print("MISMATCH blocks", shape, dtype, q, "cast rounds" if hw else "")
+    return mismatches
 
 
 def bandwidth(results):
@@ -112,14 +121,46 @@ def bandwidth(results):
             ("mxfp4 pair", Quantizer(E2M1, 1, 32, "pow2"), Quantizer(E2M1, 1, 32, "pow2"), 4 * n),
         ]:
             kernel = quantize_blocks_triton if q.blocked else quantize_pair_triton
-            eager_ms = bench_ms(lambda: kernel(rotate(), q, qt))
-            ms = graph_ms(lambda: kernel(xs[0], q, qt))
-            gbs = bytes_moved / ms / 1e6
-            rows.append(dict(shape=shape, kernel=label, graph_ms=ms, eager_ms=eager_ms, gbs=gbs, copy_gbs=copy_gbs,
-                             ratio=gbs / copy_gbs, bytes_per_element=bytes_moved / n))
-            print(f"{str(shape):>14} {label:<34} graph {ms:6.3f} ms (eager {eager_ms:6.3f}) {gbs:6.0f} GB/s  "
-                  f"copy {copy_gbs:5.0f} GB/s  ratio {gbs / copy_gbs:4.2f}")
+            # float8 formats: rounding by lowbit's integer steps, then by the float8 cast itself (the default)
+            for hw in ((False, True) if q.fmt.name in ("e4m3", "e5m2") else (True,)):
+                quantize_triton.HARDWARE_CAST = hw
+                name = label + (" (cast rounds)" if hw and q.fmt.name != "e2m1" else "")
+                eager_ms = bench_ms(lambda: kernel(rotate(), q, qt))
+                ms = graph_ms(lambda: kernel(xs[0], q, qt))
+                gbs = bytes_moved / ms / 1e6
+                rows.append(dict(shape=shape, kernel=name, graph_ms=ms, eager_ms=eager_ms, gbs=gbs,
+                                 copy_gbs=copy_gbs, ratio=gbs / copy_gbs, bytes_per_element=bytes_moved / n))
+                print(f"{str(shape):>14} {name:<48} graph {ms:6.3f} ms (eager {eager_ms:6.3f}) {gbs:6.0f} GB/s  "
+                      f"copy {copy_gbs:5.0f} GB/s  ratio {gbs / copy_gbs:4.2f}", flush=True)
+            quantize_triton.HARDWARE_CAST = True
     results["bandwidth"] = rows
+
+
+def sweep(results):
+    """Tiles of the two passes of the rowwise and tensorwise pair kernels (E4M3, x and x^T), against the copy."""
+    rows = []
+    defaults = (quantize_triton.AMAX_TILE, quantize_triton.PAIR_TILE, quantize_triton.PAIR_WARPS)
+    for shape in [(8192, 4096), (8192, 14336)]:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(x)
+        copy_gbs = 4 * x.numel() / graph_ms(lambda: out.copy_(x)) / 1e6
+        for label, q in (("rowwise", Quantizer(E4M3, 1, 0)), ("tensorwise", Quantizer(E4M3, 0, 0))):
+            for amax_tile in ((64, 64), (128, 128), (128, 256), (256, 128)):
+                for pair_tile, warps in (((64, 64), 4), ((128, 64), 4), ((64, 128), 4), ((128, 128), 8)):
+                    quantize_triton.AMAX_TILE, quantize_triton.PAIR_TILE = amax_tile, pair_tile
+                    quantize_triton.PAIR_WARPS = warps
+                    try:
+                        ms = graph_ms(lambda: quantize_pair_triton(x, q, q))
+                    except Exception as error:
+                        print(f"  {label} amax {amax_tile} pair {pair_tile}/{warps}: {type(error).__name__}")
+                        continue
+                    ratio = 6 * x.numel() / ms / 1e6 / copy_gbs
+                    rows.append(dict(shape=shape, kernel=label, amax_tile=amax_tile, pair_tile=pair_tile, warps=warps,
+                                     graph_ms=ms, ratio=ratio))
+                    print(f"{str(shape):>14} {label:<10} amax {str(amax_tile):<10} pair {str(pair_tile):<9} "
+                          f"{warps} warps: {ms:6.3f} ms  ratio {ratio:4.2f}", flush=True)
+    quantize_triton.AMAX_TILE, quantize_triton.PAIR_TILE, quantize_triton.PAIR_WARPS = defaults
+    results["sweep"] = rows
 
 
 def linear_checks(results):
@@ -242,7 +283,7 @@ def main():
     import triton
     results["triton"] = triton.__version__
     print(results)
-    for name, fn in [("kernels", check_kernels), ("bandwidth", bandwidth), ("linear", linear_checks),
+    for name, fn in [("kernels", check_kernels), ("sweep", sweep), ("bandwidth", bandwidth), ("linear", linear_checks),
                      ("llama", llama_training), ("timing", linear_timing)]:
         if name in args.skip.split(","):
             continue

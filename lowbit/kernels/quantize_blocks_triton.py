@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.quantize_triton import AVAILABLE, FORMAT_CODES, FORMAT_OF_CODE
+from lowbit.kernels.quantize_triton import AVAILABLE, FORMAT_CODES, FORMAT_OF_CODE, hardware_cast
 from lowbit.precision.scaling import QTensor, Quantizer, check_finite, nvfp4_global_inverse, reduce_amax
 
 RULES = {"absmax": 0, "nvfp4": 1, "pow2": 2}
@@ -19,7 +19,7 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from lowbit.kernels.quantize_triton import _amax_kernel, _round_to_grid
+    from lowbit.kernels.quantize_triton import _amax_kernel, _round_to_grid, _to_grid
 
     @triton.jit
     def _block_scales(amax, global_inv, global_recip, RULE: tl.constexpr, MAX: tl.constexpr):
@@ -83,7 +83,7 @@ if AVAILABLE:
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                                 BR: tl.constexpr, BC: tl.constexpr, BR_T: tl.constexpr, BC_T: tl.constexpr,
                                 TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
-                                MIN_EXP: tl.constexpr, MBITS: tl.constexpr):
+                                MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr):
         # q blocks: BR rows x BC cols of x; q^T blocks (BR_T x BC_T in x^T) cover BC_T rows x BR_T cols of x
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -102,7 +102,7 @@ if AVAILABLE:
         s_mask = (s_rows[:, None] < tl.cdiv(R, BR)) & (s_cols[None, :] < C // BC)
         tl.store(scale_ptr + s_rows[:, None] * (C // BC) + s_cols[None, :], scale, mask=s_mask)
         inv_full = _block_expand(inv, BLOCK_R, BLOCK_C, BR, BC)
-        q = _round_to_grid(x * inv_full, MAX, MIN_EXP, MBITS)
+        q = _to_grid(x * inv_full, MAX, MIN_EXP, MBITS, HW)
         tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         if TRANSPOSE:
             amax_t = _block_amax(magnitude, BLOCK_R, BLOCK_C, BC_T, BR_T)    # [BLOCK_R/BC_T, BLOCK_C/BR_T] (x coords)
@@ -112,7 +112,7 @@ if AVAILABLE:
             t_mask = (t_rows[None, :] < tl.cdiv(C, BR_T)) & (t_cols[:, None] < R // BC_T)
             tl.store(scale_t_ptr + t_rows[None, :] * (R // BC_T) + t_cols[:, None], scale_t, mask=t_mask)
             inv_t_full = _block_expand(inv_t, BLOCK_R, BLOCK_C, BC_T, BR_T)
-            qt = _round_to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS)
+            qt = _to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS, HW)
             tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
 
 
@@ -164,7 +164,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
     _quantize_blocks_kernel[grid](x, q, qt, scale, scale_t, global_scale, R, C, x.stride(0),
                                   BLOCK_R=block_r, BLOCK_C=block_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
                                   TRANSPOSE=transpose, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
-                                  MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
+                                  MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits, HW=hardware_cast(fmt, x.device),
                                   num_warps=8 if block_r * block_c >= 128 * 128 else 4)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer)

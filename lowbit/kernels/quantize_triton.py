@@ -6,8 +6,9 @@ scaled along R. Two launches, each one read of x:
      read of each tile (atomic max; NaN is turned into +Inf so it cannot be lost).
   2. `_quantize_pair_kernel`: reads each tile once more, multiplies by the row (and column) inverse
      scale, rounds onto the format grid (the integer/float steps of lowbit.precision.formats, so the
-     result equals the PyTorch reference bit for bit), casts to float8 and writes x_q [R, C] and the
-     transposed x^T_q [C, R].
+     result equals the PyTorch reference bit for bit; on a GPU, E4M3 and E5M2 are only saturated and the
+     float8 cast's own round-to-nearest-even does the rounding), casts to float8 and writes x_q [R, C] and
+     the transposed x^T_q [C, R].
 The second launch also computes the scales from the amaxes with the fp32 operations of
 lowbit.precision.scaling.scales_from_amax (IEEE division via div_rn) and writes them. Exposed as torch.library custom ops with fake
 implementations, so torch.compile keeps them as single ops.
@@ -45,6 +46,15 @@ if AVAILABLE:
         return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _to_grid(v, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr):
+        """`_round_to_grid`, or with HW (a format the storage dtype has natively: E4M3, E5M2) only the
+        saturation, leaving the rounding to the float8 cast of the store (cvt.rn.satfinite: the same RNE)."""
+        if HW:
+            return tl.minimum(tl.maximum(v, -MAX, propagate_nan=tl.PropagateNan.ALL), MAX,
+                              propagate_nan=tl.PropagateNan.ALL)
+        return _round_to_grid(v, MAX, MIN_EXP, MBITS)
+
+    @triton.jit
     def _amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, C, stride_r,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
                      TENSOR: tl.constexpr):
@@ -75,7 +85,8 @@ if AVAILABLE:
                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TENSOR: tl.constexpr,
                               TRANSPOSE: tl.constexpr,
                               MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr,
-                              MAX_T: tl.constexpr, MIN_EXP_T: tl.constexpr, MBITS_T: tl.constexpr):
+                              MAX_T: tl.constexpr, MIN_EXP_T: tl.constexpr, MBITS_T: tl.constexpr,
+                              HW: tl.constexpr, HW_T: tl.constexpr):
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -85,28 +96,38 @@ if AVAILABLE:
             scale, inv = _absmax_scales(tl.load(row_amax_ptr), MAX)
             if (pid_r == 0) & (pid_c == 0):
                 tl.store(scale_ptr, scale)
-            q = _round_to_grid(x * inv, MAX, MIN_EXP, MBITS)
+            q = _to_grid(x * inv, MAX, MIN_EXP, MBITS, HW)
         else:
             scale, inv = _absmax_scales(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), MAX)
             if pid_c == 0:
                 tl.store(scale_ptr + rows, scale, mask=rows < R)
-            q = _round_to_grid(x * inv[:, None], MAX, MIN_EXP, MBITS)
+            q = _to_grid(x * inv[:, None], MAX, MIN_EXP, MBITS, HW)
         tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         if TRANSPOSE:
             if TENSOR:
                 scale_t, inv_t = _absmax_scales(tl.load(row_amax_ptr), MAX_T)
                 if (pid_r == 0) & (pid_c == 0):
                     tl.store(scale_t_ptr, scale_t)
-                qt = _round_to_grid(x * inv_t, MAX_T, MIN_EXP_T, MBITS_T)
+                qt = _to_grid(x * inv_t, MAX_T, MIN_EXP_T, MBITS_T, HW_T)
             else:
                 scale_t, inv_t = _absmax_scales(tl.load(col_amax_ptr + cols, mask=cols < C, other=0.0), MAX_T)
                 if pid_r == 0:
                     tl.store(scale_t_ptr + cols, scale_t, mask=cols < C)
-                qt = _round_to_grid(x * inv_t[None, :], MAX_T, MIN_EXP_T, MBITS_T)
+                qt = _to_grid(x * inv_t[None, :], MAX_T, MIN_EXP_T, MBITS_T, HW_T)
             tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
 
 
-BLOCK = 64
+AMAX_TILE = (64, 64)    # (rows, cols) per program of the amax pass (bench/quantize.py --sweep)
+PAIR_TILE = (64, 64)    # (rows, cols) per program of the quantize pass
+PAIR_WARPS = 4
+HARDWARE_CAST = True    # E4M3/E5M2: round by the float8 cast itself (False: lowbit's integer rounding; A/B in bench)
+
+
+def hardware_cast(fmt, device: torch.device) -> bool:
+    """Whether the store's float8 cast rounds `fmt` itself: a format its storage dtype holds natively, on a GPU
+    (cvt.rn.satfinite; bit-exact against the reference there, bench/quantize.py). Triton's interpreter casts
+    differently (it failed the bitwise test on CPU), so the CPU tests run the integer rounding."""
+    return HARDWARE_CAST and fmt.name in ("e4m3", "e5m2") and device.type == "cuda"
 
 
 def _launch_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +135,10 @@ def _launch_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.T
     rows = R if per_row else 1
     amax = torch.zeros(rows + (C if per_col else 1), device=x.device, dtype=torch.float32)   # one launch
     row_amax, col_amax = amax[:rows], amax[rows:]
-    grid = (triton.cdiv(R, BLOCK), triton.cdiv(C, BLOCK))
-    _amax_kernel[grid](x, row_amax, col_amax, R, C, x.stride(0), BLOCK_R=BLOCK, BLOCK_C=BLOCK,
-                       ROWS=per_row, COLS=per_col, TENSOR=not per_row)
+    block_r, block_c = AMAX_TILE
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    _amax_kernel[grid](x, row_amax, col_amax, R, C, x.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
+                       ROWS=per_row, COLS=per_col, TENSOR=not per_row, num_warps=8 if block_r * block_c > 64 * 64 else 4)
     return row_amax, col_amax
 
 
@@ -129,11 +151,14 @@ def _launch_pair(x, row_amax, col_amax, code: int, code_t: int, transpose: bool,
     # shared buffer at offset 4 bytes made torch._scaled_mm fail with CUBLAS_STATUS_NOT_SUPPORTED on H100)
     scale = torch.empty(1 if tensor else R, device=x.device, dtype=torch.float32)
     scale_t = torch.empty(0 if not transpose else 1 if tensor else C, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(R, BLOCK), triton.cdiv(C, BLOCK))
+    block_r, block_c = PAIR_TILE
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     _quantize_pair_kernel[grid](x, row_amax, col_amax, q, qt, scale, scale_t, R, C, x.stride(0),
-                                BLOCK_R=BLOCK, BLOCK_C=BLOCK, TENSOR=tensor, TRANSPOSE=transpose,
+                                BLOCK_R=block_r, BLOCK_C=block_c, TENSOR=tensor, TRANSPOSE=transpose,
                                 MAX=fmt.max, MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
-                                MAX_T=fmt_t.max, MIN_EXP_T=fmt_t.min_normal_exponent, MBITS_T=fmt_t.mantissa_bits)
+                                MAX_T=fmt_t.max, MIN_EXP_T=fmt_t.min_normal_exponent, MBITS_T=fmt_t.mantissa_bits,
+                                HW=hardware_cast(fmt, x.device), HW_T=hardware_cast(fmt_t, x.device),
+                                num_warps=PAIR_WARPS)
     return q, qt, scale, scale_t
 
 
