@@ -164,7 +164,8 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
     _quantize_blocks_kernel[grid](x, q, qt, scale, scale_t, global_scale, R, C, x.stride(0),
                                   BLOCK_R=block_r, BLOCK_C=block_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
                                   TRANSPOSE=transpose, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
-                                  MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits, HW=hardware_cast(fmt, x.device),
+                                  MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
+                                  HW=hardware_cast(fmt, x.device),
                                   num_warps=8 if block_r * block_c >= 128 * 128 else 4)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer)

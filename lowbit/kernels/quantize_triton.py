@@ -138,7 +138,8 @@ def _launch_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.T
     block_r, block_c = AMAX_TILE
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     _amax_kernel[grid](x, row_amax, col_amax, R, C, x.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
-                       ROWS=per_row, COLS=per_col, TENSOR=not per_row, num_warps=8 if block_r * block_c > 64 * 64 else 4)
+                       ROWS=per_row, COLS=per_col, TENSOR=not per_row,
+                       num_warps=8 if block_r * block_c > 64 * 64 else 4)
     return row_amax, col_amax
 
 

@@ -111,7 +111,10 @@ def distill_gates(model: nn.Module, controller, batches, *, lr: float = 1e-3, ma
     step = 0
     for step, input_ids in enumerate(batches, start=1):
         # linear warmup, then cosine decay to lr/10 over the token budget (or the step budget without one)
-        done = tokens / max_tokens if max_tokens else (step - 1) / max_steps if max_steps < float("inf") else 0.0
+        if max_tokens:
+            done = tokens / max_tokens
+        else:
+            done = (step - 1) / max_steps if max_steps < float("inf") else 0.0
         decay = 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, done)))
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, step / max(1, warmup_steps)) * decay

@@ -133,7 +133,8 @@ def test_fused_adama_equals_the_pytorch_path_on_gpu():
     for second_moment in ("paper", "cross_corrected"):
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
-            base = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 8)).cuda().to(dtype)
+            base = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 8))
+            base = base.cuda().to(dtype)
             models = [base, copy.deepcopy(base)]
             optimizers = [AdamA(m.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, clip_per_tensor=1.0,
                                 fused=fused, second_moment=second_moment) for m, fused in zip(models, (True, False))]
