@@ -1,6 +1,6 @@
 """Compiled vs eager fake quantization, bit for bit, on this device (issue 5: the packed export must equal what
 training computed). For SmolLM2-135M's four weight shapes and each format: how many of the compiled graph's
-weights, scales and codes differ from eager PyTorch's. (With the quantization computed in float32, ~20% of the
+weights, scales and codes differ from eager PyTorch's. (With the quantization computed in float32, 47-65% of the
 integer formats' scales differed by 1 ulp on an H200: docs/bench_h200_2026-12-01/fq_check_*.log.)
 
     python bench/fq_check.py [--device cuda] [--formats int3 int2 fp4_afpq]

@@ -125,8 +125,9 @@ class QuantLinearFunction(torch.autograd.Function):
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, hadamard_signs) -> torch.Tensor:
     """QuantLinearFunction; with OCC, its clamp and residual are computed first by a custom op with data-dependent
     sizes (lowbit.precision.methods). Under torch.compile a layer with OCC runs eagerly (torch.compiler.disable):
-    tracing the data-dependent sizes through (capture_dynamic_output_shape_ops) passes tests/kernels/test_segment_matmul.py on CPU but
-    failed in Dynamo on the H200 end to end (2026-12-01), so it is not switched on."""
+    tracing the data-dependent sizes through (capture_dynamic_output_shape_ops) compiles with Inductor on CPU
+    (torch 2.13) but failed in Inductor's scheduler on the H200 end to end (torch 2.11, 2026-12-01,
+    docs/bench_h200_2026-12-01/e2e_call3_traced_failed.log), so it is not switched on."""
     if not recipe.occ:
         return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs)
     return _occ_linear_eager(x, weight, bias, recipe, hadamard_signs)

@@ -64,7 +64,8 @@ class Outliers:
     activations concentrate them in a few channels) are held densely: dense_vals [M, c] for columns dense_cols [c]
     (c may be 0), multiplied by GEMMs. The rest is in compressed rows: row r's entries are
     cols[row_ptr[r]:row_ptr[r + 1]] with values vals[...], multiplied by lowbit/kernels/segment_matmul.py (a gather
-    per entry). The products are custom ops, so torch.compile keeps a layer with OCC in one graph."""
+    per entry). The clamp and the products are custom ops (the clamp's output sizes depend on the data); under
+    torch.compile a layer with OCC still runs eagerly for now (lowbit.precision.linear.quant_linear)."""
 
     row_ptr: torch.Tensor      # int64 [M + 1]
     cols: torch.Tensor         # int64 [P], increasing within a row

@@ -105,10 +105,11 @@ def _scales64(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat,
     """The per-group parameters in float64 (`scales_for` rounds them to the stored float32 values).
 
     Quantization runs in float64 from the float32 inputs to the rounded codes, with no float32 value in between:
-    a compiled GPU graph otherwise leaves eager PyTorch (and the packed export) by 1 ulp in ~20% of the groups
-    (H200, bench/fq_check.py): Triton's float32 `/` is the approximate div.full, `hi * r - lo * r` is contracted
-    into an FMA, and Inductor drops a float32 rounding between two float64 operations. In float64 such changes
-    stay far below float32's resolution.
+    in float32, a compiled GPU graph left eager PyTorch (and the packed export) by 1 ulp in 47-65% of the INT
+    groups' scales, and with float64 operations rounded back to float32 in between still 21-27% (H200,
+    bench/fq_check.py; likely causes: approximate float32 division in Triton, FMA contraction, and Inductor
+    dropping a float32 rounding between two float64 operations). In float64 such changes stay far below
+    float32's resolution.
     divisor: `scale_divisor(fmt)` as a 0-d tensor, for compiled graphs: on GPUs Inductor turns a division by a
     Python constant into a multiplication by its reciprocal; a division by a graph input stays an IEEE division.
     """
