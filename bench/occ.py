@@ -2,7 +2,8 @@
 
 For M tokens and each (K, N), on two random activations: `channels` (x ~ N(0,1) with every 64th channel scaled
 20x, the outlier channels of a trained LLM) and `gaussian` (x ~ N(0,1): outliers scattered, as at initialisation):
-the bf16 GEMM x W^T, the clamp (threshold, then the residual: dense outlier columns + compressed rows), and the
+the bf16 GEMM x W^T, the clamp (threshold, then the residual: dense outlier columns + compressed rows; by lowbit's
+two Triton passes, lowbit/kernels/occ_clamp.py, and by the PyTorch path), and the
 two compensation products, forward R W_hat^T and weight-gradient R^T dy, by lowbit's path (GEMMs for the dense
 columns, the Triton segment kernel for the rest) and by cuSPARSE on a COO residual (`torch.sparse.mm`), plus the
 segment kernel's PyTorch path (index_add) for the forward. CUDA-event medians.
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import timed  # noqa: E402  (bench/attention.py: CUDA-event median)
 from lowbit.kernels.segment_matmul import segment_matmul_add_  # noqa: E402
-from lowbit.precision.methods import clamp_outliers, outlier_threshold  # noqa: E402
+from lowbit.precision.methods import (DENSE_COLUMN_SHARE, clamp_outliers, occ_clamp_torch,  # noqa: E402
+                                     outlier_threshold)
 
 
 def bench(tokens: int, k: int, n: int, quantile: float, pattern: str) -> dict:
@@ -42,6 +44,8 @@ def bench(tokens: int, k: int, n: int, quantile: float, pattern: str) -> dict:
     rows["gemm_bf16_ms"] = timed(lambda: x @ w.t())
     rows["threshold_ms"] = timed(lambda: outlier_threshold(x, quantile))
     rows["clamp_ms"] = timed(lambda: clamp_outliers(x, quantile))
+    threshold = outlier_threshold(x, quantile).to(x.dtype)
+    rows["clamp_torch_ms"] = timed(lambda: occ_clamp_torch(x, threshold, DENSE_COLUMN_SHARE))
     rows["fwd_triton_ms"] = timed(lambda: outliers.matmul_add(y, w_t))
     rows["fwd_torch_ms"] = timed(lambda: segment_matmul_add_(y, outliers.row_ptr, outliers.cols, outliers.vals, w_t,
                                                              use_triton="never"))
@@ -74,14 +78,14 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="+", default=["channels", "gaussian"], choices=["channels", "gaussian"])
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, quantile {args.quantile}", flush=True)
-    print("| x | M | K | N | sparse outliers | dense columns | bf16 GEMM ms | threshold / clamp ms | fwd lowbit / torch sparse / COO ms "
+    print("| x | M | K | N | sparse outliers | dense columns | bf16 GEMM ms | threshold / clamp (Triton) / clamp (PyTorch) ms | fwd lowbit / torch sparse / COO ms "
           "| wgrad lowbit / COO ms | layer fwd+bwd bf16 / fp4+DGE / fp4+DGE+OCC ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for pattern, shape in itertools.product(args.patterns, args.shapes):
         k, n = (int(v) for v in shape.split(","))
         r = bench(args.tokens, k, n, args.quantile, pattern)
         print(f"| {pattern} | {r['tokens']} | {k} | {n} | {r['sparse']} | {r['dense']} | {r['gemm_bf16_ms']:.3f} | "
-              f"{r['threshold_ms']:.3f} / {r['clamp_ms']:.3f} | "
+              f"{r['threshold_ms']:.3f} / {r['clamp_ms']:.3f} / {r['clamp_torch_ms']:.3f} | "
               f"{r['fwd_triton_ms']:.3f} / {r['fwd_torch_ms']:.3f} / {r['fwd_coo_ms']:.3f} | "
               f"{r['wgrad_triton_ms']:.3f} / {r['wgrad_coo_ms']:.3f} | {r['layer_bf16_ms']:.3f} / "
               f"{r['layer_fp4_ms']:.3f} / {r['layer_fp4_occ_ms']:.3f} |", flush=True)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lowbit.kernels import use_triton_for
+from lowbit.kernels.occ_clamp import occ_clamp_triton
 from lowbit.kernels.segment_matmul import segment_matmul_add_
 from lowbit.precision.formats import FloatFormat, grid_spacing
 
@@ -120,7 +122,16 @@ def clamp_outliers(x: torch.Tensor, quantile: float, group=None,
 def _occ_clamp(x: torch.Tensor, threshold: torch.Tensor, dense_share: float) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """clamp(x, +-threshold) and the residual's parts (see Outliers); sizes depend on the data (two host
-    synchronisations: which columns are dense, how many other outliers), hence a custom op."""
+    synchronisations: which columns are dense, how many other outliers), hence a custom op. On CUDA two Triton
+    passes over x (lowbit/kernels/occ_clamp.py, bit for bit the same); the PyTorch path below elsewhere."""
+    if use_triton_for(x):
+        return occ_clamp_triton(x, threshold, dense_share)
+    return occ_clamp_torch(x, threshold, dense_share)
+
+
+def occ_clamp_torch(x: torch.Tensor, threshold: torch.Tensor, dense_share: float) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The PyTorch path of `lowbit::occ_clamp` (CPU, and the reference of the Triton passes)."""
     clamped = torch.maximum(torch.minimum(x, threshold), -threshold)
     outlier = x.abs() > threshold                                 # exactly where x - clamped != 0
     dense_cols = (outlier.sum(0) > x.shape[0] * dense_share).nonzero().squeeze(1)

@@ -91,6 +91,33 @@ def test_outlier_residual_and_its_products_equal_the_dense_residual(channels):
     assert ((outliers.t_matmul(dy, 48).double() - dense.t() @ dy.double()).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_clamp_and_compaction_equal_the_pytorch_path(dtype):
+    """lowbit/kernels/occ_clamp.py (interpreter on CPU, compiled on a GPU) against the PyTorch path of the
+    lowbit::occ_clamp op (on x's device), bit for bit: odd shapes (partial tiles), channel and scattered outliers, a NaN, rows
+    without outliers, no dense column, every column dense."""
+    from lowbit.kernels.occ_clamp import occ_clamp_triton
+    from lowbit.precision.methods import occ_clamp_torch
+
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 150, generator=generator)
+    x[:, 4] *= 30.0                                    # a channel of outliers
+    x[::3, 131] -= 40.0
+    x[7, 60], x[20, 149], x[36, 0] = 9.0, -12.0, float("nan")
+    x[10:14] = 0.1                                     # rows without outliers
+    x = x.to(DEVICE, dtype)
+    threshold = torch.tensor(2.5, dtype=dtype, device=DEVICE)
+    for share in (0.1, 1.0, 0.0):
+        want = [t.cpu() for t in occ_clamp_torch(x, threshold, share)]
+        got = [t.cpu() for t in occ_clamp_triton(x, threshold, share)]
+        assert torch.equal(got[0].isnan(), want[0].isnan())
+        assert torch.equal(got[0].nan_to_num(), want[0].nan_to_num())
+        for name, g, w in zip(("row_ptr", "cols", "vals", "dense_cols"), got[1:5], want[1:5]):
+            assert g.dtype == w.dtype and torch.equal(g, w), (share, name)
+        assert torch.equal(got[5].isnan(), want[5].isnan()) and torch.equal(got[5].nan_to_num(), want[5].nan_to_num())
+    assert torch.equal(want[4], (x.abs() > threshold).any(0).nonzero().squeeze(1).cpu())   # share 0: all dense
+
+
 def float32_sum_bound(magnitudes: torch.Tensor, terms: int) -> torch.Tensor:
     """The classic bound on a float32 sum of `terms` products in any order: terms * eps * sum of |products|."""
     return (terms + 1) * torch.finfo(torch.float32).eps * magnitudes + 1e-30
