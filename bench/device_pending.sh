@@ -6,9 +6,9 @@
 #   bench/device_pending.sh memory    AdamA's GPU tests, then bench/memory.py: AdamA (one-kernel and PyTorch fold) and
 #                                     checkpointing, three rounds through the configs (issue 6)
 #   bench/device_pending.sh memory_compiled   the same with each decoder layer compiled (the trainer's default)
-#   bench/device_pending.sh occ       OCC's compensation: the segment kernel's GPU tests, then Triton vs PyTorch vs the old
-#                                     COO cuSPARSE product next to the bf16 GEMM (bench/occ.py), then the main job end to
-#                                     end against bf16 (issue 3; `+exp=fp4_llama` ran at 0.09x with the COO residual)
+#   bench/device_pending.sh occ       OCC's compensation: the clamp and segment kernels' GPU tests, then the clamp and the
+#                                     products next to the bf16 GEMM, and one layer eager and compiled (bench/occ.py)
+#   bench/device_pending.sh occ_e2e   the main job end to end against bf16: OCC by dense and by sparse products, no OCC
 #   bench/device_pending.sh attention the fused target kernel over tiles, TMA loads and launch settings against SDPA at
 #                                     8k and 32k, and the block-sparse kernel (issue 4; bench/attention.py)
 set -u
@@ -36,14 +36,15 @@ case "${1:-}" in
       --repeat 3 --fit-configs 2>&1 | tee "$OUT/memory_compiled.log" ;;
   occ)
     python3 -m pytest -q tests/kernels/test_segment_matmul.py tests/precision/test_linear.py 2>&1 | tail -3 | tee "$OUT/occ_gpu_tests.log"
-    python3 bench/occ.py 2>&1 | tee "$OUT/occ.log"
+    python3 bench/occ.py --shapes 4096,4096 4096,14336 --compile 2>&1 | tee "$OUT/occ.log" ;;
+  occ_e2e)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
-    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 240 --variant "bf16=+exp=bf16_llama $data" \
-      --variant "fp4=+exp=fp4_llama $data" --variant "fp4_q999=+exp=fp4_llama precision.occ_quantile=0.999 $data" \
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "fp4=+exp=fp4_llama $data" --variant "fp4_sparse=+exp=fp4_llama precision.occ_product=sparse $data" \
       --variant "fp4_no_occ=+exp=fp4_llama precision.occ=false $data" 2>&1 | tee "$OUT/e2e_occ.log" ;;
   attention)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 --block-m 128 --launch 8,3 8,4 4,3 2>&1 | tee "$OUT/attention.log" ;;
   *)
-    echo "usage: bench/device_pending.sh check|e2e|memory|memory_compiled|occ|attention" >&2; exit 2 ;;
+    echo "usage: bench/device_pending.sh check|e2e|memory|memory_compiled|occ|occ_e2e|attention" >&2; exit 2 ;;
 esac

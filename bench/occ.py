@@ -6,9 +6,11 @@ the bf16 GEMM x W^T, the clamp (threshold, then the residual: dense outlier colu
 two Triton passes, lowbit/kernels/occ_clamp.py, and by the PyTorch path), and the
 two compensation products, forward R W_hat^T and weight-gradient R^T dy, by lowbit's path (GEMMs for the dense
 columns, the Triton segment kernel for the rest) and by cuSPARSE on a COO residual (`torch.sparse.mm`), plus the
-segment kernel's PyTorch path (index_add) for the forward. CUDA-event medians.
+segment kernel's PyTorch path (index_add) for the forward. Then one linear layer fwd+bwd: bf16, fp4 vectorwise+DGE,
+and with OCC by each product (sparse: the above; dense: the residual as a full matrix, GEMMs), eager, and with
+--compile also compiled as the trainer compiles (a sparse-OCC layer runs eagerly there). CUDA-event medians.
 
-    python bench/occ.py --tokens 8192 --shapes 4096,4096 4096,14336 14336,4096 --patterns channels gaussian
+    python bench/occ.py --tokens 8192 --shapes 4096,4096 4096,14336 14336,4096 --patterns channels gaussian --compile
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from lowbit.precision.methods import (DENSE_COLUMN_SHARE, clamp_outliers, occ_cl
                                      outlier_threshold)
 
 
-def bench(tokens: int, k: int, n: int, quantile: float, pattern: str) -> dict:
+def bench(tokens: int, k: int, n: int, quantile: float, pattern: str, compile_layers: bool) -> dict:
     torch.manual_seed(0)
     x = torch.randn(tokens, k, device="cuda")
     if pattern == "channels":
@@ -46,6 +48,7 @@ def bench(tokens: int, k: int, n: int, quantile: float, pattern: str) -> dict:
     rows["clamp_ms"] = timed(lambda: clamp_outliers(x, quantile))
     threshold = outlier_threshold(x, quantile).to(x.dtype)
     rows["clamp_torch_ms"] = timed(lambda: occ_clamp_torch(x, threshold, DENSE_COLUMN_SHARE))
+    rows["clamp_dense_ms"] = timed(lambda: clamp_outliers(x, quantile, product="dense"))
     rows["fwd_triton_ms"] = timed(lambda: outliers.matmul_add(y, w_t))
     rows["fwd_torch_ms"] = timed(lambda: segment_matmul_add_(y, outliers.row_ptr, outliers.cols, outliers.vals, w_t,
                                                              use_triton="never"))
@@ -55,19 +58,26 @@ def bench(tokens: int, k: int, n: int, quantile: float, pattern: str) -> dict:
     x.requires_grad_(True)
     for name, layer in layers(k, n, quantile).items():
         rows[f"layer_{name}_ms"] = timed(lambda: torch.autograd.grad(layer(x), (x, layer.weight), dy))
+        if compile_layers and name != "fp4_occ_sparse":
+            torch._dynamo.reset()
+            compiled = torch.compile(layer)
+            rows[f"layer_{name}_compiled_ms"] = timed(lambda: torch.autograd.grad(compiled(x), (x, layer.weight), dy))
     return rows
 
 
 def layers(k: int, n: int, quantile: float) -> dict:
-    """One linear layer three ways, fwd+bwd timed on the same x: bf16, fp4 vectorwise+DGE, and with OCC too."""
+    """One linear layer four ways, fwd+bwd timed on the same x: bf16, fp4 vectorwise+DGE, and with OCC (sparse and
+    dense products)."""
     from lowbit.config import PrecisionConfig
     from lowbit.precision.linear import QuantLinear
     from lowbit.precision.recipes import build_recipe
     torch.manual_seed(1)
     linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-    fp4 = {occ: QuantLinear.from_linear(linear, build_recipe(PrecisionConfig(
-        recipe="fp4_vectorwise", dge=True, occ=occ, occ_quantile=quantile))) for occ in (False, True)}
-    return {"bf16": linear, "fp4": fp4[False], "fp4_occ": fp4[True]}
+    fp4 = {name: QuantLinear.from_linear(linear, build_recipe(PrecisionConfig(
+        recipe="fp4_vectorwise", dge=True, occ=occ, occ_quantile=quantile, occ_product=product)))
+        for name, occ, product in (("fp4", False, "dense"), ("fp4_occ_sparse", True, "sparse"),
+                                   ("fp4_occ_dense", True, "dense"))}
+    return {"bf16": linear, **fp4}
 
 
 def main() -> None:
@@ -76,19 +86,24 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["4096,4096", "4096,14336", "14336,4096"])
     parser.add_argument("--quantile", type=float, default=0.99)
     parser.add_argument("--patterns", nargs="+", default=["channels", "gaussian"], choices=["channels", "gaussian"])
+    parser.add_argument("--compile", action="store_true", help="also time the layers under torch.compile")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, quantile {args.quantile}", flush=True)
-    print("| x | M | K | N | sparse outliers | dense columns | bf16 GEMM ms | threshold / clamp (Triton) / clamp (PyTorch) ms | fwd lowbit / torch sparse / COO ms "
-          "| wgrad lowbit / COO ms | layer fwd+bwd bf16 / fp4+DGE / fp4+DGE+OCC ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| x | M | K | N | sparse outliers | dense columns | bf16 GEMM ms | threshold / clamp (Triton) / clamp (PyTorch) "
+          "/ clamp (dense) ms | fwd lowbit / torch sparse / COO ms | wgrad lowbit / COO ms | layer fwd+bwd eager: bf16 / "
+          "fp4+DGE / +OCC sparse / +OCC dense ms | compiled: bf16 / fp4+DGE / +OCC dense ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for pattern, shape in itertools.product(args.patterns, args.shapes):
         k, n = (int(v) for v in shape.split(","))
-        r = bench(args.tokens, k, n, args.quantile, pattern)
+        r = bench(args.tokens, k, n, args.quantile, pattern, args.compile)
+        compiled = " / ".join(f"{r.get(f'layer_{name}_compiled_ms', float('nan')):.3f}"
+                              for name in ("bf16", "fp4", "fp4_occ_dense"))
         print(f"| {pattern} | {r['tokens']} | {k} | {n} | {r['sparse']} | {r['dense']} | {r['gemm_bf16_ms']:.3f} | "
-              f"{r['threshold_ms']:.3f} / {r['clamp_ms']:.3f} / {r['clamp_torch_ms']:.3f} | "
+              f"{r['threshold_ms']:.3f} / {r['clamp_ms']:.3f} / {r['clamp_torch_ms']:.3f} / {r['clamp_dense_ms']:.3f} | "
               f"{r['fwd_triton_ms']:.3f} / {r['fwd_torch_ms']:.3f} / {r['fwd_coo_ms']:.3f} | "
               f"{r['wgrad_triton_ms']:.3f} / {r['wgrad_coo_ms']:.3f} | {r['layer_bf16_ms']:.3f} / "
-              f"{r['layer_fp4_ms']:.3f} / {r['layer_fp4_occ_ms']:.3f} |", flush=True)
+              f"{r['layer_fp4_ms']:.3f} / {r['layer_fp4_occ_sparse_ms']:.3f} / {r['layer_fp4_occ_dense_ms']:.3f} | "
+              f"{compiled} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ class PrecisionConfig:
     dge_clip: float = 3.0
     occ: bool = False               # Outlier Clamping and Compensation (arXiv 2501.17116)
     occ_quantile: float = 0.99
+    occ_product: str = "dense"      # OCC's compensation: dense (the residual x - clamp(x) as a full matrix, products
+                                    # by GEMMs; compiles) | sparse (compressed rows, a gather kernel; runs eagerly)
     stochastic_rounding: bool = False   # for gradient operands
     hadamard: bool = False          # random Hadamard transform on wgrad inputs (Quartet / NVIDIA NVFP4 recipe)
     hadamard_size: int = 16         # block size of that transform along the token axis (power of two)

@@ -19,14 +19,14 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from lowbit.kernels.quantize_triton import _amax_kernel, _round_to_grid, _to_grid
+    from lowbit.kernels.quantize_triton import FLOOR, _amax_kernel, _round_to_grid, _to_grid
 
     @triton.jit
     def _block_scales(amax, global_inv, global_recip, RULE: tl.constexpr, MAX: tl.constexpr):
         """(scale, inv) of each block from its amax (fp32), as scaling.scales_from_amax."""
         finite = amax < float("inf")
         if RULE == 0:
-            inv = tl.where(amax > 0, tl.math.div_rn(tl.zeros_like(amax) + MAX, amax), 1.0)
+            inv = tl.where(amax > 0, tl.math.div_rn(tl.zeros_like(amax) + MAX, tl.maximum(amax, FLOOR)), 1.0)
             scale = tl.math.div_rn(tl.zeros_like(amax) + 1.0, inv)
         elif RULE == 1:
             block_scale = _round_to_grid(tl.math.div_rn(amax, tl.zeros_like(amax) + MAX) * global_inv, 448.0, -6, 3)

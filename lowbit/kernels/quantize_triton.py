@@ -18,11 +18,12 @@ from __future__ import annotations
 import torch
 
 from lowbit.precision.formats import E2M1, E4M3, E5M2
-from lowbit.precision.scaling import QTensor, Quantizer, check_finite, reduce_amax
+from lowbit.precision.scaling import AMAX_FLOOR, QTensor, Quantizer, check_finite, reduce_amax
 
 try:
     import triton
     import triton.language as tl
+    FLOOR = tl.constexpr(AMAX_FLOOR)          # scaling.AMAX_FLOOR, visible inside the kernels
     AVAILABLE = True
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     AVAILABLE = False
@@ -74,7 +75,7 @@ if AVAILABLE:
     @triton.jit
     def _absmax_scales(amax, MAX: tl.constexpr):
         """(scale, inv) = (1 / inv, MAX / amax) or (1, 1) for amax 0; NaN for Inf amax (scales_from_amax)."""
-        inv = tl.where(amax > 0, tl.math.div_rn(tl.zeros_like(amax) + MAX, amax), 1.0)
+        inv = tl.where(amax > 0, tl.math.div_rn(tl.zeros_like(amax) + MAX, tl.maximum(amax, FLOOR)), 1.0)
         scale = tl.math.div_rn(tl.zeros_like(inv) + 1.0, inv)
         finite = amax < float("inf")
         return tl.where(finite, scale, float("nan")), tl.where(finite, inv, float("nan"))

@@ -8,6 +8,7 @@ default); only GEMM inputs are quantized, on the fly, every step. QuantLinear ke
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 
 from lowbit.kernels.quantize import quantize, quantize_pair
 from lowbit.precision.gemm import quantized_matmul
-from lowbit.precision.methods import Outliers, clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix
+from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix, residual_from
 from lowbit.precision.recipes import Recipe
 from lowbit.precision.sharded import shard_recipe, tensor_parallel_layout
 from lowbit.precision.scaling import QTensor, expand_scale
@@ -24,6 +25,23 @@ from lowbit.precision.scaling import QTensor, expand_scale
 log = logging.getLogger("lowbit")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOGGED: set[str] = set()
+# LOWBIT_NAN_PROBE=1 (eager runs, a diagnosis aid; lowbit/train/nan_probe.py does the rest): every quantized GEMM's
+# inputs, scales and outputs are checked, one host synchronisation each.
+NAN_PROBE = os.environ.get("LOWBIT_NAN_PROBE") == "1"
+
+
+def probe(what: str, shape: tuple, **tensors) -> None:
+    """Raise FloatingPointError at the first non-finite tensor, naming it, its layer's [N, K] and its largest
+    finite magnitude."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        bad = ~torch.isfinite(t.float())
+        if bool(bad.any()):
+            largest = t.float()[~bad].abs().max().item() if bool((~bad).any()) else 0.0
+            raise FloatingPointError(f"LOWBIT_NAN_PROBE: {what} of a QuantLinear [N, K] = {shape}: {name} "
+                                     f"{tuple(t.shape)} {t.dtype} has {int(bad.sum())} non-finite entries; finite "
+                                     f"max |.| {largest:.3e}")
 
 
 def log_once(message: str) -> None:
@@ -53,15 +71,15 @@ class QuantLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe: Recipe, hadamard_signs, clamped=None, *outliers):
-        """clamped, outliers: OCC's clamp(x) [tokens, K] and residual (Outliers.tensors()), computed by
-        quant_linear outside this function (their sizes depend on the data: torch.compile traces them there)."""
+        """clamped, outliers: OCC's clamp(x) [tokens, K] and residual (Outliers.tensors() or
+        DenseResidual.tensors()), computed by quant_linear outside this function."""
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]) if clamped is None else clamped
             tokens = x2.shape[0]
             x2 = pad_rows(x2, recipe.token_multiple, "the input")
-            residual = Outliers(*outliers) if clamped is not None else None
+            residual = residual_from(outliers) if clamped is not None else None
             transform = hadamard_matrix(recipe.hadamard, hadamard_signs) if recipe.hadamard else None
             if transform is None:
                 xq, xtq = quantize_pair(x2, recipe.x, recipe.x_t, "activation")
@@ -70,18 +88,22 @@ class QuantLinearFunction(torch.autograd.Function):
                 xtq = quantize(hadamard_last_axis(x2.t(), transform), recipe.x_t, what="activation^T")
             pairs = [quantize_pair(part, recipe.w, recipe.w_t, "weight") for part in weight_parts(weight, recipe.asymmetric)]
             y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype)[:tokens]
-            if residual is not None:        # Compensation: (x - clamp(x)) W_hat^T in float32 on the sparse residual
+            if residual is not None:        # Compensation: y + (x - clamp(x)) W_hat^T, in high precision
                 w_hat = sum(wq.dequantize() for wq, _ in pairs)
                 y = residual.matmul_add(y, w_hat.t())    # one rounding to y's dtype
             if bias is not None:
                 y = y + bias.to(out_dtype)
+            if NAN_PROBE:
+                probe("forward", tuple(weight.shape), x=x2, x_scale=xq.scale, xt_scale=xtq.scale,
+                      w_scale=pairs[0][0].scale, y=y)
         ctx.recipe, ctx.tokens, ctx.x_shape, ctx.x_dtype = recipe, tokens, x.shape, x.dtype
         ctx.has_bias, ctx.compute_dtype, ctx.parts = bias is not None, out_dtype, len(pairs)
         weight_scales = [wq.scale for wq, _ in pairs]
         saved = [weight, xtq.data, xtq.scale, *[t for _, wtq in pairs for t in (wtq.data, wtq.scale)], *weight_scales]
         ctx.occ_inputs = 0 if clamped is None else 1 + len(outliers)
+        ctx.residual_tensors = len(outliers)
         ctx.has_transform = transform is not None
-        ctx.save_for_backward(*saved, *(outliers or (None,) * 5), transform if transform is not None else None)
+        ctx.save_for_backward(*saved, *outliers, transform if transform is not None else None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -90,8 +112,8 @@ class QuantLinearFunction(torch.autograd.Function):
         weight, xt_data, xt_scale, *rest = ctx.saved_tensors
         parts = ctx.parts
         wt_saved, weight_scales, outliers, transform = (rest[:2 * parts], rest[2 * parts:3 * parts],
-                                                        rest[3 * parts:3 * parts + 5], rest[-1])
-        residual = Outliers(*outliers) if ctx.occ_inputs else None
+                                                        rest[3 * parts:3 * parts + ctx.residual_tensors], rest[-1])
+        residual = residual_from(outliers) if ctx.occ_inputs else None
         xtq = QTensor(xt_data, xt_scale, recipe.x_t)
         wtqs = [QTensor(wt_saved[2 * i], wt_saved[2 * i + 1], recipe.w_t) for i in range(parts)]
         dx = dw = db = None
@@ -119,22 +141,29 @@ class QuantLinearFunction(torch.autograd.Function):
                 dw = dw.to(weight.dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = dy2.float().sum(0).to(weight.dtype)
+            if NAN_PROBE:
+                probe("backward", tuple(weight.shape), dy=dy2, dy_scale=None if dyq is None else dyq.scale,
+                      dyt_scale=None if dytq is None else dytq.scale, dx=dx, dw=dw)
         return (dx, dw, db, None, None) + (None,) * ctx.occ_inputs
 
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, hadamard_signs) -> torch.Tensor:
-    """QuantLinearFunction; with OCC, its clamp and residual are computed first by a custom op with data-dependent
-    sizes (lowbit.precision.methods). Under torch.compile a layer with OCC runs eagerly (torch.compiler.disable):
-    tracing the data-dependent sizes through (capture_dynamic_output_shape_ops) compiles with Inductor on CPU
-    (torch 2.13) but failed in Inductor's scheduler on the H200 end to end (torch 2.11, 2026-12-01,
-    docs/bench_h200_2026-12-01/e2e_call3_traced_failed.log), so it is not switched on."""
+    """QuantLinearFunction; with OCC, its clamp and residual are computed first (lowbit.precision.methods).
+    recipe.occ_product="dense" (the default): the residual is a full matrix and its products GEMMs, static shapes,
+    so torch.compile keeps the layer in one graph. "sparse": compressed rows with data-dependent sizes; under
+    torch.compile such a layer runs eagerly (torch.compiler.disable): tracing the sizes through
+    (capture_dynamic_output_shape_ops) compiles with Inductor on CPU (torch 2.13) but failed in Inductor's
+    scheduler on the H200 end to end (torch 2.11, 2026-12-01, docs/bench_h200_2026-12-01/e2e_call3_traced_failed.log)."""
     if not recipe.occ:
         return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs)
+    if recipe.occ_product == "dense":
+        return occ_linear(x, weight, bias, recipe, hadamard_signs)
     return _occ_linear_eager(x, weight, bias, recipe, hadamard_signs)
 
 
 def occ_linear(x, weight, bias, recipe: Recipe, hadamard_signs) -> torch.Tensor:
-    clamped, residual = clamp_outliers(x.detach().reshape(-1, x.shape[-1]), recipe.occ_quantile, recipe.outlier_group)
+    clamped, residual = clamp_outliers(x.detach().reshape(-1, x.shape[-1]), recipe.occ_quantile, recipe.outlier_group,
+                                       product=recipe.occ_product)
     return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, clamped, *residual.tensors())
 
 

@@ -98,22 +98,55 @@ class Outliers:
         return dense
 
 
+class DenseResidual:
+    """OCC's residual R = x - clamp(x) [M, K] held as a full matrix in x's dtype (zero but at the ~(1 - quantile)
+    outliers), its products run as GEMMs on tensor cores. Shapes are static, so torch.compile keeps the layer in
+    its graph (the compressed-row `Outliers` has data-dependent sizes). In bfloat16, x - clamp(x) is rounded once:
+    at most 2^-9 of |R|, against FP4's 2^-2 on every other entry. Same interface as `Outliers`."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def tensors(self) -> tuple:
+        return (self.values,)
+
+    def matmul_add(self, out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """out + R b for out [M, N], b [K, N], one GEMM in out's dtype (float32 accumulation)."""
+        return torch.addmm(out, self.values.to(out.dtype), b.to(out.dtype))
+
+    def t_matmul(self, b: torch.Tensor, k: int) -> torch.Tensor:
+        """R^T b (float32 [K, N]) for b [M, N], one GEMM in b's dtype."""
+        return (self.values.t().to(b.dtype) @ b).float()
+
+    def to_dense(self, k: int) -> torch.Tensor:
+        return self.values.float()
+
+
+def residual_from(tensors: tuple) -> "Outliers | DenseResidual":
+    """The residual object of what autograd saved (Outliers.tensors() or DenseResidual.tensors())."""
+    return DenseResidual(*tensors) if len(tensors) == 1 else Outliers(*tensors)
+
+
 def _rows(row_ptr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(row_ptr.shape[0] - 1, device=cols.device), row_ptr.diff(),
                                    output_size=cols.numel())
 
 
-def clamp_outliers(x: torch.Tensor, quantile: float, group=None,
-                   dense_share: float = DENSE_COLUMN_SHARE) -> tuple[torch.Tensor, Outliers]:
+def clamp_outliers(x: torch.Tensor, quantile: float, group=None, dense_share: float = DENSE_COLUMN_SHARE,
+                   product: str = "sparse") -> tuple[torch.Tensor, "Outliers | DenseResidual"]:
     """Outlier Clamping (arXiv 2501.17116 sec. 3.2): clamp x [M, K] to +-(the `quantile` of |x| over the
     tensor) -> (clamped x [M, K] in x's dtype, the residual x - clamped as `Outliers`, float32).
 
     The residual holds about (1 - quantile) of the entries; its product with the weight is added back
     in high precision (the Compensation), so the layer's output keeps the outliers. `group`: x is a
-    tensor-parallel shard; the threshold is that of the whole tensor (see outlier_threshold). Columns with
-    outliers in more than `dense_share` of the rows form the residual's dense part.
+    tensor-parallel shard; the threshold is that of the whole tensor (see outlier_threshold). product="sparse":
+    the residual in compressed rows (`Outliers`; columns with outliers in more than `dense_share` of the rows form
+    its dense part); product="dense": the residual as a full matrix (`DenseResidual`, static shapes).
     """
     threshold = outlier_threshold(x, quantile, group).to(x.dtype)
+    if product == "dense":
+        clamped = torch.maximum(torch.minimum(x, threshold), -threshold)     # as lowbit::occ_clamp clamps
+        return clamped, DenseResidual(x - clamped)
     clamped, *parts = torch.ops.lowbit.occ_clamp(x, threshold, dense_share)
     return clamped, Outliers(*parts)
 

@@ -35,6 +35,7 @@ class Recipe:
     dge_clip: float = 3.0
     occ: bool = False               # arXiv 2501.17116 sec. 3.2: Outlier Clamping and Compensation (activations)
     occ_quantile: float = 0.99
+    occ_product: str = "dense"      # OCC's compensation products: dense (GEMMs, compiles) | sparse (compressed rows)
     stochastic_rounding: bool = False   # dy / dy^T rounded stochastically (unbiased gradients)
     hadamard: int = 0               # block size of the random Hadamard transform on wgrad inputs (0 = off)
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate scales for W's positive/negative values
@@ -85,11 +86,15 @@ def build_recipe(cfg) -> Recipe:
                          f"not for the block recipe {name}")
     if cfg.occ and not 0.5 < cfg.occ_quantile < 1.0:
         raise ValueError(f"precision.occ_quantile={cfg.occ_quantile} must lie in (0.5, 1), e.g. 0.99")
+    occ_product = cfg.occ_product
+    if occ_product not in ("dense", "sparse"):
+        raise ValueError(f"precision.occ_product={occ_product!r} is not supported; use dense (the residual's products "
+                         f"as GEMMs) or sparse (compressed rows and a gather kernel)")
     hadamard = cfg.hadamard_size if cfg.hadamard else 0
     if hadamard and hadamard & (hadamard - 1):
         raise ValueError(f"precision.hadamard_size={hadamard} must be a power of two (16 as in NVIDIA's NVFP4 recipe)")
     return Recipe(name=name, token_multiple=max(multiple, hadamard), dge=cfg.dge, dge_k=cfg.dge_k,
-                  dge_clip=cfg.dge_clip, occ=cfg.occ, occ_quantile=cfg.occ_quantile,
+                  dge_clip=cfg.dge_clip, occ=cfg.occ, occ_quantile=cfg.occ_quantile, occ_product=occ_product,
                   stochastic_rounding=cfg.stochastic_rounding, hadamard=hadamard, asymmetric=cfg.asymmetric,
                   **quantizers)
 

@@ -115,22 +115,29 @@ def block_amax(x: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
     return magnitude.reshape(padded_rows // br, br, cols // bc, bc).amax(dim=(1, 3))
 
 
+AMAX_FLOOR = 2.0 ** -100     # a nonzero amax below this scales as this: fmt.max / amax stays finite (float32 ends
+                             # at 2^128). Found on an H200 (2026-12-01): a key projection's output-gradient row with
+                             # amax ~1e-38 gave inv = Inf, 0 * Inf = NaN in the FP8 operand, NaN gradients everywhere.
+
+
 def nvfp4_global_inverse(tensor_amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """NVFP4 FP32 tensor-level inverse scale 448 * 6 / amax (1 for an all-zero tensor), IEEE division."""
-    return torch.where(tensor_amax > 0, torch.full_like(tensor_amax, E4M3.max * fmt.max) / tensor_amax,
+    return torch.where(tensor_amax > 0,
+                       torch.full_like(tensor_amax, E4M3.max * fmt.max) / tensor_amax.clamp(min=AMAX_FLOOR),
                        torch.ones_like(tensor_amax))
 
 
 def scales_from_amax(amax: torch.Tensor, quantizer: Quantizer,
                      tensor_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, inv_scale), fp32, same shape as `amax`. All-zero blocks get scale 1 (their values stay 0)."""
+    """(scale, inv_scale), fp32, same shape as `amax`. All-zero blocks get scale 1 (their values stay 0); a block
+    whose amax is below AMAX_FLOOR is scaled as if its amax were AMAX_FLOOR (no Inf inverse)."""
     fmt = quantizer.fmt
     amax = amax.float()
     finite = torch.isfinite(amax)
     if quantizer.scale_rule == "absmax":
         # tensor / tensor: IEEE division on CPU and CUDA (a Python scalar numerator or denominator makes
         # torch multiply by a reciprocal instead, which the Triton kernels could not reproduce bit for bit)
-        inv = torch.where(amax > 0, torch.full_like(amax, fmt.max) / amax, torch.ones_like(amax))
+        inv = torch.where(amax > 0, torch.full_like(amax, fmt.max) / amax.clamp(min=AMAX_FLOOR), torch.ones_like(amax))
         scale = inv.reciprocal()
     elif quantizer.scale_rule == "pow2":
         exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127 - 2          # floor(log2 amax) - emax(E2M1)

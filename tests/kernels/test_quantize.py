@@ -22,6 +22,13 @@ def expect_non_finite(quantize, device: str, what: str) -> None:
     assert device != "cpu" and torch.isnan(first.scale).any(), f"{what} was not reported"
 
 
+def tiny_normals(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n values of magnitude 1e-37 to 2e-37, random signs: normal in float32 and bfloat16 (subnormal inputs convert
+    differently under the interpreter), below 448 / float32's max, so fmt.max / amax overflowed before AMAX_FLOOR."""
+    signs = torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
+    return signs * (1 + torch.rand(n, generator=generator)) * 1e-37
+
+
 def check_triton_equals_reference(device: str = "cpu") -> None:
     from lowbit.precision.formats import E2M1, E4M3, E5M2
     from lowbit.precision.scaling import Quantizer, quantize_reference
@@ -36,6 +43,9 @@ def check_triton_equals_reference(device: str = "cpu") -> None:
             if rows > 2:
                 x[2] = 0.0                            # an all-zero row: scale 1
                 x[1, 0] = -0.0
+            if rows > 3:                              # a row of tiny normal values: fmt.max / amax overflowed float32
+                x[3] = tiny_normals(cols, generator)
+                x[3, 0] = 0.0                         # 0 x Inf was the NaN
             x = x.to(device, dtype)
             for fmt, fmt_t in [(E4M3, E4M3), (E5M2, E5M2), (E2M1, E2M1), (E4M3, E2M1)]:
                 for tensorwise in (True, False):
@@ -47,6 +57,7 @@ def check_triton_equals_reference(device: str = "cpu") -> None:
                         assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
                         assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), (rows, cols, fmt, tensorwise)
                         assert a.scale.shape == b.scale.shape and torch.equal(a.scale, b.scale)
+                        assert torch.isfinite(a.data.float()).all() and torch.isfinite(a.scale).all()
                     only, none = quantize_pair_triton(x, q, None)
                     assert none is None and torch.equal(only.data.view(torch.uint8), want.data.view(torch.uint8))
                     checked += 1
@@ -101,6 +112,8 @@ def check_block_kernel_equals_reference(device: str = "cpu") -> None:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, cols, generator=generator) * torch.exp2(torch.randint(-10, 10, (rows, cols), generator=generator).float())
             x[0, :16] = 0.0                                   # an all-zero block
+            x[1] = tiny_normals(cols, generator)             # tiny blocks: no Inf inverse scale
+            x[1, ::7] = 0.0                                   # 0 x Inf was the NaN
             x = x.to(device, dtype)
             got, got_t = quantize_blocks_triton(x, q, q_t)
             pairs = [(got, quantize_reference(x, q))] + ([(got_t, quantize_reference(x.t(), q_t))] if q_t else [])
@@ -108,6 +121,7 @@ def check_block_kernel_equals_reference(device: str = "cpu") -> None:
                 assert a.data.shape == b.data.shape and a.scale.shape == b.scale.shape, (a.scale.shape, b.scale.shape)
                 assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), (rows, cols, q)
                 assert torch.equal(a.scale, b.scale), (rows, cols, q)
+                assert torch.isfinite(a.data.float()).all() and torch.isfinite(a.scale).all(), (rows, cols, q)
             checked += 1
     bad = torch.ones(32, 32, device=device)
     bad[1, 1] = float("inf")

@@ -12,13 +12,14 @@ from lowbit.precision.recipes import build_recipe
 from lowbit.precision.scaling import NonFiniteAmaxError, quantize_reference
 from tests.precision.reference import dge_float64
 
-BASE = dict(grad_format="e4m3", dge=False, dge_k=5.0, dge_clip=3.0, occ=False, occ_quantile=0.99,
+BASE = dict(grad_format="e4m3", dge=False, dge_k=5.0, dge_clip=3.0, occ=False, occ_quantile=0.99, occ_product="dense",
             stochastic_rounding=False, hadamard=False, hadamard_size=16, asymmetric=False, block_size=32)
 
 CASES = [
     ("fp8_tensorwise", {}), ("fp8_tensorwise", {"grad_format": "e5m2"}), ("fp8_rowwise", {}),
     ("fp8_rowwise", {"grad_format": "e5m2"}), ("fp8_blockwise", {}), ("fp4_vectorwise", {}),
-    ("fp4_vectorwise", {"dge": True, "occ": True}), ("fp4_vectorwise", {"asymmetric": True, "dge": True}),
+    ("fp4_vectorwise", {"dge": True, "occ": True}), ("fp4_vectorwise", {"dge": True, "occ": True, "occ_product": "sparse"}),
+    ("fp4_vectorwise", {"asymmetric": True, "dge": True}),
     ("fp4_vectorwise", {"hadamard": True}), ("nvfp4", {}), ("nvfp4", {"hadamard": True}), ("mxfp4", {}),
 ]
 
@@ -62,7 +63,7 @@ def reference_forward_backward(x, weight, bias, dy, recipe, signs):
     return y, dx, dw, dy2.double()[:tokens].sum(0)
 
 
-@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{'-'.join(o) or 'plain'}" for n, o in CASES])
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'plain'}" for n, o in CASES])
 def test_forward_and_backward_equal_float64_reference(name, options):
     torch.manual_seed(0)
     recipe = build_recipe(precision_cfg(name, **options))
@@ -164,3 +165,54 @@ def test_quantization_statistics_match_direct_computation():
     logged = collect(model)
     assert 0.0 < logged["quant/l/x/clamped"] <= 0.02 and logged["quant/l/w/clamped"] == 0.0
     assert set(logged) == {f"quant/l/{o}/{k}" for o in "xw" for k in ("absmax", "clamped", "flushed", "sqnr_db")}
+
+
+def test_occ_dense_product_compiles_in_one_graph_and_equals_sparse():
+    """OCC with occ_product=dense (the default): static shapes, so the layer traces without a graph break; its
+    forward and gradients equal the sparse product's (compressed rows) to float32 rounding, with bfloat16 inputs
+    within bfloat16's rounding of the residual."""
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(64, 48)
+    layers = {product: QuantLinear.from_linear(linear, build_recipe(precision_cfg(
+        "fp4_vectorwise", dge=True, occ=True, occ_quantile=0.95, occ_product=product)), name="l")
+        for product in ("dense", "sparse")}
+    x = torch.randn(40, 64) * torch.logspace(-1, 1, 64)
+    x[:, 7] *= 30.0
+    dy = torch.randn(40, 48)
+
+    def step(layer, x):
+        x = x.detach().requires_grad_(True)
+        y = layer(x)
+        return (y, *torch.autograd.grad(y, (x, linear.weight), dy.to(y.dtype)))
+    dense, sparse = step(layers["dense"], x), step(layers["sparse"], x)
+    for got, want in zip(dense, sparse):
+        assert relative_error(got, want.double()) < 1e-6
+    assert torch._dynamo.explain(layers["dense"])(x).graph_break_count == 0
+    for got, want in zip(step(torch.compile(layers["dense"], backend="aot_eager"), x), dense):
+        assert torch.equal(got, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):       # bfloat16 residual: rounded once, 2^-9 relative
+        dense16, sparse16 = step(layers["dense"], x), step(layers["sparse"], x)
+    for got, want in zip(dense16, sparse16):
+        assert relative_error(got.float(), want.double()) < 1e-2
+
+
+def test_occ_product_must_be_known():
+    with pytest.raises(ValueError, match="occ_product='csr'.*dense"):
+        build_recipe(precision_cfg("fp4_vectorwise", occ=True, occ_product="csr"))
+
+
+@pytest.mark.parametrize("name", ["fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "fp4_vectorwise", "nvfp4", "mxfp4"])
+def test_tiny_gradient_rows_stay_finite(name):
+    """An output-gradient row far below float32's normal range (an H200 run, 2026-12-01: a key projection's row at
+    ~1e-38 made fmt.max / amax overflow, 0 x Inf = NaN, and every gradient NaN): now scaled as amax = 2^-100."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 128, bias=False)
+    layer = QuantLinear.from_linear(linear, build_recipe(precision_cfg(name)), name="k_proj")
+    x = torch.randn(32, 64, requires_grad=True)
+    dy = torch.randn(32, 128)
+    dy[5] *= 1e-38
+    dy[6] = torch.finfo(torch.float32).tiny / 8 * torch.sign(dy[6])    # subnormal
+    dy[:, 7] *= 1e-39                                                  # a tiny column (the weight gradient's scale axis)
+    layer(x).backward(dy)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(linear.weight.grad).all()
+    assert x.grad[5].abs().max() < 1e-30 and x.grad[6].abs().max() < 1e-30
