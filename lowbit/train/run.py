@@ -63,12 +63,14 @@ def resolve_resume(cfg: LowbitConfig, checkpointer: Checkpointer) -> Path | None
 
 
 def compile_layers(model: torch.nn.Module) -> None:
-    """torch.compile each decoder layer (torchtitan's choice: one graph per repeated block compiles once)."""
+    """torch.compile each decoder layer (torchtitan's choice: one graph per repeated block compiles once).
+    dynamic=False: a new batch shape (the last, shorter validation batch) compiles its own graph rather than making
+    sizes symbolic, which the quantizers' shape arithmetic (OCC's sample stride, token padding) would break on."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError("model.compile=true needs an HF decoder with model.model.layers; set model.compile=false")
     for layer in layers:
-        layer.compile()
+        layer.compile(dynamic=False)
 
 
 def run(cfg: DictConfig) -> TrainState:

@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,10 @@ class Trainer:
         self.grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world.dp_size)   # TP/Ulysses ranks share batches
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.autocast = self._autocast_context()
+        self.nan_probe = None
+        if os.environ.get("LOWBIT_NAN_PROBE") == "1":
+            from lowbit.train.nan_probe import NanProbe
+            self.nan_probe = NanProbe(model)
 
     def _autocast_context(self):
         from lowbit.parallel.world import mixed_precision_dtype
@@ -79,6 +84,8 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.nan_probe is not None:
+                self.nan_probe.reset()
             self.state.step += 1
             tokens = cfg.global_batch_size * self.data.seq_len
             self.state.tokens_seen += tokens
@@ -141,8 +148,21 @@ class Trainer:
         grads = [p for p in self.params if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(grads, max_norm).item() if grads else 0.0
 
+    def non_finite_gradients(self) -> str:
+        """Where NaN/Inf gradients are (parameter names, model order): the earliest layers they reached and the
+        latest, which is nearest to where the backward produced them. Empty when gradients are freed (AdamA)."""
+        names = [name for name, p in self.model.named_parameters()
+                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if not names:
+            return ""
+        shown = names if len(names) <= 6 else names[:3] + ["..."] + names[-3:]
+        return f"; non-finite gradients in {len(names)} parameters: {', '.join(shown)}"
+
     def handle_non_finite(self, step: int, loss: float, grad_norm: float) -> None:
         message = f"non-finite training values at step {step}: loss={loss}, grad_norm={grad_norm}"
+        message += self.non_finite_gradients()
+        if self.nan_probe is not None:
+            message += self.nan_probe.report()
         if self.cfg.on_nan == "skip" and self.state.nan_skips < self.cfg.max_nan_skips:
             if getattr(self.optimizer, "frees_gradients", False):
                 raise NonFiniteLossError(f"{message}; optim=adama has already folded these gradients into its "

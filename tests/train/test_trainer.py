@@ -64,11 +64,22 @@ def test_refuses_to_overwrite_a_run_and_bad_sizes_before_training(tiny_overrides
     assert not (tmp_path / "other" / "checkpoints").exists()
 
 
+def test_nan_probe_names_where_the_backward_turned_non_finite(tiny_overrides, monkeypatch):
+    """LOWBIT_NAN_PROBE=1: an overflowed model whose loss stays finite (the final RMSNorm's square overflows, its
+    output is 0) while every gradient is NaN; the probe names the norm's input as the first non-finite gradient."""
+    monkeypatch.setenv("LOWBIT_NAN_PROBE", "1")
+    blow_up = ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", "trainer.eval_at_start=false",
+               "trainer.eval_every=-1", "trainer.export=false", "trainer.max_steps=3", "trainer.save_every=-1"]
+    with pytest.raises(NonFiniteLossError, match=r"first non-finite gradient at the input of model\.norm\[0\]; "
+                                                 r"largest forward inputs: .*e\+(2|3)\d"):
+        run(compose(tiny_overrides + blow_up))
+
+
 def test_nan_loss_stops_with_the_step_or_is_skipped(tiny_overrides, tmp_path):
     # An absurd learning rate makes step 0's update overflow the weights, so step 1's loss is not finite.
     blow_up = ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", "trainer.eval_at_start=false",
                "trainer.eval_every=-1", "trainer.export=false"]
-    with pytest.raises(NonFiniteLossError, match="at step 1"):
+    with pytest.raises(NonFiniteLossError, match=r"at step 1: .*non-finite gradients in \d+ parameters: model\."):
         run(compose(tiny_overrides + blow_up + ["trainer.max_steps=3", "trainer.save_every=-1"]))
     assert not (tmp_path / "run" / "checkpoints").exists()
     skip = [o.replace("/run", "/skip") for o in tiny_overrides]

@@ -1,0 +1,75 @@
+"""Validation-loss curves of runs trained side by side (bench/device_convergence.sh): a table against the first run
+(bf16) and a plot of validation loss against training tokens.
+
+    python bench/plot_convergence.py --runs /root/convergence --steps 768 --tokens-per-step 65536 --plot curves.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RUNS = {"bf16": "bf16", "fp8_rowwise": "fp8 rowwise", "fp4_dge_occ": "fp4 vectorwise + DGE + OCC",
+        "fp4_plain": "fp4 vectorwise, no DGE/OCC"}
+BARS = {"fp8_rowwise": 0.01, "fp4_dge_occ": 0.03}
+
+
+def curves(run_dir: Path) -> tuple[dict[int, float], list[float]]:
+    """{step: validation loss} (the last record of a step wins: a resumed run re-evaluates) and step throughputs."""
+    val, speed = {}, []
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return val, speed
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "val/loss" in record:
+            val[record["step"]] = record["val/loss"]
+        if "perf/tokens_per_s" in record:
+            speed.append(record["perf/tokens_per_s"])
+    return val, speed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--tokens-per-step", type=int, required=True)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    data = {name: curves(args.runs / name) for name in RUNS}
+    base = data["bf16"][0].get(args.steps)
+    print(f"| run | steps done | tokens | final val loss | vs bf16 | bar | median tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, label in RUNS.items():
+        val, speed = data[name]
+        last = max(val) if val else 0
+        loss = val.get(last, float("nan"))
+        ratio = f"{loss / base - 1:+.2%}" if base and last == args.steps else "--"
+        bar = BARS.get(name)
+        verdict = "--" if bar is None or ratio == "--" else (
+            f"<= {bar:.0%}: {'met' if abs(loss / base - 1) <= bar else 'NOT met'}")
+        median = sorted(speed)[len(speed) // 2] if speed else float("nan")
+        print(f"| {label} | {last} | {last * args.tokens_per_step / 1e6:.1f}M | {loss:.4f} | {ratio} | {verdict} | "
+              f"{median:,.0f} |")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, label in RUNS.items():
+            val = data[name][0]
+            steps = sorted(s for s in val if s > 0)
+            if steps:
+                ax.plot([s * args.tokens_per_step / 1e6 for s in steps], [val[s] for s in steps], marker="o", ms=3,
+                        label=label)
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("validation loss (Gutenberg valid)")
+        ax.set_title("SmolLM2-135M architecture from scratch, Gutenberg train")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
