@@ -35,9 +35,8 @@ class NanProbe:
 
     def report(self) -> str:
         largest = sorted(self.amax.items(), key=lambda item: -float(item[1]))[:5]
-        text = (f"; LOWBIT_NAN_PROBE: first non-finite gradient at the input of {self.first}; largest forward "
+        return (f"; LOWBIT_NAN_PROBE: first non-finite gradient at the input of {self.first}; largest forward "
                 f"inputs: " + ", ".join(f"{k} {float(v):.3e}" for k, v in largest))
-        return text
 
     def reset(self) -> None:
         self.first = None

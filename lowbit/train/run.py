@@ -65,7 +65,8 @@ def resolve_resume(cfg: LowbitConfig, checkpointer: Checkpointer) -> Path | None
 def compile_layers(model: torch.nn.Module) -> None:
     """torch.compile each decoder layer (torchtitan's choice: one graph per repeated block compiles once).
     dynamic=False: a new batch shape (the last, shorter validation batch) compiles its own graph rather than making
-    sizes symbolic, which the quantizers' shape arithmetic (OCC's sample stride, token padding) would break on."""
+    sizes symbolic; an OCC layer failed to compile right after such a batch on the H200 (torch 2.11, 2026-12-01),
+    most likely on the quantizers' shape arithmetic (OCC's sample stride, token padding)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError("model.compile=true needs an HF decoder with model.model.layers; set model.compile=false")
