@@ -132,6 +132,11 @@ def _rows(row_ptr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
                                    output_size=cols.numel())
 
 
+def clamp_to(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """x clamped to +-threshold (NaN stays NaN): OCC's clamp, for both residual forms."""
+    return torch.maximum(torch.minimum(x, threshold), -threshold)
+
+
 def clamp_outliers(x: torch.Tensor, quantile: float, group=None, dense_share: float = DENSE_COLUMN_SHARE,
                    product: str = "sparse") -> tuple[torch.Tensor, "Outliers | DenseResidual"]:
     """Outlier Clamping (arXiv 2501.17116 sec. 3.2): clamp x [M, K] to +-(the `quantile` of |x| over the
@@ -145,7 +150,7 @@ def clamp_outliers(x: torch.Tensor, quantile: float, group=None, dense_share: fl
     """
     threshold = outlier_threshold(x, quantile, group).to(x.dtype)
     if product == "dense":
-        clamped = torch.maximum(torch.minimum(x, threshold), -threshold)     # as lowbit::occ_clamp clamps
+        clamped = clamp_to(x, threshold)
         return clamped, DenseResidual(x - clamped)
     clamped, *parts = torch.ops.lowbit.occ_clamp(x, threshold, dense_share)
     return clamped, Outliers(*parts)
@@ -165,7 +170,7 @@ def _occ_clamp(x: torch.Tensor, threshold: torch.Tensor, dense_share: float) -> 
 def occ_clamp_torch(x: torch.Tensor, threshold: torch.Tensor, dense_share: float) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The PyTorch path of `lowbit::occ_clamp` (CPU, and the reference of the Triton passes)."""
-    clamped = torch.maximum(torch.minimum(x, threshold), -threshold)
+    clamped = clamp_to(x, threshold)
     outlier = x.abs() > threshold                                 # exactly where x - clamped != 0
     dense_cols = (outlier.sum(0) > x.shape[0] * dense_share).nonzero().squeeze(1)
     dense_vals = x[:, dense_cols].float() - clamped[:, dense_cols].float()
