@@ -7,6 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter, which must be switched on before Triton is first
+# imported (importing lowbit imports it): set here, before any test module, so the outcome of a kernel test does
+# not depend on which modules pytest imported first. Dispatch is unchanged: use_triton='auto' picks Triton on CUDA
+# tensors only, so only the kernel tests (use_triton='always') run the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
