@@ -5,8 +5,10 @@
 # side (one per GPU, or all four sharing one GPU), the same data order and token budget (STEPS x 32 x 2048
 # tokens; 768 steps = 50.3M tokens):
 #   bf16 | fp8 rowwise | fp4 vectorwise with DGE and OCC (the fp4_vectorwise preset) | fp4 vectorwise without them.
-# A call runs every unfinished variant for at most LIMIT seconds (checkpoints every 64 steps; trainer.resume=auto
-# continues where it stopped), so the same command is repeated on the warm machine until all four are done:
+# The first call starts every unfinished variant in its own process session (setsid), so the runs outlive the call
+# and go on while the machine stays warm; each call (the same command) then waits up to LIMIT seconds, prints the
+# progress and, once all four are done, the table and the plot. Repeat the command on the warm machine until done.
+# A run that died is restarted from its last checkpoint (every 64 steps; trainer.resume=auto).
 #   bash bench/device_convergence.sh            then, in $OUT: metrics per variant, the table and the plot.
 #   bash bench/device_convergence.sh probe      NaN diagnosis (see below).
 set -u
@@ -60,16 +62,33 @@ if [ "${1:-}" = probe ]; then
   done
   exit 0
 fi
+done_() { grep -q "\"step\": $STEPS, \"val/loss\"" $ROOT/$1/metrics.jsonl 2>/dev/null; }
+alive() { [ -f $ROOT/$1.pid ] && kill -0 "$(cat $ROOT/$1.pid)" 2>/dev/null; }
 for name in bf16 fp8_rowwise fp4_dge_occ fp4_plain; do
-  if grep -q "\"step\": $STEPS, \"val/loss\"" $ROOT/$name/metrics.jsonl 2>/dev/null; then echo "$name: done"; gpu=$((gpu+1)); continue; fi
-  CUDA_VISIBLE_DEVICES=$((gpu % gpus)) timeout $LIMIT python3 train.py $common ${VARIANTS[$name]} run_name=conv_$name \
-    run_dir=$ROOT/$name > $ROOT/$name.log 2>&1 &
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then      # SKIP="a b": stop those runs (their checkpoints stay)
+    alive $name && kill "$(cat $ROOT/$name.pid)" && echo "$name: stopped"; rm -f $ROOT/$name.pid
+  elif done_ $name; then echo "$name: done"
+  elif alive $name; then echo "$name: running"
+  else
+    [ -f $ROOT/$name.log ] && { echo "$name: restarting after"; tail -3 $ROOT/$name.log | cut -c1-400; }
+    CUDA_VISIBLE_DEVICES=$((gpu % gpus)) setsid nohup python3 train.py $common ${VARIANTS[$name]} \
+      run_name=conv_$name run_dir=$ROOT/$name >> $ROOT/$name.log 2>&1 < /dev/null &
+    echo $! > $ROOT/$name.pid; echo "$name: started (pid $!)"
+  fi
   gpu=$((gpu+1))
 done
-wait
-for name in bf16 fp8_rowwise fp4_dge_occ fp4_plain; do
-  echo "== $name: $(grep -c '"loss"' $ROOT/$name/metrics.jsonl 2>/dev/null) step records"; tail -3 $ROOT/$name.log
-  mkdir -p $OUT/$name && cp $ROOT/$name/metrics.jsonl $ROOT/$name.log $OUT/$name/ 2>/dev/null
+end=$((SECONDS + LIMIT))
+while [ $SECONDS -lt $end ]; do
+  n=0; for name in bf16 fp8_rowwise fp4_dge_occ fp4_plain; do alive $name && n=$((n+1)); done
+  [ $n -eq 0 ] && break
+  sleep 10
 done
+nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+for name in bf16 fp8_rowwise fp4_dge_occ fp4_plain; do
+  echo "== $name: $(grep -c '"loss"' $ROOT/$name/metrics.jsonl 2>/dev/null) step records"
+  grep -E "val loss|Error|error" $ROOT/$name.log | tail -2 | cut -c1-300; tail -1 $ROOT/$name.log | cut -c1-300
+  cp $ROOT/$name/metrics.jsonl $OUT/metrics_$name.jsonl 2>/dev/null
+done
+(cd $ROOT && tar czf $OUT/logs.tar.gz *.log)     # at most 8 files come back: 4 metrics, the logs, table and plot
 python3 bench/plot_convergence.py --runs $ROOT --steps $STEPS --tokens-per-step $((32 * 2048)) \
   --plot $OUT/convergence.png 2>&1 | tee $OUT/convergence.md

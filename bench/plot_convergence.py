@@ -47,7 +47,8 @@ def main() -> None:
         ratio = f"{loss / base - 1:+.2%}" if base and last == args.steps else "--"
         bar = BARS.get(name)
         verdict = "--" if bar is None or ratio == "--" else (
-            f"<= {bar:.0%}: {'met' if abs(loss / base - 1) <= bar else 'NOT met'}")
+            f"within {bar:.0%}: {'met' if abs(loss / base - 1) <= bar else 'NOT met'}"
+            f"{' (lower than bf16)' if loss < base else ''}")
         median = sorted(speed)[len(speed) // 2] if speed else float("nan")
         print(f"| {label} | {last} | {last * args.tokens_per_step / 1e6:.1f}M | {loss:.4f} | {ratio} | {verdict} | "
               f"{median:,.0f} |")
