@@ -1,5 +1,5 @@
 """TP=2, TP=2+SP and Ulysses=2 on 2 gloo processes (float32) against the single-process model:
-logits, loss and every gradient to 1e-5 relative (the trainer-level runs are in test_trainer_layouts.py).
+logits, loss and every gradient to 1e-5 relative (whole quantized models: the median gradient; the worst to 1e-3) (the trainer-level runs are in test_trainer_layouts.py).
 The same for lowbit's quantized linears under TP: whole models per recipe, and single layers (column- and
 row-parallel, DGE and OCC included) on identical inputs; see equivalence_worker.py."""
 import json
@@ -9,9 +9,10 @@ import pytest
 from tests.conftest import ROOT, run_gloo_workers
 
 RTOL = 1e-5
+QUANT_RTOL = 1e-3     # worst gradient of a whole quantized model (see equivalence_worker.py)
 QUANTIZED = ["tp@fp8_rowwise", "tp_sp@fp8_tensorwise", "tp@fp8_blockwise", "tp_sp@nvfp4", "tp@fp4_vectorwise+dge"]
 LINEAR = [f"linear@{r}" for r in ("fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "nvfp4", "mxfp4",
-                                  "fp4_vectorwise+dge+occ")]
+                                  "fp4_vectorwise+dge+occ", "fp4_vectorwise+dge+occ+token")]
 MODES = ["tp", "tp_sp", "ulysses", "ulysses_nll", *QUANTIZED, *LINEAR]
 
 
@@ -23,5 +24,8 @@ def test_tp_sp_and_ulysses_match_one_process_logits_loss_and_gradients():
     assert {r["mode"] for r in rows} == set(MODES)
     assert sum(r["mode"].startswith("linear@") for r in rows) == 2 * len(LINEAR)      # both layouts each
     for row in rows:
-        for key in ("logits", "loss", "grad", "y", "dx", "dW", "db"):
+        quantized_model = "@" in row["mode"] and not row["mode"].startswith("linear@")
+        for key in ("logits", "loss", "grad_median", "y", "dx", "dW", "db"):
             assert row.get(key, 0.0) <= RTOL, row
+        # one operand value carried across a rounding boundary by the all-reduce's order (equivalence_worker.py)
+        assert row.get("grad", 0.0) <= (QUANT_RTOL if quantized_model else RTOL), row
