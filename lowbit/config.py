@@ -52,6 +52,9 @@ class PrecisionConfig:
     dge_clip: float = 3.0
     occ: bool = False               # Outlier Clamping and Compensation (arXiv 2501.17116)
     occ_quantile: float = 0.99
+    occ_scope: str = "tensor"       # the clamp threshold: tensor (the paper's: one quantile over the activation tensor,
+                                    # so a token's output depends slightly on the rest of the batch) | token (each
+                                    # token's own quantile over its K values: a causal LM stays causal)
     occ_product: str = "dense"      # OCC's compensation: dense (the residual x - clamp(x) as a full matrix, products
                                     # by GEMMs; compiles) | sparse (compressed rows, a gather kernel; runs eagerly)
     stochastic_rounding: bool = False   # for gradient operands

@@ -163,7 +163,7 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, ha
 
 def occ_linear(x, weight, bias, recipe: Recipe, hadamard_signs) -> torch.Tensor:
     clamped, residual = clamp_outliers(x.detach().reshape(-1, x.shape[-1]), recipe.occ_quantile, recipe.outlier_group,
-                                       product=recipe.occ_product)
+                                       product=recipe.occ_product, scope=recipe.occ_scope)
     return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, clamped, *residual.tensors())
 
 

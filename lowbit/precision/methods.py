@@ -31,6 +31,12 @@ def dge_derivative(scaled: torch.Tensor, fmt: FloatFormat, k: float, clip: float
 OUTLIER_SAMPLE = 1 << 20      # |x| values the OCC quantile is estimated from (exact below this size)
 
 
+def outlier_count(quantile: float, n: int) -> int:
+    """How many of n values lie above the `quantile`: ceil((1 - quantile) n), at least 1, with (1 - 0.97) * 200 = 6
+    and not 7 (the float64 product is 6.000000000000005)."""
+    return max(1, math.ceil(round((1.0 - quantile) * n, 9)))
+
+
 def outlier_threshold(x: torch.Tensor, quantile: float, group=None) -> torch.Tensor:
     """The `quantile` of |x| over the tensor (fp32 0-d). Above OUTLIER_SAMPLE elements it is estimated
     on a strided sample whose stride is coprime to the row length, so every channel is sampled evenly
@@ -48,13 +54,29 @@ def outlier_threshold(x: torch.Tensor, quantile: float, group=None) -> torch.Ten
         flat = flat[::stride]
     magnitude = flat.abs().float()
     shards = dist.get_world_size(group) if group is not None else 1
-    count = max(1, math.ceil((1.0 - quantile) * magnitude.numel() * shards))
+    count = outlier_count(quantile, magnitude.numel() * shards)
     top = torch.topk(magnitude, min(count, magnitude.numel()), sorted=False).values
     if shards > 1:
         gathered = [torch.empty_like(top) for _ in range(shards)]      # same length on every shard
         dist.all_gather(gathered, top, group=group)
         top = torch.topk(torch.cat(gathered), count, sorted=False).values
     return top.min()          # the quantile, without a sort
+
+
+def token_outlier_threshold(x: torch.Tensor, quantile: float, group=None) -> torch.Tensor:
+    """The `quantile` of |x| over each token's K values (fp32 [M, 1]): OCC's threshold per token, so a token's
+    output depends on that token alone. group: x [M, K_shard] is one tensor-parallel shard of the columns; as in
+    outlier_threshold, every global top value of a row is among its shard's own top `count`, so gathering those
+    gives the row's exact quantile over all K."""
+    magnitude = x.detach().abs().float()
+    shards = dist.get_world_size(group) if group is not None else 1
+    count = outlier_count(quantile, x.shape[-1] * shards)
+    top = torch.topk(magnitude, min(count, x.shape[-1]), dim=-1, sorted=False).values
+    if shards > 1:
+        gathered = [torch.empty_like(top) for _ in range(shards)]
+        dist.all_gather(gathered, top.contiguous(), group=group)
+        top = torch.topk(torch.cat(gathered, dim=-1), count, dim=-1, sorted=False).values
+    return top.amin(dim=-1, keepdim=True)
 
 
 DENSE_COLUMN_SHARE = 1 / 32   # a column with outliers in more than this share of rows is held densely
@@ -138,7 +160,7 @@ def clamp_to(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 def clamp_outliers(x: torch.Tensor, quantile: float, group=None, dense_share: float = DENSE_COLUMN_SHARE,
-                   product: str = "sparse") -> tuple[torch.Tensor, "Outliers | DenseResidual"]:
+                   product: str = "sparse", scope: str = "tensor") -> tuple[torch.Tensor, "Outliers | DenseResidual"]:
     """Outlier Clamping (arXiv 2501.17116 sec. 3.2): clamp x [M, K] to +-(the `quantile` of |x| over the
     tensor) -> (clamped x [M, K] in x's dtype, the residual x - clamped as `Outliers`, float32).
 
@@ -147,7 +169,13 @@ def clamp_outliers(x: torch.Tensor, quantile: float, group=None, dense_share: fl
     tensor-parallel shard; the threshold is that of the whole tensor (see outlier_threshold). product="sparse":
     the residual in compressed rows (`Outliers`; columns with outliers in more than `dense_share` of the rows form
     its dense part); product="dense": the residual as a full matrix (`DenseResidual`, static shapes).
+    scope="token": each token (row) is clamped at its own quantile (token_outlier_threshold); dense product only.
     """
+    if scope == "token":
+        if product != "dense":
+            raise ValueError(f"OCC with scope='token' needs product='dense' (got {product!r})")
+        clamped = clamp_to(x, token_outlier_threshold(x, quantile, group).to(x.dtype))
+        return clamped, DenseResidual(x - clamped)
     threshold = outlier_threshold(x, quantile, group).to(x.dtype)
     if product == "dense":
         clamped = clamp_to(x, threshold)

@@ -35,6 +35,7 @@ class Recipe:
     dge_clip: float = 3.0
     occ: bool = False               # arXiv 2501.17116 sec. 3.2: Outlier Clamping and Compensation (activations)
     occ_quantile: float = 0.99
+    occ_scope: str = "tensor"       # OCC's threshold: one quantile per tensor (the paper's) | per token (causal)
     occ_product: str = "dense"      # OCC's compensation products: dense (GEMMs, compiles) | sparse (compressed rows)
     stochastic_rounding: bool = False   # dy / dy^T rounded stochastically (unbiased gradients)
     hadamard: int = 0               # block size of the random Hadamard transform on wgrad inputs (0 = off)
@@ -90,11 +91,19 @@ def build_recipe(cfg) -> Recipe:
     if occ_product not in ("dense", "sparse"):
         raise ValueError(f"precision.occ_product={occ_product!r} is not supported; use dense (the residual's products "
                          f"as GEMMs) or sparse (compressed rows and a gather kernel)")
+    occ_scope = getattr(cfg, "occ_scope", "tensor")
+    if occ_scope not in ("tensor", "token"):
+        raise ValueError(f"precision.occ_scope={occ_scope!r} is not supported; use tensor (one clamp quantile over the "
+                         f"activation tensor, as in arXiv 2501.17116) or token (each token's own quantile: causal)")
+    if cfg.occ and occ_scope == "token" and occ_product != "dense":
+        raise ValueError(f"precision.occ_scope=token needs precision.occ_product=dense (got {occ_product!r}): the "
+                         f"compressed-row residual takes one threshold per tensor")
     hadamard = cfg.hadamard_size if cfg.hadamard else 0
     if hadamard and hadamard & (hadamard - 1):
         raise ValueError(f"precision.hadamard_size={hadamard} must be a power of two (16 as in NVIDIA's NVFP4 recipe)")
     return Recipe(name=name, token_multiple=max(multiple, hadamard), dge=cfg.dge, dge_k=cfg.dge_k,
                   dge_clip=cfg.dge_clip, occ=cfg.occ, occ_quantile=cfg.occ_quantile, occ_product=occ_product,
+                  occ_scope=occ_scope,
                   stochastic_rounding=cfg.stochastic_rounding, hadamard=hadamard, asymmetric=cfg.asymmetric,
                   **quantizers)
 

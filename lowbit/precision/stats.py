@@ -33,7 +33,8 @@ def record(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, recipe) -> N
     """x [..., K] and weight [N, K] as this rank's GEMM sees them (under tensor parallelism: its shards,
     quantized with the shard recipe, whose amaxes are reduced over the group; the statistics are the shard's)."""
     x2 = x.detach().reshape(-1, x.shape[-1]).float()
-    clamped = clamp_outliers(x2, recipe.occ_quantile, recipe.outlier_group, product="dense")[0] if recipe.occ else x2
+    clamped = clamp_outliers(x2, recipe.occ_quantile, recipe.outlier_group, product="dense",
+                             scope=recipe.occ_scope)[0] if recipe.occ else x2
     stats = {f"x/{k}": v for k, v in operand_stats(x2, quantize_reference(clamped, recipe.x)).items()}
     weight = weight.detach().float()
     stats.update({f"w/{k}": v for k, v in operand_stats(weight, quantize_reference(weight, recipe.w)).items()})

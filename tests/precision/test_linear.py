@@ -1,5 +1,6 @@
 """QuantLinear of every recipe: forward and autograd backward equal float64 math on the same
 quantized operands (to 1e-3 relative); master weights and state_dict stay those of nn.Linear."""
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -13,12 +14,14 @@ from lowbit.precision.scaling import NonFiniteAmaxError, quantize_reference
 from tests.precision.reference import dge_float64
 
 BASE = dict(grad_format="e4m3", dge=False, dge_k=5.0, dge_clip=3.0, occ=False, occ_quantile=0.99, occ_product="dense",
+            occ_scope="tensor",
             stochastic_rounding=False, hadamard=False, hadamard_size=16, asymmetric=False, block_size=32)
 
 CASES = [
     ("fp8_tensorwise", {}), ("fp8_tensorwise", {"grad_format": "e5m2"}), ("fp8_rowwise", {}),
     ("fp8_rowwise", {"grad_format": "e5m2"}), ("fp8_blockwise", {}), ("fp4_vectorwise", {}),
     ("fp4_vectorwise", {"dge": True, "occ": True}), ("fp4_vectorwise", {"dge": True, "occ": True, "occ_product": "sparse"}),
+    ("fp4_vectorwise", {"dge": True, "occ": True, "occ_scope": "token"}),
     ("fp4_vectorwise", {"asymmetric": True, "dge": True}),
     ("fp4_vectorwise", {"hadamard": True}), ("nvfp4", {}), ("nvfp4", {"hadamard": True}), ("mxfp4", {}),
 ]
@@ -38,7 +41,8 @@ def reference_forward_backward(x, weight, bias, dy, recipe, signs):
     x2 = x.reshape(-1, x.shape[-1])
     residual = torch.zeros_like(x2, dtype=torch.float64)
     if recipe.occ:                    # the quantile is over the tokens, before any padding
-        x2, sparse = clamp_outliers(x2, recipe.occ_quantile)
+        x2, sparse = clamp_outliers(x2, recipe.occ_quantile, product="dense" if recipe.occ_scope == "token" else "sparse",
+                                    scope=recipe.occ_scope)
         residual = sparse.to_dense(x2.shape[1]).double()
     x2 = pad_rows(x2, recipe.token_multiple, "x")
     residual = pad_rows(residual, recipe.token_multiple, "x")
@@ -216,3 +220,22 @@ def test_tiny_gradient_rows_stay_finite(name):
     layer(x).backward(dy)
     assert torch.isfinite(x.grad).all() and torch.isfinite(linear.weight.grad).all()
     assert x.grad[5].abs().max() < 1e-30 and x.grad[6].abs().max() < 1e-30
+
+
+def test_occ_token_threshold_is_each_rows_quantile():
+    """occ_scope=token: row r is clamped at the smallest of its top ceil((1 - q) K) |x| values (float64 sort)."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 200) * torch.logspace(-1, 1, 200)
+    clamped, residual = clamp_outliers(x, 0.97, product="dense", scope="token")
+    count = math.ceil(0.03 * 200)
+    want = x.double().abs().sort(dim=1, descending=True).values[:, count - 1:count]
+    assert torch.equal(clamped.double(), torch.maximum(torch.minimum(x.double(), want), -want))
+    assert torch.equal(residual.to_dense(200), x - clamped)
+    assert ((x.abs() > want.float()).sum(1) < count).all()
+
+
+def test_occ_scope_must_be_known_and_token_needs_dense():
+    with pytest.raises(ValueError, match="occ_scope='batch'.*tensor.*token"):
+        build_recipe(precision_cfg("fp4_vectorwise", occ=True, occ_scope="batch"))
+    with pytest.raises(ValueError, match="occ_scope=token needs precision.occ_product=dense"):
+        build_recipe(precision_cfg("fp4_vectorwise", occ=True, occ_scope="token", occ_product="sparse"))

@@ -86,7 +86,8 @@ def test_fp8_rowwise_resume_is_bit_exact(tiny_overrides, tmp_path):
 
 
 CAUSAL = [["precision=fp8_rowwise"], ["precision=fp8_blockwise", "precision.block_size=32"], ["precision=mxfp4"],
-          ["precision=fp4_vectorwise", "precision.dge=false", "precision.occ=false"]]
+          ["precision=fp4_vectorwise", "precision.dge=false", "precision.occ=false"],
+          ["precision=fp4_vectorwise", "precision.occ_scope=token"]]
 TENSOR_STATISTIC = [["precision=fp8_tensorwise"], ["precision=nvfp4"], ["precision=fp4_vectorwise"]]
 
 
@@ -95,7 +96,8 @@ def test_which_recipes_keep_a_causal_lm_causal(tiny_overrides, overrides):
     """Changing tokens 40.. leaves the logits of tokens 0..39 bit for bit unchanged with scales per token (or per
     token tile) and per weight channel, as in bf16. Recipes with a statistic over the whole activation tensor (the
     tensorwise amax, NVFP4's FP32 tensor scale, OCC's clamp quantile) make every token's output depend a little on
-    the other tokens of the batch, later ones included (docs/RESULTS.md, convergence)."""
+    the other tokens of the batch, later ones included (docs/RESULTS.md, convergence); OCC with
+    precision.occ_scope=token clamps each token at its own quantile and is causal."""
     from lowbit import precision
     from lowbit.models.load import load
 
