@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 RUNS = {"bf16": "bf16", "fp8_rowwise": "fp8 rowwise", "fp4_dge_occ": "fp4 vectorwise + DGE + OCC",
-        "fp4_plain": "fp4 vectorwise, no DGE/OCC"}
+        "fp4_plain": "fp4 vectorwise, no DGE/OCC", "fp4_dge": "fp4 vectorwise + DGE",
+        "fp4_occ_token": "fp4 vectorwise + DGE + OCC (per-token quantile)", "bf16_lr1e3": "bf16, lr 1e-3",
+        "bf16_lr4e3": "bf16, lr 4e-3"}
 BARS = {"fp8_rowwise": 0.01, "fp4_dge_occ": 0.03}
 
 
@@ -35,12 +37,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--tokens-per-step", type=int, required=True)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--names", nargs="+", default=["bf16", "fp8_rowwise", "fp4_dge_occ", "fp4_plain"],
+                        help=f"runs to show, bf16 first (one of {', '.join(RUNS)})")
     args = parser.parse_args()
-    data = {name: curves(args.runs / name) for name in RUNS}
+    unknown = [name for name in args.names if name not in RUNS]
+    if unknown or args.names[0] != "bf16":
+        parser.error(f"--names {' '.join(args.names)}: give bf16 first, then runs among {', '.join(RUNS)}")
+    runs = {name: RUNS[name] for name in args.names}
+    data = {name: curves(args.runs / name) for name in runs}
     base = data["bf16"][0].get(args.steps)
     print(f"| run | steps done | tokens | final val loss | vs bf16 | bar | median tokens/s |")
     print("|---|---|---|---|---|---|---|")
-    for name, label in RUNS.items():
+    for name, label in runs.items():
         val, speed = data[name]
         last = max(val) if val else 0
         loss = val.get(last, float("nan"))
@@ -57,7 +65,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, label in RUNS.items():
+        for name, label in runs.items():
             val = data[name][0]
             steps = sorted(s for s in val if s > 0)
             if steps:
