@@ -91,7 +91,7 @@ def build_recipe(cfg) -> Recipe:
     if occ_product not in ("dense", "sparse"):
         raise ValueError(f"precision.occ_product={occ_product!r} is not supported; use dense (the residual's products "
                          f"as GEMMs) or sparse (compressed rows and a gather kernel)")
-    occ_scope = getattr(cfg, "occ_scope", "tensor")
+    occ_scope = cfg.occ_scope
     if occ_scope not in ("tensor", "token"):
         raise ValueError(f"precision.occ_scope={occ_scope!r} is not supported; use tensor (one clamp quantile over the "
                          f"activation tensor, as in arXiv 2501.17116) or token (each token's own quantile: causal)")
