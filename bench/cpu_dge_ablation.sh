@@ -3,10 +3,12 @@
 # CPU stand-in of the GPU comparison: llama_tiny widened to hidden 128 / 4 layers (7.1M parameters), Shakespeare,
 # 200 steps of 8 x 64 tokens, AdamW lr 2e-3 (30 warmup steps), validation every 25 steps on 8 batches.
 # Variants: bf16 | bf16 at 0.7x lr (DGE's mean factor over its RMS, the step size Adam takes under it) |
-#           fp4 + DGE | fp4 + OCC | fp4 + DGE + OCC.    ~15 min on 2 cores:  bash bench/cpu_dge_ablation.sh [DIR]
+#           fp4 + DGE | fp4 + OCC | fp4 + DGE + OCC.    ~15 min on 2 cores:  [SEED=N] bash bench/cpu_dge_ablation.sh [DIR]
+# precision=bf16 runs in float32 on a CPU (trainer.mixed_precision=auto): the high-precision reference.
 set -u
-root=${1:-runs/dge_ablation}; mkdir -p "$root"
-common="model=llama_tiny model.config.hidden_size=128 model.config.intermediate_size=384 model.config.num_hidden_layers=4
+SEED=${SEED:-1234}
+root=${1:-runs/dge_ablation_seed$SEED}; mkdir -p "$root"
+common="trainer.seed=$SEED model=llama_tiny model.config.hidden_size=128 model.config.intermediate_size=384 model.config.num_hidden_layers=4
   data.seq_len=64 trainer.global_batch_size=8 trainer.micro_batch_size=8 trainer.max_steps=200 trainer.eval_every=25
   trainer.eval_batches=8 trainer.save_every=-1 trainer.export=false optim.warmup_steps=30 logger.backends=[jsonl]"
 declare -A VARIANTS=([bf16]="precision=bf16 optim.lr=2e-3" [bf16_lr14]="precision=bf16 optim.lr=1.4e-3"
