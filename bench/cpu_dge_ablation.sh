@@ -3,10 +3,11 @@
 # CPU stand-in of the GPU comparison: llama_tiny widened to hidden 128 / 4 layers (7.1M parameters), Shakespeare,
 # 200 steps of 8 x 64 tokens, AdamW lr 2e-3 (30 warmup steps), validation every 25 steps on 8 batches.
 # Variants: bf16 | bf16 at 0.7x lr (DGE's mean factor over its RMS, the step size Adam takes under it) |
-#           fp4 + DGE | fp4 + OCC | fp4 + DGE + OCC.    ~15 min on 2 cores:  [SEED=N] bash bench/cpu_dge_ablation.sh [DIR]
+#           fp4 + DGE | fp4 + OCC | fp4 + DGE + OCC.    ~15 min on 2 cores:
+#   [SEED=N] PYTHON=.venv/bin/python bash bench/cpu_dge_ablation.sh [DIR]      (docs/dge_ablation_cpu/: seeds 1234, 7)
 # precision=bf16 runs in float32 on a CPU (trainer.mixed_precision=auto): the high-precision reference.
 set -u
-SEED=${SEED:-1234}
+SEED=${SEED:-1234}; PYTHON=${PYTHON:-python3}     # PYTHON=.venv/bin/python after `make install`
 root=${1:-runs/dge_ablation_seed$SEED}; mkdir -p "$root"
 common="trainer.seed=$SEED model=llama_tiny model.config.hidden_size=128 model.config.intermediate_size=384 model.config.num_hidden_layers=4
   data.seq_len=64 trainer.global_batch_size=8 trainer.micro_batch_size=8 trainer.max_steps=200 trainer.eval_every=25
@@ -15,12 +16,14 @@ declare -A VARIANTS=([bf16]="precision=bf16 optim.lr=2e-3" [bf16_lr14]="precisio
   [dge]="precision=fp4_vectorwise precision.occ=false optim.lr=2e-3"
   [occ]="precision=fp4_vectorwise precision.dge=false optim.lr=2e-3" [dge_occ]="precision=fp4_vectorwise optim.lr=2e-3")
 names="bf16 bf16_lr14 dge occ dge_occ"
+running=0
 for name in $names; do     # two at a time (2 cores)
-  OMP_NUM_THREADS=1 python3 train.py $common ${VARIANTS[$name]} run_dir=$root/$name > $root/$name.log 2>&1 &
-  [ "$(jobs -r | wc -l)" -ge 2 ] && wait -n
+  OMP_NUM_THREADS=1 $PYTHON train.py $common ${VARIANTS[$name]} run_dir=$root/$name > $root/$name.log 2>&1 &
+  running=$((running + 1))
+  if [ $running -ge 2 ]; then wait -n; running=$((running - 1)); fi
 done
 wait
-python3 - "$root" $names <<'PY'
+$PYTHON - "$root" $names <<'PY'
 import json, sys
 root, names = sys.argv[1], sys.argv[2:]
 curves = {n: {r["step"]: r["val/loss"] for r in map(json.loads, open(f"{root}/{n}/metrics.jsonl")) if "val/loss" in r}
