@@ -1,5 +1,6 @@
 """TP=2, TP=2+SP and Ulysses=2 on 2 gloo processes (float32) against the single-process model:
-logits, loss and every gradient to 1e-5 relative (whole quantized models: the median gradient; the worst to 1e-3) (the trainer-level runs are in test_trainer_layouts.py).
+logits, loss and every gradient to 1e-5 relative (whole quantized models: the median gradient, the worst to 1e-3;
+the trainer-level runs are in test_trainer_layouts.py).
 The same for lowbit's quantized linears under TP: whole models per recipe, and single layers (column- and
 row-parallel, DGE and OCC included) on identical inputs; see equivalence_worker.py."""
 import json
