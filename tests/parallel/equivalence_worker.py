@@ -32,8 +32,17 @@ RTOL = 1e-5
 QUANT_RTOL = 1e-3
 
 
+def precision_config(recipe: str, **fields):
+    """PrecisionConfig of 'NAME[+dge][+occ][+token]' (block 16, so that every shard holds whole blocks)."""
+    from lowbit.config import PrecisionConfig
+
+    name, *options = recipe.split("+")
+    return PrecisionConfig(recipe=name, block_size=16, dge="dge" in options, occ="occ" in options,
+                           occ_scope="token" if "token" in options else "tensor", **fields)
+
+
 def tiny_llama(recipe: str = "") -> LlamaForCausalLM:
-    """A 2-layer Llama; with a recipe (name[+dge][+occ]) its decoder linears are lowbit's QuantLinear.
+    """A 2-layer Llama; with a recipe (precision_config) its decoder linears are lowbit's QuantLinear.
     Quantized models are wider, so that every shard holds whole 16-element blocks (fp8_blockwise at
     block 16, NVFP4)."""
     torch.manual_seed(0)
@@ -43,12 +52,8 @@ def tiny_llama(recipe: str = "") -> LlamaForCausalLM:
                          tie_word_embeddings=True, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).float()
     if recipe:
-        from lowbit.config import PrecisionConfig
         from lowbit.precision import apply
-        name, *options = recipe.split("+")
-        model = apply(model, PrecisionConfig(recipe=name, block_size=16, dge="dge" in options,
-                                             occ="occ" in options,
-                                             occ_scope="token" if "token" in options else "tensor"))
+        model = apply(model, precision_config(recipe))
     return model
 
 
@@ -83,14 +88,10 @@ def compare_linear(recipe: str) -> str:
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from lowbit.config import PrecisionConfig
     from lowbit.precision import apply
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    name, *options = recipe.split("+")
-    cfg = PrecisionConfig(recipe=name, include=["*"], exclude=[], block_size=16, dge="dge" in options,
-                          occ="occ" in options,
-                          occ_scope="token" if "token" in options else "tensor")
+    cfg = precision_config(recipe, include=["*"], exclude=[])
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     failures = []
     for layout, style in (("colwise", ColwiseParallel(use_local_output=False)),
