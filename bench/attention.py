@@ -87,6 +87,7 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
     v = torch.randn(1, kv_heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
     gqa = heads != kv_heads
     sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
+    backends = sdpa_backend_ms(q, k, v, gqa)
     target_runs = []
     # launch = (warps, stages, query rows per tile, keys per tile, K/V by descriptors, programs per SM)
     for block_m in TILES_M or sorted({block, max(block, 128)}):
@@ -122,7 +123,24 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
             "target_map_mib": heads * n * n * 4 / 2 ** 20, "seer_buffer_mib": heads * seq * n * 4 / 2 ** 20,
             "sparse_sparsity": measured, "sparse_ms": sparse_ms, "sparse_launch": sparse_launch,
             "sparse_speedup_over_sdpa": sdpa_ms / sparse_ms, "dense_blocksparse_ms": full_ms,
-            "dense_blocksparse_over_sdpa": full_ms / sdpa_ms}
+            "dense_blocksparse_over_sdpa": full_ms / sdpa_ms, "sdpa_backend_ms": backends,
+            "target_over_sdpa_backend": {name: target_ms / ms for name, ms in backends.items()}}
+
+
+def sdpa_backend_ms(q, k, v, gqa: bool) -> dict[str, float]:
+    """SDPA forward forced to each backend that accepts these inputs (the default picks one of them): which one
+    "dense SDPA" is matters, since cuDNN's Hopper kernel runs well above FlashAttention-2's rate."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    times = {}
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                times[name.lower()] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                   enable_gqa=gqa))
+        except (RuntimeError, AttributeError) as error:    # a backend that rejects these shapes, or is absent
+            print(f"  SDPA backend {name}: {type(error).__name__}: {str(error)[:120]}", flush=True)
+    return times
 
 
 def gate_pipeline_smoke() -> dict:
@@ -185,6 +203,11 @@ def main() -> None:
         print(f"| {r['seq']} | {r['heads']} ({r['kv_heads']}) | {r['sdpa_ms']:.2f} | {r['target_ms']:.2f} | "
               f"{r['target_over_sdpa']:.2f}x | {r['target_extra_mib']:.1f} | {r['sparse_ms']:.2f} @ "
               f"{r['sparse_sparsity']:.3f} | {r['sparse_speedup_over_sdpa']:.2f}x |")
+    print("\nSDPA forward by backend (ms) and the fused target's time over each:")
+    for r in rows:
+        cells = ", ".join(f"{name} {ms:.2f} ms (target {r['target_over_sdpa_backend'][name]:.2f}x)"
+                          for name, ms in r["sdpa_backend_ms"].items())
+        print(f"  S={r['seq']} kv={r['kv_heads']}: default {r['sdpa_ms']:.2f} ms; {cells}")
     smoke = {}
     if args.gate_smoke:
         smoke = gate_pipeline_smoke()

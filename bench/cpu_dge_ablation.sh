@@ -3,8 +3,11 @@
 # CPU stand-in of the GPU comparison: llama_tiny widened to hidden 128 / 4 layers (7.1M parameters), Shakespeare,
 # 200 steps of 8 x 64 tokens, AdamW lr 2e-3 (30 warmup steps), validation every 25 steps on 8 batches.
 # Variants: bf16 | bf16 at 0.7x lr (DGE's mean factor over its RMS, the step size Adam takes under it) |
-#           fp4 + DGE | fp4 + OCC | fp4 + DGE + OCC.    ~15 min on 2 cores:
-#   [SEED=N] PYTHON=.venv/bin/python bash bench/cpu_dge_ablation.sh [DIR]      (docs/dge_ablation_cpu/: seeds 1234, 7)
+#           fp4 + DGE | fp4 + OCC | fp4 + DGE + OCC; and, by NAMES, fp4 + DGE + OCC with each token clamped at its
+#           own quantile (dge_occ_token: causal; the paper's tensor-wide quantile lets a batch's tokens see each other).
+#   ~15 min on 2 cores:
+#   [SEED=N] [NAMES="bf16 dge_occ dge_occ_token"] PYTHON=.venv/bin/python bash bench/cpu_dge_ablation.sh [DIR]
+#   (docs/dge_ablation_cpu/: seeds 1234, 7)
 # precision=bf16 runs in float32 on a CPU (trainer.mixed_precision=auto): the high-precision reference.
 set -u
 SEED=${SEED:-1234}; PYTHON=${PYTHON:-python3}     # PYTHON=.venv/bin/python after `make install`
@@ -14,8 +17,9 @@ common="trainer.seed=$SEED model=llama_tiny model.config.hidden_size=128 model.c
   trainer.eval_batches=8 trainer.save_every=-1 trainer.export=false optim.warmup_steps=30 logger.backends=[jsonl]"
 declare -A VARIANTS=([bf16]="precision=bf16 optim.lr=2e-3" [bf16_lr14]="precision=bf16 optim.lr=1.4e-3"
   [dge]="precision=fp4_vectorwise precision.occ=false optim.lr=2e-3"
-  [occ]="precision=fp4_vectorwise precision.dge=false optim.lr=2e-3" [dge_occ]="precision=fp4_vectorwise optim.lr=2e-3")
-names="bf16 bf16_lr14 dge occ dge_occ"
+  [occ]="precision=fp4_vectorwise precision.dge=false optim.lr=2e-3" [dge_occ]="precision=fp4_vectorwise optim.lr=2e-3"
+  [dge_occ_token]="precision=fp4_vectorwise precision.occ_scope=token optim.lr=2e-3")
+names=${NAMES:-bf16 bf16_lr14 dge occ dge_occ}      # bf16 first: the table's reference
 running=0
 for name in $names; do     # two at a time (2 cores)
   OMP_NUM_THREADS=1 $PYTHON train.py $common ${VARIANTS[$name]} run_dir=$root/$name > $root/$name.log 2>&1 &

@@ -1,6 +1,7 @@
 """One Llama decoder layer (llama_1b shape), fwd+bwd under bf16 autocast with fp32 master weights,
 torch.compile'd as the trainer does, for bf16 and each precision recipe: the layer-level speed-up,
-a graph-break count and the top GPU kernels, to separate layer cost from trainer overhead.
+a graph-break count and the top GPU kernels, to separate layer cost from trainer overhead. `torchao_tensorwise` and
+`torchao_rowwise` run torchao's float8 training (`convert_to_float8_training`) on the same layer for comparison.
 
     python bench/decoder_layer.py --recipes bf16 fp8_rowwise fp4_vectorwise --tokens 8192
 """
@@ -25,9 +26,13 @@ def build(recipe: str, hidden: int, inter: int, heads: int, kv_heads: int, dge: 
     config._attn_implementation = "sdpa"
     holder = nn.Module()
     holder.layers = nn.ModuleList([LlamaDecoderLayer(config, 0)])
-    precision = PrecisionConfig(recipe=recipe, include=["*"], exclude=[], dge=dge and recipe.startswith("fp4"),
-                                occ=occ and recipe.startswith("fp4"))
-    apply(holder, precision)
+    if recipe.startswith("torchao_"):     # torchao's float8 training on the same layer: torchao_tensorwise / _rowwise
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        convert_to_float8_training(holder, config=Float8LinearConfig.from_recipe_name(recipe.removeprefix("torchao_")))
+    else:
+        precision = PrecisionConfig(recipe=recipe, include=["*"], exclude=[], dge=dge and recipe.startswith("fp4"),
+                                    occ=occ and recipe.startswith("fp4"))
+        apply(holder, precision, compiled=compile_)   # as the trainer: Inductor fuses the quantization when compiled
     holder.cuda()
     layer = holder.layers[0]
     if compile_:
@@ -54,7 +59,11 @@ def main() -> None:
     results = {}
     for recipe in args.recipes:
         torch._dynamo.reset()
-        layer, rope = build(recipe, hidden, inter, heads, kv, args.dge, args.occ, not args.eager, args.mode)
+        try:
+            layer, rope = build(recipe, hidden, inter, heads, kv, args.dge, args.occ, not args.eager, args.mode)
+        except ImportError as error:        # e.g. torchao not installed
+            print(f"{recipe}: skipped, {error}", flush=True)
+            continue
         batch = args.tokens // args.seq
         x = torch.randn(batch, args.seq, hidden, device="cuda", requires_grad=True)
         pos = torch.arange(args.seq, device="cuda")[None].expand(batch, -1)

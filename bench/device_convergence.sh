@@ -98,5 +98,7 @@ for name in $NAMES; do
 done
 # at most 8 files come back: the metrics and logs in one archive, the table and the plot
 (cd $ROOT && tar czf $OUT/runs.tar.gz *.log metrics_*.jsonl)
-python3 bench/plot_convergence.py --runs $ROOT --names $NAMES --steps $STEPS --tokens-per-step $((32 * 2048)) \
+names="bf16 $(printf '%s\n' $NAMES | grep -vx bf16 | tr '\n' ' ')"      # the table's reference first: bf16
+[ -f $ROOT/bf16/metrics.jsonl ] || { echo "no bf16 run in $ROOT: NAMES=\"bf16 ...\" for the table and plot"; exit 0; }
+python3 bench/plot_convergence.py --runs $ROOT --names $names --steps $STEPS --tokens-per-step $((32 * 2048)) \
   --plot $OUT/convergence.png 2>&1 | tee $OUT/convergence.md

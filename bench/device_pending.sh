@@ -11,6 +11,9 @@
 #   bench/device_pending.sh occ_e2e   the main job end to end against bf16: OCC by dense and by sparse products, no OCC
 #   bench/device_pending.sh attention the fused target kernel over tiles, TMA loads and launch settings against SDPA at
 #                                     8k and 32k, and the block-sparse kernel (issue 4; bench/attention.py)
+#   bench/device_pending.sh backends  the same with the defaults only, and SDPA timed on each of its backends
+#   bench/device_pending.sh layer     one llama_1b decoder layer compiled: bf16, lowbit's fp8/fp4 and torchao's float8
+#                                     (carry torchao's wheel in .whl) at 8k and 32k tokens per call (issue 3)
 set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -45,6 +48,15 @@ case "${1:-}" in
       --variant "fp4_no_occ=+exp=fp4_llama precision.occ=false $data" 2>&1 | tee "$OUT/e2e_occ.log" ;;
   attention)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 --block-m 128 --launch 8,3 8,4 4,3 2>&1 | tee "$OUT/attention.log" ;;
+  backends)
+    python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 --tma on --launch 8,3 8,4 4,3 \
+      --json "$OUT/attention_backends.json" 2>&1 | tee "$OUT/attention_backends.log" ;;
+  layer)
+    python3 bench/decoder_layer.py --tokens 8192 --recipes bf16 fp8_rowwise torchao_rowwise fp8_tensorwise \
+      torchao_tensorwise fp4_vectorwise 2>&1 | tee "$OUT/decoder_layer_8k.log"
+    python3 bench/decoder_layer.py --tokens 32768 --recipes bf16 fp8_rowwise torchao_rowwise 2>&1 \
+      | tee "$OUT/decoder_layer_32k.log" ;;
   *)
-    echo "usage: bench/device_pending.sh check|e2e|memory|memory_compiled|occ|occ_e2e|attention" >&2; exit 2 ;;
+    echo "usage: bench/device_pending.sh check|e2e|memory|memory_compiled|occ|occ_e2e|attention|backends|layer" >&2
+    exit 2 ;;
 esac

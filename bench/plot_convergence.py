@@ -2,6 +2,8 @@
 (bf16) and a plot of validation loss against training tokens.
 
     python bench/plot_convergence.py --runs /root/convergence --steps 768 --tokens-per-step 65536 --plot curves.png
+    python bench/plot_convergence.py --runs docs/convergence_h200_2026-12-01 --steps 768 --tokens-per-step 65536 \
+        --names bf16=metrics_bf16.jsonl fp4_dge=metrics_fp4_dge.jsonl     (NAME=FILE: metrics file under --runs)
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ RUNS = {"bf16": "bf16", "fp8_rowwise": "fp8 rowwise", "fp4_dge_occ": "fp4 vector
 BARS = {"fp8_rowwise": 0.01, "fp4_dge_occ": 0.03}
 
 
-def curves(run_dir: Path) -> tuple[dict[int, float], list[float]]:
-    """{step: validation loss} (the last record of a step wins: a resumed run re-evaluates) and step throughputs."""
+def curves(path: Path) -> tuple[dict[int, float], list[float]]:
+    """{step: validation loss} (the last record of a step wins: a resumed run re-evaluates) and step throughputs, from a
+    run directory's metrics.jsonl or a metrics file."""
     val, speed = {}, []
-    path = run_dir / "metrics.jsonl"
+    if path.is_dir():
+        path = path / "metrics.jsonl"
     if not path.exists():
         return val, speed
     for line in path.read_text().splitlines():
@@ -38,23 +42,31 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, required=True)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--names", nargs="+", default=["bf16", "fp8_rowwise", "fp4_dge_occ", "fp4_plain"],
-                        help=f"runs to show, bf16 first (one of {', '.join(RUNS)})")
+                        help=f"runs to show, bf16 first (one of {', '.join(RUNS)}); NAME=FILE reads the run's metrics "
+                        "from FILE under --runs instead of --runs/NAME/metrics.jsonl")
     args = parser.parse_args()
-    unknown = [name for name in args.names if name not in RUNS]
-    if unknown or args.names[0] != "bf16":
+    paths = {name: args.runs / (file or name) for name, _, file in (entry.partition("=") for entry in args.names)}
+    unknown = [name for name in paths if name not in RUNS]
+    if unknown or next(iter(paths)) != "bf16":
         parser.error(f"--names {' '.join(args.names)}: give bf16 first, then runs among {', '.join(RUNS)}")
-    runs = {name: RUNS[name] for name in args.names}
-    data = {name: curves(args.runs / name) for name in runs}
-    base = data["bf16"][0].get(args.steps)
+    runs = {name: RUNS[name] for name in paths}
+    data = {name: curves(path) for name, path in paths.items()}
+    bf16 = data["bf16"][0]
+    base = bf16.get(args.steps)
     print(f"| run | steps done | tokens | final val loss | vs bf16 | bar | median tokens/s |")
     print("|---|---|---|---|---|---|---|")
     for name, label in runs.items():
         val, speed = data[name]
         last = max(val) if val else 0
         loss = val.get(last, float("nan"))
-        ratio = f"{loss / base - 1:+.2%}" if base and last == args.steps else "--"
+        if base and last == args.steps:
+            ratio = f"{loss / base - 1:+.2%}"
+        elif last in bf16 and last > 0:        # an unfinished run: against bf16 at the same step
+            ratio = f"{loss / bf16[last] - 1:+.2%} at step {last}"
+        else:
+            ratio = "--"
         bar = BARS.get(name)
-        verdict = "--" if bar is None or ratio == "--" else (
+        verdict = "--" if bar is None or last != args.steps or not base else (
             f"within {bar:.0%}: {'met' if abs(loss / base - 1) <= bar else 'NOT met'}"
             f"{' (lower than bf16)' if loss < base else ''}")
         median = sorted(speed)[len(speed) // 2] if speed else float("nan")
