@@ -76,4 +76,14 @@ def quantize_pair(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer,
     kernel = _triton(x, quantizer, quantizer_t)
     if kernel is not None:
         return kernel(x, quantizer, quantizer_t)
-    return quantize_reference(x, quantizer, what=what), quantize_reference(x.t(), quantizer_t, what=what + "^T")
+    xq = quantize_reference(x, quantizer, what=what)
+    if shares_scale(quantizer, quantizer_t):     # x^T's quantization is the transpose of x's, bit for bit
+        return xq, QTensor(xq.data.t(), xq.scale, quantizer_t)
+    return xq, quantize_reference(x.t(), quantizer_t, what=what + "^T")
+
+
+def shares_scale(quantizer: Quantizer, quantizer_t: Quantizer) -> bool:
+    """One tensor-wide scale of the same format, rule and amax group on both sides of a pair: the transposed
+    operand needs no second amax reduction or rounding pass (what torch.compile would otherwise run twice)."""
+    return (quantizer.tensorwise and quantizer_t.tensorwise and quantizer.fmt == quantizer_t.fmt
+            and quantizer.scale_rule == quantizer_t.scale_rule and quantizer.amax_group is quantizer_t.amax_group)

@@ -132,3 +132,35 @@ def check_block_kernel_equals_reference(device: str = "cpu") -> None:
 @pytest.mark.slow
 def test_triton_block_quantize_equals_reference_bitwise_under_interpreter():
     run_under_interpreter("check_block_kernel_equals_reference", "OK blocks 16")
+
+
+def test_tensorwise_pair_shares_one_scale_and_equals_two_quantizations():
+    """The PyTorch path of a tensorwise pair quantizes once and transposes (lowbit.kernels.quantize.shares_scale):
+    bit for bit what quantizing x and x^T separately gives, eager and under torch.compile; pairs whose sides differ
+    in format, rule or scale span still quantize x^T on its own."""
+    from lowbit.kernels.quantize import quantize_pair, shares_scale
+    from lowbit.precision.formats import E4M3, E5M2
+    from lowbit.precision.scaling import Quantizer, quantize_reference
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 50, generator=generator) * torch.exp2(torch.randint(-9, 9, (37, 50), generator=generator).float())
+    x[4] = 0.0
+    x[5, :7] = tiny_normals(7, generator)
+    cases = [(Quantizer(E4M3, 0, 0), Quantizer(E4M3, 0, 0), True), (Quantizer(E5M2, 0, 0), Quantizer(E5M2, 0, 0), True),
+             (Quantizer(E4M3, 0, 0, "pow2"), Quantizer(E4M3, 0, 0, "pow2"), True),
+             (Quantizer(E4M3, 0, 0), Quantizer(E5M2, 0, 0), False), (Quantizer(E4M3, 1, 0), Quantizer(E4M3, 1, 0), False),
+             (Quantizer(E4M3, 0, 0), Quantizer(E4M3, 0, 0, "pow2"), False)]
+    compiled = torch.compile(lambda t, q, q_t: [(a.data, a.scale) for a in quantize_pair(t, q, q_t)], backend="aot_eager")
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        for q, q_t, shared in cases:
+            assert shares_scale(q, q_t) == shared, (q, q_t)
+            want = [quantize_reference(xd, q), quantize_reference(xd.t(), q_t)]
+            got = quantize_pair(xd, q, q_t)
+            for a, b in zip(got, want):
+                assert a.quantizer == b.quantizer and a.data.shape == b.data.shape and a.data.stride() == b.data.stride()
+                assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), (q, q_t, dtype)
+                assert torch.equal(a.scale, b.scale), (q, q_t, dtype)
+            for (data, scale), b in zip(compiled(xd, q, q_t), want):
+                assert torch.equal(data.contiguous().view(torch.uint8), b.data.contiguous().view(torch.uint8))
+                assert torch.equal(scale, b.scale)
