@@ -1,7 +1,10 @@
 """What Inductor generates for one compiled QuantLinear, fwd+bwd (runs on CPU): the number of fused kernels and of
 max operations (amax reductions) in the generated code, a device-free view of how many passes the quantization takes.
+--decoder-layer: the amax nodes AOTAutograd hands to the compiler for a whole Llama decoder layer (7 linears; q/k/v
+share one input, gate/up another), next to the count if every distinct tensor were quantized once.
 
     python bench/inductor_kernels.py --recipes fp8_tensorwise fp8_rowwise --tokens 64 --k 256 --n 128
+    python bench/inductor_kernels.py --recipes fp8_tensorwise fp8_rowwise --decoder-layer
 """
 from __future__ import annotations
 
@@ -29,13 +32,59 @@ def generated_code(recipe: str, tokens: int, k: int, n: int) -> str:
     return "\n".join(codes)
 
 
+def decoder_layer_amax_nodes(recipe: str) -> dict[str, int]:
+    """amax nodes in the forward and backward graphs of one compiled LlamaDecoderLayer (Inductor's partitioner)."""
+    from torch import nn
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from lowbit.config import PrecisionConfig
+    from lowbit.precision import apply
+
+    counts = {"fw": 0, "bw": 0}
+
+    def counting(graph: str):
+        def compiler(gm, example_inputs):
+            counts[graph] += sum(node.op == "call_function" and "amax" in str(node.target) for node in gm.graph.nodes)
+            return gm.forward
+        return compiler
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"
+    holder = nn.Module()
+    holder.layers = nn.ModuleList([LlamaDecoderLayer(config, 0)])
+    apply(holder, PrecisionConfig(recipe=recipe, include=["*"], exclude=[], dge=False, occ=False), compiled=True)
+    layer = holder.layers[0]
+    torch._dynamo.reset()
+    layer.compile(backend=aot_autograd(fw_compiler=counting("fw"), bw_compiler=counting("bw"),
+                                       partition_fn=min_cut_rematerialization_partition))
+    x = torch.randn(2, 32, 256, requires_grad=True)
+    pos = torch.arange(32)[None].expand(2, -1)
+    out = layer(x, position_embeddings=LlamaRotaryEmbedding(config)(x, pos), position_ids=pos)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=["fp8_tensorwise", "fp8_rowwise", "fp4_vectorwise"])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=256)
     parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--decoder-layer", action="store_true")
     args = parser.parse_args()
+    if args.decoder_layer:
+        # distinct operands: inputs x 4 (q/k/v share one, gate/up one), weights x 7, output gradients x 7; a pair
+        # of per-row scales takes two amax reductions, a tensorwise pair one
+        print("| recipe | amax nodes fwd + bwd | if each distinct operand were quantized once |\n|---|---|---|")
+        for recipe in args.recipes:
+            counts = decoder_layer_amax_nodes(recipe)
+            per_pair = 1 if recipe == "fp8_tensorwise" else 2
+            print(f"| {recipe} | {counts['fw']} + {counts['bw']} = {counts['fw'] + counts['bw']} | "
+                  f"{(4 + 7 + 7) * per_pair} |", flush=True)
+        return
     print("| recipe | fused kernels (fwd + bwd) | max operations |\n|---|---|---|")
     for recipe in args.recipes:
         src = generated_code(recipe, args.tokens, args.k, args.n)
