@@ -81,9 +81,9 @@ def main() -> None:
         print("| recipe | amax nodes fwd + bwd | if each distinct operand were quantized once |\n|---|---|---|")
         for recipe in args.recipes:
             counts = decoder_layer_amax_nodes(recipe)
-            per_pair = 1 if recipe == "fp8_tensorwise" else 2
+            per_pair = {"fp8_tensorwise": 1, "fp8_rowwise": 2, "fp4_vectorwise": 2}.get(recipe)   # others: not derived
             print(f"| {recipe} | {counts['fw']} + {counts['bw']} = {counts['fw'] + counts['bw']} | "
-                  f"{(4 + 7 + 7) * per_pair} |", flush=True)
+                  f"{(4 + 7 + 7) * per_pair if per_pair else '--'} |", flush=True)
         return
     print("| recipe | fused kernels (fwd + bwd) | max operations |\n|---|---|---|")
     for recipe in args.recipes:
