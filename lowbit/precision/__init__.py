@@ -13,6 +13,13 @@ def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
     return convert(model, cfg, compiled)
 
 
+def note_padding(tokens: int, cfg) -> None:
+    """Log once if `tokens` per linear input are not a multiple of the recipe's token tile (they are zero-padded)."""
+    from lowbit.precision.linear import note_padding as note
+    from lowbit.precision.recipes import build_recipe
+    note(tokens, build_recipe(cfg).token_multiple)
+
+
 def stats_hook(model: nn.Module, cfg) -> Callable[[int], dict] | None:
     """A per-step callable returning per-layer quantization statistics every `cfg.stats_every` steps."""
     if cfg.stats_every <= 0 or cfg.recipe == "bf16":

@@ -50,14 +50,20 @@ def log_once(message: str) -> None:
         log.info(message)
 
 
-def pad_rows(t: torch.Tensor, multiple: int, what: str) -> torch.Tensor:
+def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad the token rows of t [M, C] to a multiple of `multiple` (exact: zero rows add nothing)."""
     extra = (-t.shape[0]) % multiple
-    if extra == 0:
-        return t
-    log_once(f"precision: {what} has {t.shape[0]} tokens, not a multiple of {multiple}; zero-padding them "
-             f"(exact, costs one copy; use a batch x sequence that is a multiple of {multiple} to avoid it)")
-    return F.pad(t, (0, 0, 0, extra))
+    return F.pad(t, (0, 0, 0, extra)) if extra else t
+
+
+def note_padding(tokens: int, token_multiple: int) -> None:
+    """Log once that `tokens` rows (an input's and its output gradient's) will be zero-padded. Not inside a traced
+    graph: a side effect there is a graph break (logging) or is dropped; the trainer calls this before compiling
+    with the tokens its linears will see (lowbit.train.run)."""
+    if tokens % token_multiple and not torch.compiler.is_compiling():
+        log_once(f"precision: an input has {tokens} tokens, not a multiple of {token_multiple}; zero-padding them "
+                 f"and their output gradient (exact, costs one copy each; use a batch x sequence that is a multiple "
+                 f"of {token_multiple} to avoid it)")
 
 
 def weight_parts(weight: torch.Tensor, asymmetric: bool) -> list[torch.Tensor]:
@@ -78,7 +84,7 @@ class QuantLinearFunction(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]) if clamped is None else clamped
             tokens = x2.shape[0]
-            x2 = pad_rows(x2, recipe.token_multiple, "the input")
+            x2 = pad_rows(x2, recipe.token_multiple)
             residual = residual_from(outliers) if clamped is not None else None
             transform = hadamard_matrix(recipe.hadamard, hadamard_signs) if recipe.hadamard else None
             if transform is None:
@@ -118,7 +124,7 @@ class QuantLinearFunction(torch.autograd.Function):
         wtqs = [QTensor(wt_saved[2 * i], wt_saved[2 * i + 1], recipe.w_t) for i in range(parts)]
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
-            dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple, "the output gradient")
+            dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple)
             noise = torch.rand(dy2.shape, device=dy2.device) if recipe.stochastic_rounding else None
             dyq = dytq = None
             if noise is None and transform is None and all(ctx.needs_input_grad[:2]):
@@ -154,6 +160,7 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, ha
     torch.compile such a layer runs eagerly (torch.compiler.disable): tracing the sizes through
     (capture_dynamic_output_shape_ops) compiles with Inductor on CPU (torch 2.13) but failed in Inductor's
     scheduler on the H200 end to end (torch 2.11, 2026-12-01, docs/bench_h200_2026-12-01/e2e_call3_traced_failed.log)."""
+    note_padding(x.shape[:-1].numel(), recipe.token_multiple)
     if not recipe.occ:
         return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs)
     if recipe.occ_product == "dense":

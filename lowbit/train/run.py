@@ -97,6 +97,8 @@ def run(cfg: DictConfig) -> TrainState:
     objective = objectives.build(cfg.objective, model)                             # 3
     objective.check_parallel(cfg.parallel)
     model = precision.apply(model, cfg.precision, compiled=cfg.model.compile)      # 4
+    if cfg.precision.recipe != "bf16":      # compiled layers cannot log it: the tokens each linear sees per micro-batch
+        precision.note_padding(cfg.trainer.micro_batch_size * cfg.data.seq_len // cfg.parallel.ulysses, cfg.precision)
     model.to(world.device)
     if cfg.model.compile:
         for compiled in (model, *objective.frozen_models()):

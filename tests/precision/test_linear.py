@@ -44,14 +44,14 @@ def reference_forward_backward(x, weight, bias, dy, recipe, signs):
         x2, sparse = clamp_outliers(x2, recipe.occ_quantile, product="dense" if recipe.occ_scope == "token" else "sparse",
                                     scope=recipe.occ_scope)
         residual = sparse.to_dense(x2.shape[1]).double()
-    x2 = pad_rows(x2, recipe.token_multiple, "x")
-    residual = pad_rows(residual, recipe.token_multiple, "x")
+    x2 = pad_rows(x2, recipe.token_multiple)
+    residual = pad_rows(residual, recipe.token_multiple)
     parts = weight_parts(weight.detach(), recipe.asymmetric)
     w_hat = sum(deq(p, recipe.w) for p in parts)
     wt_hat = sum(deq(p.t(), recipe.w_t) for p in parts)
     tokens = x.reshape(-1, x.shape[-1]).shape[0]
     y = ((deq(x2, recipe.x) + residual) @ w_hat.t())[:tokens] + bias.double()
-    dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple, "dy")
+    dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple)
     dx = (deq(dy2, recipe.dy) @ wt_hat.t())[:tokens]
     xt, dyt = x2.t(), dy2.t()
     if recipe.hadamard:
@@ -239,3 +239,27 @@ def test_occ_scope_must_be_known_and_token_needs_dense():
         build_recipe(precision_cfg("fp4_vectorwise", occ=True, occ_scope="batch"))
     with pytest.raises(ValueError, match="occ_scope=token needs precision.occ_product=dense"):
         build_recipe(precision_cfg("fp4_vectorwise", occ=True, occ_scope="token", occ_product="sparse"))
+
+
+def test_padding_is_logged_once_outside_the_traced_graph(caplog):
+    """Tokens that are not a multiple of the recipe's tile are zero-padded: logged once, eagerly or by the trainer
+    before compiling (lowbit.precision.note_padding), never from inside a traced graph, where the log was a graph
+    break on the first trace (14 graphs for one fp8_blockwise decoder layer)."""
+    import logging
+
+    from lowbit import precision
+    from lowbit.precision import linear as linear_module
+
+    recipe = build_recipe(precision_cfg("fp8_blockwise"))
+    assert 40 % recipe.token_multiple
+    layer = QuantLinear.from_linear(torch.nn.Linear(256, 128), recipe, name="l")
+    x = torch.randn(40, 256)
+    linear_module._LOGGED.clear()
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    assert not linear_module._LOGGED
+    with caplog.at_level(logging.INFO, logger="lowbit"):
+        layer(x)
+        layer(x)
+        precision.note_padding(40, precision_cfg("fp8_blockwise"))
+    messages = [r.getMessage() for r in caplog.records if "zero-padding" in r.getMessage()]
+    assert len(messages) == 1 and f"40 tokens, not a multiple of {recipe.token_multiple}" in messages[0]
