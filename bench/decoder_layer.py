@@ -15,7 +15,7 @@ from torch import nn
 
 
 def build(recipe: str, hidden: int, inter: int, heads: int, kv_heads: int, dge: bool, occ: bool, compile_: bool,
-          mode: str | None = None):
+          mode: str | None = None, device: str = "cuda", backend="inductor"):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
     from lowbit.config import PrecisionConfig
@@ -33,11 +33,11 @@ def build(recipe: str, hidden: int, inter: int, heads: int, kv_heads: int, dge: 
         precision = PrecisionConfig(recipe=recipe, include=["*"], exclude=[], dge=dge and recipe.startswith("fp4"),
                                     occ=occ and recipe.startswith("fp4"))
         apply(holder, precision, compiled=compile_)   # as the trainer: Inductor fuses the quantization when compiled
-    holder.cuda()
+    holder.to(device)
     layer = holder.layers[0]
     if compile_:
-        layer.compile(mode=mode)
-    return layer, LlamaRotaryEmbedding(config).cuda()
+        layer.compile(mode=mode, backend=backend)
+    return layer, LlamaRotaryEmbedding(config).to(device)
 
 
 def main() -> None:

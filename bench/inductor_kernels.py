@@ -34,14 +34,10 @@ def generated_code(recipe: str, tokens: int, k: int, n: int) -> str:
 
 def decoder_layer_amax_nodes(recipe: str) -> dict[str, int]:
     """amax nodes in the forward and backward graphs of one compiled LlamaDecoderLayer (Inductor's partitioner)."""
-    from torch import nn
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from lowbit.config import PrecisionConfig
-    from lowbit.precision import apply
+    from decoder_layer import build       # bench/decoder_layer.py (this script's directory is on sys.path)
 
     counts = {"fw": 0, "bw": 0}
 
@@ -51,18 +47,13 @@ def decoder_layer_amax_nodes(recipe: str) -> dict[str, int]:
             return gm.forward
         return compiler
 
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    config._attn_implementation = "sdpa"
-    holder = nn.Module()
-    holder.layers = nn.ModuleList([LlamaDecoderLayer(config, 0)])
-    apply(holder, PrecisionConfig(recipe=recipe, include=["*"], exclude=[], dge=False, occ=False), compiled=True)
-    layer = holder.layers[0]
     torch._dynamo.reset()
-    layer.compile(backend=aot_autograd(fw_compiler=counting("fw"), bw_compiler=counting("bw"),
-                                       partition_fn=min_cut_rematerialization_partition))
+    backend = aot_autograd(fw_compiler=counting("fw"), bw_compiler=counting("bw"),
+                           partition_fn=min_cut_rematerialization_partition)
+    layer, rope = build(recipe, 256, 512, 4, 2, dge=False, occ=False, compile_=True, device="cpu", backend=backend)
     x = torch.randn(2, 32, 256, requires_grad=True)
     pos = torch.arange(32)[None].expand(2, -1)
-    out = layer(x, position_embeddings=LlamaRotaryEmbedding(config)(x, pos), position_ids=pos)
+    out = layer(x, position_embeddings=rope(x, pos), position_ids=pos)
     (out[0] if isinstance(out, tuple) else out).sum().backward()
     return counts
 
