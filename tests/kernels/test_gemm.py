@@ -133,18 +133,19 @@ def test_block_scaled_mm_triton_matches_reference(case):
 
 
 @pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="CPU tensors need the Triton interpreter")
-@pytest.mark.parametrize("rescale", [False, True], ids=["partial_tile", "rescaled_accumulator"])
+@pytest.mark.parametrize("scheme", ["partial", "rescale", "partial_tma", "rescale_tma"])
 @pytest.mark.parametrize("case", [(19, 21, 256, 128, 1, 128, "fp8", "any"), (17, 40, 48, 16, 1, 1, "fp4", "e4m3")],
                          ids=["deepseek_tile32_in_block128", "nvfp4"])
-def test_block_scaled_mm_triton_variants(case, rescale):
-    """Both accumulation schemes (separate partial tile, or one accumulator rescaled between scale blocks),
-    and K tiles narrower than the scale block (tiles share one scale), give the float64 result."""
+def test_block_scaled_mm_triton_variants(case, scheme):
+    """Both accumulation schemes (separate partial tile, or one accumulator rescaled between scale blocks), with
+    operands loaded by pointers or by tensor descriptors, and K tiles narrower than the scale block (tiles share
+    one scale), give the float64 result."""
     from lowbit.kernels.gemm_triton import block_scaled_mm_triton
 
     M, N, K, block_k, a_rows, b_rows, *_ = case
     a_q, a_scale, b_q, b_scale = make_block_case(*case, seed=5)
     config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(32, block_k), GROUP_M=1, num_warps=4, num_stages=1,
-                  RESCALE=rescale)
+                  RESCALE=scheme.startswith("rescale"), TMA=scheme.endswith("tma"))
     out = block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows, b_rows=b_rows,
                                  out_dtype=torch.float32, config=config)
     expected = float64_block_product(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows)
