@@ -93,7 +93,23 @@ def check_kernels_once(hw: bool) -> int:
                 mismatches += not same
                 if not same:
                     print("MISMATCH blocks", shape, dtype, q, "cast rounds" if hw else "")
+                    describe_mismatch(x, got, want, "x")
+                    describe_mismatch(x.t(), got_t, want_t, "x^T")
     return mismatches
+
+
+def describe_mismatch(x, got, want, what):
+    """Where a kernel's output differs from the reference: scales, then elements (a few, with their inputs)."""
+    bad_scale = (got.scale != want.scale).nonzero()
+    print(f"  {what}: {len(bad_scale)} of {got.scale.numel()} scales differ", end="")
+    for i in bad_scale[:3].tolist():
+        print(f"; scale{i} {got.scale[tuple(i)].item()!r} vs {want.scale[tuple(i)].item()!r}", end="")
+    bad = (got.data.view(torch.uint8) != want.data.view(torch.uint8)).nonzero()
+    print(f"; {len(bad)} of {got.data.numel()} elements differ")
+    for i in bad[:4].tolist():
+        i = tuple(i)
+        print(f"    {what}{list(i)} = {x[i].item()!r}: kernel {got.data[i].float().item()!r}, "
+              f"reference {want.data[i].float().item()!r}")
 
 
 def bandwidth(results):

@@ -79,7 +79,15 @@ def quantize_pair(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer,
     xq = quantize_reference(x, quantizer, what=what)
     if shares_scale(quantizer, quantizer_t):     # x^T's quantization is the transpose of x's, bit for bit
         return xq, QTensor(xq.data.t(), xq.scale, quantizer_t)
-    return xq, quantize_reference(x.t(), quantizer_t, what=what + "^T")
+    if transposes_blocks(quantizer, quantizer_t):
+        # b x b blocks: x^T's block (j, i) is x's block (i, j) transposed, same amax, same scale, same values; a
+        # contiguous copy, since the block GEMM reads its operands along K
+        quantizer_t.check_columns(x.shape[0], what + "^T")
+        return xq, QTensor(xq.data.t().contiguous(), xq.scale.t().contiguous(), quantizer_t)
+    xtq = quantize_reference(x.t(), quantizer_t, what=what + "^T")
+    if quantizer_t.blocked:     # the block GEMM reads along K: x^T row-major (TMA tiles), not x's transposed view
+        xtq = QTensor(xtq.data.contiguous(), xtq.scale, quantizer_t)
+    return xq, xtq
 
 
 def shares_scale(quantizer: Quantizer, quantizer_t: Quantizer) -> bool:
@@ -87,3 +95,13 @@ def shares_scale(quantizer: Quantizer, quantizer_t: Quantizer) -> bool:
     operand needs no second amax reduction or rounding pass (what torch.compile would otherwise run twice)."""
     return (quantizer.tensorwise and quantizer_t.tensorwise and quantizer.fmt == quantizer_t.fmt
             and quantizer.scale_rule == quantizer_t.scale_rule and quantizer.amax_group is quantizer_t.amax_group)
+
+
+def transposes_blocks(quantizer: Quantizer, quantizer_t: Quantizer) -> bool:
+    """b x b blocks (fp8_blockwise's 128 x 128 weight blocks) of the same format and absmax/pow2 rule on both sides
+    of a pair: x^T's quantization is x's transposed, so the PyTorch path (under torch.compile: Inductor) need not
+    reduce and round x a second time."""
+    b = quantizer.block_cols
+    return (quantizer.blocked and b > 1 and quantizer.block_rows == b and quantizer_t.block_rows == b
+            and quantizer_t.block_cols == b and quantizer.fmt == quantizer_t.fmt
+            and quantizer.scale_rule == quantizer_t.scale_rule and quantizer.scale_rule in ("absmax", "pow2"))

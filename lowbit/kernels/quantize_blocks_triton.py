@@ -83,7 +83,8 @@ if AVAILABLE:
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                                 BR: tl.constexpr, BC: tl.constexpr, BR_T: tl.constexpr, BC_T: tl.constexpr,
                                 TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
-                                MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr):
+                                MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr,
+                                SAME_T: tl.constexpr):
         # q blocks: BR rows x BC cols of x; q^T blocks (BR_T x BC_T in x^T) cover BC_T rows x BR_T cols of x
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -111,23 +112,38 @@ if AVAILABLE:
             t_rows = pid_c * (BLOCK_C // BR_T) + tl.arange(0, BLOCK_C // BR_T)     # block index along C
             t_mask = (t_rows[None, :] < tl.cdiv(C, BR_T)) & (t_cols[:, None] < R // BC_T)
             tl.store(scale_t_ptr + t_rows[None, :] * (R // BC_T) + t_cols[:, None], scale_t, mask=t_mask)
-            inv_t_full = _block_expand(inv_t, BLOCK_R, BLOCK_C, BC_T, BR_T)
-            qt = _to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS, HW)
-            tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
+            if SAME_T:
+                # x^T's blocks are x's blocks transposed, so x^T_q is x_q transposed. Storing the tile x_q again at
+                # transposed addresses stores one SSA value twice in two layouts, which Triton 3.6 miscompiles on
+                # an H200 (~37% of x^T_q wrong, bit-exact under the interpreter; a barrier or a tl.trans store does
+                # not help): read x_q back (an L2 hit) after a barrier instead. bench/quantize.py, 2026-12-01.
+                tl.debug_barrier()
+                qt = tl.load(q_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0, volatile=True)
+                tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt, mask=mask)
+            else:
+                inv_t_full = _block_expand(inv_t, BLOCK_R, BLOCK_C, BC_T, BR_T)
+                qt = _to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS, HW)
+                tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
 
 
 def supports(quantizer: Quantizer, quantizer_t: Quantizer | None) -> bool:
-    """Block quantizers this kernel handles: 1 x b blocks (both outputs), same format and rule, b a power of two.
+    """Block quantizers this kernel handles, same format and rule on both sides, block sides powers of two:
+    1 x b blocks (both outputs), and b x b blocks whose x^T blocks are b x b too (fp8_blockwise's 128 x 128 weights).
 
-    2-D weight blocks (128 x 128, fp8_blockwise) are bit-exact under TRITON_INTERPRET=1 but did NOT match the
-    reference on an H100 (Triton 3.6, 2026-11-23), so they take the PyTorch path until that is understood.
+    b x b weight blocks were bit-exact under TRITON_INTERPRET=1 but not on GPUs (H100 2026-11-23, H200 2026-12-01)
+    until x^T_q was read back from x_q (the kernel's SAME_T path); other 2-D blocks take the PyTorch path.
     """
     def ok(q):
-        return q.blocked and q.block_rows == 1 and q.block_cols & (q.block_cols - 1) == 0
+        if not q.blocked or q.block_cols & (q.block_cols - 1):
+            return False
+        return q.block_rows == 1 or q.block_rows == q.block_cols
     if not AVAILABLE or not ok(quantizer):
         return False
-    return quantizer_t is None or (ok(quantizer_t) and quantizer_t.fmt is quantizer.fmt
-                                   and quantizer_t.scale_rule == quantizer.scale_rule)
+    if quantizer_t is None:
+        return True
+    return (ok(quantizer_t) and quantizer_t.fmt is quantizer.fmt and quantizer_t.scale_rule == quantizer.scale_rule
+            and (quantizer_t.block_rows == 1) == (quantizer.block_rows == 1)
+            and (quantizer.block_rows == 1 or quantizer_t.block_cols == quantizer.block_cols))
 
 
 def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
@@ -165,7 +181,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
                                   BLOCK_R=block_r, BLOCK_C=block_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
                                   TRANSPOSE=transpose, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
                                   MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
-                                  HW=hardware_cast(fmt, x.device),
+                                  HW=hardware_cast(fmt, x.device), SAME_T=transpose and br == bc == br_t == bc_t,
                                   num_warps=8 if block_r * block_c >= 128 * 128 else 4)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer)

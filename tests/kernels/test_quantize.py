@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -91,7 +93,7 @@ def test_triton_quantize_equals_reference_on_gpu():
 
 def check_block_kernel_equals_reference(device: str = "cpu") -> None:
     from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton, supports
-    from lowbit.precision.formats import E2M1, E4M3
+    from lowbit.precision.formats import E2M1, E4M3, E5M2
     from lowbit.precision.scaling import Quantizer, quantize_reference
 
     generator = torch.Generator().manual_seed(0)
@@ -103,6 +105,9 @@ def check_block_kernel_equals_reference(device: str = "cpu") -> None:
         (70, 64, Quantizer(E4M3, 32, 32), None),                                   # ragged last row block
         (128, 256, Quantizer(E4M3, 128, 128), Quantizer(E4M3, 128, 128)),          # DeepSeek-V3 weight blocks
         (128, 384, Quantizer(E4M3, 1, 128), Quantizer(E4M3, 1, 128)),              # DeepSeek-V3 activation tiles
+        (256, 256, Quantizer(E4M3, 1, 128), Quantizer(E4M3, 1, 128)),              # 2 x 2 programs
+        (200, 128, Quantizer(E4M3, 128, 128), None),                               # ragged last weight block
+        (256, 128, Quantizer(E5M2, 1, 64), Quantizer(E5M2, 1, 64)),                # 1 x 64 tiles, E5M2
         (17, 48, Quantizer(E2M1, 1, 16, "nvfp4"), None),
     ]
     checked = 0
@@ -131,7 +136,37 @@ def check_block_kernel_equals_reference(device: str = "cpu") -> None:
 
 @pytest.mark.slow
 def test_triton_block_quantize_equals_reference_bitwise_under_interpreter():
-    run_under_interpreter("check_block_kernel_equals_reference", "OK blocks 16")
+    run_under_interpreter("check_block_kernel_equals_reference", "OK blocks 22")
+
+
+def test_square_block_pair_is_one_quantization_transposed():
+    """The PyTorch path of a b x b block pair (fp8_blockwise's weights) quantizes x once and transposes data and
+    scales (lowbit.kernels.quantize.transposes_blocks): bit for bit what quantizing x^T on its own gives, eager and
+    under torch.compile; a ragged x^T still raises the reference's error; 1 x b tiles still quantize x^T on their own."""
+    from lowbit.kernels.quantize import quantize_pair, transposes_blocks
+    from lowbit.precision.formats import E4M3, E5M2
+    from lowbit.precision.scaling import Quantizer, quantize_reference
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 96, generator=generator) * torch.exp2(torch.randint(-9, 9, (64, 96), generator=generator).float())
+    x[:32, :32] = 0.0                                  # an all-zero block
+    x[40, :7] = tiny_normals(7, generator)
+    cases = [(Quantizer(E4M3, 32, 32), True), (Quantizer(E5M2, 32, 32, "pow2"), True), (Quantizer(E4M3, 1, 32), False),
+             (Quantizer(E4M3, 16, 16), True)]
+    compiled = torch.compile(lambda t, q: [(a.data, a.scale) for a in quantize_pair(t, q, q)], backend="aot_eager")
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        for q, square in cases:
+            assert transposes_blocks(q, q) == square, q
+            want = [quantize_reference(xd, q), quantize_reference(xd.t(), q)]
+            for got in (quantize_pair(xd, q, q), [SimpleNamespace(data=d, scale=s) for d, s in compiled(xd, q)]):
+                for a, b in zip(got, want):
+                    assert torch.equal(a.data.contiguous().view(torch.uint8), b.data.contiguous().view(torch.uint8)), q
+                    assert torch.equal(a.scale, b.scale), (q, dtype)
+            assert quantize_pair(xd, q, q)[1].data.is_contiguous()       # K-contiguous for the block GEMM
+    assert not transposes_blocks(Quantizer(E4M3, 32, 32), Quantizer(E5M2, 32, 32))
+    with pytest.raises(ValueError, match="128"):
+        quantize_pair(torch.randn(200, 128), Quantizer(E4M3, 128, 128), Quantizer(E4M3, 128, 128))
 
 
 def test_tensorwise_pair_shares_one_scale_and_equals_two_quantizations():
