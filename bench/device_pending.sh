@@ -14,6 +14,9 @@
 #   bench/device_pending.sh backends  the same with the defaults only, and SDPA timed on each of its backends
 #   bench/device_pending.sh layer     one llama_1b decoder layer compiled: bf16, lowbit's fp8/fp4 and torchao's float8
 #                                     (carry torchao's wheel in .whl) at 8k and 32k tokens per call (issue 3)
+#   bench/device_pending.sh blocks    fp8_blockwise's kernels: GPU tests of the quantize and GEMM kernels, every quantize
+#                                     kernel bit for bit against the reference (bench/quantize.py), and the block-scaled
+#                                     GEMM over loads and tiles (bench/block_gemm.py)
 set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -56,7 +59,13 @@ case "${1:-}" in
       torchao_tensorwise fp4_vectorwise 2>&1 | tee "$OUT/decoder_layer_8k.log"
     python3 bench/decoder_layer.py --tokens 32768 --recipes bf16 fp8_rowwise torchao_rowwise 2>&1 \
       | tee "$OUT/decoder_layer_32k.log" ;;
+  blocks)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/kernels/test_gemm.py 2>&1 \
+      | tail -3 | tee "$OUT/blocks_gpu_tests.log"
+    python3 bench/quantize.py --skip sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 | tee "$OUT/quantize_tiles.log"
+    python3 bench/block_gemm.py --shapes 8192x4096x4096 8192x4096x14336 --json "$OUT/block_gemm.json" 2>&1 \
+      | tee "$OUT/block_gemm.log" ;;
   *)
-    echo "usage: bench/device_pending.sh check|e2e|memory|memory_compiled|occ|occ_e2e|attention|backends|layer" >&2
+    echo "usage: bench/device_pending.sh check|e2e|memory|memory_compiled|occ|occ_e2e|attention|backends|layer|blocks" >&2
     exit 2 ;;
 esac
