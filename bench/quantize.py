@@ -113,6 +113,7 @@ def describe_mismatch(x, got, want, what):
 
 
 def bandwidth(results):
+    from lowbit.kernels import quantize_blocks_triton as blocks
     rows = []
     for shape in [(8192, 4096), (8192, 14336)]:
         xs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -138,10 +139,19 @@ def bandwidth(results):
             ("mxfp4 pair", Quantizer(E2M1, 1, 32, "pow2"), Quantizer(E2M1, 1, 32, "pow2"), 4 * n),
         ]:
             kernel = quantize_blocks_triton if q.blocked else quantize_pair_triton
-            # float8 formats: rounding by lowbit's integer steps, then by the float8 cast itself (the default)
-            for hw in ((False, True) if q.fmt.name in ("e4m3", "e5m2") else (True,)):
+            # float8 formats: rounding by lowbit's integer steps, then by the float8 cast itself (the default);
+            # 1 x b block pairs: one launch for both sides, then one launch per side (SPLIT_PAIRS, the default)
+            variants = [(hw, None) for hw in ((False, True) if q.fmt.name in ("e4m3", "e5m2") else (True,))]
+            if q.blocked and q.block_rows == 1 and q.block_cols >= 32:
+                variants = [(True, False), (True, True)]
+            for hw, split in variants:
                 quantize_triton.HARDWARE_CAST = hw
-                name = label + (" (cast rounds)" if hw and q.fmt.name != "e2m1" else "")
+                if split is not None:
+                    blocks.SPLIT_PAIRS = split
+                    # x read once per launch (+ NVFP4's tensor-amax read), x_q and x^T_q written once
+                    bytes_moved = (4 + 2 * split + 2 * (q.scale_rule == "nvfp4")) * n
+                name = label + (" (cast rounds)" if hw and q.fmt.name != "e2m1" and split is None else "") + \
+                    ("" if split is None else " split, one launch per side" if split else " one launch")
                 eager_ms = bench_ms(lambda: kernel(rotate(), q, qt))
                 ms = graph_ms(lambda: kernel(xs[0], q, qt))
                 gbs = bytes_moved / ms / 1e6
@@ -150,6 +160,7 @@ def bandwidth(results):
                 print(f"{str(shape):>14} {name:<48} graph {ms:6.3f} ms (eager {eager_ms:6.3f}) {gbs:6.0f} GB/s  "
                       f"copy {copy_gbs:5.0f} GB/s  ratio {gbs / copy_gbs:4.2f}", flush=True)
             quantize_triton.HARDWARE_CAST = True
+            blocks.SPLIT_PAIRS = True
     results["bandwidth"] = rows
 
 

@@ -139,6 +139,18 @@ def test_triton_block_quantize_equals_reference_bitwise_under_interpreter():
     run_under_interpreter("check_block_kernel_equals_reference", "OK blocks 22")
 
 
+def check_block_kernel_in_one_launch() -> None:
+    """The same cases with 1 x b pairs in one launch for both sides (quantize_blocks_triton.SPLIT_PAIRS off)."""
+    from lowbit.kernels import quantize_blocks_triton
+    quantize_blocks_triton.SPLIT_PAIRS = False
+    check_block_kernel_equals_reference()
+
+
+@pytest.mark.slow
+def test_triton_block_quantize_in_one_launch_equals_reference_under_interpreter():
+    run_under_interpreter("check_block_kernel_in_one_launch", "OK blocks 22")
+
+
 def test_square_block_pair_is_one_quantization_transposed():
     """The PyTorch path of a b x b block pair (fp8_blockwise's weights) quantizes x once and transposes data and
     scales (lowbit.kernels.quantize.transposes_blocks): bit for bit what quantizing x^T on its own gives, eager and
