@@ -62,7 +62,22 @@ def resolve_resume(cfg: LowbitConfig, checkpointer: Checkpointer) -> Path | None
     return path
 
 
-def compile_layers(model: torch.nn.Module) -> None:
+BLOCK_RECIPES = ("fp8_blockwise", "nvfp4", "mxfp4")
+
+
+def compile_backend(recipe: str, device: torch.device) -> str:
+    """Inductor, except for the block recipes on a CPU: Inductor's C++ code generator (torch 2.13) fails an assertion
+    in its loop split on their fused quantization (x's blocks along rows next to x^T's down columns); those layers
+    are traced without code generation (aot_eager: the same graph and numerics, eager kernels), logged once."""
+    if device.type == "cpu" and recipe in BLOCK_RECIPES:
+        log.warning("model.compile=true with precision=%s on a CPU: compiling with backend=aot_eager (Inductor's CPU "
+                    "code generator fails on the block recipes' fused quantization in torch %s); on a GPU Inductor "
+                    "compiles them", recipe, torch.__version__)
+        return "aot_eager"
+    return "inductor"
+
+
+def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> None:
     """torch.compile each decoder layer (torchtitan's choice: one graph per repeated block compiles once).
     dynamic=False: a new batch shape (the last, shorter validation batch) compiles its own graph rather than making
     sizes symbolic; an OCC layer failed to compile right after such a batch on the H200 (torch 2.11, 2026-12-01),
@@ -71,7 +86,7 @@ def compile_layers(model: torch.nn.Module) -> None:
     if layers is None:
         raise ValueError("model.compile=true needs an HF decoder with model.model.layers; set model.compile=false")
     for layer in layers:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, backend=backend)
 
 
 def run(cfg: DictConfig) -> TrainState:
@@ -101,8 +116,9 @@ def run(cfg: DictConfig) -> TrainState:
         precision.note_padding(cfg.trainer.micro_batch_size * cfg.data.seq_len // cfg.parallel.ulysses, cfg.precision)
     model.to(world.device)
     if cfg.model.compile:
+        backend = compile_backend(cfg.precision.recipe, world.device)
         for compiled in (model, *objective.frozen_models()):
-            compile_layers(compiled)
+            compile_layers(compiled, backend)
     model = parallel.apply(model, world, cfg.parallel)                             # 5
     if cfg.memory.checkpointing != "none" and not objective.supports_activation_checkpointing:
         raise ValueError(f"objective.name={cfg.objective.name} does not support memory.checkpointing="

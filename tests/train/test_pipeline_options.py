@@ -48,3 +48,15 @@ def test_a_combination_that_cannot_work_is_refused_before_training(tiny_override
         train_two_steps(tiny_overrides + ["objective=seer_gate", "objective.seer.block_size=16",
                                           "memory=checkpointing"], tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_on_cpu_and_block_recipes_fall_back_to_aot_eager(tiny_overrides, tmp_path, capsys):
+    """model.compile=true on a CPU: Inductor compiles the decoder layers (fp8_rowwise); the block recipes, whose fused
+    quantization Inductor's C++ code generator fails on (torch 2.13), are traced with aot_eager and say so once."""
+    compiled = train_two_steps(tiny_overrides + ["model.compile=true", "precision=fp8_blockwise",
+                                                 "precision.block_size=32"], tmp_path / "blockwise")
+    assert capsys.readouterr().err.count("backend=aot_eager") == 1       # the trainer's log goes to stderr
+    eager = train_two_steps(tiny_overrides + ["precision=fp8_blockwise", "precision.block_size=32"], tmp_path / "eager")
+    assert compiled == pytest.approx(eager, rel=1e-4)       # the same graph, run by eager kernels
+    train_two_steps(tiny_overrides + ["model.compile=true", "precision=fp8_rowwise"], tmp_path / "rowwise")
