@@ -187,7 +187,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
     # (x side, x^T side, tile) per launch: one launch for both sides, or, for split 1 x b pairs, x's blocks along
     # its rows and then x^T's blocks down its columns, each with a tile that holds whole blocks of one side only
     if SPLIT_PAIRS and transpose and br == 1 and br_t == 1 and bc >= 32:
-        launches = [(True, False, (max(64 if bc <= 32 else 16, 1), max(64 if bc <= 32 else 128, bc))),
+        launches = [(True, False, (64 if bc <= 32 else 16, max(64 if bc <= 32 else 128, bc))),     # x's tile alone
                     (False, True, (max(64, bc_t), 64))]
     else:
         launches = [(True, transpose, (block_r, block_c))]
