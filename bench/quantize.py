@@ -148,8 +148,7 @@ def bandwidth(results):
                 quantize_triton.HARDWARE_CAST = hw
                 if split is not None:
                     blocks.SPLIT_PAIRS = split
-                    # x read once per launch (+ NVFP4's tensor-amax read), x_q and x^T_q written once
-                    bytes_moved = (4 + 2 * split + 2 * (q.scale_rule == "nvfp4")) * n
+                    bytes_moved = (6 if split else 4) * n       # x read once per launch, x_q and x^T_q written once
                 name = label + (" (cast rounds)" if hw and q.fmt.name != "e2m1" and split is None else "") + \
                     ("" if split is None else " split, one launch per side" if split else " one launch")
                 eager_ms = bench_ms(lambda: kernel(rotate(), q, qt))

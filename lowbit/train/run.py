@@ -62,14 +62,14 @@ def resolve_resume(cfg: LowbitConfig, checkpointer: Checkpointer) -> Path | None
     return path
 
 
-BLOCK_RECIPES = ("fp8_blockwise", "nvfp4", "mxfp4")
-
-
-def compile_backend(recipe: str, device: torch.device) -> str:
-    """Inductor, except for the block recipes on a CPU: Inductor's C++ code generator (torch 2.13) fails an assertion
-    in its loop split on their fused quantization (x's blocks along rows next to x^T's down columns); those layers
-    are traced without code generation (aot_eager: the same graph and numerics, eager kernels), logged once."""
-    if device.type == "cpu" and recipe in BLOCK_RECIPES:
+def compile_backend(precision_cfg, device: torch.device) -> str:
+    """Inductor, except for block-scaled recipes (fp8_blockwise, nvfp4, mxfp4) on a CPU: Inductor's C++ code generator
+    (torch 2.13) fails an assertion in its loop split on their fused quantization (x's blocks along rows next to x^T's
+    down columns); those layers are traced without code generation (aot_eager: the same graph and numerics, eager
+    kernels), logged once."""
+    from lowbit.precision.recipes import build_recipe
+    recipe = precision_cfg.recipe
+    if device.type == "cpu" and recipe != "bf16" and build_recipe(precision_cfg).x.blocked:
         log.warning("model.compile=true with precision=%s on a CPU: compiling with backend=aot_eager (Inductor's CPU "
                     "code generator fails on the block recipes' fused quantization in torch %s); on a GPU Inductor "
                     "compiles them", recipe, torch.__version__)
@@ -116,7 +116,7 @@ def run(cfg: DictConfig) -> TrainState:
         precision.note_padding(cfg.trainer.micro_batch_size * cfg.data.seq_len // cfg.parallel.ulysses, cfg.precision)
     model.to(world.device)
     if cfg.model.compile:
-        backend = compile_backend(cfg.precision.recipe, world.device)
+        backend = compile_backend(cfg.precision, world.device)
         for compiled in (model, *objective.frozen_models()):
             compile_layers(compiled, backend)
     model = parallel.apply(model, world, cfg.parallel)                             # 5
