@@ -14,7 +14,8 @@ from pathlib import Path
 RUNS = {"bf16": "bf16", "fp8_rowwise": "fp8 rowwise", "fp4_dge_occ": "fp4 vectorwise + DGE + OCC",
         "fp4_plain": "fp4 vectorwise, no DGE/OCC", "fp4_dge": "fp4 vectorwise + DGE",
         "fp4_occ_token": "fp4 vectorwise + DGE + OCC (per-token quantile)", "bf16_lr1e3": "bf16, lr 1e-3",
-        "bf16_lr4e3": "bf16, lr 4e-3"}
+        "bf16_lr4e3": "bf16, lr 4e-3", "fp8_tensorwise": "fp8 tensorwise",
+        "bf16_repeat": "bf16, an earlier run of the same settings"}
 BARS = {"fp8_rowwise": 0.01, "fp4_dge_occ": 0.03}
 
 
