@@ -14,6 +14,7 @@
 #   bench/device_pending.sh backends  the same with the defaults only, and SDPA timed on each of its backends
 #   bench/device_pending.sh layer     one llama_1b decoder layer compiled: bf16, lowbit's fp8/fp4 and torchao's float8
 #                                     (carry torchao's wheel in .whl) at 8k and 32k tokens per call (issue 3)
+#   bench/device_pending.sh e2e_micro bf16 against `+exp=fp8_llama` (tensorwise) end to end at micro-batches 2, 4, 8
 #   bench/device_pending.sh blocks    fp8_blockwise's kernels: GPU tests of the quantize and GEMM kernels, every quantize
 #                                     kernel bit for bit against the reference (bench/quantize.py), and the block-scaled
 #                                     GEMM over loads and tiles (bench/block_gemm.py)
@@ -43,6 +44,15 @@ case "${1:-}" in
   occ)
     python3 -m pytest -q tests/kernels/test_segment_matmul.py tests/precision/test_linear.py 2>&1 | tail -3 | tee "$OUT/occ_gpu_tests.log"
     python3 bench/occ.py --shapes 4096,4096 4096,14336 --compile 2>&1 | tee "$OUT/occ.log" ;;
+  e2e_micro)
+    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
+    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
+    variants=()
+    for mb in 2 4 8; do
+      variants+=(--variant "bf16_mb$mb=+exp=bf16_llama trainer.micro_batch_size=$mb $data"
+                 --variant "fp8_mb$mb=+exp=fp8_llama trainer.micro_batch_size=$mb $data")
+    done
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 110 "${variants[@]}" 2>&1 | tee "$OUT/e2e_micro.log" ;;
   occ_e2e)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
@@ -66,6 +76,6 @@ case "${1:-}" in
     python3 bench/block_gemm.py --shapes 8192x4096x4096 8192x4096x14336 --json "$OUT/block_gemm.json" 2>&1 \
       | tee "$OUT/block_gemm.log" ;;
   *)
-    echo "usage: bench/device_pending.sh check|e2e|memory|memory_compiled|occ|occ_e2e|attention|backends|layer|blocks" >&2
+    echo "usage: bench/device_pending.sh check|e2e|e2e_micro|memory|memory_compiled|occ|occ_e2e|attention|backends|layer|blocks" >&2
     exit 2 ;;
 esac
