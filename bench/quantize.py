@@ -31,7 +31,7 @@ from lowbit.precision.scaling import Quantizer, quantize_reference  # noqa: E402
 
 BASE = dict(grad_format="e4m3", dge=False, dge_k=5.0, dge_clip=3.0, occ=False, occ_quantile=0.99, occ_product="dense",
             occ_scope="tensor", stochastic_rounding=False, hadamard=False, hadamard_size=16, asymmetric=False,
-            block_size=128)
+            block_size=128, high_precision=[])
 RECIPES = {"fp8_tensorwise": {}, "fp8_rowwise": {}, "fp8_rowwise_e5m2": {"grad_format": "e5m2"},
            "fp8_blockwise": {}, "fp4_vectorwise": {}, "fp4_vectorwise_dge_occ": {"dge": True, "occ": True},
            "nvfp4": {}, "mxfp4": {}}

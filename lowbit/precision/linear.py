@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 from lowbit.kernels.quantize import quantize, quantize_pair
 from lowbit.precision.gemm import quantized_matmul
 from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix, residual_from
-from lowbit.precision.recipes import Recipe
+from lowbit.precision.recipes import GEMMS, Recipe
 from lowbit.precision.sharded import shard_recipe, tensor_parallel_layout
 from lowbit.precision.scaling import QTensor, expand_scale
 
@@ -72,8 +72,22 @@ def weight_parts(weight: torch.Tensor, asymmetric: bool) -> list[torch.Tensor]:
     return [weight.clamp(min=0), weight.clamp(max=0)] if asymmetric else [weight]
 
 
+def _quantize_operand(t: torch.Tensor, quantizer, quantizer_t, what: str, direct: bool, transposed: bool,
+                      transform: torch.Tensor | None = None) -> tuple[QTensor | None, QTensor | None]:
+    """t [R, C] quantized along C and t^T along R (after the Hadamard `transform`, if any), each only where its GEMM is
+    quantized (precision.high_precision); one fused pass when both are wanted."""
+    if direct and transposed and transform is None:
+        return quantize_pair(t, quantizer, quantizer_t, what)
+    tq = quantize(t, quantizer, what=what) if direct else None
+    if not transposed:
+        return tq, None
+    tt = t.t() if transform is None else hadamard_last_axis(t.t(), transform)
+    return tq, quantize(tt.contiguous(), quantizer_t, what=what + "^T")
+
+
 class QuantLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with all three GEMMs quantized per `recipe`. x [..., K], W [N, K], b [N] -> y [..., N]."""
+    """y = x W^T + b with the three GEMMs quantized per `recipe` (those in recipe.high_precision run unquantized in
+    the compute dtype, as nn.Linear runs them). x [..., K], W [N, K], b [N] -> y [..., N]."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe: Recipe, hadamard_signs, clamped=None, *outliers):
@@ -81,65 +95,82 @@ class QuantLinearFunction(torch.autograd.Function):
         DenseResidual.tensors()), computed by quant_linear outside this function."""
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        quantized = {gemm: gemm not in recipe.high_precision for gemm in GEMMS}
         with torch.autocast(device, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]) if clamped is None else clamped
             tokens = x2.shape[0]
             x2 = pad_rows(x2, recipe.token_multiple)
             residual = residual_from(outliers) if clamped is not None else None
             transform = hadamard_matrix(recipe.hadamard, hadamard_signs) if recipe.hadamard else None
-            if transform is None:
-                xq, xtq = quantize_pair(x2, recipe.x, recipe.x_t, "activation")
+            xq, xtq = _quantize_operand(x2, recipe.x, recipe.x_t, "activation", quantized["forward"],
+                                        quantized["wgrad"], transform)
+            pairs = [_quantize_operand(part, recipe.w, recipe.w_t, "weight", quantized["forward"], quantized["dgrad"])
+                     for part in weight_parts(weight, recipe.asymmetric)]
+            if quantized["forward"]:
+                y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype)[:tokens]
             else:
-                xq = quantize(x2, recipe.x, what="activation")
-                xtq = quantize(hadamard_last_axis(x2.t(), transform), recipe.x_t, what="activation^T")
-            pairs = [quantize_pair(part, recipe.w, recipe.w_t, "weight") for part in weight_parts(weight, recipe.asymmetric)]
-            y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype)[:tokens]
+                y = x2[:tokens].to(out_dtype) @ weight.to(out_dtype).t()
             if residual is not None:        # Compensation: y + (x - clamp(x)) W_hat^T, in high precision
                 w_hat = sum(wq.dequantize() for wq, _ in pairs)
                 y = residual.matmul_add(y, w_hat.t())    # one rounding to y's dtype
             if bias is not None:
                 y = y + bias.to(out_dtype)
             if NAN_PROBE:
-                probe("forward", tuple(weight.shape), x=x2, x_scale=xq.scale, xt_scale=xtq.scale,
-                      w_scale=pairs[0][0].scale, y=y)
+                probe("forward", tuple(weight.shape), x=x2, x_scale=None if xq is None else xq.scale,
+                      xt_scale=None if xtq is None else xtq.scale,
+                      w_scale=None if pairs[0][0] is None else pairs[0][0].scale, y=y)
         ctx.recipe, ctx.tokens, ctx.x_shape, ctx.x_dtype = recipe, tokens, x.shape, x.dtype
         ctx.has_bias, ctx.compute_dtype, ctx.parts = bias is not None, out_dtype, len(pairs)
-        weight_scales = [wq.scale for wq, _ in pairs]
-        saved = [weight, xtq.data, xtq.scale, *[t for _, wtq in pairs for t in (wtq.data, wtq.scale)], *weight_scales]
+        weight_scales = [wq.scale for wq, _ in pairs] if quantized["forward"] else []
+        # wgrad's x: quantized x^T, or x itself in the compute dtype; dgrad's W: quantized W^T parts, or W itself
+        x_saved = [xtq.data, xtq.scale] if quantized["wgrad"] else [x2.to(out_dtype), None]
+        wt_saved = [t for _, wtq in pairs for t in (wtq.data, wtq.scale)] if quantized["dgrad"] else []
         ctx.occ_inputs = 0 if clamped is None else 1 + len(outliers)
-        ctx.residual_tensors = len(outliers)
+        ctx.residual_tensors, ctx.weight_scales, ctx.wt_saved = len(outliers), len(weight_scales), len(wt_saved)
         ctx.has_transform = transform is not None
-        ctx.save_for_backward(*saved, *outliers, transform if transform is not None else None)
+        ctx.save_for_backward(weight, *x_saved, *wt_saved, *weight_scales, *outliers,
+                              transform if transform is not None else None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         recipe: Recipe = ctx.recipe
-        weight, xt_data, xt_scale, *rest = ctx.saved_tensors
-        parts = ctx.parts
-        wt_saved, weight_scales, outliers, transform = (rest[:2 * parts], rest[2 * parts:3 * parts],
-                                                        rest[3 * parts:3 * parts + ctx.residual_tensors], rest[-1])
+        quantized = {gemm: gemm not in recipe.high_precision for gemm in GEMMS}
+        weight, x_data, x_scale, *rest = ctx.saved_tensors
+        n_wt, n_scales = ctx.wt_saved, ctx.weight_scales
+        wt_saved, weight_scales = rest[:n_wt], rest[n_wt:n_wt + n_scales]
+        outliers, transform = rest[n_wt + n_scales:n_wt + n_scales + ctx.residual_tensors], rest[-1]
         residual = residual_from(outliers) if ctx.occ_inputs else None
-        xtq = QTensor(xt_data, xt_scale, recipe.x_t)
-        wtqs = [QTensor(wt_saved[2 * i], wt_saved[2 * i + 1], recipe.w_t) for i in range(parts)]
+        cd = ctx.compute_dtype
         dx = dw = db = None
+        want_dx, want_dw = ctx.needs_input_grad[:2]
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple)
-            noise = torch.rand(dy2.shape, device=dy2.device) if recipe.stochastic_rounding else None
+            quantize_dy, quantize_dyt = want_dx and quantized["dgrad"], want_dw and quantized["wgrad"]
+            noise = (torch.rand(dy2.shape, device=dy2.device)
+                     if recipe.stochastic_rounding and (quantize_dy or quantize_dyt) else None)
             dyq = dytq = None
-            if noise is None and transform is None and all(ctx.needs_input_grad[:2]):
+            if noise is None and transform is None and quantize_dy and quantize_dyt:
                 dyq, dytq = quantize_pair(dy2, recipe.dy, recipe.dy_t, "output gradient")   # one fused pass
-            if ctx.needs_input_grad[0]:
+            if want_dx and quantized["dgrad"]:
+                wtqs = [QTensor(wt_saved[2 * i], wt_saved[2 * i + 1], recipe.w_t) for i in range(ctx.parts)]
                 dyq = dyq if dyq is not None else quantize(dy2, recipe.dy, noise, what="output gradient")
-                dx = _sum_matmuls(dyq, wtqs, ctx.compute_dtype)[:ctx.tokens].to(ctx.x_dtype).reshape(ctx.x_shape)
-            if ctx.needs_input_grad[1] and dytq is None:
+                dx = _sum_matmuls(dyq, wtqs, cd)[:ctx.tokens]
+            elif want_dx:
+                dx = dy2[:ctx.tokens].to(cd) @ weight.to(cd)
+            if dx is not None:
+                dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
+            if quantize_dyt and dytq is None:
                 dyt = dy2.t()
                 if transform is not None:
                     dyt = hadamard_last_axis(dyt, transform)
                 noise_t = noise.t().contiguous() if noise is not None else None
                 dytq = quantize(dyt.contiguous(), recipe.dy_t, noise_t, what="output gradient^T")
-            if ctx.needs_input_grad[1]:
-                dw = quantized_matmul(dytq, xtq, ctx.compute_dtype).float()
+            if want_dw:
+                if quantized["wgrad"]:
+                    dw = quantized_matmul(dytq, QTensor(x_data, x_scale, recipe.x_t), cd).float()
+                else:
+                    dw = (dy2.t().to(cd) @ x_data).float()
                 if residual is not None:    # the compensation's weight gradient: dy^T (x - clamp(x))
                     dw = dw + residual.t_matmul(dy2[:ctx.tokens], weight.shape[1]).t()
                 if recipe.dge:               # arXiv 2501.17116 eq. 8: dL/dW = dL/dW_q * f'(W / scale)

@@ -15,6 +15,7 @@ from typing import Any
 from lowbit.precision.formats import E2M1, E4M3, get_format
 from lowbit.precision.scaling import Quantizer
 
+GEMMS = ("forward", "dgrad", "wgrad")      # y = x W^T, dx = dy W, dW = dy^T x
 RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "fp4_vectorwise", "nvfp4", "mxfp4")
 NVFP4_BLOCK = 16        # NVIDIA NVFP4: 16-element blocks, E4M3 block scale + FP32 tensor scale
 MXFP4_BLOCK = 32        # OCP MX v1.0: 32-element blocks, E8M0 (power-of-two) scale
@@ -40,6 +41,7 @@ class Recipe:
     stochastic_rounding: bool = False   # dy / dy^T rounded stochastically (unbiased gradients)
     hadamard: int = 0               # block size of the random Hadamard transform on wgrad inputs (0 = off)
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate scales for W's positive/negative values
+    high_precision: tuple[str, ...] = ()    # GEMMs computed unquantized in the compute dtype: forward | dgrad | wgrad
     outlier_group: Any = field(default=None, compare=False, repr=False)   # TP: x is a shard; OCC's quantile spans the group
 
 
@@ -101,11 +103,31 @@ def build_recipe(cfg) -> Recipe:
     hadamard = cfg.hadamard_size if cfg.hadamard else 0
     if hadamard and hadamard & (hadamard - 1):
         raise ValueError(f"precision.hadamard_size={hadamard} must be a power of two (16 as in NVIDIA's NVFP4 recipe)")
+    high_precision = _high_precision(cfg, hadamard)
     return Recipe(name=name, token_multiple=max(multiple, hadamard), dge=cfg.dge, dge_k=cfg.dge_k,
                   dge_clip=cfg.dge_clip, occ=cfg.occ, occ_quantile=cfg.occ_quantile, occ_product=occ_product,
                   occ_scope=occ_scope,
                   stochastic_rounding=cfg.stochastic_rounding, hadamard=hadamard, asymmetric=cfg.asymmetric,
-                  **quantizers)
+                  high_precision=high_precision, **quantizers)
+
+
+def _high_precision(cfg, hadamard: int) -> tuple[str, ...]:
+    """precision.high_precision, checked: GEMMs among forward, dgrad, wgrad, and no option that acts on one of them."""
+    gemms = tuple(dict.fromkeys(cfg.high_precision))
+    unknown = [g for g in gemms if g not in GEMMS]
+    if unknown:
+        raise ValueError(f"precision.high_precision={list(cfg.high_precision)}: {unknown} are not GEMMs of a linear "
+                         f"layer; use any of {list(GEMMS)} (e.g. [wgrad] keeps the weight gradient in high precision)")
+    conflicts = {"forward": [("occ", cfg.occ), ("dge", cfg.dge), ("asymmetric", cfg.asymmetric)],
+                 "wgrad": [("hadamard", bool(hadamard))]}
+    for gemm in gemms:
+        for option, on in conflicts.get(gemm, []):
+            if on:
+                raise ValueError(f"precision.{option}=true acts on the quantized {gemm} GEMM, which "
+                                 f"precision.high_precision={list(gemms)} leaves unquantized; drop one of the two")
+    if len(gemms) == len(GEMMS):
+        raise ValueError(f"precision.high_precision={list(gemms)} leaves no GEMM quantized; use precision=bf16")
+    return gemms
 
 
 def with_grad_format(recipe: Recipe, fmt_name: str) -> Recipe:

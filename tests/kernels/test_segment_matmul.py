@@ -136,7 +136,7 @@ def test_occ_layer_compiles_in_one_graph_and_equals_eager():
                           torch.randn(4, 5)), test_utils=("test_faketensor",))
     cfg = SimpleNamespace(recipe="fp4_vectorwise", grad_format="e4m3", dge=True, dge_k=5.0, dge_clip=3.0, occ=True,
                           occ_quantile=0.97, occ_product="sparse", occ_scope="tensor", stochastic_rounding=False,
-                          hadamard=False, hadamard_size=16, asymmetric=False, block_size=32)
+                          hadamard=False, hadamard_size=16, asymmetric=False, block_size=32, high_precision=[])
     torch.manual_seed(8)
     layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), build_recipe(cfg), name="l")
     x = torch.randn(32, 64)

@@ -15,7 +15,8 @@ from tests.precision.reference import dge_float64
 
 BASE = dict(grad_format="e4m3", dge=False, dge_k=5.0, dge_clip=3.0, occ=False, occ_quantile=0.99, occ_product="dense",
             occ_scope="tensor",
-            stochastic_rounding=False, hadamard=False, hadamard_size=16, asymmetric=False, block_size=32)
+            stochastic_rounding=False, hadamard=False, hadamard_size=16, asymmetric=False, block_size=32,
+            high_precision=[])
 
 CASES = [
     ("fp8_tensorwise", {}), ("fp8_tensorwise", {"grad_format": "e5m2"}), ("fp8_rowwise", {}),
@@ -24,6 +25,10 @@ CASES = [
     ("fp4_vectorwise", {"dge": True, "occ": True, "occ_scope": "token"}),
     ("fp4_vectorwise", {"asymmetric": True, "dge": True}),
     ("fp4_vectorwise", {"hadamard": True}), ("nvfp4", {}), ("nvfp4", {"hadamard": True}), ("mxfp4", {}),
+    # GEMMs left unquantized (precision.high_precision), the others as the recipe quantizes them
+    ("fp8_rowwise", {"high_precision": ["wgrad"]}), ("fp8_tensorwise", {"high_precision": ["forward"]}),
+    ("fp4_vectorwise", {"dge": True, "occ": True, "high_precision": ["dgrad", "wgrad"]}),
+    ("nvfp4", {"high_precision": ["dgrad"]}),
 ]
 
 
@@ -36,7 +41,9 @@ def relative_error(got, want):
 
 
 def reference_forward_backward(x, weight, bias, dy, recipe, signs):
-    """Float64 reference of QuantLinear's quantized math (quantizers shared, GEMMs in float64)."""
+    """Float64 reference of QuantLinear's quantized math (quantizers shared, GEMMs in float64; the GEMMs in
+    recipe.high_precision on the unquantized operands)."""
+    hp = recipe.high_precision
     deq = lambda t, q: quantize_reference(t, q).dequantize().double()
     x2 = x.reshape(-1, x.shape[-1])
     residual = torch.zeros_like(x2, dtype=torch.float64)
@@ -50,14 +57,23 @@ def reference_forward_backward(x, weight, bias, dy, recipe, signs):
     w_hat = sum(deq(p, recipe.w) for p in parts)
     wt_hat = sum(deq(p.t(), recipe.w_t) for p in parts)
     tokens = x.reshape(-1, x.shape[-1]).shape[0]
-    y = ((deq(x2, recipe.x) + residual) @ w_hat.t())[:tokens] + bias.double()
+    if "forward" in hp:
+        y = (x2.double() @ weight.detach().double().t())[:tokens] + bias.double()
+    else:
+        y = ((deq(x2, recipe.x) + residual) @ w_hat.t())[:tokens] + bias.double()
     dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple)
-    dx = (deq(dy2, recipe.dy) @ wt_hat.t())[:tokens]
+    if "dgrad" in hp:
+        dx = (dy2.double() @ weight.detach().double())[:tokens]
+    else:
+        dx = (deq(dy2, recipe.dy) @ wt_hat.t())[:tokens]
     xt, dyt = x2.t(), dy2.t()
     if recipe.hadamard:
         transform = hadamard_matrix(recipe.hadamard, signs)
         xt, dyt = hadamard_last_axis(xt, transform), hadamard_last_axis(dyt, transform)
-    dw = deq(dyt.contiguous(), recipe.dy_t) @ deq(xt.contiguous(), recipe.x_t).t() + dy2.double().t() @ residual
+    if "wgrad" in hp:
+        dw = dyt.double() @ xt.double().t() + dy2.double().t() @ residual
+    else:
+        dw = deq(dyt.contiguous(), recipe.dy_t) @ deq(xt.contiguous(), recipe.x_t).t() + dy2.double().t() @ residual
     if recipe.dge:
         w = weight.detach().double()
         scales = [quantize_reference(p, recipe.w).scale.double() for p in parts]
@@ -88,6 +104,23 @@ def test_forward_and_backward_equal_float64_reference(name, options):
     # the quantized layer stays close to the high-precision one (FP8 ~ few %, FP4 ~ 20 %)
     exact = linear(x.detach())
     assert (y - exact).norm() / exact.norm() < (0.06 if name.startswith("fp8") else 0.3)
+
+
+def test_high_precision_gemm_runs_in_the_autocast_dtype_and_conflicts_fail_clearly():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = QuantLinear.from_linear(linear, build_recipe(precision_cfg("fp8_rowwise", high_precision=["forward"])))
+    x = torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = layer(x), torch.nn.functional.linear(x, linear.weight, linear.bias)
+    assert y.dtype == want.dtype == torch.bfloat16
+    assert relative_error(y.float(), want.double()) < 1e-2          # nn.Linear's bf16 GEMM, up to the bias rounding
+    for options, message in [({"high_precision": ["backward"]}, r"\['backward'\] are not GEMMs"),
+                             ({"high_precision": ["forward", "dgrad", "wgrad"]}, "use precision=bf16"),
+                             ({"high_precision": ["forward"], "occ": True}, "occ=true acts on the quantized forward"),
+                             ({"high_precision": ["wgrad"], "hadamard": True}, "precision.hadamard=true acts on")]:
+        with pytest.raises(ValueError, match=message):
+            build_recipe(precision_cfg("fp4_vectorwise", **options))
 
 
 def test_gradient_format_is_used_for_gradients_only():
