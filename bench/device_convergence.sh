@@ -38,6 +38,9 @@ declare -A VARIANTS=(
   [bf16_lr4e3]="precision=bf16 optim.lr=4e-3"
   # fp8 tensorwise: 1.14x bf16 end to end on llama_1b (H200, 2026-12-01), where rowwise is 1.02x
   [fp8_tensorwise]="precision=fp8_tensorwise"
+  # tensorwise ended 2.4% below bf16 (2026-12-01, seventh session): only its forward, or only its backward, quantized
+  [fp8_tensorwise_fwd]="precision=fp8_tensorwise precision.high_precision=[dgrad,wgrad]"
+  [fp8_tensorwise_bwd]="precision=fp8_tensorwise precision.high_precision=[forward]"
 )
 NAMES=${NAMES:-bf16 fp8_rowwise fp4_dge_occ fp4_plain}   # e.g. NAMES="bf16 fp4_dge fp4_occ_token bf16_lr1e3"
 gpus=$(nvidia-smi -L | wc -l); gpu=0

@@ -15,7 +15,9 @@ RUNS = {"bf16": "bf16", "fp8_rowwise": "fp8 rowwise", "fp4_dge_occ": "fp4 vector
         "fp4_plain": "fp4 vectorwise, no DGE/OCC", "fp4_dge": "fp4 vectorwise + DGE",
         "fp4_occ_token": "fp4 vectorwise + DGE + OCC (per-token quantile)", "bf16_lr1e3": "bf16, lr 1e-3",
         "bf16_lr4e3": "bf16, lr 4e-3", "fp8_tensorwise": "fp8 tensorwise",
-        "bf16_repeat": "bf16, an earlier run of the same settings"}
+        "bf16_repeat": "bf16, an earlier run of the same settings",
+        "fp8_tensorwise_fwd": "fp8 tensorwise, forward GEMM only",
+        "fp8_tensorwise_bwd": "fp8 tensorwise, backward GEMMs only"}
 BARS = {"fp8_rowwise": 0.01, "fp4_dge_occ": 0.03}
 
 
