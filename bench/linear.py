@@ -359,9 +359,11 @@ def main() -> None:
     parser.add_argument("--parts", default="ceilings,sweep,gemm,quantize,linear")
     parser.add_argument("--compile-lowbit", default="", help="recipes,... also timed as torch.compile(QuantLinear)")
     parser.add_argument("--budget-s", type=float, default=300, help="skip remaining variants after this")
-    parser.add_argument("--out", default="bench_linear.json")
+    parser.add_argument("--out", default="bench_linear.json", help="results JSON (a directory: its linear.json)")
     parser.add_argument("--markdown-from", help="print the markdown tables of an earlier --out JSON and exit")
     args = parser.parse_args()
+    if Path(args.out).is_dir():
+        args.out = str(Path(args.out) / "linear.json")
     if args.markdown_from:
         print(markdown(json.loads(Path(args.markdown_from).read_text())))
         return

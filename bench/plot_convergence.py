@@ -45,14 +45,13 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, required=True)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--names", nargs="+", default=["bf16", "fp8_rowwise", "fp4_dge_occ", "fp4_plain"],
-                        help=f"runs to show, bf16 first (one of {', '.join(RUNS)}); NAME=FILE reads the run's metrics "
+                        help=f"runs to show, bf16 first (labelled: {', '.join(RUNS)}); NAME=FILE reads the run's metrics "
                         "from FILE under --runs instead of --runs/NAME/metrics.jsonl")
     args = parser.parse_args()
     paths = {name: args.runs / (file or name) for name, _, file in (entry.partition("=") for entry in args.names)}
-    unknown = [name for name in paths if name not in RUNS]
-    if unknown or next(iter(paths)) != "bf16":
-        parser.error(f"--names {' '.join(args.names)}: give bf16 first, then runs among {', '.join(RUNS)}")
-    runs = {name: RUNS[name] for name in paths}
+    if next(iter(paths)) != "bf16":
+        parser.error(f"--names {' '.join(args.names)}: give bf16 first (the reference), then the other runs")
+    runs = {name: RUNS.get(name, name) for name in paths}       # a run without a label here is shown by its name
     data = {name: curves(path) for name, path in paths.items()}
     bf16 = data["bf16"][0]
     base = bf16.get(args.steps)
