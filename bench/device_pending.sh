@@ -15,6 +15,8 @@
 #   bench/device_pending.sh layer     one llama_1b decoder layer compiled: bf16, lowbit's fp8/fp4 and torchao's float8
 #                                     (carry torchao's wheel in .whl) at 8k and 32k tokens per call (issue 3)
 #   bench/device_pending.sh e2e_micro bf16 against `+exp=fp8_llama` (tensorwise) end to end at micro-batches 2, 4, 8
+#   bench/device_pending.sh gw_hp     one linear, fp8 rowwise with the weight gradient in bf16 (precision.high_precision)
+#                                     against torchao's rowwise_with_gw_hp and both plain rowwise recipes (issue 3)
 #   bench/device_pending.sh blocks    fp8_blockwise's kernels: GPU tests of the quantize and GEMM kernels, every quantize
 #                                     kernel bit for bit against the reference (bench/quantize.py), and the block-scaled
 #                                     GEMM over loads and tiles (bench/block_gemm.py)
@@ -53,6 +55,10 @@ case "${1:-}" in
                  --variant "fp8_mb$mb=+exp=fp8_llama trainer.micro_batch_size=$mb $data")
     done
     python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 110 "${variants[@]}" 2>&1 | tee "$OUT/e2e_micro.log" ;;
+  gw_hp)
+    python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \
+      --recipes fp8_rowwise,fp8_rowwise+gw_hp --compile-lowbit fp8_rowwise,fp8_rowwise+gw_hp --out "$OUT" 2>&1 \
+      | tail -40 | tee "$OUT/linear_gw_hp.log" ;;
   occ_e2e)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
@@ -76,6 +82,6 @@ case "${1:-}" in
     python3 bench/block_gemm.py --shapes 8192x4096x4096 8192x4096x14336 --json "$OUT/block_gemm.json" 2>&1 \
       | tee "$OUT/block_gemm.log" ;;
   *)
-    echo "usage: bench/device_pending.sh check|e2e|e2e_micro|memory|memory_compiled|occ|occ_e2e|attention|backends|layer|blocks" >&2
+    echo "usage: bench/device_pending.sh check|e2e|e2e_micro|gw_hp|memory|memory_compiled|occ|occ_e2e|attention|backends|layer|blocks" >&2
     exit 2 ;;
 esac
