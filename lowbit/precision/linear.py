@@ -106,10 +106,12 @@ class QuantLinearFunction(torch.autograd.Function):
                                         quantized["wgrad"], transform)
             pairs = [_quantize_operand(part, recipe.w, recipe.w_t, "weight", quantized["forward"], quantized["dgrad"])
                      for part in weight_parts(weight, recipe.asymmetric)]
+            # x in the compute dtype, for an unquantized forward or wgrad GEMM (cast once for both)
+            x_plain = None if quantized["forward"] and quantized["wgrad"] else x2.to(out_dtype)
             if quantized["forward"]:
                 y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype)[:tokens]
             else:
-                y = x2[:tokens].to(out_dtype) @ weight.to(out_dtype).t()
+                y = x_plain[:tokens] @ weight.to(out_dtype).t()
             if residual is not None:        # Compensation: y + (x - clamp(x)) W_hat^T, in high precision
                 w_hat = sum(wq.dequantize() for wq, _ in pairs)
                 y = residual.matmul_add(y, w_hat.t())    # one rounding to y's dtype
@@ -123,11 +125,10 @@ class QuantLinearFunction(torch.autograd.Function):
         ctx.has_bias, ctx.compute_dtype, ctx.parts = bias is not None, out_dtype, len(pairs)
         weight_scales = [wq.scale for wq, _ in pairs] if quantized["forward"] else []
         # wgrad's x: quantized x^T, or x itself in the compute dtype; dgrad's W: quantized W^T parts, or W itself
-        x_saved = [xtq.data, xtq.scale] if quantized["wgrad"] else [x2.to(out_dtype), None]
+        x_saved = [xtq.data, xtq.scale] if quantized["wgrad"] else [x_plain, None]
         wt_saved = [t for _, wtq in pairs for t in (wtq.data, wtq.scale)] if quantized["dgrad"] else []
         ctx.occ_inputs = 0 if clamped is None else 1 + len(outliers)
         ctx.residual_tensors, ctx.weight_scales, ctx.wt_saved = len(outliers), len(weight_scales), len(wt_saved)
-        ctx.has_transform = transform is not None
         ctx.save_for_backward(weight, *x_saved, *wt_saved, *weight_scales, *outliers,
                               transform if transform is not None else None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
