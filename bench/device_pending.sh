@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU measurements, one device-tool call each (kind nvidia-h200, from the repo root with `.whl` and `.carry` carried,
-# bench/device_env.sh). Writes under $OUT. Last run 2026-11-30 evening (docs/RESULTS.md, docs/bench_h200_2026-11-30_evening/).
+# bench/device_env.sh). Writes under $OUT. Each case's last run, with its figures, is in docs/RESULTS.md.
 #   bench/device_pending.sh check     compiled vs eager fake quantization, bit for bit (issue 5)
 #   bench/device_pending.sh e2e       llama_1b end to end: bf16, fp8 and fp4 as `+exp` runs them, fp4 without OCC (issue 3)
 #   bench/device_pending.sh memory    AdamA's GPU tests, then bench/memory.py: AdamA (one-kernel and PyTorch fold) and
@@ -17,6 +17,9 @@
 #   bench/device_pending.sh e2e_micro bf16 against `+exp=fp8_llama` (tensorwise) end to end at micro-batches 2, 4, 8
 #   bench/device_pending.sh gw_hp     one linear, fp8 rowwise with the weight gradient in bf16 (precision.high_precision)
 #                                     against torchao's rowwise_with_gw_hp and both plain rowwise recipes (issue 3)
+#   bench/device_pending.sh determinism  the SmolLM2-135M architecture, fp8 tensorwise, compiled, 32 steps: twice with
+#                                     trainer.deterministic=true, twice without; are the losses bit-identical, and at
+#                                     what cost in tokens/s (GPU runs drift apart from step 2 without it)
 #   bench/device_pending.sh blocks    fp8_blockwise's kernels: GPU tests of the quantize and GEMM kernels, every quantize
 #                                     kernel bit for bit against the reference (bench/quantize.py), and the block-scaled
 #                                     GEMM over loads and tiles (bench/block_gemm.py)
@@ -83,7 +86,29 @@ case "${1:-}" in
     python3 bench/quantize.py --skip sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 | tee "$OUT/quantize_tiles.log"
     python3 bench/block_gemm.py --shapes 8192x4096x4096 8192x4096x14336 --json "$OUT/block_gemm.json" 2>&1 \
       | tee "$OUT/block_gemm.log" ;;
+  determinism)
+    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
+    args="model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz]
+      data.val_sources=[] data.seq_len=2048 precision=fp8_tensorwise trainer.max_steps=32 trainer.global_batch_size=32
+      trainer.micro_batch_size=8 trainer.eval_at_start=false trainer.eval_every=-1 trainer.save_every=-1
+      trainer.export=false optim.lr=2e-3 logger.backends=[jsonl]"
+    for run in det_a det_b free_a free_b; do
+      python3 train.py $args trainer.deterministic=$([[ $run == det* ]] && echo true || echo false) \
+        run_dir=/root/determinism/$run > "$OUT/determinism_$run.log" 2>&1 || tail -5 "$OUT/determinism_$run.log"
+    done
+    python3 - /root/determinism <<'PY' 2>&1 | tee "$OUT/determinism.log"
+import json, statistics, sys
+rows = {r: [json.loads(l) for l in open(f"{sys.argv[1]}/{r}/metrics.jsonl") if '"loss"' in l]
+        for r in ("det_a", "det_b", "free_a", "free_b")}
+for pair in (("det_a", "det_b"), ("free_a", "free_b")):
+    a, b = ([r["loss"] for r in rows[n]] for n in pair)
+    first = next((i + 1 for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    print(f"{pair}: {len(a)} steps, first differing step {first}, final losses {a[-1]:.6f} / {b[-1]:.6f}")
+for name, r in rows.items():
+    print(name, "median tokens/s (steps 8+):", round(statistics.median(x["perf/tokens_per_s"] for x in r[7:])))
+PY
+    ;;
   *)
-    echo "usage: bench/device_pending.sh check|e2e|e2e_micro|gw_hp|memory|memory_compiled|occ|occ_e2e|attention|backends|layer|blocks" >&2
+    echo "usage: bench/device_pending.sh check|e2e|e2e_micro|gw_hp|memory|memory_compiled|occ|occ_e2e|attention|backends|layer|blocks|determinism" >&2
     exit 2 ;;
 esac

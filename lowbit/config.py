@@ -204,7 +204,7 @@ class TrainerConfig:
     on_nan: str = "stop"            # stop | skip (skip the optimizer step, report it)
     max_nan_skips: int = 10
     seed: int = 1234
-    deterministic: bool = False     # torch.use_deterministic_algorithms
+    deterministic: bool = False     # bit-reproducible runs: deterministic algorithms, fixed cuBLAS workspace (run.make_deterministic)
     mixed_precision: str = "auto"   # auto (bf16 autocast on CUDA, none on CPU) | bf16 | none
 
 

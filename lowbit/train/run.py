@@ -6,6 +6,7 @@ checkpoint is written.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -29,6 +30,21 @@ def setup_logging(is_main: bool) -> None:
                         format="[lowbit %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "datasets", "transformers", "filelock", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def make_deterministic() -> None:
+    """`trainer.deterministic=true`: the same seed on the same hardware gives the same run, bit for bit.
+
+    Without it GPU runs drift apart from their second step (atomic adds in some backward kernels; docs/RESULTS.md,
+    eighth session). cuBLAS needs a fixed workspace for reproducible GEMMs (CUDA's "Results reproducibility"), read
+    when its first handle is made, so it is set here, before any GEMM; a value the user set is kept. An op without
+    a deterministic implementation then raises and names itself (PyTorch's error). lowbit's own Triton kernels
+    are deterministic: their only atomics are maxima and integer counts.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def check_batch_sizes(cfg: LowbitConfig, world_size: int) -> int:
@@ -101,7 +117,7 @@ def run(cfg: DictConfig) -> TrainState:
     torch.manual_seed(cfg.trainer.seed + world.rank)
     random.seed(cfg.trainer.seed + world.rank)
     if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True)
+        make_deterministic()
 
     model, tokenizer = load_model(cfg.model, seed=cfg.trainer.seed)              # 2
     parallel.check_model(model.config, cfg.parallel, cfg.data.seq_len)   # degrees vs heads/hidden/seq_len, before stage 5's collectives

@@ -3,8 +3,10 @@ single-process config group, and with methods of different stages combined, so a
 another's stage. (Parallel layouts need several processes: tests/parallel/.)"""
 import json
 import math
+import os
 
 import pytest
+import torch
 
 from lowbit.train.run import run
 from tests.conftest import CONF, compose
@@ -60,3 +62,23 @@ def test_compiled_layers_train_on_cpu_and_block_recipes_fall_back_to_aot_eager(t
     eager = train_two_steps(tiny_overrides + ["precision=fp8_blockwise", "precision.block_size=32"], tmp_path / "eager")
     assert compiled == pytest.approx(eager, rel=1e-4)       # the same graph, run by eager kernels
     train_two_steps(tiny_overrides + ["model.compile=true", "precision=fp8_rowwise"], tmp_path / "rowwise")
+
+
+def test_deterministic_runs_repeat_bit_for_bit_and_keep_a_users_cublas_workspace(tiny_overrides, tmp_path, monkeypatch):
+    """trainer.deterministic=true turns on deterministic algorithms and the fixed cuBLAS workspace CUDA needs for
+    them (a value the user set stays), and two runs of the same seed give the same losses, bit for bit."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        first = train_two_steps(tiny_overrides + ["trainer.deterministic=true"], tmp_path / "first")
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        second = train_two_steps(tiny_overrides + ["trainer.deterministic=true"], tmp_path / "second")
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+        assert first == second
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
