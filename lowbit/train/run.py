@@ -33,13 +33,14 @@ def setup_logging(is_main: bool) -> None:
 
 
 def make_deterministic() -> None:
-    """`trainer.deterministic=true`: the same seed on the same hardware gives the same run, bit for bit.
+    """`trainer.deterministic=true`: deterministic algorithms everywhere, so that the same seed on the same hardware
+    repeats a run bit for bit (without it, two GPU runs of one setting drift apart from their second step:
+    docs/RESULTS.md, eighth session; `bench/device_pending.sh determinism` checks it on a GPU).
 
-    Without it GPU runs drift apart from their second step (atomic adds in some backward kernels; docs/RESULTS.md,
-    eighth session). cuBLAS needs a fixed workspace for reproducible GEMMs (CUDA's "Results reproducibility"), read
-    when its first handle is made, so it is set here, before any GEMM; a value the user set is kept. An op without
-    a deterministic implementation then raises and names itself (PyTorch's error). lowbit's own Triton kernels
-    are deterministic: their only atomics are maxima and integer counts.
+    cuBLAS needs a fixed workspace for reproducible GEMMs (CUDA's "Results reproducibility"); PyTorch sizes it at
+    the first GEMM, so it is set here, before any; a value the user set is kept. An op without a deterministic
+    implementation then raises and names itself (PyTorch's error). lowbit's own Triton kernels are deterministic:
+    their only atomics are maxima and integer counts.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
