@@ -18,8 +18,14 @@ RUNS = {"bf16": "bf16", "fp8_rowwise": "fp8 rowwise", "fp4_dge_occ": "fp4 vector
         "bf16_repeat": "bf16, an earlier run of the same settings",
         "fp8_tensorwise_fwd": "fp8 tensorwise, forward GEMM only",
         "fp8_tensorwise_bwd": "fp8 tensorwise, backward GEMMs only", "bf16_seed7": "bf16, seed 7",
-        "fp8_tensorwise_seed7": "fp8 tensorwise, seed 7"}
+        "fp8_tensorwise_seed7": "fp8 tensorwise, seed 7", "fp4_dge_occ_seed7": "fp4 vectorwise + DGE + OCC, seed 7"}
 BARS = {"fp8_rowwise": 0.01, "fp4_dge_occ": 0.03}
+
+
+def seed_of(name: str) -> str:
+    """'_seed7' for a run named like 'fp8_tensorwise_seed7', '' for the default seed."""
+    at = name.rfind("_seed")
+    return name[at:] if at >= 0 else ""
 
 
 def curves(path: Path) -> tuple[dict[int, float], list[float]]:
@@ -54,11 +60,12 @@ def main() -> None:
         parser.error(f"--names {' '.join(args.names)}: give bf16 first (the reference), then the other runs")
     runs = {name: RUNS.get(name, name) for name in paths}       # a run without a label here is shown by its name
     data = {name: curves(path) for name, path in paths.items()}
-    bf16 = data["bf16"][0]
-    base = bf16.get(args.steps)
-    print(f"| run | steps done | tokens | final val loss | vs bf16 | bar | median tokens/s |")
+    print(f"| run | steps done | tokens | final val loss | vs bf16 (same seed) | bar | median tokens/s |")
     print("|---|---|---|---|---|---|---|")
     for name, label in runs.items():
+        # the reference: bf16 of the same seed where that run is given (bf16_seed7 for fp8_tensorwise_seed7), else bf16
+        bf16 = data.get("bf16" + seed_of(name), data["bf16"])[0]
+        base = bf16.get(args.steps)
         val, speed = data[name]
         last = max(val) if val else 0
         loss = val.get(last, float("nan"))
@@ -80,12 +87,15 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        colors = {}                 # one colour per recipe, a dashed line for each further seed
         for name, label in runs.items():
             val = data[name][0]
             steps = sorted(s for s in val if s > 0)
+            recipe = name.removesuffix(seed_of(name))
+            color = colors.setdefault(recipe, f"C{len(colors)}")
             if steps:
                 ax.plot([s * args.tokens_per_step / 1e6 for s in steps], [val[s] for s in steps], marker="o", ms=3,
-                        label=label)
+                        label=label, color=color, linestyle="--" if seed_of(name) else "-")
         ax.set_xlabel("training tokens (M)")
         ax.set_ylabel("validation loss (Gutenberg valid)")
         ax.set_title("SmolLM2-135M architecture from scratch, Gutenberg train")
