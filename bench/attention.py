@@ -29,6 +29,7 @@ from lowbit.kernels.block_sparse_attention import (block_sparse_attention_torch,
 from lowbit.objectives.seer_select import sparsity, topk_mask  # noqa: E402
 
 LAUNCH = [(4, 2), (4, 3), (8, 2), (8, 3)]
+SPARSE_LAUNCH = [(4, 3), (8, 3), (8, 4)]     # the block-sparse kernel's sweep, whatever --launch gives the target
 TMA = [True, False]          # K/V tiles by tensor descriptors or by pointers
 PER_SM = [2]                 # persistent programs per SM
 TILES_M: list[int] = []      # query rows per tile (empty: B and 128)
@@ -58,10 +59,15 @@ def check_correctness(block: int) -> dict:
     v = torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16)
     out_ref, target_ref = attention_block_target_torch(q, k, v, block)
     target_err = out_err = 0.0
-    for block_n in sorted({block, max(block, 128)}):      # every key tile the timing sweep tries
-        out, target = attention_block_target_triton(q, k, v, block, block_n=block_n)
-        target_err = max(target_err, (target - target_ref).abs().max().item())
-        out_err = max(out_err, (out.float() - out_ref.float()).abs().max().item())
+    for block_m in TILES_M or [0]:                          # every tile the timing sweep tries (0: the default)
+        for block_n in sorted({block, max(block, 128)}):
+            try:
+                out, target = attention_block_target_triton(q, k, v, block, block_m=block_m, block_n=block_n)
+            except Exception as error:                      # a tile that does not fit is skipped by the sweep too
+                print(f"  correctness block_m={block_m} block_n={block_n}: {type(error).__name__}", flush=True)
+                continue
+            target_err = max(target_err, (target - target_ref).abs().max().item())
+            out_err = max(out_err, (out.float() - out_ref.float()).abs().max().item())
     n = target.shape[-1]
     mask = topk_mask(torch.rand(1, 2, n, n, device="cuda"), 0.3)
     sparse_ref = block_sparse_attention_torch(q, k, v, mask, block)
@@ -70,14 +76,15 @@ def check_correctness(block: int) -> dict:
             "sparse_max_abs_err": (sparse.float() - sparse_ref.float()).abs().max().item()}
 
 
-def best_launch(fn) -> tuple[float, tuple[int, int]]:
+def best_launch(fn, launches=None) -> tuple[float, tuple[int, int]] | None:
+    """The fastest (ms, (warps, stages)) over `launches` (default LAUNCH); None when no setting fits the tile."""
     results = []
-    for warps, stages in LAUNCH:
+    for warps, stages in launches or LAUNCH:
         try:
             results.append((timed(lambda: fn(warps, stages)), (warps, stages)))
         except Exception as error:          # e.g. out of shared memory for a setting
             print(f"  launch {warps} warps / {stages} stages failed: {type(error).__name__}", flush=True)
-    return min(results)
+    return min(results) if results else None
 
 
 def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, density: float) -> dict:
@@ -94,9 +101,12 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
         for block_n in sorted({block, max(block, 128)}):
             for tma in TMA:
                 for per_sm in PER_SM:
-                    ms, launch = best_launch(lambda w, s: attention_block_target_triton(
+                    best = best_launch(lambda w, s: attention_block_target_triton(
                         q, k, v, block, num_warps=w, num_stages=s, block_m=block_m, block_n=block_n, tma=tma,
                         programs_per_sm=per_sm))
+                    if best is None:                # e.g. 256 x 128 tiles: out of shared memory at every launch
+                        continue
+                    ms, launch = best
                     target_runs.append((ms, (*launch, block_m, block_n, tma, per_sm)))
                     print(f"  target S={seq} block_m={block_m} block_n={block_n} tma={tma} programs/SM={per_sm}: "
                           f"{ms:.3f} ms {launch}", flush=True)
@@ -112,10 +122,11 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
     mask = topk_mask(torch.rand(1, kv_heads, n, n, device="cuda"), density)
     measured = sparsity(mask)
     sparse_ms, sparse_launch = best_launch(lambda w, s: block_sparse_attention_triton(q, k, v, mask, block,
-                                                                                       num_warps=w, num_stages=s))
+                                                                                       num_warps=w, num_stages=s),
+                                           SPARSE_LAUNCH)
     full = torch.ones(1, kv_heads, n, n, dtype=torch.bool, device="cuda")
     full_ms, _ = best_launch(lambda w, s: block_sparse_attention_triton(q, k, v, full, block, num_warps=w,
-                                                                          num_stages=s))
+                                                                          num_stages=s), SPARSE_LAUNCH)
     flops = 4 * seq * seq / 2 * head_dim * heads
     return {"seq": seq, "heads": heads, "kv_heads": kv_heads, "sdpa_ms": sdpa_ms,
             "sdpa_tflops": flops / sdpa_ms / 1e9, "target_ms": target_ms, "target_launch": target_launch,
