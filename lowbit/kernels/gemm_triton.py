@@ -9,6 +9,12 @@ Each K block therefore costs one scale FMA per output element on the CUDA cores;
 that is hidden under the 128-deep tensor-core work, with block_k=16/32 (NVFP4/MXFP4 on Hopper,
 which has no block-scaled MMA) it is not -- see docs/perf_linear.md.
 
+A third scheme, PRESCALE, is for small blocks whose scales are exact in bf16 after one FP32 gain per operand (MXFP4:
+power-of-two scales, gain 1; NVFP4: scale * G is the stored E4M3 block scale, G the FP32 tensor-level inverse
+scale): each operand tile is multiplied by its block scales on the way in, in bf16, which is exact (an E2M1 value
+has 2 significant bits, an E4M3 scale 4, bf16 holds 8), and a bf16 MMA with 64-128-deep K tiles accumulates the
+whole K range in FP32 with no per-block rescale of the accumulator; 1 / (G_a G_b) is applied once at the end.
+
 Operands are K-contiguous ([M, K] and [N, K], nn.Linear layout), which is the K-major layout that
 Hopper's FP8 wgmma needs for both operands.
 """
@@ -33,14 +39,37 @@ def _load_tile(ptrs, desc, row, k0, mask, TMA: tl.constexpr):
 
 
 @triton.jit
+def _prescaled_tile(x, s_row, k0, k_blocks, stride_sk, row_mask, gain,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_K: tl.constexpr, BF16_MATH: tl.constexpr):
+    """A [ROWS, BLOCK_K] fp8 operand tile times its block scales, as bf16 (exact for PRESCALE's scales): the
+    BLOCK_K / SCALE_K scales of each row, times the operand's gain, rounded to bf16 (which recovers the exact
+    E4M3 / power-of-two scale), broadcast over their SCALE_K elements. The product is exact either way; it is
+    formed in bf16 (packed) or, under TRITON_INTERPRET, whose bf16 arithmetic and bf16 dot are wrong, in fp32
+    (returned as fp32: the same values)."""
+    NB: tl.constexpr = BLOCK_K // SCALE_K
+    kb = k0 // SCALE_K + tl.arange(0, NB)
+    s = tl.load(s_row[:, None] + kb[None, :] * stride_sk, mask=row_mask[:, None] & (kb < k_blocks)[None, :],
+                other=0.0)
+    # round s * gain to bf16, to nearest even, in integer arithmetic (the interpreter's cast truncates)
+    bits = (s * gain).to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    s = bits.to(tl.float32, bitcast=True)
+    if BF16_MATH:
+        x = tl.reshape(x.to(tl.bfloat16), (ROWS, NB, SCALE_K)) * tl.reshape(s.to(tl.bfloat16), (ROWS, NB, 1))
+    else:
+        x = tl.reshape(x.to(tl.float32), (ROWS, NB, SCALE_K)) * tl.reshape(s, (ROWS, NB, 1))
+    return tl.reshape(x, (ROWS, BLOCK_K))
+
+
+@triton.jit
 def _block_scaled_mm_kernel(
-    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, a_desc, b_desc,
+    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, a_desc, b_desc, ga_ptr, gb_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_sam, stride_sak, stride_sbn, stride_sbk,
     A_ROWS: tl.constexpr, B_ROWS: tl.constexpr, SCALE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_BF16: tl.constexpr, RESCALE: tl.constexpr, TMA: tl.constexpr,
+    DOT_BF16: tl.constexpr, RESCALE: tl.constexpr, TMA: tl.constexpr, PRESCALE: tl.constexpr = False,
 ):
     # Grouped tile order so that GROUP_M row-tiles reuse the same B column-tiles from L2.
     pid = tl.program_id(0)
@@ -64,40 +93,56 @@ def _block_scaled_mm_kernel(
     sb_row = sb_ptr + (offs_n // B_ROWS) * stride_sbn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if RESCALE:
-        # One accumulator, kept divided by the current block's scales: acc_k = acc_{k-1} * s_{k-1}/s_k + P_k,
-        # so tl.dot accumulates in place (half the registers of a separate partial-product tile).
-        # Needs scales > 0 and finite (all-zero blocks carry scale 1); masked rows load scale 1.
-        prev_a = tl.full((BLOCK_M,), 1.0, tl.float32)
-        prev_b = tl.full((BLOCK_N,), 1.0, tl.float32)
-    # BLOCK_K == SCALE_K, or BLOCK_K divides SCALE_K: each K tile lies in exactly one scale block.
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        a = _load_tile(a_ptrs, a_desc, pid_m * BLOCK_M, k0, mask_m[:, None] & mask_k[None, :], TMA)
-        b = _load_tile(b_ptrs, b_desc, pid_n * BLOCK_N, k0, mask_n[:, None] & mask_k[None, :], TMA)
-        if DOT_BF16:
-            # Small K tiles (NVFP4 16, MXFP4 32): multiply the exact bf16 upcast (FP8 wgmma needs K >= 32 and
-            # accumulates with reduced precision; these blocks are bound by the CUDA-core scaling anyway).
-            # (Off under TRITON_INTERPRET, whose fp8 casts are wrong and whose fp8 dot has no K limit.)
-            a = a.to(tl.bfloat16)
-            b = b.to(tl.bfloat16)
-        kb = k0 // SCALE_K
-        if RESCALE:
-            sa = tl.load(sa_row + kb * stride_sak, mask=mask_m, other=1.0)
-            sb = tl.load(sb_row + kb * stride_sbk, mask=mask_n, other=1.0)
-            acc = acc * ((prev_a / sa)[:, None] * (prev_b / sb)[None, :])
+    if PRESCALE:
+        # BLOCK_K spans BLOCK_K / SCALE_K scale blocks; both operands are scaled in bf16 on the way in
+        ga = tl.load(ga_ptr)
+        gb = tl.load(gb_ptr)
+        k_blocks = K // SCALE_K
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = (k0 + offs_k) < K
+            a = _load_tile(a_ptrs, a_desc, pid_m * BLOCK_M, k0, mask_m[:, None] & mask_k[None, :], TMA)
+            b = _load_tile(b_ptrs, b_desc, pid_n * BLOCK_N, k0, mask_n[:, None] & mask_k[None, :], TMA)
+            a = _prescaled_tile(a, sa_row, k0, k_blocks, stride_sak, mask_m, ga, BLOCK_M, BLOCK_K, SCALE_K, DOT_BF16)
+            b = _prescaled_tile(b, sb_row, k0, k_blocks, stride_sbk, mask_n, gb, BLOCK_N, BLOCK_K, SCALE_K, DOT_BF16)
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
-            prev_a = sa
-            prev_b = sb
-        else:
-            sa = tl.load(sa_row + kb * stride_sak, mask=mask_m, other=0.0)
-            sb = tl.load(sb_row + kb * stride_sbk, mask=mask_n, other=0.0)
-            partial = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-            acc += partial * (sa[:, None] * sb[None, :])
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    if RESCALE:
-        acc = acc * (prev_a[:, None] * prev_b[None, :])
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        acc = acc * ((1.0 / ga) * (1.0 / gb))
+    else:
+        if RESCALE:
+            # One accumulator, kept divided by the current block's scales: acc_k = acc_{k-1} * s_{k-1}/s_k + P_k,
+            # so tl.dot accumulates in place (half the registers of a separate partial-product tile).
+            # Needs scales > 0 and finite (all-zero blocks carry scale 1); masked rows load scale 1.
+            prev_a = tl.full((BLOCK_M,), 1.0, tl.float32)
+            prev_b = tl.full((BLOCK_N,), 1.0, tl.float32)
+        # BLOCK_K == SCALE_K, or BLOCK_K divides SCALE_K: each K tile lies in exactly one scale block.
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = (k0 + offs_k) < K
+            a = _load_tile(a_ptrs, a_desc, pid_m * BLOCK_M, k0, mask_m[:, None] & mask_k[None, :], TMA)
+            b = _load_tile(b_ptrs, b_desc, pid_n * BLOCK_N, k0, mask_n[:, None] & mask_k[None, :], TMA)
+            if DOT_BF16:
+                # Small K tiles (NVFP4 16, MXFP4 32): multiply the exact bf16 upcast (FP8 wgmma needs K >= 32 and
+                # accumulates with reduced precision; these blocks are bound by the CUDA-core scaling anyway).
+                # (Off under TRITON_INTERPRET, whose fp8 casts are wrong and whose fp8 dot has no K limit.)
+                a = a.to(tl.bfloat16)
+                b = b.to(tl.bfloat16)
+            kb = k0 // SCALE_K
+            if RESCALE:
+                sa = tl.load(sa_row + kb * stride_sak, mask=mask_m, other=1.0)
+                sb = tl.load(sb_row + kb * stride_sbk, mask=mask_n, other=1.0)
+                acc = acc * ((prev_a / sa)[:, None] * (prev_b / sb)[None, :])
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
+                prev_a = sa
+                prev_b = sb
+            else:
+                sa = tl.load(sa_row + kb * stride_sak, mask=mask_m, other=0.0)
+                sb = tl.load(sb_row + kb * stride_sbk, mask=mask_n, other=0.0)
+                partial = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+                acc += partial * (sa[:, None] * sb[None, :])
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if RESCALE:
+            acc = acc * (prev_a[:, None] * prev_b[None, :])
 
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -109,7 +154,8 @@ def _pick_config(M: int, N: int, block_k: int) -> dict:
     block_k >= 64 (DeepSeek 128): FP8 wgmma per K block into a fresh FP32 tile, promoted with the scales on
     CUDA cores (the precise scheme; the rescaled accumulator was 10% faster but chains Hopper's reduced-
     precision FP8 accumulation over all of K: 4e-3 relative error at K=14336). block_k < 64 (MXFP4 32,
-    NVFP4 16): the exact bf16 upcast (full FP32 accumulation) with the rescaled single accumulator.
+    NVFP4 16): the exact bf16 upcast (full FP32 accumulation) with the rescaled single accumulator. The PRESCALE
+    scheme (module doc) is selected only by an explicit config (bench/fp4_gemm.py) until it is timed on a GPU.
     """
     block_kt = min(block_k, 128)
     if _INTERPRET:
@@ -131,18 +177,26 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 def block_scaled_mm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, *,
                            block_k: int, a_rows: int = 1, b_rows: int = 1,
-                           out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None) -> torch.Tensor:
+                           out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
+                           gains: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Launch the block-scaled GEMM. Shapes as in lowbit.kernels.gemm.block_scaled_mm (validated there).
 
     a_q [M, K] fp8, a_scale fp32 [ceil(M/a_rows), K/block_k], b_q [N, K] fp8,
     b_scale fp32 [ceil(N/b_rows), K/block_k] -> [M, N] out_dtype.
-    `config` overrides the tile choice (used by bench/ to sweep tiles).
+    `config` overrides the tile choice (used by bench/ to sweep tiles). With config PRESCALE=True, `gains` (fp32
+    one-element tensors g_a, g_b, default 1) must make every scale * g exact in bf16 (see the module doc): then
+    the kernel's result is exact up to FP32 accumulation; otherwise the scales are rounded to bf16.
     """
     M, K = a_q.shape
     N = b_q.shape[0]
     out = torch.empty((M, N), device=a_q.device, dtype=out_dtype)
     cfg = dict(config or _pick_config(M, N, block_k))
     rescale = cfg.pop("RESCALE", False)
+    prescale = cfg.pop("PRESCALE", False)
+    ga, gb = a_scale, b_scale                   # unused unless PRESCALE
+    if prescale:
+        one = torch.ones(1, device=a_q.device, dtype=torch.float32)
+        ga, gb = (g.reshape(1).float() for g in gains) if gains is not None else (one, one)
     tma = cfg.pop("TMA", False) and (_INTERPRET or (_tma_ok(a_q) and _tma_ok(b_q)))
     a_desc, b_desc = a_q, b_q                   # unused unless TMA
     if tma:
@@ -150,12 +204,15 @@ def block_scaled_mm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.
         a_desc = TensorDescriptor.from_tensor(a_q, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
         b_desc = TensorDescriptor.from_tensor(b_q, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
     dot_bf16 = cfg.pop("DOT_BF16", cfg["BLOCK_K"] < 32) and not _INTERPRET
-    if block_k % cfg["BLOCK_K"]:
+    if prescale and cfg["BLOCK_K"] % block_k:
+        raise ValueError(f"PRESCALE: tile BLOCK_K={cfg['BLOCK_K']} must be a multiple of block_k={block_k}")
+    if not prescale and block_k % cfg["BLOCK_K"]:
         raise ValueError(f"tile BLOCK_K={cfg['BLOCK_K']} must divide block_k={block_k}")
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _block_scaled_mm_kernel[grid](
-        a_q, b_q, out, a_scale, b_scale, a_desc, b_desc, M, N, K,
+        a_q, b_q, out, a_scale, b_scale, a_desc, b_desc, ga, gb, M, N, K,
         a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), out.stride(0), out.stride(1),
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        A_ROWS=a_rows, B_ROWS=b_rows, SCALE_K=block_k, DOT_BF16=dot_bf16, RESCALE=rescale, TMA=tma, **cfg)
+        A_ROWS=a_rows, B_ROWS=b_rows, SCALE_K=block_k, DOT_BF16=dot_bf16, RESCALE=rescale, TMA=tma,
+        PRESCALE=prescale, **cfg)
     return out

@@ -152,6 +152,51 @@ def test_block_scaled_mm_triton_variants(case, scheme):
     assert rel_err(out, expected) < 1e-5
 
 
+def quantized_fp4_blocks(rows: int, cols: int, rule: str, seed: int):
+    """An FP4 operand quantized as the nvfp4 / mxfp4 recipes do (outlier-heavy data, 16- / 32-element blocks):
+    (values as E4M3, fp32 block scales, the operand's PRESCALE gain: NVFP4's tensor-level inverse scale G, or 1)."""
+    from lowbit.precision.formats import E2M1
+    from lowbit.precision.scaling import Quantizer, nvfp4_global_inverse, quantize_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen) * torch.exp(torch.randn(rows, cols, generator=gen) * 2)
+    quantizer = Quantizer(E2M1, 1, 16 if rule == "nvfp4" else 32, "nvfp4" if rule == "nvfp4" else "pow2")
+    q = quantize_reference(x, quantizer)
+    gain = nvfp4_global_inverse(x.abs().amax(), E2M1) if rule == "nvfp4" else torch.tensor(1.0)
+    return q.data, q.scale, gain
+
+
+@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="CPU tensors need the Triton interpreter")
+@pytest.mark.parametrize("rule", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("tile_k,tma", [(32, False), (64, False), (64, True)])
+def test_prescaled_block_gemm_is_exact_for_fp4_block_scales(rule, tile_k, tma):
+    """PRESCALE multiplies each operand tile by its block scales in bf16 before one MMA over a K tile of several
+    blocks. With NVFP4's tensor scale G as gain, bf16(scale * G) is the stored E4M3 block scale and value * scale is
+    exact in bf16, so the result equals the float64 product of the dequantized operands to FP32 accumulation (K=80:
+    a partial last K tile). Without G the scales are rounded to bf16, which the float64 comparison sees."""
+    from lowbit.kernels.gemm_triton import block_scaled_mm_triton
+
+    block_k = 16 if rule == "nvfp4" else 32
+    K = 80 if rule == "nvfp4" else 96
+    a_q, a_scale, a_gain = quantized_fp4_blocks(19, K, rule, seed=1)
+    b_q, b_scale, b_gain = quantized_fp4_blocks(21, K, rule, seed=2)
+    e4m3_scale = (a_scale * a_gain).to(torch.bfloat16).float()
+    if rule == "nvfp4":          # the premise: one bf16 rounding recovers the E4M3 block scale exactly
+        assert torch.equal(e4m3_scale, e4m3_scale.to(E4M3).float())
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=max(tile_k, block_k), GROUP_M=1, num_warps=4, num_stages=1,
+                  PRESCALE=True, TMA=tma)
+    expected = float64_block_product(a_q, a_scale, b_q, b_scale, block_k, 1, 1)
+    out = block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, out_dtype=torch.float32,
+                                 config=config, gains=(a_gain, b_gain))
+    assert rel_err(out, expected) < 1e-6
+    if rule == "nvfp4":
+        rounded = block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, out_dtype=torch.float32,
+                                         config=config)
+        assert rel_err(rounded, expected) > 1e-4
+    with pytest.raises(ValueError, match="must be a multiple of block_k"):
+        block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, config={**config, "BLOCK_K": 8})
+
+
 # -------------------------------------------------------------------------------------------------
 # torch.library ops and bad input
 # -------------------------------------------------------------------------------------------------
@@ -219,3 +264,26 @@ def test_block_scaled_mm_cuda_matches_reference(case):
     kwargs = dict(block_k=block_k, a_rows=a_rows, b_rows=b_rows, out_dtype=torch.float32)
     out = block_scaled_mm(a_q.cuda(), a_scale.cuda(), b_q.cuda(), b_scale.cuda(), **kwargs)
     assert rel_err(out.cpu(), block_scaled_mm_reference(a_q, a_scale, b_q, b_scale, **kwargs)) < 1e-3
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+@pytest.mark.parametrize("rule", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("tile", [(64, 64, 64, 4, 3), (128, 128, 128, 8, 3)])
+def test_prescaled_block_gemm_cuda_is_exact(rule, tile):
+    """The compiled PRESCALE scheme (bf16 operand scaling, bf16 MMA) equals the float64 product to FP32
+    accumulation, at a K with a partial last tile."""
+    from lowbit.kernels.gemm_triton import block_scaled_mm_triton
+
+    block_k = 16 if rule == "nvfp4" else 32
+    bm, bn, bk, warps, stages = tile
+    a_q, a_scale, a_gain = quantized_fp4_blocks(300, 1088, rule, seed=1)
+    b_q, b_scale, b_gain = quantized_fp4_blocks(200, 1088, rule, seed=2)
+    expected = float64_block_product(a_q, a_scale, b_q, b_scale, block_k, 1, 1)
+    config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages, PRESCALE=True,
+                  DOT_BF16=True)
+    for tma in (False, True):
+        out = block_scaled_mm_triton(a_q.cuda(), a_scale.cuda(), b_q.cuda(), b_scale.cuda(), block_k=block_k,
+                                     out_dtype=torch.float32, config={**config, "TMA": tma},
+                                     gains=(a_gain.cuda(), b_gain.cuda()))
+        assert rel_err(out.cpu(), expected) < 1e-5, tma
