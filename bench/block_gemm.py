@@ -33,16 +33,21 @@ def ms_of(fn) -> float:
     return do_bench(fn, warmup=30, rep=150, return_mode="median")
 
 
-def run_shape(M: int, K: int, N: int) -> dict:
+def bf16_operands(M: int, K: int, N: int):
+    """Seeded bf16 operands a [M, K], b [N, K], ms -> TFLOP/s at this shape, and the result row with bf16 cuBLAS."""
     torch.manual_seed(0)
     flops = 2 * M * N * K
     tflops = lambda ms: round(flops / ms / 1e9, 1)
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    return a, b, tflops, {"shape": f"{M}x{K}x{N}", "bf16_mm": tflops(ms_of(lambda: a @ b.t()))}
+
+
+def run_shape(M: int, K: int, N: int) -> dict:
+    a, b, tflops, row = bf16_operands(M, K, N)
     a_q, b_q = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
     a_s = torch.rand(M, K // 128, device="cuda") + 0.5
     b_s = torch.rand(-(-N // 128), K // 128, device="cuda") + 0.5
-    row = {"shape": f"{M}x{K}x{N}", "bf16_mm": tflops(ms_of(lambda: a @ b.t()))}
     sa, sb = torch.rand(M, 1, device="cuda") + 0.5, torch.rand(N, 1, device="cuda") + 0.5
     row["scaled_mm_rowwise"] = tflops(ms_of(lambda: scaled_mm(a_q, b_q, sa, sb)))
     kw = dict(block_k=128, b_rows=128, out_dtype=torch.float32)
@@ -71,15 +76,17 @@ def run_shape(M: int, K: int, N: int) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(run=None, doc: str = __doc__) -> None:
+    """Time `run(M, K, N) -> dict` (default: run_shape) at each --shapes entry; also bench/fp4_gemm.py's driver."""
+    run = run or run_shape
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["8192x4096x4096", "8192x4096x14336", "8192x14336x4096"])
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": []}
     for shape in args.shapes:
         M, K, N = map(int, shape.split("x"))
-        results["shapes"].append(run_shape(M, K, N))
+        results["shapes"].append(run(M, K, N))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
 

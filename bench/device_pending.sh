@@ -23,6 +23,9 @@
 #   bench/device_pending.sh blocks    fp8_blockwise's kernels: GPU tests of the quantize and GEMM kernels, every quantize
 #                                     kernel bit for bit against the reference (bench/quantize.py), and the block-scaled
 #                                     GEMM over loads and tiles (bench/block_gemm.py)
+#   bench/device_pending.sh fp4gemm   the NVFP4 / MXFP4 GEMM: GPU tests of the prescaled scheme (block scales applied
+#                                     to the operand tiles in bf16, 64-128-deep K tiles), then it over tiles against
+#                                     the default rescaled scheme and bf16 cuBLAS (bench/fp4_gemm.py; issue 3)
 set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -86,6 +89,9 @@ case "${1:-}" in
     python3 bench/quantize.py --skip sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 | tee "$OUT/quantize_tiles.log"
     python3 bench/block_gemm.py --shapes 8192x4096x4096 8192x4096x14336 --json "$OUT/block_gemm.json" 2>&1 \
       | tee "$OUT/block_gemm.log" ;;
+  fp4gemm)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py 2>&1 | tail -3 | tee "$OUT/fp4gemm_gpu_tests.log"
+    python3 bench/fp4_gemm.py --json "$OUT/fp4_gemm.json" 2>&1 | tee "$OUT/fp4_gemm.log" ;;
   determinism)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     args="model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz]
@@ -109,6 +115,6 @@ for name, r in rows.items():
 PY
     ;;
   *)
-    echo "usage: bench/device_pending.sh check|e2e|e2e_micro|gw_hp|memory|memory_compiled|occ|occ_e2e|attention|backends|layer|blocks|determinism" >&2
+    echo "usage: bench/device_pending.sh check|e2e|e2e_micro|gw_hp|memory|memory_compiled|occ|occ_e2e|attention|backends|layer|blocks|fp4gemm|determinism" >&2
     exit 2 ;;
 esac

@@ -1,0 +1,78 @@
+"""The NVFP4 / MXFP4 GEMM on a GPU: the block-scaled Triton GEMM's two schemes for 16- and 32-element blocks, next
+to bf16 cuBLAS in the same run, on operands quantized as the nvfp4 / mxfp4 recipes quantize them.
+
+    python bench/fp4_gemm.py [--shapes 8192x4096x4096 ...] [--json FILE]
+
+Schemes (lowbit/kernels/gemm_triton.py):
+  rescale   the default: one K tile per scale block (16 or 32 deep) and the accumulator rescaled between blocks
+  prescale  each operand tile multiplied by its block scales in bf16 (exact with NVFP4's tensor scale G as gain),
+            then a bf16 MMA over 64-128-deep K tiles holding several blocks, no rescale
+Every variant is first checked against the float64 product of the dequantized operands (256 rows), then timed.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import block_gemm  # noqa: E402  (bench/: its driver and timer)
+from block_gemm import ms_of  # noqa: E402
+from lowbit.kernels.gemm_triton import _pick_config, block_scaled_mm_triton  # noqa: E402
+from lowbit.precision.formats import E2M1  # noqa: E402
+from lowbit.precision.scaling import Quantizer, nvfp4_global_inverse  # noqa: E402
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the prescaled scheme
+PRESCALE_TILES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
+                  (64, 128, 128, 4, 3), (128, 128, 128, 8, 2)]
+
+
+def quantized(x: torch.Tensor, rule: str):
+    """(values as E4M3, fp32 block scales, the prescaled scheme's gain) of x, as the recipe quantizes it."""
+    from lowbit.kernels.quantize import quantize
+    quantizer = Quantizer(E2M1, 1, 16 if rule == "nvfp4" else 32, rule)
+    q = quantize(x, quantizer)
+    gain = (nvfp4_global_inverse(x.abs().amax().float(), E2M1) if rule == "nvfp4"
+            else torch.ones((), device=x.device))
+    return q.data, q.scale, gain
+
+
+def run_shape(M: int, K: int, N: int) -> dict:
+    a, b, tflops, row = block_gemm.bf16_operands(M, K, N)
+    flops = 2 * M * N * K
+    print(f"{row['shape']}: bf16 cuBLAS {row['bf16_mm']} TFLOP/s", flush=True)
+    for rule, block_k in (("nvfp4", 16), ("pow2", 32)):
+        name = "nvfp4" if rule == "nvfp4" else "mxfp4"
+        a_q, a_s, a_g = quantized(a, rule)
+        b_q, b_s, b_g = quantized(b, rule)
+        rows = 256
+        ref = ((a_q[:rows].double() * a_s[:rows].double().repeat_interleave(block_k, 1))
+               @ (b_q.double() * b_s.double().repeat_interleave(block_k, 1)).t()).cpu()
+        kw = dict(block_k=block_k, out_dtype=torch.bfloat16)
+        variants = {"rescale (default)": dict(_pick_config(M, N, block_k))}
+        for bm, bn, bk, warps, stages in PRESCALE_TILES:
+            for tma in (False, True):
+                variants[f"prescale bm{bm} bn{bn} bk{bk} w{warps} s{stages}{' tma' if tma else ''}"] = dict(
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+                    PRESCALE=True, DOT_BF16=True, TMA=tma)
+        results = {}
+        for key, cfg in variants.items():
+            try:
+                out = block_scaled_mm_triton(a_q[:rows], a_s[:rows], b_q, b_s, block_k=block_k,
+                                             out_dtype=torch.float32, config=cfg, gains=(a_g, b_g))
+                err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+                ms = ms_of(lambda: block_scaled_mm_triton(a_q, a_s, b_q, b_s, config=cfg, gains=(a_g, b_g), **kw))
+                results[key] = dict(TFLOPs=tflops(ms), vs_bf16=round(flops / ms / 1e9 / row["bf16_mm"], 3),
+                                    rel_err=float(f"{err:.2e}"))
+            except Exception as error:     # a tile that does not compile (shared memory, registers): report it
+                results[key] = f"{type(error).__name__}: {str(error)[:160]}"
+            print(f"{row['shape']} {name} {key:<44} {results[key]}", flush=True)
+        row[name] = results
+    return row
+
+
+if __name__ == "__main__":
+    block_gemm.main(run_shape, __doc__)
