@@ -78,15 +78,15 @@ def quantize_pair(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer,
         return kernel(x, quantizer, quantizer_t)
     xq = quantize_reference(x, quantizer, what=what)
     if shares_scale(quantizer, quantizer_t):     # x^T's quantization is the transpose of x's, bit for bit
-        return xq, QTensor(xq.data.t(), xq.scale, quantizer_t)
+        return xq, QTensor(xq.data.t(), xq.scale, quantizer_t, xq.gain)
     if transposes_blocks(quantizer, quantizer_t):
         # b x b blocks: x^T's block (j, i) is x's block (i, j) transposed, same amax, same scale, same values; a
         # contiguous copy, since the block GEMM reads its operands along K
         quantizer_t.check_columns(x.shape[0], what + "^T")
-        return xq, QTensor(xq.data.t().contiguous(), xq.scale.t().contiguous(), quantizer_t)
+        return xq, QTensor(xq.data.t().contiguous(), xq.scale.t().contiguous(), quantizer_t, xq.gain)
     xtq = quantize_reference(x.t(), quantizer_t, what=what + "^T")
     if quantizer_t.blocked:     # the block GEMM reads along K: x^T row-major (TMA tiles), not x's transposed view
-        xtq = QTensor(xtq.data.contiguous(), xtq.scale, quantizer_t)
+        xtq = QTensor(xtq.data.contiguous(), xtq.scale, quantizer_t, xtq.gain)
     return xq, xtq
 
 

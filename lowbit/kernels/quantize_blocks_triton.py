@@ -169,6 +169,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
     block_c = max(64 if bc <= 32 else 128, bc, br_t)
     fmt = quantizer.fmt
     global_scale = torch.ones(2, device=x.device, dtype=torch.float32)
+    gain = None                                         # NVFP4's tensor scale G, kept with the operand
     if quantizer.scale_rule == "nvfp4":                 # the FP32 tensor scale needs the tensor amax first
         tensor_amax = torch.zeros(1, device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(R, 64), triton.cdiv(C, 64))
@@ -180,6 +181,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
         global_inv = nvfp4_global_inverse(tensor_amax, fmt)
         global_inv = torch.where(finite, global_inv, torch.full_like(global_inv, float("nan")))
         global_scale = torch.cat([global_inv, global_inv.reciprocal()])
+        gain = global_inv.reshape(1)
     q = torch.empty((R, C), device=x.device, dtype=fmt.storage)
     scale = torch.empty((-(-R // br), C // bc), device=x.device, dtype=torch.float32)
     qt = torch.empty((C, R) if transpose else (0, 0), device=x.device, dtype=fmt.storage)
@@ -200,5 +202,5 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
             HW=hardware_cast(fmt, x.device), SAME_T=t_side and br == bc == br_t == bc_t, X_SIDE=x_side,
             num_warps=8 if tile_r * tile_c >= 128 * 128 else 4)
     check_finite(scale, "operand")
-    first = QTensor(q, scale, quantizer)
-    return first, (QTensor(qt, scale_t, quantizer_t) if transpose else None)
+    first = QTensor(q, scale, quantizer, gain)
+    return first, (QTensor(qt, scale_t, quantizer_t, gain) if transpose else None)

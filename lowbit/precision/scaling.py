@@ -57,11 +57,14 @@ class Quantizer:
 
 @dataclass
 class QTensor:
-    """Quantized operand: `data` [R, C] float8 (values on the format grid), `scale` fp32 (see module doc)."""
+    """Quantized operand: `data` [R, C] float8 (values on the format grid), `scale` fp32 (see module doc).
+    `gain`: NVFP4's FP32 tensor-level inverse scale G (one element; scale * G is the stored E4M3 block scale), which
+    the prescaled block GEMM needs to apply the block scales exactly in bf16; None for other scale rules."""
 
     data: torch.Tensor
     scale: torch.Tensor
     quantizer: Quantizer
+    gain: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         """float32 [R, C] = data * the scale of each element's block."""
@@ -179,4 +182,7 @@ def quantize_reference(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tenso
     check_finite(amax, what)
     scale, inv = scales_from_amax(amax, quantizer, tensor_amax)
     values = round_to_format(x.float() * expand_scale(inv, quantizer, x.shape), quantizer.fmt, noise)
-    return QTensor(values.to(quantizer.fmt.storage), scale, quantizer)
+    gain = None
+    if tensor_amax is not None:
+        gain = nvfp4_global_inverse(tensor_amax.float(), quantizer.fmt).reshape(1)
+    return QTensor(values.to(quantizer.fmt.storage), scale, quantizer, gain)

@@ -127,6 +127,15 @@ def check_block_kernel_equals_reference(device: str = "cpu") -> None:
                 assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), (rows, cols, q)
                 assert torch.equal(a.scale, b.scale), (rows, cols, q)
                 assert torch.isfinite(a.data.float()).all() and torch.isfinite(a.scale).all(), (rows, cols, q)
+                # NVFP4's tensor scale G travels with the operand (the prescaled block GEMM needs it); others: none
+                assert (a.gain is None) == (b.gain is None) == (q.scale_rule != "nvfp4"), (rows, cols, q)
+                if a.gain is not None:
+                    assert torch.equal(a.gain, b.gain), (rows, cols, q)
+                    # bf16(scale * G) is the E4M3 block scale, for every block holding a nonzero value (all-zero
+                    # blocks carry scale 1, which multiplies only zeros)
+                    e4m3 = (a.scale * a.gain).to(torch.bfloat16).float()
+                    nonzero = a.data.float().reshape(*a.scale.shape, -1).abs().amax(-1) > 0
+                    assert torch.equal(e4m3[nonzero], e4m3.to(torch.float8_e4m3fn).float()[nonzero]), (rows, cols, q)
             checked += 1
     bad = torch.ones(32, 32, device=device)
     bad[1, 1] = float("inf")
