@@ -14,7 +14,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -26,6 +25,7 @@ from lowbit.kernels import quantize_triton  # noqa: E402
 from lowbit.kernels.quantize_triton import quantize_pair_triton  # noqa: E402
 from lowbit.precision.formats import E2M1, E4M3, E5M2  # noqa: E402
 from lowbit.precision.linear import QuantLinear  # noqa: E402
+from lowbit.config import PrecisionConfig  # noqa: E402
 from lowbit.precision.recipes import build_recipe  # noqa: E402
 from lowbit.precision.scaling import Quantizer, quantize_reference  # noqa: E402
 
@@ -50,7 +50,7 @@ def graph_ms(fn) -> float:
 
 def recipe_of(key):
     name = key.replace("_e5m2", "").replace("_dge_occ", "")
-    return build_recipe(SimpleNamespace(recipe=name, **{**BASE, **RECIPES[key]}))
+    return build_recipe(PrecisionConfig(recipe=name, **{**BASE, **RECIPES[key]}))
 
 
 def check_kernels(results):
@@ -280,7 +280,7 @@ def llama_training(results):
         model = LlamaForCausalLM(config)
         name = key.replace("_dge_occ", "")
         options = {**BASE, **RECIPES.get(key, {})}
-        cfg = SimpleNamespace(recipe=name, include=["*.layers.*"], exclude=["*lm_head*", "*embed*"], **options)
+        cfg = PrecisionConfig(recipe=name, include=["*.layers.*"], exclude=["*lm_head*", "*embed*"], **options)
         model = precision.apply(model, cfg).cuda()
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         data = torch.randint(0, 64, (8, 256), device="cuda")       # a learnable, low-entropy token stream

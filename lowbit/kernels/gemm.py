@@ -174,8 +174,8 @@ def block_scaled_mm_reference(a_q, a_scale, b_q, b_scale, *, block_k: int, a_row
 
 
 def block_scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, *,
-                    block_k: int, a_rows: int = 1, b_rows: int = 1,
-                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                    block_k: int, a_rows: int = 1, b_rows: int = 1, out_dtype: torch.dtype = torch.bfloat16,
+                    gains: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """out[M, N] = sum_k (a_q * a_scale_block)[M, k] (b_q * b_scale_block)[N, k], fp32 accumulation.
 
     a_q: [M, K] float8; a_scale: float32 [ceil(M/a_rows), K//block_k].
@@ -183,13 +183,17 @@ def block_scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
     DeepSeek-V3: block_k=128, a_rows=1 (1x128 activation tiles), b_rows=128 (128x128 weight blocks).
     NVFP4 / MXFP4: block_k=16 / 32, a_rows=b_rows=1 (scales decoded to fp32 by the caller).
     Returns [M, N] in out_dtype. K must be a multiple of block_k.
+    gains: (g_a, g_b), one-element fp32 tensors that make every scale * g exact in bf16 (MXFP4: 1; NVFP4: the
+    tensor scale G, QTensor.gain): selects the prescaled scheme (lowbit.kernels.gemm_triton); None: the default.
     CUDA: Triton kernel (scales applied per K block inside the K loop); CPU: float32 reference.
     """
     check_block_scaled_inputs(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype)
     if a_q.device.type != "cuda":
         return block_scaled_mm_reference(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows,
                                          b_rows=b_rows, out_dtype=out_dtype)
-    return torch.ops.lowbit.block_scaled_mm(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype)
+    a_gain, b_gain = gains if gains is not None else (None, None)
+    return torch.ops.lowbit.block_scaled_mm(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype,
+                                            a_gain, b_gain)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,16 +202,19 @@ def block_scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
 
 @torch.library.custom_op("lowbit::block_scaled_mm", mutates_args=())
 def _block_scaled_mm_op(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                        block_k: int, a_rows: int, b_rows: int, out_dtype: torch.dtype) -> torch.Tensor:
+                        block_k: int, a_rows: int, b_rows: int, out_dtype: torch.dtype,
+                        a_gain: torch.Tensor | None = None, b_gain: torch.Tensor | None = None) -> torch.Tensor:
     if a_q.device.type != "cuda":
         return block_scaled_mm_reference(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows,
                                          b_rows=b_rows, out_dtype=out_dtype)
     require_fp8_device(a_q.device)
-    from lowbit.kernels.gemm_triton import block_scaled_mm_triton
+    from lowbit.kernels.gemm_triton import _pick_config, block_scaled_mm_triton
+    prescale = a_gain is not None and b_gain is not None
+    config = _pick_config(a_q.shape[0], b_q.shape[0], block_k, prescale=True) if prescale else None
     return block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows, b_rows=b_rows,
-                                  out_dtype=out_dtype)
+                                  out_dtype=out_dtype, config=config, gains=(a_gain, b_gain) if prescale else None)
 
 
 @_block_scaled_mm_op.register_fake
-def _(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype):
+def _(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype, a_gain=None, b_gain=None):
     return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)

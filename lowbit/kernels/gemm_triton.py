@@ -148,15 +148,22 @@ def _block_scaled_mm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _pick_config(M: int, N: int, block_k: int) -> dict:
+def _pick_config(M: int, N: int, block_k: int, prescale: bool = False) -> dict:
     """Tile shape and accumulation scheme, from the H100 sweep in docs/perf_linear.md (8192x4096x4096).
 
     block_k >= 64 (DeepSeek 128): FP8 wgmma per K block into a fresh FP32 tile, promoted with the scales on
     CUDA cores (the precise scheme; the rescaled accumulator was 10% faster but chains Hopper's reduced-
     precision FP8 accumulation over all of K: 4e-3 relative error at K=14336). block_k < 64 (MXFP4 32,
     NVFP4 16): the exact bf16 upcast (full FP32 accumulation) with the rescaled single accumulator. The PRESCALE
-    scheme (module doc) is selected only by an explicit config (bench/fp4_gemm.py) until it is timed on a GPU.
+    scheme (module doc, `prescale=True`: precision.block_gemm=prescale) takes 128 x 128 x 64 tiles, 8 warps, 3 stages,
+    a first guess until bench/fp4_gemm.py has timed it on a GPU.
     """
+    if prescale:
+        if _INTERPRET:
+            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=max(64, block_k), GROUP_M=2, num_warps=4, num_stages=1,
+                        PRESCALE=True)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=max(64, block_k), GROUP_M=8, num_warps=8, num_stages=3,
+                    PRESCALE=True, DOT_BF16=True, TMA=True)
     block_kt = min(block_k, 128)
     if _INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_kt, GROUP_M=2, num_warps=4, num_stages=1, RESCALE=False)

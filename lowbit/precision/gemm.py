@@ -20,14 +20,32 @@ def _block_scale(q: QTensor, block_k: int) -> tuple[torch.Tensor, int]:
     return q.scale.reshape(rows, 1).expand(rows, cols // block_k).contiguous(), 1
 
 
-def quantized_matmul(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """[M, N] = dequant(a)[M, C] @ dequant(b)[N, C]^T (fp32 accumulation) in out_dtype."""
+def prescale_gain(q: QTensor) -> torch.Tensor | None:
+    """The gain g that makes every block scale of `q` times g exact in bf16 (lowbit.kernels.gemm_triton's prescaled
+    scheme): 1 for power-of-two (MXFP4) scales, NVFP4's tensor scale G; None when its scales are not of that kind."""
+    if not q.quantizer.blocked:
+        return None
+    if q.quantizer.scale_rule == "pow2":
+        return q.scale.new_ones(1)
+    if q.quantizer.scale_rule == "nvfp4":
+        return q.gain
+    return None
+
+
+def quantized_matmul(a: QTensor, b: QTensor, out_dtype: torch.dtype, block_gemm: str = "rescale") -> torch.Tensor:
+    """[M, N] = dequant(a)[M, C] @ dequant(b)[N, C]^T (fp32 accumulation) in out_dtype.
+    block_gemm: the block-scaled GEMM's scheme for FP4 block scales (precision.block_gemm): rescale (the default) or
+    prescale, where both operands carry exact-in-bf16 block scales (nvfp4, mxfp4); otherwise rescale."""
     if a.quantizer.blocked or b.quantizer.blocked:
         block_k = a.quantizer.block_cols if a.quantizer.blocked else b.quantizer.block_cols
         a_scale, a_rows = _block_scale(a, block_k)
         b_scale, b_rows = _block_scale(b, block_k)
+        gains = None
+        if block_gemm == "prescale":
+            a_gain, b_gain = prescale_gain(a), prescale_gain(b)
+            gains = (a_gain, b_gain) if a_gain is not None and b_gain is not None else None
         return block_scaled_mm(a.data, a_scale, b.data, b_scale, block_k=block_k, a_rows=a_rows, b_rows=b_rows,
-                               out_dtype=out_dtype)
+                               out_dtype=out_dtype, gains=gains)
     a_scale, b_scale = a.scale, b.scale
     if (a_scale.dim() == 0) != (b_scale.dim() == 0):
         # cuBLASLt takes both scales of one kind: a tensorwise scale next to a rowwise one is broadcast to rows

@@ -109,7 +109,7 @@ class QuantLinearFunction(torch.autograd.Function):
             # x in the compute dtype, for an unquantized forward or wgrad GEMM (cast once for both)
             x_plain = None if quantized["forward"] and quantized["wgrad"] else x2.to(out_dtype)
             if quantized["forward"]:
-                y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype)[:tokens]
+                y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype, recipe.block_gemm)[:tokens]
             else:
                 y = x_plain[:tokens] @ weight.to(out_dtype).t()
             if residual is not None:        # Compensation: y + (x - clamp(x)) W_hat^T, in high precision
@@ -125,8 +125,8 @@ class QuantLinearFunction(torch.autograd.Function):
         ctx.has_bias, ctx.compute_dtype, ctx.parts = bias is not None, out_dtype, len(pairs)
         weight_scales = [wq.scale for wq, _ in pairs] if quantized["forward"] else []
         # wgrad's x: quantized x^T, or x itself in the compute dtype; dgrad's W: quantized W^T parts, or W itself
-        x_saved = [xtq.data, xtq.scale] if quantized["wgrad"] else [x_plain, None]
-        wt_saved = [t for _, wtq in pairs for t in (wtq.data, wtq.scale)] if quantized["dgrad"] else []
+        x_saved = [xtq.data, xtq.scale, xtq.gain] if quantized["wgrad"] else [x_plain, None, None]
+        wt_saved = [t for _, wtq in pairs for t in (wtq.data, wtq.scale, wtq.gain)] if quantized["dgrad"] else []
         ctx.occ_inputs = 0 if clamped is None else 1 + len(outliers)
         ctx.residual_tensors, ctx.weight_scales, ctx.wt_saved = len(outliers), len(weight_scales), len(wt_saved)
         ctx.save_for_backward(weight, *x_saved, *wt_saved, *weight_scales, *outliers,
@@ -137,7 +137,7 @@ class QuantLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         recipe: Recipe = ctx.recipe
         quantized = {gemm: gemm not in recipe.high_precision for gemm in GEMMS}
-        weight, x_data, x_scale, *rest = ctx.saved_tensors
+        weight, x_data, x_scale, x_gain, *rest = ctx.saved_tensors
         n_wt, n_scales = ctx.wt_saved, ctx.weight_scales
         wt_saved, weight_scales = rest[:n_wt], rest[n_wt:n_wt + n_scales]
         outliers, transform = rest[n_wt + n_scales:n_wt + n_scales + ctx.residual_tensors], rest[-1]
@@ -154,9 +154,9 @@ class QuantLinearFunction(torch.autograd.Function):
             if noise is None and transform is None and quantize_dy and quantize_dyt:
                 dyq, dytq = quantize_pair(dy2, recipe.dy, recipe.dy_t, "output gradient")   # one fused pass
             if want_dx and quantized["dgrad"]:
-                wtqs = [QTensor(wt_saved[2 * i], wt_saved[2 * i + 1], recipe.w_t) for i in range(ctx.parts)]
+                wtqs = [QTensor(*wt_saved[3 * i:3 * i + 2], recipe.w_t, wt_saved[3 * i + 2]) for i in range(ctx.parts)]
                 dyq = dyq if dyq is not None else quantize(dy2, recipe.dy, noise, what="output gradient")
-                dx = _sum_matmuls(dyq, wtqs, cd)[:ctx.tokens]
+                dx = _sum_matmuls(dyq, wtqs, cd, recipe.block_gemm)[:ctx.tokens]
             elif want_dx:
                 dx = dy2[:ctx.tokens].to(cd) @ weight.to(cd)
             if dx is not None:
@@ -169,7 +169,8 @@ class QuantLinearFunction(torch.autograd.Function):
                 dytq = quantize(dyt.contiguous(), recipe.dy_t, noise_t, what="output gradient^T")
             if want_dw:
                 if quantized["wgrad"]:
-                    dw = quantized_matmul(dytq, QTensor(x_data, x_scale, recipe.x_t), cd).float()
+                    dw = quantized_matmul(dytq, QTensor(x_data, x_scale, recipe.x_t, x_gain), cd,
+                                          recipe.block_gemm).float()
                 else:
                     dw = (dy2.t().to(cd) @ x_data).float()
                 if residual is not None:    # the compensation's weight gradient: dy^T (x - clamp(x))
@@ -209,10 +210,10 @@ def occ_linear(x, weight, bias, recipe: Recipe, hadamard_signs) -> torch.Tensor:
 _occ_linear_eager = torch.compiler.disable(occ_linear)
 
 
-def _sum_matmuls(a: QTensor, bs: list[QTensor], out_dtype: torch.dtype) -> torch.Tensor:
+def _sum_matmuls(a: QTensor, bs: list[QTensor], out_dtype: torch.dtype, block_gemm: str) -> torch.Tensor:
     if len(bs) == 1:
-        return quantized_matmul(a, bs[0], out_dtype)
-    return sum(quantized_matmul(a, b, torch.float32) for b in bs).to(out_dtype)
+        return quantized_matmul(a, bs[0], out_dtype, block_gemm)
+    return sum(quantized_matmul(a, b, torch.float32, block_gemm) for b in bs).to(out_dtype)
 
 
 def _dge_factor(weight: torch.Tensor, scales: list[torch.Tensor], recipe: Recipe) -> torch.Tensor:

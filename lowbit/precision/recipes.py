@@ -42,6 +42,7 @@ class Recipe:
     hadamard: int = 0               # block size of the random Hadamard transform on wgrad inputs (0 = off)
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate scales for W's positive/negative values
     high_precision: tuple[str, ...] = ()    # GEMMs computed unquantized in the compute dtype: forward | dgrad | wgrad
+    block_gemm: str = "rescale"     # FP4 block GEMM scheme: rescale | prescale (lowbit.kernels.gemm_triton)
     outlier_group: Any = field(default=None, compare=False, repr=False)   # TP: x is a shard; OCC's quantile spans the group
 
 
@@ -100,6 +101,12 @@ def build_recipe(cfg) -> Recipe:
     if cfg.occ and occ_scope == "token" and occ_product != "dense":
         raise ValueError(f"precision.occ_scope=token needs precision.occ_product=dense (got {occ_product!r}): the "
                          f"compressed-row residual takes one threshold per tensor")
+    block_gemm = cfg.block_gemm
+    if block_gemm not in ("rescale", "prescale"):
+        raise ValueError(f"precision.block_gemm={block_gemm!r} is not supported; use rescale (the default) or prescale")
+    if block_gemm == "prescale" and name not in ("nvfp4", "mxfp4"):
+        raise ValueError(f"precision.block_gemm=prescale applies the block scales in bf16, exact only for FP4 blocks "
+                         f"with E4M3 or power-of-two scales (recipes nvfp4, mxfp4); recipe {name} needs rescale")
     hadamard = cfg.hadamard_size if cfg.hadamard else 0
     if hadamard and hadamard & (hadamard - 1):
         raise ValueError(f"precision.hadamard_size={hadamard} must be a power of two (16 as in NVIDIA's NVFP4 recipe)")
@@ -108,7 +115,7 @@ def build_recipe(cfg) -> Recipe:
                   dge_clip=cfg.dge_clip, occ=cfg.occ, occ_quantile=cfg.occ_quantile, occ_product=occ_product,
                   occ_scope=occ_scope,
                   stochastic_rounding=cfg.stochastic_rounding, hadamard=hadamard, asymmetric=cfg.asymmetric,
-                  high_precision=high_precision, **quantizers)
+                  high_precision=high_precision, block_gemm=block_gemm, **quantizers)
 
 
 def _high_precision(cfg, hadamard: int) -> tuple[str, ...]:

@@ -205,6 +205,9 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_break():
     a_q, a_scale, b_q, b_scale = make_block_case(9, 16, 64, 32, 1, 1, "fp4", "pow2", seed=6)
     torch.library.opcheck(torch.ops.lowbit.block_scaled_mm, (a_q, a_scale, b_q, b_scale, 32, 1, 1, torch.float32),
                           test_utils=("test_faketensor",))
+    gains = (torch.ones(1), torch.ones(1))          # the prescaled scheme's gains (ignored by the CPU reference)
+    torch.library.opcheck(torch.ops.lowbit.block_scaled_mm, (a_q, a_scale, b_q, b_scale, 32, 1, 1, torch.float32,
+                                                             *gains), test_utils=("test_faketensor",))
     sa, sb = torch.rand(9, 1) + 0.1, torch.rand(16, 1) + 0.1
 
     def both(a_q, b_q):      # scaled_mm traces straight to torch._scaled_mm on CUDA (its reference here)

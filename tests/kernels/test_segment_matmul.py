@@ -127,16 +127,14 @@ def test_occ_layer_compiles_in_one_graph_and_equals_eager():
     """OCC's data-dependent residual lives in custom ops: the OCC linear traces without a graph break when Dynamo
     captures data-dependent sizes, and the AOT-traced forward and backward equal eager bit for bit. (QuantLinear
     itself runs OCC eagerly under compile: this tracing failed end to end on the H200, see linear.quant_linear.)"""
-    from types import SimpleNamespace
-
+    from lowbit.config import PrecisionConfig
     from lowbit.precision.linear import QuantLinear, occ_linear
     from lowbit.precision.recipes import build_recipe
     torch.library.opcheck(torch.ops.lowbit.occ_matmul_add, (torch.randn(3, 5), torch.tensor([0, 1, 1, 2]),
                           torch.tensor([1, 0]), torch.randn(2), torch.tensor([2]), torch.randn(3, 1),
                           torch.randn(4, 5)), test_utils=("test_faketensor",))
-    cfg = SimpleNamespace(recipe="fp4_vectorwise", grad_format="e4m3", dge=True, dge_k=5.0, dge_clip=3.0, occ=True,
-                          occ_quantile=0.97, occ_product="sparse", occ_scope="tensor", stochastic_rounding=False,
-                          hadamard=False, hadamard_size=16, asymmetric=False, block_size=32, high_precision=[])
+    cfg = PrecisionConfig(recipe="fp4_vectorwise", dge=True, occ=True, occ_quantile=0.97, occ_product="sparse",
+                          block_size=32)
     torch.manual_seed(8)
     layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), build_recipe(cfg), name="l")
     x = torch.randn(32, 64)

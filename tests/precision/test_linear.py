@@ -1,11 +1,11 @@
 """QuantLinear of every recipe: forward and autograd backward equal float64 math on the same
 quantized operands (to 1e-3 relative); master weights and state_dict stay those of nn.Linear."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from lowbit.config import PrecisionConfig
 from lowbit.precision.formats import get_format
 from lowbit.precision.linear import QuantLinear, pad_rows, weight_parts
 from lowbit.precision.methods import clamp_outliers, hadamard_last_axis, hadamard_matrix
@@ -33,7 +33,7 @@ CASES = [
 
 
 def precision_cfg(recipe, **overrides):
-    return SimpleNamespace(recipe=recipe, **{**BASE, **overrides})
+    return PrecisionConfig(recipe=recipe, **{**BASE, **overrides})
 
 
 def relative_error(got, want):
@@ -296,3 +296,61 @@ def test_padding_is_logged_once_outside_the_traced_graph(caplog):
         precision.note_padding(40, precision_cfg("fp8_blockwise"))
     messages = [r.getMessage() for r in caplog.records if "zero-padding" in r.getMessage()]
     assert len(messages) == 1 and f"40 tokens, not a multiple of {recipe.token_multiple}" in messages[0]
+
+
+def layer_against_float64(recipe, device: str = "cpu") -> dict[str, float]:
+    """QuantLinear(64 -> 96) forward and backward on `device`: the relative errors of y, dx, dW against the float64
+    reference of the same quantized math."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    layer = QuantLinear.from_linear(linear, recipe, name="layer", seed=3).to(device)
+    x = (torch.randn(3, 7, 64) * torch.logspace(-2, 1, 64)).to(device).requires_grad_()
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want_y, want_dx, want_dw, _ = reference_forward_backward(x.detach().cpu(), layer.weight.detach().cpu(),
+                                                             layer.bias.detach().cpu(), dy.cpu(), recipe,
+                                                             layer.hadamard_signs.cpu())
+    return {"y": relative_error(y.detach().cpu().reshape(-1, 96), want_y),
+            "dx": relative_error(x.grad.cpu().reshape(-1, 64), want_dx),
+            "dw": relative_error(layer.weight.grad.cpu(), want_dw)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="routes CPU tensors through the Triton interpreter")
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_prescaled_block_gemm_gets_exact_gains_in_all_three_gemms(name, monkeypatch):
+    """precision.block_gemm=prescale: the forward, dgrad and wgrad GEMMs each reach the block-scaled GEMM with the
+    operands' gains (NVFP4's tensor scales G, saved through backward; 1 for MXFP4), and the Triton kernel's prescaled
+    scheme (interpreter; on CPU the layer would otherwise use the float32 reference) gives the float64 result."""
+    from lowbit.kernels.gemm_triton import _pick_config, block_scaled_mm_triton
+    from lowbit.precision import gemm as precision_gemm
+
+    calls = []
+
+    def triton_gemm(a_q, a_scale, b_q, b_scale, *, block_k, a_rows, b_rows, out_dtype, gains):
+        calls.append(gains)
+        assert gains is not None, "a GEMM of the layer ran without gains"
+        return block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, a_rows=a_rows, b_rows=b_rows,
+                                      out_dtype=out_dtype, gains=gains,
+                                      config=_pick_config(a_q.shape[0], b_q.shape[0], block_k, prescale=True))
+    monkeypatch.setattr(precision_gemm, "block_scaled_mm", triton_gemm)
+    errors = layer_against_float64(build_recipe(precision_cfg(name, block_gemm="prescale")))
+    assert len(calls) == 3
+    if name == "nvfp4":          # G of x, W, dy, W^T, dy^T, x^T: each operand's own tensor scale, not 1
+        assert all(g.item() != 1.0 for gains in calls for g in gains)
+    assert max(errors.values()) < 1e-5, errors
+    with pytest.raises(ValueError, match="block_gemm=prescale applies the block scales in bf16"):
+        build_recipe(precision_cfg("fp8_blockwise", block_gemm="prescale"))
+    with pytest.raises(ValueError, match="block_gemm='fast' is not supported"):
+        build_recipe(precision_cfg(name, block_gemm="fast"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8")
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("block_gemm", ["rescale", "prescale"])
+def test_block_gemm_schemes_on_gpu_equal_float64(name, block_gemm):
+    """Both block GEMM schemes of the FP4 block recipes, compiled, forward and backward of one layer."""
+    errors = layer_against_float64(build_recipe(precision_cfg(name, block_gemm=block_gemm)), "cuda")
+    assert max(errors.values()) < 1e-3, errors
