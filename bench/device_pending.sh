@@ -25,7 +25,8 @@
 #                                     GEMM over loads and tiles (bench/block_gemm.py)
 #   bench/device_pending.sh fp4gemm   the NVFP4 / MXFP4 GEMM: GPU tests of the prescaled scheme (block scales applied
 #                                     to the operand tiles in bf16, 64-128-deep K tiles), then it over tiles against
-#                                     the default rescaled scheme and bf16 cuBLAS (bench/fp4_gemm.py; issue 3)
+#                                     the default rescaled scheme and bf16 cuBLAS (bench/fp4_gemm.py), and one
+#                                     linear fwd+bwd with precision.block_gemm=prescale (bench/linear.py; issue 3)
 set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -90,8 +91,12 @@ case "${1:-}" in
     python3 bench/block_gemm.py --shapes 8192x4096x4096 8192x4096x14336 --json "$OUT/block_gemm.json" 2>&1 \
       | tee "$OUT/block_gemm.log" ;;
   fp4gemm)
-    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py 2>&1 | tail -3 | tee "$OUT/fp4gemm_gpu_tests.log"
-    python3 bench/fp4_gemm.py --json "$OUT/fp4_gemm.json" 2>&1 | tee "$OUT/fp4_gemm.log" ;;
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py tests/precision/test_linear.py 2>&1 \
+      | tail -3 | tee "$OUT/fp4gemm_gpu_tests.log"
+    python3 bench/fp4_gemm.py --json "$OUT/fp4_gemm.json" 2>&1 | tee "$OUT/fp4_gemm.log"
+    python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \
+      --recipes nvfp4,nvfp4+prescale,mxfp4,mxfp4+prescale --compile-lowbit nvfp4,nvfp4+prescale,mxfp4,mxfp4+prescale \
+      --out "$OUT" 2>&1 | tail -40 | tee "$OUT/linear_fp4_prescale.log" ;;
   determinism)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     args="model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz]

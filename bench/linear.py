@@ -11,7 +11,8 @@ sets so no operand stays in L2, random data):
 All parameters and activations are bf16 (the convention of torchao's float8 benchmarks).
 
     python bench/linear.py --out $OUT/linear.json [--shapes 8192x4096x4096,...] [--recipes ...]
-    (a recipe fp8_rowwise+gw_hp keeps the weight-gradient GEMM in bf16, timed next to torchao's rowwise_with_gw_hp)
+    (a recipe fp8_rowwise+gw_hp keeps the weight-gradient GEMM in bf16, timed next to torchao's rowwise_with_gw_hp;
+    nvfp4+prescale and mxfp4+prescale run their GEMMs by the prescaled scheme, precision.block_gemm=prescale)
 Prints a ratio table (speed-up over bf16 nn.Linear) last. Does not import hydra.
 """
 from __future__ import annotations
@@ -34,8 +35,9 @@ SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096)]      # (
 RECIPES = ["fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "fp4_vectorwise", "nvfp4", "mxfp4"]
 BARS = {"fp8_tensorwise": 1.5, "fp8_rowwise": 1.4, "fp4_vectorwise": 1.35, "fp8_blockwise": 1.2, "nvfp4": 1.2}
 TORCHAO_OF = {"fp8_tensorwise": "tensorwise", "fp8_rowwise": "rowwise"}
-# RECIPE+SUFFIX: the recipe with some GEMMs left in bf16 (precision.high_precision), next to torchao's equivalent
-HIGH_PRECISION = {"gw_hp": (["wgrad"], "rowwise_with_gw_hp")}
+# RECIPE+SUFFIX: the recipe with these precision options (e.g. some GEMMs left in bf16), next to torchao's equivalent
+SUFFIXES = {"gw_hp": ({"high_precision": ["wgrad"]}, "rowwise_with_gw_hp"),
+            "prescale": ({"block_gemm": "prescale"}, None)}
 ROTATE = 3          # input sets rotated between calls
 
 
@@ -220,14 +222,13 @@ def make_linear(K, N, seed=0) -> nn.Linear:
 
 
 def lowbit_layer(recipe_name: str, K, N) -> nn.Module:
-    """recipe_name: a recipe, or RECIPE+SUFFIX with SUFFIX a key of HIGH_PRECISION (e.g. fp8_rowwise+gw_hp)."""
+    """recipe_name: a recipe, or RECIPE+SUFFIX with SUFFIX a key of SUFFIXES (e.g. fp8_rowwise+gw_hp)."""
     from lowbit.config import PrecisionConfig
     from lowbit.precision.linear import QuantLinear
     from lowbit.precision.recipes import build_recipe
     recipe, _, suffix = recipe_name.partition("+")
-    high_precision = HIGH_PRECISION[suffix][0] if suffix else []
-    return QuantLinear.from_linear(make_linear(K, N), build_recipe(PrecisionConfig(recipe=recipe,
-                                                                                   high_precision=high_precision)))
+    options = SUFFIXES[suffix][0] if suffix else {}
+    return QuantLinear.from_linear(make_linear(K, N), build_recipe(PrecisionConfig(recipe=recipe, **options)))
 
 
 def torchao_layer(recipe: str, K, N) -> nn.Module:
@@ -248,7 +249,8 @@ def check_close_to_bf16(layer: nn.Module, K, N) -> float:
 
 def linear_table(M, K, N, recipes, compile_recipes, deadline: float) -> dict:
     rows = {"bf16_nn.Linear": fwd_bwd_ms(make_linear(K, N), M, K, N)}
-    torchao = list(TORCHAO_OF.values()) + [HIGH_PRECISION[r.partition("+")[2]][1] for r in recipes if "+" in r]
+    torchao = list(TORCHAO_OF.values()) + [SUFFIXES[r.partition("+")[2]][1] for r in recipes if "+" in r]
+    torchao = [ao for ao in torchao if ao]
     variants = [(f"torchao_{ao}_compiled", lambda ao=ao: torchao_layer(ao, K, N)) for ao in dict.fromkeys(torchao)]
     variants += [(f"lowbit_{r}", lambda r=r: lowbit_layer(r, K, N)) for r in recipes]
     variants += [(f"lowbit_{r}_compiled", lambda r=r: torch.compile(lowbit_layer(r, K, N))) for r in compile_recipes]
