@@ -56,7 +56,8 @@ class PrecisionConfig:
                                     # so a token's output depends slightly on the rest of the batch) | token (each
                                     # token's own quantile over its K values: a causal LM stays causal)
     occ_product: str = "dense"      # OCC's compensation: dense (the residual x - clamp(x) as a full matrix, products
-                                    # by GEMMs; compiles) | sparse (compressed rows, a gather kernel; runs eagerly)
+                                    # by bf16 GEMMs; compiles) | fp8 (the same matrix rounded to E4M3 per row, FP8
+                                    # GEMMs; compiles) | sparse (compressed rows, a gather kernel; runs eagerly)
     stochastic_rounding: bool = False   # for gradient operands
     hadamard: bool = False          # random Hadamard transform on wgrad inputs (Quartet / NVIDIA NVFP4 recipe)
     hadamard_size: int = 16         # block size of that transform along the token axis (power of two)

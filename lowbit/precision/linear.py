@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 from lowbit.kernels.quantize import quantize, quantize_pair
 from lowbit.precision.gemm import quantized_matmul
 from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix, residual_from
-from lowbit.precision.recipes import GEMMS, Recipe
+from lowbit.precision.recipes import GEMMS, Recipe, occ_residual_quantizer
 from lowbit.precision.sharded import shard_recipe, tensor_parallel_layout
 from lowbit.precision.scaling import QTensor, expand_scale
 
@@ -112,7 +112,12 @@ class QuantLinearFunction(torch.autograd.Function):
                 y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype, recipe.block_gemm)[:tokens]
             else:
                 y = x_plain[:tokens] @ weight.to(out_dtype).t()
-            if residual is not None:        # Compensation: y + (x - clamp(x)) W_hat^T, in high precision
+            if residual is not None and recipe.occ_product == "fp8":
+                # Compensation at FP8 rate: R per token in E4M3 times W's quantized parts (FP4 values are E4M3)
+                rq = quantize(pad_rows(residual.values, recipe.token_multiple), occ_residual_quantizer(recipe.x),
+                              what="OCC residual")
+                y = y + _sum_matmuls(rq, [wq for wq, _ in pairs], out_dtype, recipe.block_gemm)[:tokens]
+            elif residual is not None:      # Compensation: y + (x - clamp(x)) W_hat^T, in high precision
                 w_hat = sum(wq.dequantize() for wq, _ in pairs)
                 y = residual.matmul_add(y, w_hat.t())    # one rounding to y's dtype
             if bias is not None:
@@ -173,7 +178,13 @@ class QuantLinearFunction(torch.autograd.Function):
                                           recipe.block_gemm).float()
                 else:
                     dw = (dy2.t().to(cd) @ x_data).float()
-                if residual is not None:    # the compensation's weight gradient: dy^T (x - clamp(x))
+                if residual is not None and recipe.occ_product == "fp8" and quantized["wgrad"]:
+                    # at FP8 rate: the quantized dy^T (already made for the wgrad GEMM) times R^T per input channel
+                    rt = pad_rows(residual.values, recipe.token_multiple).t()
+                    rt = rt if transform is None else hadamard_last_axis(rt, transform)
+                    rtq = quantize(rt.contiguous(), occ_residual_quantizer(recipe.x_t), what="OCC residual^T")
+                    dw = dw + quantized_matmul(dytq, rtq, torch.float32).float()
+                elif residual is not None:  # the compensation's weight gradient: dy^T (x - clamp(x))
                     dw = dw + residual.t_matmul(dy2[:ctx.tokens], weight.shape[1]).t()
                 if recipe.dge:               # arXiv 2501.17116 eq. 8: dL/dW = dL/dW_q * f'(W / scale)
                     dw = dw * _dge_factor(weight, weight_scales, recipe)
@@ -189,21 +200,23 @@ class QuantLinearFunction(torch.autograd.Function):
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, hadamard_signs) -> torch.Tensor:
     """QuantLinearFunction; with OCC, its clamp and residual are computed first (lowbit.precision.methods).
     recipe.occ_product="dense" (the default): the residual is a full matrix and its products GEMMs, static shapes,
-    so torch.compile keeps the layer in one graph. "sparse": compressed rows with data-dependent sizes; under
+    so torch.compile keeps the layer in one graph; "fp8": the same, its products in FP8 (the residual rounded to E4M3
+    per token / per input channel). "sparse": compressed rows with data-dependent sizes; under
     torch.compile such a layer runs eagerly (torch.compiler.disable): tracing the sizes through
     (capture_dynamic_output_shape_ops) compiles with Inductor on CPU (torch 2.13) but failed in Inductor's
     scheduler on the H200 end to end (torch 2.11, 2026-12-01, docs/bench_h200_2026-12-01/e2e_call3_traced_failed.log)."""
     note_padding(x.shape[:-1].numel(), recipe.token_multiple)
     if not recipe.occ:
         return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs)
-    if recipe.occ_product == "dense":
+    if recipe.occ_product in ("dense", "fp8"):
         return occ_linear(x, weight, bias, recipe, hadamard_signs)
     return _occ_linear_eager(x, weight, bias, recipe, hadamard_signs)
 
 
 def occ_linear(x, weight, bias, recipe: Recipe, hadamard_signs) -> torch.Tensor:
+    product = "dense" if recipe.occ_product == "fp8" else recipe.occ_product      # fp8: a full residual matrix too
     clamped, residual = clamp_outliers(x.detach().reshape(-1, x.shape[-1]), recipe.occ_quantile, recipe.outlier_group,
-                                       product=recipe.occ_product, scope=recipe.occ_scope)
+                                       product=product, scope=recipe.occ_scope)
     return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, clamped, *residual.tensors())
 
 

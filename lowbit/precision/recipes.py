@@ -37,7 +37,8 @@ class Recipe:
     occ: bool = False               # arXiv 2501.17116 sec. 3.2: Outlier Clamping and Compensation (activations)
     occ_quantile: float = 0.99
     occ_scope: str = "tensor"       # OCC's threshold: one quantile per tensor (the paper's) | per token (causal)
-    occ_product: str = "dense"      # OCC's compensation products: dense (GEMMs, compiles) | sparse (compressed rows)
+    occ_product: str = "dense"      # OCC's compensation products: dense (bf16 GEMMs, compiles) | fp8 (E4M3 residual,
+                                    # FP8 GEMMs) | sparse (compressed rows)
     stochastic_rounding: bool = False   # dy / dy^T rounded stochastically (unbiased gradients)
     hadamard: int = 0               # block size of the random Hadamard transform on wgrad inputs (0 = off)
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate scales for W's positive/negative values
@@ -91,16 +92,17 @@ def build_recipe(cfg) -> Recipe:
     if cfg.occ and not 0.5 < cfg.occ_quantile < 1.0:
         raise ValueError(f"precision.occ_quantile={cfg.occ_quantile} must lie in (0.5, 1), e.g. 0.99")
     occ_product = cfg.occ_product
-    if occ_product not in ("dense", "sparse"):
+    if occ_product not in ("dense", "fp8", "sparse"):
         raise ValueError(f"precision.occ_product={occ_product!r} is not supported; use dense (the residual's products "
-                         f"as GEMMs) or sparse (compressed rows and a gather kernel)")
+                         f"as bf16 GEMMs), fp8 (the residual rounded to E4M3, FP8 GEMMs) or sparse (compressed rows "
+                         f"and a gather kernel)")
     occ_scope = cfg.occ_scope
     if occ_scope not in ("tensor", "token"):
         raise ValueError(f"precision.occ_scope={occ_scope!r} is not supported; use tensor (one clamp quantile over the "
                          f"activation tensor, as in arXiv 2501.17116) or token (each token's own quantile: causal)")
-    if cfg.occ and occ_scope == "token" and occ_product != "dense":
-        raise ValueError(f"precision.occ_scope=token needs precision.occ_product=dense (got {occ_product!r}): the "
-                         f"compressed-row residual takes one threshold per tensor")
+    if cfg.occ and occ_scope == "token" and occ_product == "sparse":
+        raise ValueError(f"precision.occ_scope=token needs precision.occ_product=dense or fp8 (got "
+                         f"{occ_product!r}): the compressed-row residual takes one threshold per tensor")
     block_gemm = cfg.block_gemm
     if block_gemm not in ("rescale", "prescale"):
         raise ValueError(f"precision.block_gemm={block_gemm!r} is not supported; use rescale (the default) or prescale")
@@ -135,6 +137,13 @@ def _high_precision(cfg, hadamard: int) -> tuple[str, ...]:
     if len(gemms) == len(GEMMS):
         raise ValueError(f"precision.high_precision={list(gemms)} leaves no GEMM quantized; use precision=bf16")
     return gemms
+
+
+def occ_residual_quantizer(quantizer: Quantizer) -> Quantizer:
+    """precision.occ_product=fp8: OCC's residual in E4M3 with one absmax scale per row along the contraction axis
+    (per token for the forward GEMM, per input channel for the weight gradient's), over the same amax group as
+    the operand it compensates."""
+    return replace(quantizer, fmt=E4M3, block_rows=1, block_cols=0, scale_rule="absmax")
 
 
 def with_grad_format(recipe: Recipe, fmt_name: str) -> Recipe:

@@ -10,7 +10,7 @@ from lowbit.precision.formats import get_format
 from lowbit.precision.linear import QuantLinear, pad_rows, weight_parts
 from lowbit.precision.methods import clamp_outliers, hadamard_last_axis, hadamard_matrix
 from lowbit.precision.recipes import build_recipe
-from lowbit.precision.scaling import NonFiniteAmaxError, quantize_reference
+from lowbit.precision.scaling import NonFiniteAmaxError, Quantizer, quantize_reference
 from tests.precision.reference import dge_float64
 
 BASE = dict(grad_format="e4m3", dge=False, dge_k=5.0, dge_clip=3.0, occ=False, occ_quantile=0.99, occ_product="dense",
@@ -23,6 +23,8 @@ CASES = [
     ("fp8_rowwise", {"grad_format": "e5m2"}), ("fp8_blockwise", {}), ("fp4_vectorwise", {}),
     ("fp4_vectorwise", {"dge": True, "occ": True}), ("fp4_vectorwise", {"dge": True, "occ": True, "occ_product": "sparse"}),
     ("fp4_vectorwise", {"dge": True, "occ": True, "occ_scope": "token"}),
+    ("fp4_vectorwise", {"dge": True, "occ": True, "occ_product": "fp8"}),
+    ("fp4_vectorwise", {"occ": True, "occ_product": "fp8", "hadamard": True}), ("nvfp4", {"occ": True, "occ_product": "fp8"}),
     ("fp4_vectorwise", {"asymmetric": True, "dge": True}),
     ("fp4_vectorwise", {"hadamard": True}), ("nvfp4", {}), ("nvfp4", {"hadamard": True}), ("mxfp4", {}),
     # GEMMs left unquantized (precision.high_precision), the others as the recipe quantizes them
@@ -30,6 +32,9 @@ CASES = [
     ("fp4_vectorwise", {"dge": True, "occ": True, "high_precision": ["dgrad", "wgrad"]}),
     ("nvfp4", {"high_precision": ["dgrad"]}),
 ]
+
+
+E4M3_ROWS = Quantizer(get_format("e4m3"), 1, 0)     # occ_product=fp8: the residual, one absmax scale per row
 
 
 def precision_cfg(recipe, **overrides):
@@ -53,6 +58,9 @@ def reference_forward_backward(x, weight, bias, dy, recipe, signs):
         residual = sparse.to_dense(x2.shape[1]).double()
     x2 = pad_rows(x2, recipe.token_multiple)
     residual = pad_rows(residual, recipe.token_multiple)
+    dense_residual = residual.float()
+    if recipe.occ_product == "fp8":  # the residual rounded to E4M3 per token for the forward GEMM (wgrad's below)
+        residual = deq(dense_residual, E4M3_ROWS)
     parts = weight_parts(weight.detach(), recipe.asymmetric)
     w_hat = sum(deq(p, recipe.w) for p in parts)
     wt_hat = sum(deq(p.t(), recipe.w_t) for p in parts)
@@ -70,8 +78,13 @@ def reference_forward_backward(x, weight, bias, dy, recipe, signs):
     if recipe.hadamard:
         transform = hadamard_matrix(recipe.hadamard, signs)
         xt, dyt = hadamard_last_axis(xt, transform), hadamard_last_axis(dyt, transform)
+    if recipe.occ_product == "fp8":     # R^T per input channel, transformed along the tokens as x^T is
+        rt = dense_residual.t() if not recipe.hadamard else hadamard_last_axis(dense_residual.t(), transform)
+        residual_t = deq(rt.contiguous(), E4M3_ROWS)
     if "wgrad" in hp:
         dw = dyt.double() @ xt.double().t() + dy2.double().t() @ residual
+    elif recipe.occ_product == "fp8":
+        dw = deq(dyt.contiguous(), recipe.dy_t) @ (deq(xt.contiguous(), recipe.x_t) + residual_t).t()
     else:
         dw = deq(dyt.contiguous(), recipe.dy_t) @ deq(xt.contiguous(), recipe.x_t).t() + dy2.double().t() @ residual
     if recipe.dge:
@@ -204,15 +217,14 @@ def test_quantization_statistics_match_direct_computation():
     assert set(logged) == {f"quant/l/{o}/{k}" for o in "xw" for k in ("absmax", "clamped", "flushed", "sqnr_db")}
 
 
-def test_occ_dense_product_compiles_in_one_graph_and_equals_sparse():
-    """OCC with occ_product=dense (the default): static shapes, so the layer traces without a graph break; its
-    forward and gradients equal the sparse product's (compressed rows) to float32 rounding, with bfloat16 inputs
-    within bfloat16's rounding of the residual."""
+def occ_layers(products):
+    """fp4 vectorwise + DGE + OCC layers sharing one weight, one per OCC product; an input whose channel 7 is an
+    outlier channel; step(layer, x) -> (y, dx, dW) for a fixed dy."""
     torch.manual_seed(2)
     linear = torch.nn.Linear(64, 48)
     layers = {product: QuantLinear.from_linear(linear, build_recipe(precision_cfg(
         "fp4_vectorwise", dge=True, occ=True, occ_quantile=0.95, occ_product=product)), name="l")
-        for product in ("dense", "sparse")}
+        for product in products}
     x = torch.randn(40, 64) * torch.logspace(-1, 1, 64)
     x[:, 7] *= 30.0
     dy = torch.randn(40, 48)
@@ -221,6 +233,14 @@ def test_occ_dense_product_compiles_in_one_graph_and_equals_sparse():
         x = x.detach().requires_grad_(True)
         y = layer(x)
         return (y, *torch.autograd.grad(y, (x, linear.weight), dy.to(y.dtype)))
+    return layers, x, step
+
+
+def test_occ_dense_product_compiles_in_one_graph_and_equals_sparse():
+    """OCC with occ_product=dense (the default): static shapes, so the layer traces without a graph break; its
+    forward and gradients equal the sparse product's (compressed rows) to float32 rounding, with bfloat16 inputs
+    within bfloat16's rounding of the residual."""
+    layers, x, step = occ_layers(("dense", "sparse"))
     dense, sparse = step(layers["dense"], x), step(layers["sparse"], x)
     for got, want in zip(dense, sparse):
         assert relative_error(got, want.double()) < 1e-6
@@ -231,6 +251,20 @@ def test_occ_dense_product_compiles_in_one_graph_and_equals_sparse():
         dense16, sparse16 = step(layers["dense"], x), step(layers["sparse"], x)
     for got, want in zip(dense16, sparse16):
         assert relative_error(got.float(), want.double()) < 1e-2
+
+
+def test_occ_fp8_product_compiles_in_one_graph_and_equals_eager():
+    """occ_product=fp8 (the residual rounded to E4M3 per row, its products FP8 GEMMs) keeps the layer in one graph
+    like dense, compiled == eager bit for bit (aot_eager), and stays within E4M3's rounding of the outliers of the
+    bf16-product layer."""
+    layers, x, step = occ_layers(("dense", "fp8"))
+    fp8, dense = step(layers["fp8"], x), step(layers["dense"], x)
+    assert torch._dynamo.explain(layers["fp8"])(x).graph_break_count == 0
+    for got, want in zip(step(torch.compile(layers["fp8"], backend="aot_eager"), x), fp8):
+        assert torch.equal(got, want)
+    errors = [relative_error(got, want.double()) for got, want in zip(fp8, dense)]
+    assert errors[1] < 1e-6                       # dx does not involve the residual
+    assert 1e-5 < errors[0] < 0.03 and 1e-5 < errors[2] < 0.03, errors      # y and dW: E4M3 (2^-4) on the outliers
 
 
 def test_occ_product_must_be_known():
