@@ -47,6 +47,8 @@ declare -A VARIANTS=(
   [fp8_tensorwise_seed7]="precision=fp8_tensorwise trainer.seed=7"
   # seed 7 moved fp8 tensorwise from -2.4% to +1.5% of bf16 (ninth session): does fp4 + DGE + OCC's -4.4% hold?
   [fp4_dge_occ_seed7]="precision=fp4_vectorwise trainer.seed=7"
+  # OCC's compensation in FP8 (the residual rounded to E4M3 per row): does the main job's recipe converge as before?
+  [fp4_dge_occ_fp8]="precision=fp4_vectorwise precision.occ_product=fp8"
 )
 NAMES=${NAMES:-bf16 fp8_rowwise fp4_dge_occ fp4_plain}   # e.g. NAMES="bf16 fp4_dge fp4_occ_token bf16_lr1e3"
 gpus=$(nvidia-smi -L | wc -l); gpu=0

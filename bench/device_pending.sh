@@ -8,7 +8,8 @@
 #   bench/device_pending.sh memory_compiled   the same with each decoder layer compiled (the trainer's default)
 #   bench/device_pending.sh occ       OCC's compensation: the clamp and segment kernels' GPU tests, then the clamp and the
 #                                     products next to the bf16 GEMM, and one layer eager and compiled (bench/occ.py)
-#   bench/device_pending.sh occ_e2e   the main job end to end against bf16: OCC by dense and by sparse products, no OCC
+#   bench/device_pending.sh occ_e2e   the main job end to end against bf16: OCC's products in bf16 (the default) and in
+#                                     FP8 (precision.occ_product=fp8), and no OCC
 #   bench/device_pending.sh attention the fused target kernel over 128- and 256-row tiles and launch settings
 #                                     against SDPA at 8k and 32k, and the block-sparse kernel (issue 4; bench/attention.py)
 #   bench/device_pending.sh backends  the same with the defaults only, and SDPA timed on each of its backends
@@ -70,7 +71,7 @@ case "${1:-}" in
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
     python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
-      --variant "fp4=+exp=fp4_llama $data" --variant "fp4_sparse=+exp=fp4_llama precision.occ_product=sparse $data" \
+      --variant "fp4=+exp=fp4_llama $data" --variant "fp4_occ_fp8=+exp=fp4_llama precision.occ_product=fp8 $data" \
       --variant "fp4_no_occ=+exp=fp4_llama precision.occ=false $data" 2>&1 | tee "$OUT/e2e_occ.log" ;;
   attention)
     # 256-row query tiles: 1.49x SDPA at 32k against 1.58x for 128 rows in one run (2026-12-01, seventh session)

@@ -7,7 +7,8 @@ two Triton passes, lowbit/kernels/occ_clamp.py, and by the PyTorch path), and th
 two compensation products, forward R W_hat^T and weight-gradient R^T dy, by lowbit's path (GEMMs for the dense
 columns, the Triton segment kernel for the rest) and by cuSPARSE on a COO residual (`torch.sparse.mm`), plus the
 segment kernel's PyTorch path (index_add) for the forward. Then one linear layer fwd+bwd: bf16, fp4 vectorwise+DGE,
-and with OCC by each product (sparse: the above; dense: the residual as a full matrix, GEMMs), eager, and with
+and with OCC by each product (sparse: the above; dense: the residual as a full matrix, GEMMs; fp8: that matrix rounded
+to E4M3 per row, FP8 GEMMs), eager, and with
 --compile also compiled as the trainer compiles (a sparse-OCC layer runs eagerly there). CUDA-event medians.
 
     python bench/occ.py --tokens 8192 --shapes 4096,4096 4096,14336 14336,4096 --patterns channels gaussian --compile
@@ -66,8 +67,8 @@ def bench(tokens: int, k: int, n: int, quantile: float, pattern: str, compile_la
 
 
 def layers(k: int, n: int, quantile: float) -> dict:
-    """One linear layer four ways, fwd+bwd timed on the same x: bf16, fp4 vectorwise+DGE, and with OCC (sparse and
-    dense products)."""
+    """One linear layer five ways, fwd+bwd timed on the same x: bf16, fp4 vectorwise+DGE, and with OCC (sparse, dense
+    and FP8 products)."""
     from lowbit.config import PrecisionConfig
     from lowbit.precision.linear import QuantLinear
     from lowbit.precision.recipes import build_recipe
@@ -76,7 +77,7 @@ def layers(k: int, n: int, quantile: float) -> dict:
     fp4 = {name: QuantLinear.from_linear(linear, build_recipe(PrecisionConfig(
         recipe="fp4_vectorwise", dge=True, occ=occ, occ_quantile=quantile, occ_product=product)))
         for name, occ, product in (("fp4", False, "dense"), ("fp4_occ_sparse", True, "sparse"),
-                                   ("fp4_occ_dense", True, "dense"))}
+                                   ("fp4_occ_dense", True, "dense"), ("fp4_occ_fp8", True, "fp8"))}
     return {"bf16": linear, **fp4}
 
 
@@ -91,18 +92,19 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, quantile {args.quantile}", flush=True)
     print("| x | M | K | N | sparse outliers | dense columns | bf16 GEMM ms | threshold / clamp (Triton) / clamp (PyTorch) "
           "/ clamp (dense) ms | fwd lowbit / torch sparse / COO ms | wgrad lowbit / COO ms | layer fwd+bwd eager: bf16 / "
-          "fp4+DGE / +OCC sparse / +OCC dense ms | compiled: bf16 / fp4+DGE / +OCC dense ms |")
+          "fp4+DGE / +OCC sparse / +OCC dense / +OCC fp8 ms | compiled: bf16 / fp4+DGE / +OCC dense / +OCC fp8 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for pattern, shape in itertools.product(args.patterns, args.shapes):
         k, n = (int(v) for v in shape.split(","))
         r = bench(args.tokens, k, n, args.quantile, pattern, args.compile)
         compiled = " / ".join(f"{r.get(f'layer_{name}_compiled_ms', float('nan')):.3f}"
-                              for name in ("bf16", "fp4", "fp4_occ_dense"))
+                              for name in ("bf16", "fp4", "fp4_occ_dense", "fp4_occ_fp8"))
         print(f"| {pattern} | {r['tokens']} | {k} | {n} | {r['sparse']} | {r['dense']} | {r['gemm_bf16_ms']:.3f} | "
               f"{r['threshold_ms']:.3f} / {r['clamp_ms']:.3f} / {r['clamp_torch_ms']:.3f} / {r['clamp_dense_ms']:.3f} | "
               f"{r['fwd_triton_ms']:.3f} / {r['fwd_torch_ms']:.3f} / {r['fwd_coo_ms']:.3f} | "
               f"{r['wgrad_triton_ms']:.3f} / {r['wgrad_coo_ms']:.3f} | {r['layer_bf16_ms']:.3f} / "
-              f"{r['layer_fp4_ms']:.3f} / {r['layer_fp4_occ_sparse_ms']:.3f} / {r['layer_fp4_occ_dense_ms']:.3f} | "
+              f"{r['layer_fp4_ms']:.3f} / {r['layer_fp4_occ_sparse_ms']:.3f} / {r['layer_fp4_occ_dense_ms']:.3f} / "
+              f"{r['layer_fp4_occ_fp8_ms']:.3f} | "
               f"{compiled} |", flush=True)
 
 

@@ -18,7 +18,8 @@ RUNS = {"bf16": "bf16", "fp8_rowwise": "fp8 rowwise", "fp4_dge_occ": "fp4 vector
         "bf16_repeat": "bf16, an earlier run of the same settings",
         "fp8_tensorwise_fwd": "fp8 tensorwise, forward GEMM only",
         "fp8_tensorwise_bwd": "fp8 tensorwise, backward GEMMs only", "bf16_seed7": "bf16, seed 7",
-        "fp8_tensorwise_seed7": "fp8 tensorwise, seed 7", "fp4_dge_occ_seed7": "fp4 vectorwise + DGE + OCC, seed 7"}
+        "fp8_tensorwise_seed7": "fp8 tensorwise, seed 7", "fp4_dge_occ_seed7": "fp4 vectorwise + DGE + OCC, seed 7",
+        "fp4_dge_occ_fp8": "fp4 vectorwise + DGE + OCC, FP8 compensation"}
 BARS = {"fp8_rowwise": 0.01, "fp4_dge_occ": 0.03}
 
 
