@@ -112,11 +112,16 @@ class QuantLinearFunction(torch.autograd.Function):
                 y = _sum_matmuls(xq, [wq for wq, _ in pairs], out_dtype, recipe.block_gemm)[:tokens]
             else:
                 y = x_plain[:tokens] @ weight.to(out_dtype).t()
+            residual_saved, residual_fp8 = outliers, False      # what backward needs of the residual
             if residual is not None and recipe.occ_product == "fp8":
-                # Compensation at FP8 rate: R per token in E4M3 times W's quantized parts (FP4 values are E4M3)
-                rq = quantize(pad_rows(residual.values, recipe.token_multiple), occ_residual_quantizer(recipe.x),
-                              what="OCC residual")
+                # Compensation at FP8 rate: R per token in E4M3 times W's quantized parts (FP4 values are E4M3); R^T
+                # per input channel for wgrad's compensation, from the same pass, saved instead of R (1 byte/entry)
+                rq, rtq = _quantize_operand(pad_rows(residual.values, recipe.token_multiple),
+                                            occ_residual_quantizer(recipe.x), occ_residual_quantizer(recipe.x_t),
+                                            "OCC residual", True, quantized["wgrad"], transform)
                 y = y + _sum_matmuls(rq, [wq for wq, _ in pairs], out_dtype, recipe.block_gemm)[:tokens]
+                if rtq is not None:
+                    residual_saved, residual_fp8 = (rtq.data, rtq.scale), True
             elif residual is not None:      # Compensation: y + (x - clamp(x)) W_hat^T, in high precision
                 w_hat = sum(wq.dequantize() for wq, _ in pairs)
                 y = residual.matmul_add(y, w_hat.t())    # one rounding to y's dtype
@@ -133,8 +138,9 @@ class QuantLinearFunction(torch.autograd.Function):
         x_saved = [xtq.data, xtq.scale, xtq.gain] if quantized["wgrad"] else [x_plain, None, None]
         wt_saved = [t for _, wtq in pairs for t in (wtq.data, wtq.scale, wtq.gain)] if quantized["dgrad"] else []
         ctx.occ_inputs = 0 if clamped is None else 1 + len(outliers)
-        ctx.residual_tensors, ctx.weight_scales, ctx.wt_saved = len(outliers), len(weight_scales), len(wt_saved)
-        ctx.save_for_backward(weight, *x_saved, *wt_saved, *weight_scales, *outliers,
+        ctx.residual_fp8 = residual_fp8             # R^T saved quantized (occ_product=fp8) instead of R
+        ctx.residual_tensors, ctx.weight_scales, ctx.wt_saved = len(residual_saved), len(weight_scales), len(wt_saved)
+        ctx.save_for_backward(weight, *x_saved, *wt_saved, *weight_scales, *residual_saved,
                               transform if transform is not None else None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -146,7 +152,8 @@ class QuantLinearFunction(torch.autograd.Function):
         n_wt, n_scales = ctx.wt_saved, ctx.weight_scales
         wt_saved, weight_scales = rest[:n_wt], rest[n_wt:n_wt + n_scales]
         outliers, transform = rest[n_wt + n_scales:n_wt + n_scales + ctx.residual_tensors], rest[-1]
-        residual = residual_from(outliers) if ctx.occ_inputs else None
+        residual = residual_from(outliers) if ctx.occ_inputs and not ctx.residual_fp8 else None
+        rtq = QTensor(*outliers, occ_residual_quantizer(recipe.x_t)) if ctx.residual_fp8 else None
         cd = ctx.compute_dtype
         dx = dw = db = None
         want_dx, want_dw = ctx.needs_input_grad[:2]
@@ -178,11 +185,7 @@ class QuantLinearFunction(torch.autograd.Function):
                                           recipe.block_gemm).float()
                 else:
                     dw = (dy2.t().to(cd) @ x_data).float()
-                if residual is not None and recipe.occ_product == "fp8" and quantized["wgrad"]:
-                    # at FP8 rate: the quantized dy^T (already made for the wgrad GEMM) times R^T per input channel
-                    rt = pad_rows(residual.values, recipe.token_multiple).t()
-                    rt = rt if transform is None else hadamard_last_axis(rt, transform)
-                    rtq = quantize(rt.contiguous(), occ_residual_quantizer(recipe.x_t), what="OCC residual^T")
+                if rtq is not None:         # at FP8 rate: the quantized dy^T (made for the wgrad GEMM) times R^T
                     dw = dw + quantized_matmul(dytq, rtq, torch.float32).float()
                 elif residual is not None:  # the compensation's weight gradient: dy^T (x - clamp(x))
                     dw = dw + residual.t_matmul(dy2[:ctx.tokens], weight.shape[1]).t()

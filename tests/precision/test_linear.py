@@ -266,6 +266,17 @@ def test_occ_fp8_product_compiles_in_one_graph_and_equals_eager():
     assert errors[1] < 1e-6                       # dx does not involve the residual
     assert 1e-5 < errors[0] < 0.03 and 1e-5 < errors[2] < 0.03, errors      # y and dW: E4M3 (2^-4) on the outliers
 
+    def saved(layer):                             # (shape, dtype) of what autograd keeps for backward
+        found = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: found.append((tuple(t.shape), t.dtype)) or t,
+                                                      lambda t: t):
+            step(layer, x)
+        return found
+    # dense keeps R [tokens, K] in x's dtype; fp8 keeps R^T [K, padded tokens] in E4M3 (made in the forward's pass)
+    dense_saved, fp8_saved, rt = saved(layers["dense"]), saved(layers["fp8"]), ((64, 48), torch.float8_e4m3fn)
+    assert ((40, 64), torch.float32) in dense_saved and ((40, 64), torch.float32) not in fp8_saved
+    assert fp8_saved.count(rt) == dense_saved.count(rt) + 1       # beside x^T and W^T
+
 
 def test_occ_product_must_be_known():
     with pytest.raises(ValueError, match="occ_product='csr'.*dense"):
