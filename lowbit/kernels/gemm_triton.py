@@ -123,7 +123,8 @@ def _block_scaled_mm_kernel(
             if DOT_BF16:
                 # Small K tiles (NVFP4 16, MXFP4 32): multiply the exact bf16 upcast (FP8 wgmma needs K >= 32 and
                 # accumulates with reduced precision; these blocks are bound by the CUDA-core scaling anyway).
-                # (Off under TRITON_INTERPRET, whose fp8 casts are wrong and whose fp8 dot has no K limit.)
+                # (Off under TRITON_INTERPRET, whose bf16 arithmetic and bf16 dot are wrong -- its fp8 -> bf16
+                # cast is right, Triton 3.9 -- and whose fp8 dot has no K limit.)
                 a = a.to(tl.bfloat16)
                 b = b.to(tl.bfloat16)
             kb = k0 // SCALE_K
