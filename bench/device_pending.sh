@@ -24,10 +24,10 @@
 #   bench/device_pending.sh blocks    fp8_blockwise's kernels: GPU tests of the quantize and GEMM kernels, every quantize
 #                                     kernel bit for bit against the reference (bench/quantize.py), and the block-scaled
 #                                     GEMM over loads and tiles (bench/block_gemm.py)
-#   bench/device_pending.sh fp4gemm   the NVFP4 / MXFP4 GEMM: GPU tests of the prescaled scheme (block scales applied
-#                                     to the operand tiles in bf16, 64-128-deep K tiles), then it over tiles against
-#                                     the default rescaled scheme and bf16 cuBLAS (bench/fp4_gemm.py), and one
-#                                     linear fwd+bwd with precision.block_gemm=prescale (bench/linear.py; issue 3)
+#   bench/device_pending.sh fp4gemm   the NVFP4 / MXFP4 GEMM: GPU tests of the three schemes, then them against bf16
+#                                     cuBLAS (bench/fp4_gemm.py: rescale; prescale, the default, over tiles; dequant =
+#                                     exact bf16 operands + cuBLAS), and one linear fwd+bwd by the default (prescale)
+#                                     and precision.block_gemm=dequant (bench/linear.py; issue 3)
 set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -96,7 +96,7 @@ case "${1:-}" in
       | tail -3 | tee "$OUT/fp4gemm_gpu_tests.log"
     python3 bench/fp4_gemm.py --json "$OUT/fp4_gemm.json" 2>&1 | tee "$OUT/fp4_gemm.log"
     python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \
-      --recipes nvfp4,nvfp4+prescale,mxfp4,mxfp4+prescale --compile-lowbit nvfp4,nvfp4+prescale,mxfp4,mxfp4+prescale \
+      --recipes nvfp4,nvfp4+dequant,mxfp4,mxfp4+dequant --compile-lowbit nvfp4,nvfp4+dequant,mxfp4,mxfp4+dequant \
       --out "$OUT" 2>&1 | tail -40 | tee "$OUT/linear_fp4_prescale.log" ;;
   determinism)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz

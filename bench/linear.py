@@ -12,7 +12,8 @@ All parameters and activations are bf16 (the convention of torchao's float8 benc
 
     python bench/linear.py --out $OUT/linear.json [--shapes 8192x4096x4096,...] [--recipes ...]
     (a recipe fp8_rowwise+gw_hp keeps the weight-gradient GEMM in bf16, timed next to torchao's rowwise_with_gw_hp;
-    nvfp4+prescale and mxfp4+prescale run their GEMMs by the prescaled scheme, precision.block_gemm=prescale)
+    nvfp4 and mxfp4 run their GEMMs by the prescaled scheme, their default; RECIPE+rescale and RECIPE+dequant by
+    the other schemes, precision.block_gemm=rescale / dequant)
 Prints a ratio table (speed-up over bf16 nn.Linear) last. Does not import hydra.
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ BARS = {"fp8_tensorwise": 1.5, "fp8_rowwise": 1.4, "fp4_vectorwise": 1.35, "fp8_
 TORCHAO_OF = {"fp8_tensorwise": "tensorwise", "fp8_rowwise": "rowwise"}
 # RECIPE+SUFFIX: the recipe with these precision options (e.g. some GEMMs left in bf16), next to torchao's equivalent
 SUFFIXES = {"gw_hp": ({"high_precision": ["wgrad"]}, "rowwise_with_gw_hp"),
-            "prescale": ({"block_gemm": "prescale"}, None)}
+            "prescale": ({"block_gemm": "prescale"}, None), "rescale": ({"block_gemm": "rescale"}, None),
+            "dequant": ({"block_gemm": "dequant"}, None)}
 ROTATE = 3          # input sets rotated between calls
 
 

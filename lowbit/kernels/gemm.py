@@ -8,6 +8,8 @@ Two entry points, both computing ``out[M, N] = dequant(a)[M, K] @ dequant(b)[N, 
   of ``b``, scales applied inside the K loop with FP32 accumulation (DeepSeek-V3 arXiv 2412.19437
   sec. 3.3.2: 1x128 activation tiles, 128x128 weight blocks; NVFP4: block_k=16; MXFP4: block_k=32).
   CUDA: the Triton kernel in ``lowbit.kernels.gemm_triton``. CPU: float32 reference below.
+  ``block_scaled_mm_dequant`` is the same product for FP4 blocks (NVFP4, MXFP4) by exact dequantization to bf16
+  and a cuBLAS bf16 GEMM (precision.block_gemm=dequant).
 
 FP4 (E2M1) operands are passed stored as float8_e4m3fn: every E2M1 value {0, 0.5, 1, 1.5, 2, 3, 4, 6}
 is exact in E4M3, so FP4 GEMMs run at FP8 tensor-core rate on Hopper.
@@ -194,6 +196,51 @@ def block_scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
     a_gain, b_gain = gains if gains is not None else (None, None)
     return torch.ops.lowbit.block_scaled_mm(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows, out_dtype,
                                             a_gain, b_gain)
+
+
+def dequantize_exact_reference(q: torch.Tensor, scale: torch.Tensor, block_k: int, gain: torch.Tensor) -> torch.Tensor:
+    """bf16 [R, K] = q * bf16(scale * gain) for block scales [R, K / block_k] made exact in bf16 by `gain` (MXFP4: 1,
+    NVFP4: its tensor scale G): the DEQUANT scheme's operand, exact (E2M1 2 significant bits x scale 4 <= bf16's 8)."""
+    exact = (scale * gain.reshape(1, 1).float()).to(torch.bfloat16).float()
+    return (q.float() * exact.repeat_interleave(block_k, dim=1)).to(torch.bfloat16)
+
+
+def block_scaled_mm_dequant(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, *,
+                            block_k: int, gains: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`block_scaled_mm` for FP4 block operands (one row per scale block) by the DEQUANT scheme: each operand
+    dequantized exactly to bf16 with its gain (one pass, lowbit's Triton kernel on CUDA), one bf16 GEMM with fp32
+    accumulation (cuBLAS on CUDA; float32 matmul on CPU), then 1 / (g_a g_b) on the fp32 result. The result is the
+    float64 product of the dequantized operands up to fp32 accumulation, as the other schemes give, at the bf16
+    GEMM's rate (Hopper has no block-scaled MMA). gains: NVFP4's tensor scales G, or None for 1 (MXFP4), in which
+    case cuBLAS writes a bf16 result directly (no fp32 round trip)."""
+    check_block_scaled_inputs(a_q, a_scale, b_q, b_scale, block_k, 1, 1, out_dtype)
+    a_gain, b_gain = (None if g is None else g.reshape(1).float() for g in gains)
+    return torch.ops.lowbit.block_scaled_mm_dequant(a_q, a_scale, b_q, b_scale, block_k, out_dtype, a_gain, b_gain)
+
+
+@torch.library.custom_op("lowbit::block_scaled_mm_dequant", mutates_args=())
+def _block_scaled_mm_dequant_op(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                                block_k: int, out_dtype: torch.dtype, a_gain: torch.Tensor | None = None,
+                                b_gain: torch.Tensor | None = None) -> torch.Tensor:
+    one = a_scale.new_ones(1)
+    a_g, b_g = (one if a_gain is None else a_gain), (one if b_gain is None else b_gain)
+    if a_q.device.type != "cuda":
+        a = dequantize_exact_reference(a_q, a_scale, block_k, a_g)
+        b = dequantize_exact_reference(b_q, b_scale, block_k, b_g)
+        return ((a.float() @ b.float().t()) * (1.0 / (a_g * b_g))).to(out_dtype)
+    from lowbit.kernels.gemm_triton import dequantize_exact_triton
+    a = dequantize_exact_triton(a_q, a_scale, block_k, a_g)
+    b = dequantize_exact_triton(b_q, b_scale, block_k, b_g)
+    if a_gain is None and b_gain is None and out_dtype == torch.bfloat16:
+        return torch.mm(a, b.t())                            # cuBLAS bf16 GEMM: fp32 accumulation, one rounding
+    acc = torch.mm(a, b.t(), out_dtype=torch.float32)      # cuBLAS bf16 GEMM, fp32 accumulation and output
+    return (acc * (1.0 / (a_g * b_g))).to(out_dtype)
+
+
+@_block_scaled_mm_dequant_op.register_fake
+def _(a_q, a_scale, b_q, b_scale, block_k, out_dtype, a_gain=None, b_gain=None):
+    return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

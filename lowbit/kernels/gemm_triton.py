@@ -156,8 +156,9 @@ def _pick_config(M: int, N: int, block_k: int, prescale: bool = False) -> dict:
     CUDA cores (the precise scheme; the rescaled accumulator was 10% faster but chains Hopper's reduced-
     precision FP8 accumulation over all of K: 4e-3 relative error at K=14336). block_k < 64 (MXFP4 32,
     NVFP4 16): the exact bf16 upcast (full FP32 accumulation) with the rescaled single accumulator. The PRESCALE
-    scheme (module doc, `prescale=True`: precision.block_gemm=prescale) takes 128 x 128 x 64 tiles, 8 warps, 3 stages,
-    a first guess until bench/fp4_gemm.py has timed it on a GPU.
+    scheme (module doc, `prescale=True`: precision.block_gemm=prescale, the nvfp4/mxfp4 default) takes 128 x 128 x 64
+    tiles, 8 warps, 3 stages, operands by tensor descriptors: the fastest of bench/fp4_gemm.py's sweep at all three
+    shapes (H200, 2026-12-02: NVFP4 198-205, MXFP4 244-255 TFLOP/s against 100 / 175-179 rescaled; bf16 cuBLAS ~700).
     """
     if prescale:
         if _INTERPRET:
@@ -223,4 +224,36 @@ def block_scaled_mm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
         A_ROWS=a_rows, B_ROWS=b_rows, SCALE_K=block_k, DOT_BF16=dot_bf16, RESCALE=rescale, TMA=tma,
         PRESCALE=prescale, **cfg)
+    return out
+
+
+@triton.jit
+def _dequantize_exact_kernel(q_ptr, s_ptr, g_ptr, out_ptr, R, K, stride_qr, stride_sr, stride_sk, stride_or,
+                             SCALE_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[R, K] bf16 = q * bf16(scale * gain), the exact operand of the DEQUANT scheme (q E2M1-valued fp8)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < R)[:, None] & (cols < K)[None, :]
+    q = tl.load(q_ptr + rows[:, None] * stride_qr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + rows[:, None] * stride_sr + (cols // SCALE_K)[None, :] * stride_sk, mask=mask, other=0.0)
+    # s * gain to bf16, to nearest even, in integer arithmetic (as _prescaled_tile: the interpreter's cast truncates);
+    # q * s is then exact in fp32 and in bf16, so the store's cast cannot round
+    bits = (s * tl.load(g_ptr)).to(tl.int32, bitcast=True)
+    s = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :], (q * s).to(tl.bfloat16), mask=mask)
+
+
+def dequantize_exact_triton(q: torch.Tensor, scale: torch.Tensor, block_k: int, gain: torch.Tensor) -> torch.Tensor:
+    """q [R, K] fp8 with block scales [R, K / block_k] (fp32) whose products with `gain` are exact in bf16 (MXFP4:
+    gain 1; NVFP4: G) -> bf16 [R, K] = q * bf16(scale * gain), exact: the DEQUANT scheme's operand (one pass,
+    1 byte read and 2 written per element)."""
+    R, K = q.shape
+    if q.stride(1) != 1:
+        q = q.contiguous()
+    out = torch.empty((R, K), device=q.device, dtype=torch.bfloat16)
+    block_r, block_c = (16, 64) if _INTERPRET else (32, 256)
+    grid = (triton.cdiv(R, block_r), triton.cdiv(K, block_c))
+    _dequantize_exact_kernel[grid](q, scale, gain.reshape(1).float(), out, R, K, q.stride(0), scale.stride(0),
+                                   scale.stride(1), out.stride(0), SCALE_K=block_k, BLOCK_R=block_r,
+                                   BLOCK_K=block_c, num_warps=4)
     return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.gemm import block_scaled_mm, scaled_mm
+from lowbit.kernels.gemm import block_scaled_mm, block_scaled_mm_dequant, scaled_mm
 from lowbit.precision.scaling import QTensor
 
 
@@ -34,16 +34,21 @@ def prescale_gain(q: QTensor) -> torch.Tensor | None:
 
 def quantized_matmul(a: QTensor, b: QTensor, out_dtype: torch.dtype, block_gemm: str = "rescale") -> torch.Tensor:
     """[M, N] = dequant(a)[M, C] @ dequant(b)[N, C]^T (fp32 accumulation) in out_dtype.
-    block_gemm: the block-scaled GEMM's scheme for FP4 block scales (precision.block_gemm): rescale (the default) or
-    prescale, where both operands carry exact-in-bf16 block scales (nvfp4, mxfp4); otherwise rescale."""
+    block_gemm: the block-scaled GEMM's scheme for FP4 block scales (precision.block_gemm, resolved by the recipe):
+    rescale, prescale (the nvfp4/mxfp4 default) or dequant, where both operands carry exact-in-bf16 block scales
+    (nvfp4, mxfp4); otherwise rescale."""
     if a.quantizer.blocked or b.quantizer.blocked:
         block_k = a.quantizer.block_cols if a.quantizer.blocked else b.quantizer.block_cols
         a_scale, a_rows = _block_scale(a, block_k)
         b_scale, b_rows = _block_scale(b, block_k)
         gains = None
-        if block_gemm == "prescale":
+        if block_gemm in ("prescale", "dequant"):
             a_gain, b_gain = prescale_gain(a), prescale_gain(b)
             gains = (a_gain, b_gain) if a_gain is not None and b_gain is not None else None
+        if block_gemm == "dequant" and gains is not None and a_rows == b_rows == 1:
+            unit = a.quantizer.scale_rule == b.quantizer.scale_rule == "pow2"      # MXFP4: gains 1, no fp32 output
+            return block_scaled_mm_dequant(a.data, a_scale, b.data, b_scale, block_k=block_k,
+                                           gains=(None, None) if unit else gains, out_dtype=out_dtype)
         return block_scaled_mm(a.data, a_scale, b.data, b_scale, block_k=block_k, a_rows=a_rows, b_rows=b_rows,
                                out_dtype=out_dtype, gains=gains)
     a_scale, b_scale = a.scale, b.scale

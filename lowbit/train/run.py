@@ -36,7 +36,7 @@ def make_deterministic() -> None:
     """`trainer.deterministic=true`: deterministic algorithms everywhere, so that the same seed on the same hardware
     repeats a run bit for bit (without it, two GPU runs of one setting drift apart from their second step:
     docs/RESULTS.md, eighth session; with it, two compiled fp8 runs of 32 steps on an H200 gave bit-identical losses,
-    ninth session, `bench/device_pending.sh determinism`).
+    ninth session, `bench/device_pending.sh determinism`). It costs 23-32% of tokens/s in that run (tenth session).
 
     cuBLAS needs a fixed workspace for reproducible GEMMs (CUDA's "Results reproducibility"); PyTorch sizes it at
     the first GEMM, so it is set here, before any; a value the user set is kept. An op without a deterministic

@@ -11,7 +11,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from lowbit.kernels.gemm import (block_scaled_mm, block_scaled_mm_reference, scaled_mm, scaled_mm_reference)
+from lowbit.kernels.gemm import (block_scaled_mm, block_scaled_mm_dequant, block_scaled_mm_reference,
+                                 dequantize_exact_reference, scaled_mm, scaled_mm_reference)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -197,6 +198,32 @@ def test_prescaled_block_gemm_is_exact_for_fp4_block_scales(rule, tile_k, tma):
         block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, config={**config, "BLOCK_K": 8})
 
 
+@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="CPU tensors need the Triton interpreter")
+@pytest.mark.parametrize("rule", ["nvfp4", "mxfp4"])
+def test_dequant_scheme_operands_are_exact_and_its_product_is_the_float64_one(rule):
+    """precision.block_gemm=dequant: each FP4 block operand becomes bf16 q * bf16(scale * gain) in one pass (lowbit's
+    Triton kernel, here interpreted, bit for bit the PyTorch path), which is exact: divided by the gain it is the
+    float64 dequantized operand to fp32 precision. One bf16-input GEMM with fp32 accumulation (cuBLAS on CUDA, its
+    float32 stand-in here) and 1 / (g_a g_b) then give the float64 product (K=80 / 96: 5 / 3 blocks, odd rows)."""
+    from lowbit.kernels.gemm_triton import dequantize_exact_triton
+
+    block_k = 16 if rule == "nvfp4" else 32
+    K = 80 if rule == "nvfp4" else 96
+    a_q, a_scale, a_gain = quantized_fp4_blocks(19, K, rule, seed=3)
+    b_q, b_scale, b_gain = quantized_fp4_blocks(21, K, rule, seed=4)
+    for q, scale, gain in ((a_q, a_scale, a_gain), (b_q, b_scale, b_gain)):
+        dequantized = dequantize_exact_triton(q, scale, block_k, gain)
+        assert dequantized.dtype == torch.bfloat16
+        assert torch.equal(dequantized, dequantize_exact_reference(q, scale, block_k, gain))
+        truth = q.double() * scale.double().repeat_interleave(block_k, dim=1)
+        assert rel_err(dequantized.double() / gain.double(), truth) < 1e-7
+    expected = float64_block_product(a_q, a_scale, b_q, b_scale, block_k, 1, 1)
+    for gains in ((a_gain, b_gain), (None, None)) if rule == "mxfp4" else ((a_gain, b_gain),):   # None: gain 1
+        out = block_scaled_mm_dequant(a_q, a_scale, b_q, b_scale, block_k=block_k, gains=gains,
+                                      out_dtype=torch.float32)
+        assert rel_err(out, expected) < 1e-6
+
+
 # -------------------------------------------------------------------------------------------------
 # torch.library ops and bad input
 # -------------------------------------------------------------------------------------------------
@@ -208,6 +235,8 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_break():
     gains = (torch.ones(1), torch.ones(1))          # the prescaled scheme's gains (ignored by the CPU reference)
     torch.library.opcheck(torch.ops.lowbit.block_scaled_mm, (a_q, a_scale, b_q, b_scale, 32, 1, 1, torch.float32,
                                                              *gains), test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.lowbit.block_scaled_mm_dequant, (a_q, a_scale, b_q, b_scale, 32, torch.float32,
+                                                                     *gains), test_utils=("test_faketensor",))
     sa, sb = torch.rand(9, 1) + 0.1, torch.rand(16, 1) + 0.1
 
     def both(a_q, b_q):      # scaled_mm traces straight to torch._scaled_mm on CUDA (its reference here)
@@ -290,3 +319,25 @@ def test_prescaled_block_gemm_cuda_is_exact(rule, tile):
                                      out_dtype=torch.float32, config={**config, "TMA": tma},
                                      gains=(a_gain.cuda(), b_gain.cuda()))
         assert rel_err(out.cpu(), expected) < 1e-5, tma
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+@pytest.mark.parametrize("rule", ["nvfp4", "mxfp4"])
+def test_dequant_block_gemm_cuda_is_exact(rule):
+    """The DEQUANT scheme on CUDA (Triton dequantize, cuBLAS bf16 GEMM with fp32 output) equals the float64 product
+    to FP32 accumulation; its operands equal the PyTorch path bit for bit."""
+    from lowbit.kernels.gemm_triton import dequantize_exact_triton
+
+    block_k = 16 if rule == "nvfp4" else 32
+    a_q, a_scale, a_gain = quantized_fp4_blocks(300, 1088, rule, seed=1)
+    b_q, b_scale, b_gain = quantized_fp4_blocks(200, 1088, rule, seed=2)
+    assert torch.equal(dequantize_exact_triton(a_q.cuda(), a_scale.cuda(), block_k, a_gain.cuda()).cpu(),
+                       dequantize_exact_reference(a_q, a_scale, block_k, a_gain))
+    expected = float64_block_product(a_q, a_scale, b_q, b_scale, block_k, 1, 1)
+    gains = [(a_gain.cuda(), b_gain.cuda())] + ([(None, None)] if rule == "mxfp4" else [])   # None: gain 1
+    for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-3)):
+        for g in gains:
+            out = block_scaled_mm_dequant(a_q.cuda(), a_scale.cuda(), b_q.cuda(), b_scale.cuda(), block_k=block_k,
+                                          gains=g, out_dtype=out_dtype)
+            assert out.dtype == out_dtype and rel_err(out.cpu(), expected) < tol, (out_dtype, g[0] is None)

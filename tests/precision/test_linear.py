@@ -390,11 +390,41 @@ def test_prescaled_block_gemm_gets_exact_gains_in_all_three_gemms(name, monkeypa
         build_recipe(precision_cfg(name, block_gemm="fast"))
 
 
+def test_block_gemm_default_is_prescale_for_fp4_blocks_only():
+    """precision.block_gemm=auto (the default) resolves to the prescaled scheme for nvfp4 / mxfp4 and to the rescaled
+    one for fp8_blockwise, whose scales are not exact in bf16."""
+    assert PrecisionConfig().block_gemm == "auto"
+    for name, scheme in (("nvfp4", "prescale"), ("mxfp4", "prescale"), ("fp8_blockwise", "rescale"),
+                         ("fp4_vectorwise", "rescale")):
+        assert build_recipe(precision_cfg(name)).block_gemm == scheme, name
+    assert build_recipe(precision_cfg("nvfp4", block_gemm="rescale")).block_gemm == "rescale"
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_dequant_block_gemm_layer_equals_float64(name, monkeypatch):
+    """precision.block_gemm=dequant: all three GEMMs of a layer go through the dequant scheme with their operands'
+    gains, and forward and backward equal float64 of the same quantized math."""
+    from lowbit.precision import gemm as precision_gemm
+
+    calls = []
+    dequant = precision_gemm.block_scaled_mm_dequant
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["gains"])
+        return dequant(*args, **kwargs)
+    monkeypatch.setattr(precision_gemm, "block_scaled_mm_dequant", counted)
+    errors = layer_against_float64(build_recipe(precision_cfg(name, block_gemm="dequant")))
+    assert len(calls) == 3
+    assert max(errors.values()) < 1e-5, errors
+    with pytest.raises(ValueError, match="block_gemm=dequant applies the block scales in bf16"):
+        build_recipe(precision_cfg("fp8_blockwise", block_gemm="dequant"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with FP8")
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("block_gemm", ["rescale", "prescale"])
+@pytest.mark.parametrize("block_gemm", ["rescale", "prescale", "dequant"])
 def test_block_gemm_schemes_on_gpu_equal_float64(name, block_gemm):
     """Both block GEMM schemes of the FP4 block recipes, compiled, forward and backward of one layer."""
     errors = layer_against_float64(build_recipe(precision_cfg(name, block_gemm=block_gemm)), "cuda")
