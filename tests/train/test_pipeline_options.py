@@ -38,6 +38,7 @@ def test_every_option_trains_through_the_real_pipeline(group, option, tiny_overr
 @pytest.mark.parametrize("combination", [
     ["precision=fp8_rowwise", "optim=adama", "optim.grad_clip_mode=per_tensor", "memory=selective"],
     ["precision=fp4_vectorwise", "memory=checkpointing", "logger.backends=[jsonl]"],
+    ["precision=nvfp4", "precision.block_gemm=dequant", "optim=adama", "optim.grad_clip_mode=per_tensor"],
     ["objective=seer_gate", "objective.seer.block_size=16", "optim=adama", "optim.grad_clip_mode=per_tensor"],
     ["objective=bitdistill", "objective.qat.group_size=32", "objective.kd.confidence_batches=1", "memory=selective"],
 ])
