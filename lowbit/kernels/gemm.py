@@ -201,46 +201,59 @@ def block_scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
 def dequantize_exact_reference(q: torch.Tensor, scale: torch.Tensor, block_k: int, gain: torch.Tensor) -> torch.Tensor:
     """bf16 [R, K] = q * bf16(scale * gain) for block scales [R, K / block_k] made exact in bf16 by `gain` (MXFP4: 1,
     NVFP4: its tensor scale G): the DEQUANT scheme's operand, exact (E2M1 2 significant bits x scale 4 <= bf16's 8)."""
+    R, K = q.shape
     exact = (scale * gain.reshape(1, 1).float()).to(torch.bfloat16).float()
-    return (q.float() * exact.repeat_interleave(block_k, dim=1)).to(torch.bfloat16)
+    return (q.float().view(R, K // block_k, block_k) * exact[:, :, None]).reshape(R, K).to(torch.bfloat16)
 
 
 def block_scaled_mm_dequant(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, *,
                             block_k: int, gains: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
                             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """`block_scaled_mm` for FP4 block operands (one row per scale block) by the DEQUANT scheme: each operand
-    dequantized exactly to bf16 with its gain (one pass, lowbit's Triton kernel on CUDA), one bf16 GEMM with fp32
-    accumulation (cuBLAS on CUDA; float32 matmul on CPU), then 1 / (g_a g_b) on the fp32 result. The result is the
-    float64 product of the dequantized operands up to fp32 accumulation, as the other schemes give, at the bf16
-    GEMM's rate (Hopper has no block-scaled MMA). gains: NVFP4's tensor scales G, or None for 1 (MXFP4), in which
-    case cuBLAS writes a bf16 result directly (no fp32 round trip)."""
+    dequantized exactly to bf16 with its gain, one bf16 GEMM with fp32 accumulation (cuBLAS on CUDA; float32 matmul
+    on CPU), then 1 / (g_a g_b) on the fp32 result. The result is the float64 product of the dequantized operands up
+    to fp32 accumulation, as the other schemes give, at the bf16 GEMM's rate (Hopper has no block-scaled MMA).
+    gains: NVFP4's tensor scales G, or None for 1 (MXFP4), in which case cuBLAS writes a bf16 result directly.
+    The dequantization is lowbit's one-pass Triton kernel in eager CUDA code; under torch.compile it is the PyTorch
+    expression, which Inductor fuses with the quantization that produced the operand."""
     check_block_scaled_inputs(a_q, a_scale, b_q, b_scale, block_k, 1, 1, out_dtype)
-    a_gain, b_gain = (None if g is None else g.reshape(1).float() for g in gains)
-    return torch.ops.lowbit.block_scaled_mm_dequant(a_q, a_scale, b_q, b_scale, block_k, out_dtype, a_gain, b_gain)
-
-
-@torch.library.custom_op("lowbit::block_scaled_mm_dequant", mutates_args=())
-def _block_scaled_mm_dequant_op(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                                block_k: int, out_dtype: torch.dtype, a_gain: torch.Tensor | None = None,
-                                b_gain: torch.Tensor | None = None) -> torch.Tensor:
     one = a_scale.new_ones(1)
-    a_g, b_g = (one if a_gain is None else a_gain), (one if b_gain is None else b_gain)
-    if a_q.device.type != "cuda":
-        a = dequantize_exact_reference(a_q, a_scale, block_k, a_g)
-        b = dequantize_exact_reference(b_q, b_scale, block_k, b_g)
-        return ((a.float() @ b.float().t()) * (1.0 / (a_g * b_g))).to(out_dtype)
+    a_gain, b_gain = (one if g is None else g.reshape(1).float() for g in gains)
+    cuda = a_q.device.type == "cuda"
+    dequant = (torch.ops.lowbit.dequantize_exact if cuda and not torch.compiler.is_compiling()
+               else dequantize_exact_reference)
+    a = dequant(a_q, a_scale, block_k, a_gain)
+    b = dequant(b_q, b_scale, block_k, b_gain)
+    if cuda and gains[0] is None and gains[1] is None and out_dtype == torch.bfloat16:
+        return torch.mm(a, b.t())                      # cuBLAS bf16 GEMM: fp32 accumulation, one rounding to bf16
+    return (torch.ops.lowbit.mm_float32(a, b) * (1.0 / (a_gain * b_gain))).to(out_dtype)
+
+
+@torch.library.custom_op("lowbit::dequantize_exact", mutates_args=())
+def _dequantize_exact_op(q: torch.Tensor, scale: torch.Tensor, block_k: int, gain: torch.Tensor) -> torch.Tensor:
+    if q.device.type != "cuda":
+        return dequantize_exact_reference(q, scale, block_k, gain)
     from lowbit.kernels.gemm_triton import dequantize_exact_triton
-    a = dequantize_exact_triton(a_q, a_scale, block_k, a_g)
-    b = dequantize_exact_triton(b_q, b_scale, block_k, b_g)
-    if a_gain is None and b_gain is None and out_dtype == torch.bfloat16:
-        return torch.mm(a, b.t())                            # cuBLAS bf16 GEMM: fp32 accumulation, one rounding
-    acc = torch.mm(a, b.t(), out_dtype=torch.float32)      # cuBLAS bf16 GEMM, fp32 accumulation and output
-    return (acc * (1.0 / (a_g * b_g))).to(out_dtype)
+    return dequantize_exact_triton(q, scale, block_k, gain)
 
 
-@_block_scaled_mm_dequant_op.register_fake
-def _(a_q, a_scale, b_q, b_scale, block_k, out_dtype, a_gain=None, b_gain=None):
-    return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
+@_dequantize_exact_op.register_fake
+def _(q, scale, block_k, gain):
+    return q.new_empty(q.shape, dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("lowbit::mm_float32", mutates_args=())
+def _mm_float32_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [N, K]^T in fp32 from bf16 operands: cuBLAS with fp32 accumulation and output (torch >= 2.8's
+    mm.dtype overload, CUDA only); on CPU a float32 matmul."""
+    if a.device.type != "cuda":
+        return a.float() @ b.float().t()
+    return torch.mm(a, b.t(), out_dtype=torch.float32)
+
+
+@_mm_float32_op.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -224,6 +224,20 @@ def test_dequant_scheme_operands_are_exact_and_its_product_is_the_float64_one(ru
         assert rel_err(out, expected) < 1e-6
 
 
+def test_dequant_scheme_compiles_in_one_graph():
+    """Under torch.compile the dequant scheme traces to PyTorch ops (the dequantization, for Inductor to fuse with the
+    quantization before it) and one fp32-output GEMM op: no graph break, the eager result bit for bit."""
+    a_q, a_scale, a_gain = quantized_fp4_blocks(9, 64, "nvfp4", seed=5)
+    b_q, b_scale, b_gain = quantized_fp4_blocks(7, 64, "nvfp4", seed=6)
+
+    def gemm(a_q, a_scale, b_q, b_scale):
+        return block_scaled_mm_dequant(a_q, a_scale, b_q, b_scale, block_k=16, gains=(a_gain, b_gain),
+                                       out_dtype=torch.float32)
+    assert torch._dynamo.explain(gemm)(a_q, a_scale, b_q, b_scale).graph_break_count == 0
+    compiled = torch.compile(gemm, backend="aot_eager", fullgraph=True)(a_q, a_scale, b_q, b_scale)
+    assert torch.equal(compiled, gemm(a_q, a_scale, b_q, b_scale))
+
+
 # -------------------------------------------------------------------------------------------------
 # torch.library ops and bad input
 # -------------------------------------------------------------------------------------------------
@@ -235,8 +249,11 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_break():
     gains = (torch.ones(1), torch.ones(1))          # the prescaled scheme's gains (ignored by the CPU reference)
     torch.library.opcheck(torch.ops.lowbit.block_scaled_mm, (a_q, a_scale, b_q, b_scale, 32, 1, 1, torch.float32,
                                                              *gains), test_utils=("test_faketensor",))
-    torch.library.opcheck(torch.ops.lowbit.block_scaled_mm_dequant, (a_q, a_scale, b_q, b_scale, 32, torch.float32,
-                                                                     *gains), test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.lowbit.dequantize_exact, (a_q, a_scale, 32, gains[0]),
+                          test_utils=("test_faketensor",))
+    bf16 = a_q.float().to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.lowbit.mm_float32, (bf16, b_q.float().to(torch.bfloat16)),
+                          test_utils=("test_faketensor",))
     sa, sb = torch.rand(9, 1) + 0.1, torch.rand(16, 1) + 0.1
 
     def both(a_q, b_q):      # scaled_mm traces straight to torch._scaled_mm on CUDA (its reference here)
