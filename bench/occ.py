@@ -12,6 +12,8 @@ to E4M3 per row, FP8 GEMMs), eager, and with
 --compile also compiled as the trainer compiles (a sparse-OCC layer runs eagerly there). CUDA-event medians.
 
     python bench/occ.py --tokens 8192 --shapes 4096,4096 4096,14336 14336,4096 --patterns channels gaussian --compile
+    python bench/occ.py --shapes 4096,4096 --patterns gaussian --compile --profile 12   (and the top 12 CUDA kernels of
+        each layer's fwd+bwd by device time, to see where fp4+DGE and OCC spend it)
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from lowbit.precision.methods import (DENSE_COLUMN_SHARE, clamp_outliers, occ_cl
                                      outlier_threshold)
 
 
-def bench(tokens: int, k: int, n: int, quantile: float, pattern: str, compile_layers: bool) -> dict:
+def bench(tokens: int, k: int, n: int, quantile: float, pattern: str, compile_layers: bool, profile: int = 0) -> dict:
     torch.manual_seed(0)
     x = torch.randn(tokens, k, device="cuda")
     if pattern == "channels":
@@ -63,7 +65,31 @@ def bench(tokens: int, k: int, n: int, quantile: float, pattern: str, compile_la
             torch._dynamo.reset()
             compiled = torch.compile(layer)
             rows[f"layer_{name}_compiled_ms"] = timed(lambda: torch.autograd.grad(compiled(x), (x, layer.weight), dy))
+            if profile:
+                profile_kernels(f"{pattern} {k}x{n} {name} compiled",
+                                lambda: torch.autograd.grad(compiled(x), (x, layer.weight), dy), profile)
+        elif profile:
+            profile_kernels(f"{pattern} {k}x{n} {name} eager",
+                            lambda: torch.autograd.grad(layer(x), (x, layer.weight), dy), profile)
     return rows
+
+
+def profile_kernels(title: str, step, top: int, iters: int = 5) -> None:
+    """The `top` CUDA kernels of `step` by total device time over `iters` calls (after a warm-up call), printed as
+    a table with the launch count and the ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
+                     key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in kernels) / iters / 1e3
+    print(f"\n{title}: {total:.3f} ms of kernels per step", flush=True)
+    for e in kernels[:top]:
+        print(f"  {e.device_time_total / iters / 1e3:8.3f} ms  {e.count // iters:3d}x  {e.key[:110]}", flush=True)
 
 
 def layers(k: int, n: int, quantile: float) -> dict:
@@ -88,6 +114,7 @@ def main() -> None:
     parser.add_argument("--quantile", type=float, default=0.99)
     parser.add_argument("--patterns", nargs="+", default=["channels", "gaussian"], choices=["channels", "gaussian"])
     parser.add_argument("--compile", action="store_true", help="also time the layers under torch.compile")
+    parser.add_argument("--profile", type=int, default=0, help="print each layer's top N CUDA kernels (0: off)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, quantile {args.quantile}", flush=True)
     print("| x | M | K | N | sparse outliers | dense columns | bf16 GEMM ms | threshold / clamp (Triton) / clamp (PyTorch) "
@@ -96,7 +123,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for pattern, shape in itertools.product(args.patterns, args.shapes):
         k, n = (int(v) for v in shape.split(","))
-        r = bench(args.tokens, k, n, args.quantile, pattern, args.compile)
+        r = bench(args.tokens, k, n, args.quantile, pattern, args.compile, args.profile)
         compiled = " / ".join(f"{r.get(f'layer_{name}_compiled_ms', float('nan')):.3f}"
                               for name in ("bf16", "fp4", "fp4_occ_dense", "fp4_occ_fp8"))
         print(f"| {pattern} | {r['tokens']} | {k} | {n} | {r['sparse']} | {r['dense']} | {r['gemm_bf16_ms']:.3f} | "
