@@ -9,7 +9,8 @@
 #   bench/device_pending.sh occ       OCC's compensation: the clamp and segment kernels' GPU tests, then the clamp and the
 #                                     products next to the bf16 GEMM, and one layer eager and compiled (bench/occ.py)
 #   bench/device_pending.sh occ_profile  the same layers compiled (Gaussian x), with each one's top CUDA kernels: where do
-#                                     fp4+DGE (2.8 ms against bf16's 1.2 at 8192 x 4096 x 4096) and OCC spend their time
+#                                     fp4+DGE (2.8 ms against bf16's 1.2 at 8192 x 4096 x 4096) and OCC spend their time;
+#                                     then one fp4 linear with and without DGE in CUDA graphs (bench/linear.py)
 #   bench/device_pending.sh occ_e2e   the main job end to end against bf16: OCC's products in bf16 (the default) and in
 #                                     FP8 (precision.occ_product=fp8), and no OCC
 #   bench/device_pending.sh attention the fused target kernel over 128- and 256-row tiles and launch settings
@@ -71,7 +72,9 @@ case "${1:-}" in
       | tail -40 | tee "$OUT/linear_gw_hp.log" ;;
   occ_profile)
     python3 bench/occ.py --shapes 4096,4096 4096,14336 --patterns gaussian --compile --profile 12 2>&1 \
-      | tee "$OUT/occ_profile.log" ;;
+      | tee "$OUT/occ_profile.log"
+    python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336 --parts linear --recipes fp4_vectorwise,fp4_vectorwise+dge \
+      --compile-lowbit fp4_vectorwise,fp4_vectorwise+dge --out "$OUT" 2>&1 | tail -20 | tee "$OUT/linear_fp4_dge.log" ;;
   occ_e2e)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"

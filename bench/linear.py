@@ -13,7 +13,8 @@ All parameters and activations are bf16 (the convention of torchao's float8 benc
     python bench/linear.py --out $OUT/linear.json [--shapes 8192x4096x4096,...] [--recipes ...]
     (a recipe fp8_rowwise+gw_hp keeps the weight-gradient GEMM in bf16, timed next to torchao's rowwise_with_gw_hp;
     nvfp4 and mxfp4 run their GEMMs by the prescaled scheme, their default; RECIPE+rescale and RECIPE+dequant by
-    the other schemes, precision.block_gemm=rescale / dequant)
+    the other schemes, precision.block_gemm=rescale / dequant; fp4_vectorwise+dge with the Differentiable Gradient
+    Estimator on, as conf/precision/fp4_vectorwise.yaml and +exp=fp4_llama have it)
 Prints a ratio table (speed-up over bf16 nn.Linear) last. Does not import hydra.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ TORCHAO_OF = {"fp8_tensorwise": "tensorwise", "fp8_rowwise": "rowwise"}
 # RECIPE+SUFFIX: the recipe with these precision options (e.g. some GEMMs left in bf16), next to torchao's equivalent
 SUFFIXES = {"gw_hp": ({"high_precision": ["wgrad"]}, "rowwise_with_gw_hp"),
             "prescale": ({"block_gemm": "prescale"}, None), "rescale": ({"block_gemm": "rescale"}, None),
-            "dequant": ({"block_gemm": "dequant"}, None)}
+            "dequant": ({"block_gemm": "dequant"}, None), "dge": ({"dge": True}, None)}
 ROTATE = 3          # input sets rotated between calls
 
 
