@@ -158,7 +158,8 @@ def _pick_config(M: int, N: int, block_k: int, prescale: bool = False) -> dict:
     NVFP4 16): the exact bf16 upcast (full FP32 accumulation) with the rescaled single accumulator. The PRESCALE
     scheme (module doc, `prescale=True`: precision.block_gemm=prescale, the nvfp4/mxfp4 default) takes 128 x 128 x 64
     tiles, 8 warps, 3 stages, operands by tensor descriptors: the fastest of bench/fp4_gemm.py's sweep at all three
-    shapes (H200, 2026-12-02: NVFP4 198-212, MXFP4 244-255 TFLOP/s against 99-101 / 172-179 rescaled; bf16 cuBLAS 688-792).
+    shapes (H200, 2026-12-02: NVFP4 198-212, MXFP4 244-255 TFLOP/s against 99-101 / 172-179 rescaled; bf16 cuBLAS
+    688-792).
     """
     if prescale:
         if _INTERPRET:
