@@ -39,6 +39,14 @@ def _load_tile(ptrs, desc, row, k0, mask, TMA: tl.constexpr):
 
 
 @triton.jit
+def _bf16_exact(v):
+    """fp32 v rounded to the nearest bf16 value, to nearest even, returned as fp32; in integer arithmetic because the
+    interpreter's fp32 -> bf16 cast truncates."""
+    bits = v.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _prescaled_tile(x, s_row, k0, k_blocks, stride_sk, row_mask, gain,
                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_K: tl.constexpr, BF16_MATH: tl.constexpr):
     """A [ROWS, BLOCK_K] fp8 operand tile times its block scales, as bf16 (exact for PRESCALE's scales): the
@@ -50,10 +58,7 @@ def _prescaled_tile(x, s_row, k0, k_blocks, stride_sk, row_mask, gain,
     kb = k0 // SCALE_K + tl.arange(0, NB)
     s = tl.load(s_row[:, None] + kb[None, :] * stride_sk, mask=row_mask[:, None] & (kb < k_blocks)[None, :],
                 other=0.0)
-    # round s * gain to bf16, to nearest even, in integer arithmetic (the interpreter's cast truncates)
-    bits = (s * gain).to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    s = bits.to(tl.float32, bitcast=True)
+    s = _bf16_exact(s * gain)
     if BF16_MATH:
         x = tl.reshape(x.to(tl.bfloat16), (ROWS, NB, SCALE_K)) * tl.reshape(s.to(tl.bfloat16), (ROWS, NB, 1))
     else:
@@ -237,10 +242,7 @@ def _dequantize_exact_kernel(q_ptr, s_ptr, g_ptr, out_ptr, R, K, stride_qr, stri
     mask = (rows < R)[:, None] & (cols < K)[None, :]
     q = tl.load(q_ptr + rows[:, None] * stride_qr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + rows[:, None] * stride_sr + (cols // SCALE_K)[None, :] * stride_sk, mask=mask, other=0.0)
-    # s * gain to bf16, to nearest even, in integer arithmetic (as _prescaled_tile: the interpreter's cast truncates);
-    # q * s is then exact in fp32 and in bf16, so the store's cast cannot round
-    bits = (s * tl.load(g_ptr)).to(tl.int32, bitcast=True)
-    s = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    s = _bf16_exact(s * tl.load(g_ptr))     # then q * s is exact in fp32 and in bf16: the store's cast cannot round
     tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :], (q * s).to(tl.bfloat16), mask=mask)
 
 
