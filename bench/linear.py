@@ -12,8 +12,8 @@ All parameters and activations are bf16 (the convention of torchao's float8 benc
 
     python bench/linear.py --out $OUT/linear.json [--shapes 8192x4096x4096,...] [--recipes ...]
     (a recipe fp8_rowwise+gw_hp keeps the weight-gradient GEMM in bf16, timed next to torchao's rowwise_with_gw_hp;
-    nvfp4 and mxfp4 run their GEMMs by the prescaled scheme, their default; RECIPE+rescale and RECIPE+dequant by
-    the other schemes, precision.block_gemm=rescale / dequant; fp4_vectorwise+dge with the Differentiable Gradient
+    nvfp4 and mxfp4 run their GEMMs by the dequant scheme, their default; RECIPE+rescale and RECIPE+prescale by
+    the other schemes, precision.block_gemm=rescale / prescale; fp4_vectorwise+dge with the Differentiable Gradient
     Estimator on, as conf/precision/fp4_vectorwise.yaml and +exp=fp4_llama have it)
 Prints a ratio table (speed-up over bf16 nn.Linear) last. Does not import hydra.
 """

@@ -63,17 +63,17 @@ class PrecisionConfig:
     hadamard_size: int = 16         # block size of that transform along the token axis (power of two)
     block_size: int = 128           # fp8_blockwise tile: 1 x block_size activations, block_size^2 weight blocks
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate positive/negative scales for FP4
-    block_gemm: str = "auto"        # nvfp4 / mxfp4 GEMM scheme: prescale (block scales applied to the operand tiles
-                                    # in bf16, exact; deep K tiles) | rescale (one MMA per 16/32-element block,
-                                    # accumulator rescaled) | dequant (operands dequantized exactly to bf16, cuBLAS
-                                    # bf16 GEMM; not yet timed on a GPU) | auto: prescale for nvfp4 / mxfp4 (1.4-1.9x
-                                    # faster than rescale on an H200, docs/RESULTS.md), rescale for other recipes
+    block_gemm: str = "auto"        # nvfp4 / mxfp4 GEMM scheme: dequant (operands dequantized exactly to bf16, then
+                                    # a cuBLAS bf16 GEMM) | prescale (block scales applied to the operand tiles in
+                                    # bf16 inside lowbit's Triton GEMM) | rescale (one FP8 MMA per 16/32-element
+                                    # block, accumulator rescaled) | auto: dequant for nvfp4 / mxfp4 (2.6x faster
+                                    # than prescale on an H200, docs/RESULTS.md), rescale for other recipes
     high_precision: list[str] = field(default_factory=list)   # GEMMs left in the compute dtype, as nn.Linear runs
                                     # them: any of forward | dgrad | wgrad (e.g. [wgrad]: torchao's rowwise_with_gw_hp)
     stats_every: int = 0            # log per-layer quantization statistics every N steps (0 = off)
     quantize_kernels: str = "auto"  # on CUDA: triton (lowbit's fused kernels) | torch (the PyTorch reference, which
                                     # torch.compile fuses with neighbouring ops) | auto (torch when model.compile,
-                                    # else triton); CPU always uses torch
+                                    # except for nvfp4 / mxfp4, else triton); CPU always uses torch
 
 
 @dataclass

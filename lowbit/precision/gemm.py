@@ -35,7 +35,7 @@ def prescale_gain(q: QTensor) -> torch.Tensor | None:
 def quantized_matmul(a: QTensor, b: QTensor, out_dtype: torch.dtype, block_gemm: str = "rescale") -> torch.Tensor:
     """[M, N] = dequant(a)[M, C] @ dequant(b)[N, C]^T (fp32 accumulation) in out_dtype.
     block_gemm: the block-scaled GEMM's scheme for FP4 block scales (precision.block_gemm, resolved by the recipe):
-    rescale, prescale (the nvfp4/mxfp4 default) or dequant, where both operands carry exact-in-bf16 block scales
+    rescale, prescale or dequant (the nvfp4/mxfp4 default), where both operands carry exact-in-bf16 block scales
     (nvfp4, mxfp4); otherwise rescale."""
     if a.quantizer.blocked or b.quantizer.blocked:
         block_k = a.quantizer.block_cols if a.quantizer.blocked else b.quantizer.block_cols

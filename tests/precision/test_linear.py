@@ -390,11 +390,11 @@ def test_prescaled_block_gemm_gets_exact_gains_in_all_three_gemms(name, monkeypa
         build_recipe(precision_cfg(name, block_gemm="fast"))
 
 
-def test_block_gemm_default_is_prescale_for_fp4_blocks_only():
-    """precision.block_gemm=auto (the default) resolves to the prescaled scheme for nvfp4 / mxfp4 and to the rescaled
+def test_block_gemm_default_is_dequant_for_fp4_blocks_only():
+    """precision.block_gemm=auto (the default) resolves to the dequant scheme for nvfp4 / mxfp4 and to the rescaled
     one for fp8_blockwise, whose scales are not exact in bf16."""
     assert PrecisionConfig().block_gemm == "auto"
-    for name, scheme in (("nvfp4", "prescale"), ("mxfp4", "prescale"), ("fp8_blockwise", "rescale"),
+    for name, scheme in (("nvfp4", "dequant"), ("mxfp4", "dequant"), ("fp8_blockwise", "rescale"),
                          ("fp4_vectorwise", "rescale")):
         assert build_recipe(precision_cfg(name)).block_gemm == scheme, name
     assert build_recipe(precision_cfg("nvfp4", block_gemm="rescale")).block_gemm == "rescale"
