@@ -30,8 +30,9 @@ def build(recipe: str, hidden: int, inter: int, heads: int, kv_heads: int, dge: 
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         convert_to_float8_training(holder, config=Float8LinearConfig.from_recipe_name(recipe.removeprefix("torchao_")))
     else:
+        recipe, _, kernels = recipe.partition(":")      # RECIPE:triton / RECIPE:torch: precision.quantize_kernels
         precision = PrecisionConfig(recipe=recipe, include=["*"], exclude=[], dge=dge and recipe.startswith("fp4"),
-                                    occ=occ and recipe.startswith("fp4"))
+                                    occ=occ and recipe.startswith("fp4"), quantize_kernels=kernels or "auto")
         apply(holder, precision, compiled=compile_)   # as the trainer: Inductor fuses the quantization when compiled
     holder.to(device)
     layer = holder.layers[0]

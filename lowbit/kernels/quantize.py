@@ -30,18 +30,21 @@ _kernels = "triton"
 _auto = False           # quantize_kernels=auto: code that runs eagerly (a graph break) takes the Triton kernels
 
 
-def set_kernels(name: str, compiled: bool = False) -> None:
+def set_kernels(name: str, compiled: bool = False, fp4_blocks: bool = False) -> None:
     """Process-wide choice for CUDA operands (`precision.quantize_kernels`): "triton" (lowbit's fused quantize
     kernels) or "torch" (the PyTorch reference, same numerics in eager; under torch.compile Inductor fuses it
-    with the ops around it); "auto" takes torch for compiled layers and triton in eager. Measured end to end
-    (llama_1b, compiled layers, H200, docs/RESULTS.md issue 3): fp8 rowwise 1.03x bf16 with torch vs 0.93x with
-    triton. Under "auto", a quantization that runs eagerly although its layer is compiled (OCC's data-dependent
-    residual breaks the graph) still takes the Triton kernels. CPU operands always take the PyTorch reference."""
+    with the ops around it); "auto" takes torch for compiled layers and triton in eager, except for FP4 block
+    recipes (`fp4_blocks`: nvfp4, mxfp4), which take triton in both. Measured (H200, docs/RESULTS.md issue 3):
+    fp8 rowwise end to end (llama_1b, compiled layers) 1.03x bf16 with torch vs 0.93x with triton; one compiled
+    llama_1b decoder layer 0.67x bf16 for nvfp4 and 0.78x for mxfp4 with triton vs 0.57x / 0.66x with torch
+    (Inductor's code for the 16/32-element blocks along the token axis is slow). Under "auto", a quantization that
+    runs eagerly although its layer is compiled (OCC's data-dependent residual breaks the graph) still takes the
+    Triton kernels. CPU operands always take the PyTorch reference."""
     global _kernels, _auto
     if name not in KERNELS:
         raise ValueError(f"precision.quantize_kernels={name!r} is not one of {list(KERNELS)}; use auto, triton "
                          f"(lowbit's kernels) or torch (the PyTorch path, fused by torch.compile)")
-    _kernels = ("torch" if compiled else "triton") if name == "auto" else name
+    _kernels = ("torch" if compiled and not fp4_blocks else "triton") if name == "auto" else name
     _auto = name == "auto"
 
 

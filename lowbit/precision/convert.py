@@ -23,9 +23,10 @@ def selected(name: str, include: list[str], exclude: list[str]) -> bool:
 
 def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
     """Swap the selected nn.Linear modules of `model` in place for QuantLinear(recipe of cfg); returns model.
-    `compiled`: the layers will run under torch.compile (quantize_kernels=auto then takes the PyTorch path)."""
+    `compiled`: the layers will run under torch.compile (quantize_kernels=auto then takes the PyTorch path, except
+    for the FP4 block recipes nvfp4 / mxfp4)."""
     from lowbit.kernels.quantize import set_kernels
-    set_kernels(cfg.quantize_kernels, compiled)
+    set_kernels(cfg.quantize_kernels, compiled, fp4_blocks=cfg.recipe in ("nvfp4", "mxfp4"))
     if cfg.recipe == "bf16":
         return model
     recipe = build_recipe(cfg)

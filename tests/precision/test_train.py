@@ -66,6 +66,10 @@ def test_quantize_kernels_setting_selects_the_path_and_refuses_unknown_names(tin
         for compiled, expected in ((True, "torch"), (False, "triton")):
             precision.apply(load(cfg.model, seed=0)[0], cfg.precision, compiled=compiled)
             assert quantize.kernels() == expected
+        for recipe in ("nvfp4", "mxfp4"):      # FP4 blocks: lowbit's kernels in compiled layers too (measured faster)
+            cfg.precision.recipe = recipe
+            precision.apply(load(cfg.model, seed=0)[0], cfg.precision, compiled=True)
+            assert quantize.kernels() == "triton", recipe
         cfg.precision.quantize_kernels = "cutlass"
         with pytest.raises(ValueError, match=r"precision.quantize_kernels='cutlass'.*auto.*triton.*torch"):
             precision.apply(load(cfg.model, seed=0)[0], cfg.precision)
