@@ -21,6 +21,10 @@
 #   bench/device_pending.sh e2e_micro bf16 against `+exp=fp8_llama` (tensorwise) end to end at micro-batches 2, 4, 8
 #   bench/device_pending.sh gw_hp     one linear, fp8 rowwise with the weight gradient in bf16 (precision.high_precision)
 #                                     against torchao's rowwise_with_gw_hp and both plain rowwise recipes (issue 3)
+#   bench/device_pending.sh fp4default  nvfp4 / mxfp4 by their default GEMM (dequant) against prescale, and fp4
+#                                     vectorwise with DGE, one linear at the three shapes, compiled, after GPU tests
+#   bench/device_pending.sh e2e_blocks  llama_1b end to end: bf16, nvfp4 and mxfp4 (dequant GEMMs; FP4_DGE=1: and
+#                                     fp4+DGE without OCC; STEPS=N: steps per run, 6)
 #   bench/device_pending.sh determinism  the SmolLM2-135M architecture, fp8 tensorwise, compiled, 32 steps: twice with
 #                                     trainer.deterministic=true, twice without; are the losses bit-identical, and at
 #                                     what cost in tokens/s (GPU runs drift apart from step 2 without it)
@@ -106,6 +110,19 @@ case "${1:-}" in
     python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \
       --recipes nvfp4,nvfp4+dequant,mxfp4,mxfp4+dequant --compile-lowbit nvfp4,nvfp4+dequant,mxfp4,mxfp4+dequant \
       --out "$OUT" 2>&1 | tail -40 | tee "$OUT/linear_fp4_prescale.log" ;;
+  fp4default)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py tests/precision/test_linear.py 2>&1 \
+      | tail -3 | tee "$OUT/fp4default_gpu_tests.log"
+    python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \
+      --recipes nvfp4,nvfp4+prescale,mxfp4,fp4_vectorwise+dge \
+      --compile-lowbit nvfp4,nvfp4+prescale,mxfp4,fp4_vectorwise+dge --out "$OUT" 2>&1 | tail -24 \
+      | tee "$OUT/linear_fp4default.log" ;;
+  e2e_blocks)
+    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
+    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
+    python3 bench/train_throughput.py --steps ${STEPS:-6} --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" \
+      ${FP4_DGE:+--variant "fp4_dge=+exp=fp4_llama precision.occ=false $data"} 2>&1 | tee "$OUT/e2e_blocks.log" ;;
   determinism)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     args="model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz]
