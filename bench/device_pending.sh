@@ -25,6 +25,8 @@
 #                                     vectorwise with DGE, one linear at the three shapes, compiled, after GPU tests
 #   bench/device_pending.sh e2e_blocks  llama_1b end to end: bf16, nvfp4 and mxfp4 (dequant GEMMs; FP4_DGE=1: and
 #                                     fp4+DGE without OCC; STEPS=N: steps per run, 6)
+#   bench/device_pending.sh e2e_profile  llama_1b, bf16 / nvfp4 / mxfp4 / fp8 tensorwise, step 3 profiled by the trainer
+#                                     (trainer.profile_step): wall time against the GPU's kernel time, top kernels
 #   bench/device_pending.sh determinism  the SmolLM2-135M architecture, fp8 tensorwise, compiled, 32 steps: twice with
 #                                     trainer.deterministic=true, twice without; are the losses bit-identical, and at
 #                                     what cost in tokens/s (GPU runs drift apart from step 2 without it)
@@ -123,6 +125,18 @@ case "${1:-}" in
     python3 bench/train_throughput.py --steps ${STEPS:-6} --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
       --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" \
       ${FP4_DGE:+--variant "fp4_dge=+exp=fp4_llama precision.occ=false $data"} 2>&1 | tee "$OUT/e2e_blocks.log" ;;
+  e2e_profile)
+    # step 3 of each run under torch.profiler (trainer.profile_step): is the trainer's step host-bound? nvfp4 and
+    # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02)
+    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
+    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
+    for v in "bf16=" "nvfp4=precision=nvfp4" "mxfp4=precision=mxfp4" "fp8=precision=fp8_tensorwise"; do
+      python3 train.py +exp=bf16_llama ${v#*=} $data trainer.max_steps=5 trainer.profile_step=3 trainer.profile_steps=1 \
+        trainer.eval_at_start=false trainer.eval_every=-1 trainer.save_every=-1 trainer.export=false \
+        logger.backends=[jsonl] run_dir=/root/prof/${v%%=*} > /root/prof_${v%%=*}.log 2>&1 || tail -5 /root/prof_${v%%=*}.log
+      cp /root/prof/${v%%=*}/profile/top_rank0.txt "$OUT/profile_top_${v%%=*}.txt"
+      grep "profile:" /root/prof_${v%%=*}.log | tee -a "$OUT/e2e_profile.log"
+    done ;;
   determinism)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     args="model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz]

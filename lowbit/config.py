@@ -212,6 +212,8 @@ class TrainerConfig:
     seed: int = 1234
     deterministic: bool = False     # bit-reproducible runs: deterministic algorithms, fixed cuBLAS workspace (run.make_deterministic)
     mixed_precision: str = "auto"   # auto (bf16 autocast on CUDA, none on CPU) | bf16 | none
+    profile_step: int = -1          # profile steps profile_step .. +profile_steps-1 (torch.profiler; -1 = off):
+    profile_steps: int = 2          # a Chrome trace and a top-kernel table per rank in {run_dir}/profile/
 
 
 @dataclass

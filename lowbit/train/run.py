@@ -171,7 +171,8 @@ def run(cfg: DictConfig) -> TrainState:
                       cfg=cfg.trainer, optim_cfg=cfg.optim, loggers=loggers, checkpointer=checkpointer,
                       config_yaml=config_yaml, flops_per_token=flops_per_token(plain, cfg.data.seq_len),
                       peak_flops=peak_flops(world.device, matmul_dtype), state=state,
-                      log_every=cfg.logger.log_every, extra_metrics=precision.stats_hook(plain, cfg.precision))
+                      log_every=cfg.logger.log_every, extra_metrics=precision.stats_hook(plain, cfg.precision),
+                      profile_dir=str(Path(cfg.run_dir) / "profile"))
     try:
         state = trainer.fit()
     finally:

@@ -40,7 +40,7 @@ class Trainer:
     def __init__(self, *, model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, data,
                  world: World, cfg: TrainerConfig, optim_cfg: OptimConfig, loggers, checkpointer,
                  config_yaml: str, flops_per_token: float, peak_flops: float | None,
-                 state: TrainState, log_every: int = 1, extra_metrics=None):
+                 state: TrainState, log_every: int = 1, extra_metrics=None, profile_dir: str = "profile"):
         self.model, self.objective, self.optimizer, self.data = model, objective, optimizer, data
         self.world, self.cfg, self.optim_cfg = world, cfg, optim_cfg
         self.loggers, self.checkpointer, self.config_yaml = loggers, checkpointer, config_yaml
@@ -51,6 +51,14 @@ class Trainer:
         self.grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world.dp_size)   # TP/Ulysses ranks share batches
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.autocast = self._autocast_context()
+        self.profiler = None
+        if cfg.profile_step >= 0:
+            if cfg.profile_step + cfg.profile_steps > cfg.max_steps:
+                raise ValueError(f"trainer.profile_step={cfg.profile_step} with trainer.profile_steps="
+                                 f"{cfg.profile_steps} runs past trainer.max_steps={cfg.max_steps}; profile earlier "
+                                 f"steps (a few after the first, which compiles) or raise max_steps")
+            from lowbit.train.profiler import StepProfiler
+            self.profiler = StepProfiler(cfg.profile_step, cfg.profile_steps, profile_dir, world.rank, world.device)
         self.nan_probe = None
         if os.environ.get("LOWBIT_NAN_PROBE") == "1":
             from lowbit.train.nan_probe import NanProbe
@@ -74,6 +82,8 @@ class Trainer:
         while self.state.step < cfg.max_steps:
             timer.restart()
             step = self.state.step
+            if self.profiler is not None:
+                self.profiler.enter(step)
             lr = lr_at(step, self.optim_cfg, cfg.max_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -86,6 +96,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.nan_probe is not None:
                 self.nan_probe.reset()
+            if self.profiler is not None:
+                self.profiler.exit(step)
             self.state.step += 1
             tokens = cfg.global_batch_size * self.data.seq_len
             self.state.tokens_seen += tokens
@@ -107,6 +119,8 @@ class Trainer:
                 log.info("stopping after %d steps (trainer.stop_after_steps); trainer.resume=auto continues "
                          "at step %d", cfg.stop_after_steps, self.state.step)
                 break
+        if self.profiler is not None:
+            self.profiler.close(self.state.step)
         return self.state
 
     def due(self, every: int) -> bool:

@@ -83,3 +83,20 @@ def test_deterministic_runs_repeat_bit_for_bit_and_keep_a_users_cublas_workspace
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+
+
+def test_profiled_steps_write_a_trace_and_a_top_operator_table(tiny_overrides, tmp_path):
+    """trainer.profile_step=1, profile_steps=1: step 1 runs under torch.profiler; the trace holds the step's matmuls
+    (a real Chrome trace, read back as JSON), the table lists operators, the losses are those of an unprofiled run,
+    and a profile window past max_steps is refused before training."""
+    profiled = train_two_steps(tiny_overrides + ["trainer.profile_step=1", "trainer.profile_steps=1"],
+                               tmp_path / "profiled")
+    trace = json.loads((tmp_path / "profiled" / "profile" / "trace_rank0.json").read_text())
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert any(name in ("aten::mm", "aten::addmm", "aten::linear") for name in names)
+    top = (tmp_path / "profiled" / "profile" / "top_rank0.txt").read_text()
+    assert top.startswith("steps 1-1: wall ") and "Self CPU" in top
+    assert profiled == train_two_steps(tiny_overrides, tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"trainer.profile_step=2 with trainer.profile_steps=1 runs past "
+                                         r"trainer.max_steps=2"):
+        train_two_steps(tiny_overrides + ["trainer.profile_step=2", "trainer.profile_steps=1"], tmp_path / "late")
