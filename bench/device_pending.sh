@@ -25,6 +25,8 @@
 #                                     vectorwise with DGE, one linear at the three shapes, compiled, after GPU tests
 #   bench/device_pending.sh e2e_blocks  llama_1b end to end: bf16, nvfp4 and mxfp4 (dequant GEMMs; FP4_DGE=1: and
 #                                     fp4+DGE without OCC; STEPS=N: steps per run, 6)
+#   bench/device_pending.sh dge       fp4 vectorwise with DGE in eager mode, its weight-gradient factor now one Inductor
+#                                     kernel (was 0.72-0.77x bf16 eager against 1.35-1.44x compiled), GPU tests first
 #   bench/device_pending.sh e2e_profile  llama_1b, bf16 / nvfp4 / mxfp4 / fp8 tensorwise, step 3 profiled by the trainer
 #                                     (trainer.profile_step): wall time against the GPU's kernel time, top kernels
 #   bench/device_pending.sh determinism  the SmolLM2-135M architecture, fp8 tensorwise, compiled, 32 steps: twice with
@@ -125,6 +127,11 @@ case "${1:-}" in
     python3 bench/train_throughput.py --steps ${STEPS:-6} --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
       --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" \
       ${FP4_DGE:+--variant "fp4_dge=+exp=fp4_llama precision.occ=false $data"} 2>&1 | tee "$OUT/e2e_blocks.log" ;;
+  dge)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/precision/test_linear.py 2>&1 | tail -3 | tee "$OUT/dge_gpu_tests.log"
+    python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \
+      --recipes fp4_vectorwise,fp4_vectorwise+dge --compile-lowbit fp4_vectorwise+dge --out "$OUT" 2>&1 | tail -12 \
+      | tee "$OUT/linear_dge.log" ;;
   e2e_profile)
     # step 3 of each run under torch.profiler (trainer.profile_step): is the trainer's step host-bound? nvfp4 and
     # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02)

@@ -149,6 +149,30 @@ def test_state_dict_matches_nn_linear_and_parameters_are_shared():
     assert list(layer.state_dict()) == list(linear.state_dict()) == ["weight", "bias"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_fused_dge_weight_gradient_equals_float64(asymmetric):
+    """The DGE weight gradient as one Inductor kernel (what eager CUDA backward passes run; here Inductor's C++ code
+    on the CPU) and as PyTorch ops both equal dw * f'(W / s) in float64, for two weight shapes (one graph, dynamic)
+    and for AFPQ's per-sign scales."""
+    from lowbit.kernels.quantize import quantize_reference
+    from lowbit.precision.linear import dge_weight_gradient, dge_weight_gradient_fused
+
+    recipe = build_recipe(precision_cfg("fp4_vectorwise", dge=True, asymmetric=asymmetric))
+    torch.manual_seed(0)
+    for rows, cols in ((48, 64), (40, 96)):
+        weight, dw = torch.randn(rows, cols), torch.randn(rows, cols)
+        parts = weight_parts(weight, asymmetric)
+        scales = [quantize_reference(p, recipe.w).scale for p in parts]
+        scale = scales[0] if len(scales) == 1 else torch.where(weight >= 0, scales[0], scales[1])
+        want = dw.double() * dge_float64(weight.double() / scale.double().expand_as(weight), recipe.w.fmt,
+                                         recipe.dge_k, recipe.dge_clip)
+        for fn in (dge_weight_gradient, dge_weight_gradient_fused):
+            got = fn(dw, weight, scales, recipe.w, recipe.dge_k, recipe.dge_clip)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_inputs_and_no_bias():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32, bias=False)
@@ -428,4 +452,15 @@ def test_dequant_block_gemm_layer_equals_float64(name, monkeypatch):
 def test_block_gemm_schemes_on_gpu_equal_float64(name, block_gemm):
     """Both block GEMM schemes of the FP4 block recipes, compiled, forward and backward of one layer."""
     errors = layer_against_float64(build_recipe(precision_cfg(name, block_gemm=block_gemm)), "cuda")
+    assert max(errors.values()) < 1e-3, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8")
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_fp4_vectorwise_with_dge_on_gpu_equals_float64(asymmetric):
+    """fp4 vectorwise with DGE on CUDA in eager mode: the weight gradient comes from the fused DGE kernel."""
+    recipe = build_recipe(precision_cfg("fp4_vectorwise", dge=True, asymmetric=asymmetric))
+    errors = layer_against_float64(recipe, "cuda")
     assert max(errors.values()) < 1e-3, errors
