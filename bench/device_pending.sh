@@ -137,13 +137,10 @@ case "${1:-}" in
     # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
-    for v in "bf16=" "nvfp4=precision=nvfp4" "mxfp4=precision=mxfp4" "fp8=precision=fp8_tensorwise"; do
-      python3 train.py +exp=bf16_llama ${v#*=} $data trainer.max_steps=5 trainer.profile_step=3 trainer.profile_steps=1 \
-        trainer.eval_at_start=false trainer.eval_every=-1 trainer.save_every=-1 trainer.export=false \
-        logger.backends=[jsonl] run_dir=/root/prof/${v%%=*} > /root/prof_${v%%=*}.log 2>&1 || tail -5 /root/prof_${v%%=*}.log
-      cp /root/prof/${v%%=*}/profile/top_rank0.txt "$OUT/profile_top_${v%%=*}.txt"
-      grep "profile:" /root/prof_${v%%=*}.log | tee -a "$OUT/e2e_profile.log"
-    done ;;
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --profile 3 --profile-dir "$OUT" \
+      --variant "bf16=+exp=bf16_llama $data" --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
+      --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" --variant "fp8=+exp=fp8_llama $data" 2>&1 \
+      | tee "$OUT/e2e_profile.log" ;;
   determinism)
     cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     args="model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz]

@@ -6,6 +6,10 @@ from its metrics.jsonl. Ratios are against the first variant.
 
     python bench/train_throughput.py --steps 12 --out docs/RESULTS.md \
         --variant "bf16=+exp=bf16_llama" --variant "fp8_rowwise=+exp=fp8_llama precision=fp8_rowwise"
+
+--profile N runs step N of each variant under torch.profiler (trainer.profile_step; that step is left out of the
+median) and copies its top-kernel table to --profile-dir as NAME_top.txt; the table's first line, the step's wall
+time against the GPU's kernel time, is printed with the variant's figures.
 """
 from __future__ import annotations
 
@@ -22,10 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, timeout: int) -> dict:
+def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, timeout: int,
+                profile: int = -1) -> dict:
     command = [sys.executable, str(ROOT / "train.py"), *overrides, f"trainer.max_steps={steps}",
                "trainer.eval_every=-1", "trainer.eval_at_start=false", "trainer.save_every=-1",
                "trainer.export=false", "logger.backends=[jsonl]", f"run_dir={run_dir}"]
+    if profile >= 0:
+        command += [f"trainer.profile_step={profile}", "trainer.profile_steps=1"]
     try:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -34,10 +41,15 @@ def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, ti
         return {"error": (result.stderr or result.stdout)[-1500:]}
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/tokens_per_s" in r][warmup:]
+    rows = [r for r in rows if r["step"] != profile + 1]          # the profiled step (logged as step N + 1)
     pick = lambda key: statistics.median(r[key] for r in rows) if rows and key in rows[0] else float("nan")
-    return {"tokens_per_s": pick("perf/tokens_per_s"), "mfu": pick("perf/mfu"),
-            "peak_gib": pick("mem/peak_allocated_gib"), "loss": rows[-1]["loss"] if rows else float("nan"),
-            "steps_timed": len(rows)}
+    result = {"tokens_per_s": pick("perf/tokens_per_s"), "mfu": pick("perf/mfu"),
+              "peak_gib": pick("mem/peak_allocated_gib"), "loss": rows[-1]["loss"] if rows else float("nan"),
+              "steps_timed": len(rows)}
+    top = run_dir / "profile" / "top_rank0.txt"
+    if profile >= 0 and top.is_file():
+        result["profile"] = top.read_text().splitlines()[0]
+    return result
 
 
 def main() -> None:
@@ -47,6 +59,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="steps left out of the median")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", type=Path, help="append a markdown table to this file")
+    parser.add_argument("--profile", type=int, default=-1, help="profile this step of each variant (-1: none)")
+    parser.add_argument("--profile-dir", type=Path, default=Path("."), help="where NAME_top.txt tables go")
     args = parser.parse_args()
     import torch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -54,7 +68,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.variant:
             name, _, overrides = spec.partition("=")
-            results[name] = run_variant(shlex.split(overrides), args.steps, args.warmup, Path(tmp) / name, args.timeout)
+            results[name] = run_variant(shlex.split(overrides), args.steps, args.warmup, Path(tmp) / name, args.timeout,
+                                        args.profile)
+            top = Path(tmp) / name / "profile" / "top_rank0.txt"
+            if top.is_file():
+                args.profile_dir.mkdir(parents=True, exist_ok=True)
+                (args.profile_dir / f"{name}_top.txt").write_text(top.read_text())
             print(name, results[name], flush=True)
     base = next(iter(results.values())).get("tokens_per_s")
     lines = [f"\n### Training throughput, {device}, {datetime.date.today()}\n",
@@ -67,6 +86,7 @@ def main() -> None:
             continue
         lines.append(f"| {name} | `{overrides}` | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | "
                      f"{r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['loss']:.3f} |")
+    lines += [f"\nprofile of step {args.profile}, {name}: {r['profile']}" for name, r in results.items() if "profile" in r]
     table = "\n".join(lines)
     print(table)
     if args.out:
