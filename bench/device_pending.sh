@@ -25,6 +25,8 @@
 #                                     vectorwise with DGE, one linear at the three shapes, compiled, after GPU tests
 #   bench/device_pending.sh e2e_blocks  llama_1b end to end: bf16, nvfp4 and mxfp4 (dequant GEMMs; FP4_DGE=1: and
 #                                     fp4+DGE without OCC; STEPS=N: steps per run, 6)
+#   bench/device_pending.sh fp4quant  the FP4 block quantize kernel (NVFP4 / MXFP4 pairs) over tiles and warps, split
+#                                     and one launch, each bit-exact first (bench/quantize.py block_sweep)
 #   bench/device_pending.sh dge       fp4 vectorwise with DGE in eager mode, its weight-gradient factor now one Inductor
 #                                     kernel (was 0.72-0.77x bf16 eager against 1.35-1.44x compiled), GPU tests first
 #   bench/device_pending.sh e2e_profile  llama_1b, bf16 / nvfp4 / mxfp4 / fp8 tensorwise, step 3 profiled by the trainer
@@ -104,7 +106,8 @@ case "${1:-}" in
   blocks)
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/kernels/test_gemm.py 2>&1 \
       | tail -3 | tee "$OUT/blocks_gpu_tests.log"
-    python3 bench/quantize.py --skip sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 | tee "$OUT/quantize_tiles.log"
+    python3 bench/quantize.py --skip sweep,block_sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
+      | tee "$OUT/quantize_tiles.log"
     python3 bench/block_gemm.py --shapes 8192x4096x4096 8192x4096x14336 --json "$OUT/block_gemm.json" 2>&1 \
       | tee "$OUT/block_gemm.log" ;;
   fp4gemm)
@@ -127,6 +130,13 @@ case "${1:-}" in
     python3 bench/train_throughput.py --steps ${STEPS:-6} --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
       --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" \
       ${FP4_DGE:+--variant "fp4_dge=+exp=fp4_llama precision.occ=false $data"} 2>&1 | tee "$OUT/e2e_blocks.log" ;;
+  fp4quant)
+    # the FP4 block quantize kernel over tiles and warps (NVFP4 0.27 / MXFP4 0.53 of copy bandwidth by its defaults,
+    # ~3.3 of 10.4 ms of one compiled nvfp4 llama_1b layer): GPU tests of the kernel first
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py 2>&1 | tail -3 \
+      | tee "$OUT/fp4quant_gpu_tests.log"
+    python3 bench/quantize.py --skip kernels,sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
+      | grep -v Warning | tee "$OUT/fp4quant_sweep.log" ;;
   dge)
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/precision/test_linear.py 2>&1 | tail -3 | tee "$OUT/dge_gpu_tests.log"
     python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \

@@ -2,6 +2,7 @@
 QuantLinear of every recipe (Triton path == torch path, torch.compile == eager), and fwd+bwd times.
 
     python bench/quantize.py [--out DIR]      # no hydra; prints a table, writes quantize_bench.json
+    python bench/quantize.py --skip kernels,sweep,bandwidth,linear,llama,timing     # the FP4 block tile sweep only
 
 Bandwidth: the rowwise pair kernel (x along K and x^T along M) reads x twice (amax pass + quantize pass)
 and writes two 1-byte copies; "achieved" counts those bytes over the time, compared with the bytes per
@@ -190,6 +191,47 @@ def sweep(results):
     results["sweep"] = rows
 
 
+BLOCK_TILES = [(r, c, w) for r, c in ((16, 128), (32, 64), (32, 128), (64, 64), (64, 128), (128, 32), (128, 64),
+                                       (128, 128), (64, 256), (256, 64)) for w in (4, 8)]
+
+
+def block_sweep(results, shapes=((8192, 4096), (8192, 14336)), device="cuda", tiles=None):
+    """Tiles and warps of the FP4 block pair kernel (NVFP4 1 x 16 with its tensor amax pass, MXFP4 1 x 32), one
+    launch for both sides and one per side, each checked bit for bit against the PyTorch path first. Ratio: bytes of
+    x read once and x_q, x^T_q written once (4 per element) per second, over the device copy's."""
+    from lowbit.kernels import quantize_blocks_triton as blocks
+    rows = []
+    for shape in shapes:
+        x = torch.randn(shape, device=device, dtype=torch.bfloat16)
+        out = torch.empty_like(x)
+        copy_gbs = 4 * x.numel() / graph_ms(lambda: out.copy_(x)) / 1e6
+        for label, q in (("nvfp4 pair", Quantizer(E2M1, 1, 16, "nvfp4")), ("mxfp4 pair", Quantizer(E2M1, 1, 32, "pow2"))):
+            want, want_t = quantize_reference(x, q), quantize_reference(x.t(), q)
+            for split in (True, False):
+                for tile in [None] + (BLOCK_TILES if tiles is None else tiles):
+                    blocks.TILE, blocks.SPLIT_PAIRS = tile, split
+                    try:
+                        got, got_t = quantize_blocks_triton(x, q, q)
+                        exact = all(torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+                                    and torch.equal(a.scale, b.scale) for a, b in ((got, want), (got_t, want_t)))
+                        ms = graph_ms(lambda: quantize_blocks_triton(x, q, q))
+                    except Exception as error:
+                        print(f"{str(shape):>14} {label} split={split} tile {tile}: {type(error).__name__} {error}"[:200])
+                        continue
+                    ratio = 4 * x.numel() / ms / 1e6 / copy_gbs
+                    rows.append(dict(shape=shape, kernel=label, split=split, tile=tile or "default", graph_ms=ms,
+                                     ratio=ratio, exact=exact))
+                    print(f"{str(shape):>14} {label} {'split' if split else 'one launch':<10} tile "
+                          f"{str(tile or 'default'):<14} {ms:6.3f} ms  ratio {ratio:4.2f}  exact {exact}", flush=True)
+            best = min((r for r in rows if r["shape"] == shape and r["kernel"] == label and r["exact"]),
+                       key=lambda r: r["graph_ms"], default=None)
+            if best:
+                print(f"{str(shape):>14} {label} best: {'split' if best['split'] else 'one launch'} tile "
+                      f"{best['tile']} {best['graph_ms']:.3f} ms ratio {best['ratio']:.2f}", flush=True)
+    blocks.TILE, blocks.SPLIT_PAIRS = None, True
+    results["block_sweep"] = rows
+
+
 def linear_checks(results):
     torch.manual_seed(0)
     rows = {}
@@ -310,7 +352,8 @@ def main():
     import triton
     results["triton"] = triton.__version__
     print(results)
-    for name, fn in [("kernels", check_kernels), ("sweep", sweep), ("bandwidth", bandwidth), ("linear", linear_checks),
+    for name, fn in [("kernels", check_kernels), ("sweep", sweep), ("block_sweep", block_sweep),
+                     ("bandwidth", bandwidth), ("linear", linear_checks),
                      ("llama", llama_training), ("timing", linear_timing)]:
         if name in args.skip.split(","):
             continue

@@ -134,6 +134,17 @@ SPLIT_PAIRS = True      # 1 x b pairs, b >= 32, in two launches, one per side. H
                         # 0.312 vs 0.103 / 0.350; NVFP4 (1 x 16) was slower split, 0.208 / 0.658 vs 0.184 / 0.582
 
 
+TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every launch in place of the defaults below;
+                                           # bench/quantize.py's block sweep (a tile must hold whole blocks)
+
+
+def tile_fits(tile_r: int, tile_c: int, x_side: bool, t_side: bool, br: int, bc: int, br_t: int, bc_t: int) -> bool:
+    """Whether a tile holds whole blocks of the sides it writes (x's br x bc, x^T's br_t x bc_t, which cover bc_t
+    rows x br_t columns of x)."""
+    return ((not x_side or (tile_r % br == 0 and tile_c % bc == 0))
+            and (not t_side or (tile_r % bc_t == 0 and tile_c % br_t == 0)))
+
+
 def supports(quantizer: Quantizer, quantizer_t: Quantizer | None) -> bool:
     """Block quantizers this kernel handles, same format and rule on both sides, block sides powers of two:
     1 x b blocks (both outputs), and b x b blocks whose x^T blocks are b x b too (fp8_blockwise's 128 x 128 weights).
@@ -194,13 +205,19 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
     else:
         launches = [(True, transpose, (block_r, block_c))]
     for x_side, t_side, (tile_r, tile_c) in launches:
+        warps = 8 if tile_r * tile_c >= 128 * 128 else 4
+        if TILE is not None:
+            tile_r, tile_c, warps = TILE
+            if not tile_fits(tile_r, tile_c, x_side, t_side, br, bc, br_t, bc_t):
+                raise ValueError(f"quantize_blocks_triton.TILE={TILE} does not hold whole blocks ({br} x {bc}, "
+                                 f"x^T {br_t} x {bc_t}); pick multiples of the block sides")
         _quantize_blocks_kernel[(triton.cdiv(R, tile_r), triton.cdiv(C, tile_c))](
             x, q, qt, scale, scale_t, global_scale, R, C, x.stride(0),
             BLOCK_R=tile_r, BLOCK_C=tile_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
             TRANSPOSE=t_side, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
             MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
             HW=hardware_cast(fmt, x.device), SAME_T=t_side and br == bc == br_t == bc_t, X_SIDE=x_side,
-            num_warps=8 if tile_r * tile_c >= 128 * 128 else 4)
+            num_warps=warps)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer, gain)
     return first, (QTensor(qt, scale_t, quantizer_t, gain) if transpose else None)

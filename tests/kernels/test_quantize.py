@@ -160,6 +160,41 @@ def test_triton_block_quantize_in_one_launch_equals_reference_under_interpreter(
     run_under_interpreter("check_block_kernel_in_one_launch", "OK blocks 22")
 
 
+def check_block_kernel_tiles() -> None:
+    """FP4 block pairs (NVFP4 1 x 16, MXFP4 1 x 32) under tiles other than the defaults (quantize_blocks_triton.TILE,
+    what bench/quantize.py's block sweep times), split and in one launch, bit for bit the reference; a tile that
+    cuts a block is refused."""
+    from lowbit.kernels import quantize_blocks_triton as blocks
+    from lowbit.precision.formats import E2M1
+    from lowbit.precision.scaling import Quantizer, quantize_reference
+
+    generator = torch.Generator().manual_seed(1)
+    checked = 0
+    for q in (Quantizer(E2M1, 1, 16, "nvfp4"), Quantizer(E2M1, 1, 32, "pow2")):
+        x = (torch.randn(96, 160, generator=generator)
+             * torch.exp2(torch.randint(-8, 8, (96, 160), generator=generator).float())).to(torch.bfloat16)
+        for tile in ((32, 32, 4), (128, 32, 4), (32, 64, 8)):
+            for split in (True, False):
+                blocks.TILE, blocks.SPLIT_PAIRS = tile, split
+                got, got_t = blocks.quantize_blocks_triton(x, q, q)
+                for a, b in ((got, quantize_reference(x, q)), (got_t, quantize_reference(x.t(), q))):
+                    assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), (q, tile, split)
+                    assert torch.equal(a.scale, b.scale), (q, tile, split)
+                checked += 1
+    blocks.TILE = (16, 16, 4)
+    try:
+        blocks.quantize_blocks_triton(x, Quantizer(E2M1, 1, 32, "pow2"), None)
+        raise AssertionError("a 16 x 16 tile cut 1 x 32 blocks")
+    except ValueError as error:
+        assert "TILE=(16, 16, 4) does not hold whole blocks (1 x 32" in str(error), error
+    print(f"OK tiles {checked}")
+
+
+@pytest.mark.slow
+def test_triton_block_quantize_under_other_tiles_equals_reference_under_interpreter():
+    run_under_interpreter("check_block_kernel_tiles", "OK tiles 12")
+
+
 def test_square_block_pair_is_one_quantization_transposed():
     """The PyTorch path of a b x b block pair (fp8_blockwise's weights) quantizes x once and transposes data and
     scales (lowbit.kernels.quantize.transposes_blocks): bit for bit what quantizing x^T on its own gives, eager and
