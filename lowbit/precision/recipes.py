@@ -108,8 +108,8 @@ def build_recipe(cfg) -> Recipe:
         raise ValueError(f"precision.block_gemm={block_gemm!r} is not supported; use auto (the default: dequant for "
                          f"nvfp4 / mxfp4, rescale otherwise), rescale, prescale or dequant")
     if block_gemm == "auto":
-        # H200, 2026-12-02 (bench/linear.py, compiled): fwd+bwd of one nvfp4 / mxfp4 linear 0.68-0.76x / 0.87-0.93x
-        # of bf16 by dequant against 0.27-0.28x / 0.33-0.35x prescaled and 0.14x / 0.24x rescaled
+        # H200, 2026-12-02 (bench/linear.py, compiled, two runs): fwd+bwd of one nvfp4 / mxfp4 linear 0.65-0.76x /
+        # 0.86-0.93x of bf16 by dequant against 0.27-0.28x / 0.33-0.35x prescaled and 0.14x / 0.24x rescaled
         block_gemm = "dequant" if name in ("nvfp4", "mxfp4") else "rescale"
     if block_gemm in ("prescale", "dequant") and name not in ("nvfp4", "mxfp4"):
         raise ValueError(f"precision.block_gemm={block_gemm} applies the block scales in bf16, exact only for FP4 "

@@ -96,8 +96,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.nan_probe is not None:
                 self.nan_probe.reset()
-            if self.profiler is not None:
-                self.profiler.exit(step)
             self.state.step += 1
             tokens = cfg.global_batch_size * self.data.seq_len
             self.state.tokens_seen += tokens
@@ -107,6 +105,8 @@ class Trainer:
                       **step_metrics.memory(self.world.device)}
             if self.extra_metrics is not None:
                 record.update(self.extra_metrics(self.state.step))
+            if self.profiler is not None:       # after the step's timing, so writing the trace is not counted
+                self.profiler.exit(step)
             if self.state.step % self.log_every == 0 or self.state.step == cfg.max_steps:
                 self.loggers.log(self.state.step, record)
             if self.due(cfg.eval_every):
