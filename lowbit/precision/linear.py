@@ -7,6 +7,8 @@ default); only GEMM inputs are quantized, on the fly, every step. QuantLinear ke
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 
@@ -190,7 +192,7 @@ class QuantLinearFunction(torch.autograd.Function):
                 elif residual is not None:  # the compensation's weight gradient: dy^T (x - clamp(x))
                     dw = dw + residual.t_matmul(dy2[:ctx.tokens], weight.shape[1]).t()
                 if recipe.dge:               # arXiv 2501.17116 eq. 8: dL/dW = dL/dW_q * f'(W / scale)
-                    dge = (dge_weight_gradient_fused if dw.is_cuda and not torch.compiler.is_compiling()
+                    dge = (dge_weight_gradient_fused() if dw.is_cuda and not torch.compiler.is_compiling()
                            else dge_weight_gradient)
                     dw = dge(dw, weight, list(weight_scales), recipe.w, recipe.dge_k, recipe.dge_clip)
                 dw = dw.to(weight.dtype)
@@ -245,10 +247,13 @@ def dge_weight_gradient(dw: torch.Tensor, weight: torch.Tensor, scales: list[tor
     return dw * dge_derivative(w / scale, quantizer.fmt, k, clip)
 
 
-# The same expression as one Inductor kernel, for eager CUDA backward passes: as a dozen PyTorch element-wise kernels
-# over the fp32 weight it cost 0.8 ms of one eager 4096 x 4096 fp4 layer's 1.7 (H200, 2026-12-02; compiled layers
-# fuse it themselves). dynamic=True: one graph for every weight shape.
-dge_weight_gradient_fused = torch.compile(dge_weight_gradient, dynamic=True)
+@functools.cache
+def dge_weight_gradient_fused():
+    """`dge_weight_gradient` as one Inductor kernel, for eager CUDA backward passes: as a dozen PyTorch element-wise
+    kernels over the fp32 weight it cost 0.8 ms of one eager 4096 x 4096 fp4 layer's 1.7 (H200, 2026-12-02; compiled
+    layers fuse it themselves). dynamic=True: one graph for every weight shape. Built on first use (importing
+    torch.compile's machinery takes seconds)."""
+    return torch.compile(dge_weight_gradient, dynamic=True)
 
 
 class QuantLinear(nn.Linear):

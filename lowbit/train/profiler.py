@@ -21,10 +21,9 @@ class StepProfiler:
     step runs). `enter(step)` before a step, `exit(step)` after it."""
 
     def __init__(self, first: int, count: int, out_dir: str | Path, rank: int, device: torch.device, top: int = 30):
-        if first < 0 or count < 1:
-            raise ValueError(f"trainer.profile_step={first} / trainer.profile_steps={count}: the first profiled step "
-                             f"must be >= 0 (0 profiles from the first step) and the count >= 1; set "
-                             f"trainer.profile_step=-1 to profile nothing")
+        if count < 1:
+            raise ValueError(f"trainer.profile_steps={count}: profile at least one step (or set "
+                             f"trainer.profile_step=-1 to profile nothing)")
         self.first, self.last = first, first + count - 1
         self.out_dir, self.rank, self.device, self.top = Path(out_dir), rank, device, top
         self._prof = None

@@ -52,6 +52,9 @@ class Trainer:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.autocast = self._autocast_context()
         self.profiler = None
+        if cfg.profile_step < -1:
+            raise ValueError(f"trainer.profile_step={cfg.profile_step}: give the first step to profile (0 or more) or "
+                             f"-1 for none")
         if cfg.profile_step >= 0:
             if cfg.profile_step + cfg.profile_steps > cfg.max_steps:
                 raise ValueError(f"trainer.profile_step={cfg.profile_step} with trainer.profile_steps="

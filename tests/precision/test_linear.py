@@ -167,7 +167,7 @@ def test_fused_dge_weight_gradient_equals_float64(asymmetric):
         scale = scales[0] if len(scales) == 1 else torch.where(weight >= 0, scales[0], scales[1])
         want = dw.double() * dge_float64(weight.double() / scale.double().expand_as(weight), recipe.w.fmt,
                                          recipe.dge_k, recipe.dge_clip)
-        for fn in (dge_weight_gradient, dge_weight_gradient_fused):
+        for fn in (dge_weight_gradient, dge_weight_gradient_fused()):
             got = fn(dw, weight, scales, recipe.w, recipe.dge_k, recipe.dge_clip)
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

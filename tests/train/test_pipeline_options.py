@@ -100,3 +100,5 @@ def test_profiled_steps_write_a_trace_and_a_top_operator_table(tiny_overrides, t
     with pytest.raises(ValueError, match=r"trainer.profile_step=2 with trainer.profile_steps=1 runs past "
                                          r"trainer.max_steps=2"):
         train_two_steps(tiny_overrides + ["trainer.profile_step=2", "trainer.profile_steps=1"], tmp_path / "late")
+    with pytest.raises(ValueError, match=r"trainer.profile_steps=0: profile at least one step"):
+        train_two_steps(tiny_overrides + ["trainer.profile_step=0", "trainer.profile_steps=0"], tmp_path / "none")
