@@ -7,8 +7,6 @@ default); only GEMM inputs are quantized, on the fly, every step. QuantLinear ke
 """
 from __future__ import annotations
 
-import functools
-
 import logging
 import os
 
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Shard
 
+from lowbit.kernels.dge_triton import dge_weight_gradient_triton
 from lowbit.kernels.quantize import quantize, quantize_pair
 from lowbit.precision.gemm import quantized_matmul
 from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix, residual_from
@@ -192,8 +191,8 @@ class QuantLinearFunction(torch.autograd.Function):
                 elif residual is not None:  # the compensation's weight gradient: dy^T (x - clamp(x))
                     dw = dw + residual.t_matmul(dy2[:ctx.tokens], weight.shape[1]).t()
                 if recipe.dge:               # arXiv 2501.17116 eq. 8: dL/dW = dL/dW_q * f'(W / scale)
-                    dge = (dge_weight_gradient_fused() if dw.is_cuda and not torch.compiler.is_compiling()
-                           else dge_weight_gradient)
+                    dge = (dge_weight_gradient_triton if dw.is_cuda and not torch.compiler.is_compiling()
+                           else dge_weight_gradient)            # compiled layers fuse the PyTorch path themselves
                     dw = dge(dw, weight, list(weight_scales), recipe.w, recipe.dge_k, recipe.dge_clip)
                 dw = dw.to(weight.dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -245,15 +244,6 @@ def dge_weight_gradient(dw: torch.Tensor, weight: torch.Tensor, scales: list[tor
     if len(scales) == 2:
         scale = torch.where(w >= 0, scale, expand_scale(scales[1], quantizer, w.shape))
     return dw * dge_derivative(w / scale, quantizer.fmt, k, clip)
-
-
-@functools.cache
-def dge_weight_gradient_fused():
-    """`dge_weight_gradient` as one Inductor kernel, for eager CUDA backward passes: as a dozen PyTorch element-wise
-    kernels over the fp32 weight it cost 0.8 ms of one eager 4096 x 4096 fp4 layer's 1.7 (H200, 2026-12-02; compiled
-    layers fuse it themselves). dynamic=True: one graph for every weight shape. Built on first use (importing
-    torch.compile's machinery takes seconds)."""
-    return torch.compile(dge_weight_gradient, dynamic=True)
 
 
 class QuantLinear(nn.Linear):

@@ -149,28 +149,34 @@ def test_state_dict_matches_nn_linear_and_parameters_are_shared():
     assert list(layer.state_dict()) == list(linear.state_dict()) == ["weight", "bias"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("asymmetric", [False, True])
-def test_fused_dge_weight_gradient_equals_float64(asymmetric):
-    """The DGE weight gradient as one Inductor kernel (what eager CUDA backward passes run; here Inductor's C++ code
-    on the CPU) and as PyTorch ops both equal dw * f'(W / s) in float64, for two weight shapes (one graph, dynamic)
-    and for AFPQ's per-sign scales."""
+@pytest.mark.parametrize("name,asymmetric", [("fp4_vectorwise", False), ("fp4_vectorwise", True), ("nvfp4", False),
+                                              ("mxfp4", False)])
+def test_dge_kernel_equals_float64(name, asymmetric):
+    """The DGE weight gradient as one Triton kernel (what eager CUDA backward passes run; here the interpreter) and
+    as PyTorch ops both equal dw * f'(W / s) in float64: per-channel scales (and AFPQ's per-sign ones), 16- and
+    32-element block scales, rows not a multiple of the block."""
+    from lowbit.kernels.dge_triton import dge_weight_gradient_triton
     from lowbit.kernels.quantize import quantize_reference
-    from lowbit.precision.linear import dge_weight_gradient, dge_weight_gradient_fused
+    from lowbit.precision.linear import dge_weight_gradient
+    from lowbit.precision.scaling import expand_scale
 
-    recipe = build_recipe(precision_cfg("fp4_vectorwise", dge=True, asymmetric=asymmetric))
+    recipe = build_recipe(precision_cfg(name, dge=True, asymmetric=asymmetric))
     torch.manual_seed(0)
-    for rows, cols in ((48, 64), (40, 96)):
+    for rows, cols in ((48, 64), (37, 96)):
         weight, dw = torch.randn(rows, cols), torch.randn(rows, cols)
         parts = weight_parts(weight, asymmetric)
         scales = [quantize_reference(p, recipe.w).scale for p in parts]
-        scale = scales[0] if len(scales) == 1 else torch.where(weight >= 0, scales[0], scales[1])
-        want = dw.double() * dge_float64(weight.double() / scale.double().expand_as(weight), recipe.w.fmt,
-                                         recipe.dge_k, recipe.dge_clip)
-        for fn in (dge_weight_gradient, dge_weight_gradient_fused()):
+        full = [expand_scale(s, recipe.w, weight.shape).expand_as(weight) for s in scales]
+        scale = full[0] if len(full) == 1 else torch.where(weight >= 0, full[0], full[1])
+        want = dw.double() * dge_float64(weight.double() / scale.double(), recipe.w.fmt, recipe.dge_k, recipe.dge_clip)
+        for fn in (dge_weight_gradient, dge_weight_gradient_triton):
             got = fn(dw, weight, scales, recipe.w, recipe.dge_k, recipe.dge_clip)
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        bf16 = weight.bfloat16()             # bf16 master weights: the kernel reads them as they are
+        torch.testing.assert_close(dge_weight_gradient_triton(dw, bf16, scales, recipe.w, recipe.dge_k, recipe.dge_clip),
+                                   dge_weight_gradient(dw, bf16, scales, recipe.w, recipe.dge_k, recipe.dge_clip),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_inputs_and_no_bias():
