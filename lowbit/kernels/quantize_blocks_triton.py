@@ -134,6 +134,12 @@ SPLIT_PAIRS = True      # 1 x b pairs, b >= 32, in two launches, one per side. H
                         # 0.312 vs 0.103 / 0.350; NVFP4 (1 x 16) was slower split, 0.208 / 0.658 vs 0.184 / 0.582
 
 
+FP4_PAIR_TILES = {16: (32, 64, 4), 32: (32, 128, 4)}   # (rows, columns, warps) of the one launch that writes an FP4
+                        # 1 x b pair (NVFP4 b = 16, MXFP4 b = 32). H200 2026-12-02 (bench/quantize.py block sweep, every
+                        # tile bit-exact): NVFP4 0.163 / 0.506 ms at 8192 x 4096 / 14336 against 0.186 / 0.587 by the
+                        # general default, MXFP4 0.076 / 0.253 against 0.093 / 0.313 split and 0.103 / 0.350 one launch
+
+
 TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every launch in place of the defaults below;
                                            # bench/quantize.py's block sweep (a tile must hold whole blocks)
 
@@ -199,13 +205,16 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
     scale_t = torch.empty((-(-C // br_t), R // bc_t) if transpose else (0, 0), device=x.device, dtype=torch.float32)
     # (x side, x^T side, tile) per launch: one launch for both sides, or, for split 1 x b pairs, x's blocks along
     # its rows and then x^T's blocks down its columns, each with a tile that holds whole blocks of one side only
-    if SPLIT_PAIRS and transpose and br == 1 and br_t == 1 and bc >= 32:
-        launches = [(True, False, (64 if bc <= 32 else 16, max(64 if bc <= 32 else 128, bc))),     # x's tile alone
-                    (False, True, (max(64, bc_t), 64))]
+    fp4_pair = transpose and fmt.mantissa_bits == 1 and br == br_t == 1 and bc == bc_t and bc in FP4_PAIR_TILES
+    if fp4_pair:
+        launches = [(True, True, FP4_PAIR_TILES[bc])]
+    elif SPLIT_PAIRS and transpose and br == 1 and br_t == 1 and bc >= 32:
+        launches = [(True, False, (64 if bc <= 32 else 16, max(64 if bc <= 32 else 128, bc), None)),   # x's tile alone
+                    (False, True, (max(64, bc_t), 64, None))]
     else:
-        launches = [(True, transpose, (block_r, block_c))]
-    for x_side, t_side, (tile_r, tile_c) in launches:
-        warps = 8 if tile_r * tile_c >= 128 * 128 else 4
+        launches = [(True, transpose, (block_r, block_c, None))]
+    for x_side, t_side, (tile_r, tile_c, warps) in launches:
+        warps = warps or (8 if tile_r * tile_c >= 128 * 128 else 4)
         if TILE is not None:
             tile_r, tile_c, warps = TILE
             if not tile_fits(tile_r, tile_c, x_side, t_side, br, bc, br_t, bc_t):
