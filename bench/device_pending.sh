@@ -27,10 +27,12 @@
 #                                     fp4+DGE without OCC; STEPS=N: steps per run, 6)
 #   bench/device_pending.sh fp4quant  the FP4 block quantize kernel (NVFP4 / MXFP4 pairs) over tiles and warps, split
 #                                     and one launch, each bit-exact first (bench/quantize.py block_sweep)
-#   bench/device_pending.sh dge       fp4 vectorwise with DGE in eager mode, its weight-gradient factor now one Inductor
+#   bench/device_pending.sh dge       fp4 vectorwise with DGE in eager mode, its weight-gradient factor now one Triton
 #                                     kernel (was 0.72-0.77x bf16 eager against 1.35-1.44x compiled), GPU tests first
 #   bench/device_pending.sh e2e_profile  llama_1b, bf16 / nvfp4 / mxfp4 / fp8 tensorwise, step 3 profiled by the trainer
 #                                     (trainer.profile_step): wall time against the GPU's kernel time, top kernels
+#   bench/device_pending.sh e2e_graphs  bf16 and fp8 tensorwise end to end with each decoder layer as CUDA graphs
+#                                     (model.compile_mode=reduce-overhead), fp8 without them
 #   bench/device_pending.sh determinism  the SmolLM2-135M architecture, fp8 tensorwise, compiled, 32 steps: twice with
 #                                     trainer.deterministic=true, twice without; are the losses bit-identical, and at
 #                                     what cost in tokens/s (GPU runs drift apart from step 2 without it)
@@ -138,10 +140,19 @@ case "${1:-}" in
     python3 bench/quantize.py --skip kernels,sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
       | grep -v Warning | tee "$OUT/fp4quant_sweep.log" ;;
   dge)
-    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/precision/test_linear.py 2>&1 | tail -3 | tee "$OUT/dge_gpu_tests.log"
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/precision/test_linear.py 2>&1 | tail -25 | tee "$OUT/dge_gpu_tests.log"
     python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \
       --recipes fp4_vectorwise,fp4_vectorwise+dge --compile-lowbit fp4_vectorwise+dge --out "$OUT" 2>&1 | tail -12 \
       | tee "$OUT/linear_dge.log" ;;
+  e2e_graphs)
+    # model.compile_mode=reduce-overhead (each compiled decoder layer as CUDA graphs): the fp8 step kept the GPU
+    # busy 82% of its wall time (trainer profile, 2026-12-02), bf16's 96%
+    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
+    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 120 \
+      --variant "bf16_graphs=+exp=bf16_llama model.compile_mode=reduce-overhead $data" \
+      --variant "fp8=+exp=fp8_llama $data" \
+      --variant "fp8_graphs=+exp=fp8_llama model.compile_mode=reduce-overhead $data" 2>&1 | tee "$OUT/e2e_graphs.log" ;;
   e2e_profile)
     # step 3 of each run under torch.profiler (trainer.profile_step): is the trainer's step host-bound? nvfp4 and
     # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02)

@@ -95,16 +95,23 @@ def compile_backend(precision_cfg, device: torch.device) -> str:
     return "inductor"
 
 
-def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> None:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str = "default") -> None:
     """torch.compile each decoder layer (torchtitan's choice: one graph per repeated block compiles once).
     dynamic=False: a new batch shape (the last, shorter validation batch) compiles its own graph rather than making
     sizes symbolic; an OCC layer failed to compile right after such a batch on the H200 (torch 2.11, 2026-12-01),
-    most likely on the quantizers' shape arithmetic (OCC's sample stride, token padding)."""
+    most likely on the quantizers' shape arithmetic (OCC's sample stride, token padding).
+    mode: torch.compile's mode for Inductor (reduce-overhead: each layer's forward and backward as CUDA graphs; the
+    trainer marks a new step per micro-batch); another backend takes none."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"model.compile_mode={mode!r} is not known; use one of {list(COMPILE_MODES)}")
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError("model.compile=true needs an HF decoder with model.model.layers; set model.compile=false")
     for layer in layers:
-        layer.compile(dynamic=False, backend=backend)
+        layer.compile(dynamic=False, backend=backend, **({"mode": mode} if backend == "inductor" else {}))
 
 
 def run(cfg: DictConfig) -> TrainState:
@@ -136,7 +143,7 @@ def run(cfg: DictConfig) -> TrainState:
     if cfg.model.compile:
         backend = compile_backend(cfg.precision, world.device)
         for compiled in (model, *objective.frozen_models()):
-            compile_layers(compiled, backend)
+            compile_layers(compiled, backend, cfg.model.compile_mode)
     model = parallel.apply(model, world, cfg.parallel)                             # 5
     if cfg.memory.checkpointing != "none" and not objective.supports_activation_checkpointing:
         raise ValueError(f"objective.name={cfg.objective.name} does not support memory.checkpointing="

@@ -65,6 +65,26 @@ def test_compiled_layers_train_on_cpu_and_block_recipes_fall_back_to_aot_eager(t
     train_two_steps(tiny_overrides + ["model.compile=true", "precision=fp8_rowwise"], tmp_path / "rowwise")
 
 
+def test_compile_mode_reaches_each_layer_and_a_bad_one_is_refused(monkeypatch):
+    """model.compile_mode goes to torch.compile of every decoder layer (Inductor only: aot_eager takes no mode); an
+    unknown mode names the choices."""
+    from lowbit.train.run import compile_layers
+
+    layers = [torch.nn.Linear(2, 2) for _ in range(3)]
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList(layers)
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
+    compile_layers(model, "inductor", "reduce-overhead")
+    compile_layers(model, "aot_eager", "reduce-overhead")
+    assert seen == [dict(dynamic=False, backend="inductor", mode="reduce-overhead")] * 3 + \
+        [dict(dynamic=False, backend="aot_eager")] * 3
+    with pytest.raises(ValueError, match=r"model.compile_mode='fast' is not known; use one of \['default', "
+                                         r"'reduce-overhead'"):
+        compile_layers(model, "inductor", "fast")
+
+
 def test_deterministic_runs_repeat_bit_for_bit_and_keep_a_users_cublas_workspace(tiny_overrides, tmp_path, monkeypatch):
     """trainer.deterministic=true turns on deterministic algorithms and the fixed cuBLAS workspace CUDA needs for
     them (a value the user set stays), and two runs of the same seed give the same losses, bit for bit."""
