@@ -47,12 +47,13 @@ set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+# the end-to-end cases train on Gutenberg's validation file (carried in .carry) with the SmolLM2 tokenizer
+data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
+[ -f .carry/valid.jsonl.gz ] && cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
 case "${1:-}" in
   check)
     python3 bench/fq_check.py 2>&1 | tee "$OUT/fq_check.log" ;;
   e2e)
-    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
-    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
     python3 bench/train_throughput.py --steps 8 --warmup 3 --timeout 240 \
       --variant "bf16=+exp=bf16_llama $data" \
       --variant "fp8=+exp=fp8_llama $data" \
@@ -70,8 +71,6 @@ case "${1:-}" in
     python3 -m pytest -q tests/kernels/test_segment_matmul.py tests/precision/test_linear.py 2>&1 | tail -3 | tee "$OUT/occ_gpu_tests.log"
     python3 bench/occ.py --shapes 4096,4096 4096,14336 --compile 2>&1 | tee "$OUT/occ.log" ;;
   e2e_micro)
-    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
-    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
     variants=()
     for mb in 2 4 8; do
       variants+=(--variant "bf16_mb$mb=+exp=bf16_llama trainer.micro_batch_size=$mb $data"
@@ -88,8 +87,6 @@ case "${1:-}" in
     python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336 --parts linear --recipes fp4_vectorwise,fp4_vectorwise+dge \
       --compile-lowbit fp4_vectorwise,fp4_vectorwise+dge --out "$OUT" 2>&1 | tail -20 | tee "$OUT/linear_fp4_dge.log" ;;
   occ_e2e)
-    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
-    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
     python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
       --variant "fp4=+exp=fp4_llama $data" --variant "fp4_occ_fp8=+exp=fp4_llama precision.occ_product=fp8 $data" \
       --variant "fp4_no_occ=+exp=fp4_llama precision.occ=false $data" 2>&1 | tee "$OUT/e2e_occ.log" ;;
@@ -127,8 +124,6 @@ case "${1:-}" in
       --compile-lowbit nvfp4,nvfp4+prescale,mxfp4,fp4_vectorwise+dge --out "$OUT" 2>&1 | tail -24 \
       | tee "$OUT/linear_fp4default.log" ;;
   e2e_blocks)
-    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
-    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
     python3 bench/train_throughput.py --steps ${STEPS:-6} --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
       --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" \
       ${FP4_DGE:+--variant "fp4_dge=+exp=fp4_llama precision.occ=false $data"} 2>&1 | tee "$OUT/e2e_blocks.log" ;;
@@ -147,8 +142,6 @@ case "${1:-}" in
   e2e_graphs)
     # model.compile_mode=reduce-overhead (each compiled decoder layer as CUDA graphs): the fp8 step kept the GPU
     # busy 82% of its wall time (trainer profile, 2026-12-02), bf16's 96%
-    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
-    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
     python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 120 \
       --variant "bf16_graphs=+exp=bf16_llama model.compile_mode=reduce-overhead $data" \
       --variant "fp8=+exp=fp8_llama $data" \
@@ -156,14 +149,11 @@ case "${1:-}" in
   e2e_profile)
     # step 3 of each run under torch.profiler (trainer.profile_step): is the trainer's step host-bound? nvfp4 and
     # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02)
-    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
-    data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
     python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --profile 3 --profile-dir "$OUT" \
       --variant "bf16=+exp=bf16_llama $data" --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
       --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" --variant "fp8=+exp=fp8_llama $data" 2>&1 \
       | tee "$OUT/e2e_profile.log" ;;
   determinism)
-    cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
     args="model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz]
       data.val_sources=[] data.seq_len=2048 precision=fp8_tensorwise trainer.max_steps=32 trainer.global_batch_size=32
       trainer.micro_batch_size=8 trainer.eval_at_start=false trainer.eval_every=-1 trainer.save_every=-1
