@@ -66,10 +66,13 @@ def _triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None
 
 def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None = None,
              what: str = "tensor") -> QTensor:
-    """x [R, C] (fp32/bf16/fp16) -> QTensor scaled along C (noise: stochastic rounding, torch path)."""
-    kernel = _triton(x, quantizer, None) if noise is None else None
-    if kernel is not None:
+    """x [R, C] (fp32/bf16/fp16) -> QTensor scaled along C (noise: stochastic rounding; the block kernel takes it,
+    the row kernel does not: those operands take the PyTorch path)."""
+    kernel = _triton(x, quantizer, None)
+    if kernel is not None and noise is None:
         return kernel(x, quantizer, None)[0]
+    if kernel is not None and triton_kind(x, quantizer) == "blocks":
+        return kernel(x, quantizer, None, noise)[0]
     return quantize_reference(x, quantizer, noise, what)
 
 

@@ -81,12 +81,26 @@ if AVAILABLE:
         return full
 
     @triton.jit
-    def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, global_ptr, R, C, stride_r,
+    def _round_to_grid_stochastic(v, noise, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr):
+        """float32 -> float32 on the grid, rounded down and then up with probability noise's complement:
+        floor(|v| / ulp + noise) ulp, saturating, sign kept (formats.round_to_format with noise)."""
+        magnitude = tl.minimum(tl.abs(v), MAX, propagate_nan=tl.PropagateNan.ALL)
+        exponent = ((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        exponent = tl.maximum(exponent, MIN_EXP)
+        ulp = ((exponent - MBITS + 127) << 23).to(tl.float32, bitcast=True)
+        inverse_ulp = ((127 - exponent + MBITS) << 23).to(tl.float32, bitcast=True)
+        steps = tl.floor(magnitude * inverse_ulp + noise)      # magnitude * inverse_ulp is exact
+        rounded = tl.minimum(steps * ulp, MAX)
+        sign = v.to(tl.int32, bitcast=True) & -2147483648
+        return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, global_ptr, noise_ptr, R, C, stride_r,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                                 BR: tl.constexpr, BC: tl.constexpr, BR_T: tl.constexpr, BC_T: tl.constexpr,
                                 TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
                                 MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr,
-                                SAME_T: tl.constexpr, X_SIDE: tl.constexpr):
+                                SAME_T: tl.constexpr, X_SIDE: tl.constexpr, NOISE: tl.constexpr):
         # q blocks: BR rows x BC cols of x; q^T blocks (BR_T x BC_T in x^T) cover BC_T rows x BR_T cols of x
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -106,7 +120,11 @@ if AVAILABLE:
             s_mask = (s_rows[:, None] < tl.cdiv(R, BR)) & (s_cols[None, :] < C // BC)
             tl.store(scale_ptr + s_rows[:, None] * (C // BC) + s_cols[None, :], scale, mask=s_mask)
             inv_full = _block_expand(inv, BLOCK_R, BLOCK_C, BR, BC)
-            q = _to_grid(x * inv_full, MAX, MIN_EXP, MBITS, HW)
+            if NOISE:   # stochastic rounding (x's side alone): noise [R, C] float32 uniform in [0, 1)
+                noise = tl.load(noise_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+                q = _round_to_grid_stochastic(x * inv_full, noise, MAX, MIN_EXP, MBITS)
+            else:
+                q = _to_grid(x * inv_full, MAX, MIN_EXP, MBITS, HW)
             tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         if TRANSPOSE:
             amax_t = _block_amax(magnitude, BLOCK_R, BLOCK_C, BC_T, BR_T)    # [BLOCK_R/BC_T, BLOCK_C/BR_T] (x coords)
@@ -171,11 +189,18 @@ def supports(quantizer: Quantizer, quantizer_t: Quantizer | None) -> bool:
             and (quantizer.block_rows == 1 or quantizer_t.block_cols == quantizer.block_cols))
 
 
-def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
-                           quantizer_t: Quantizer | None) -> tuple[QTensor, QTensor | None]:
-    """Triton version of scaling.quantize_reference for block quantizers, x and (optionally) x^T."""
+def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None,
+                           noise: torch.Tensor | None = None) -> tuple[QTensor, QTensor | None]:
+    """Triton version of scaling.quantize_reference for block quantizers, x and (optionally) x^T; noise (uniform
+    [0, 1) float32 of x's shape, x alone): stochastic rounding, as the reference rounds with it."""
     x = x.contiguous()
     R, C = x.shape
+    if noise is not None:
+        if quantizer_t is not None or noise.shape != x.shape:
+            raise ValueError(f"quantize_blocks_triton: stochastic rounding takes x alone and noise of x's shape "
+                             f"{tuple(x.shape)}, got noise {tuple(noise.shape)} with a transposed side "
+                             f"{quantizer_t is not None}")
+        noise = noise.float().contiguous()
     quantizer.check_columns(C, "operand")
     transpose = quantizer_t is not None
     if transpose:
@@ -221,12 +246,12 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer,
                 raise ValueError(f"quantize_blocks_triton.TILE={TILE} does not hold whole blocks ({br} x {bc}, "
                                  f"x^T {br_t} x {bc_t}); pick multiples of the block sides")
         _quantize_blocks_kernel[(triton.cdiv(R, tile_r), triton.cdiv(C, tile_c))](
-            x, q, qt, scale, scale_t, global_scale, R, C, x.stride(0),
+            x, q, qt, scale, scale_t, global_scale, x if noise is None else noise, R, C, x.stride(0),
             BLOCK_R=tile_r, BLOCK_C=tile_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
             TRANSPOSE=t_side, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
             MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
             HW=hardware_cast(fmt, x.device), SAME_T=t_side and br == bc == br_t == bc_t, X_SIDE=x_side,
-            num_warps=warps)
+            NOISE=noise is not None, num_warps=warps)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer, gain)
     return first, (QTensor(qt, scale_t, quantizer_t, gain) if transpose else None)

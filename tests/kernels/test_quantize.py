@@ -136,6 +136,13 @@ def check_block_kernel_equals_reference(device: str = "cpu") -> None:
                     e4m3 = (a.scale * a.gain).to(torch.bfloat16).float()
                     nonzero = a.data.float().reshape(*a.scale.shape, -1).abs().amax(-1) > 0
                     assert torch.equal(e4m3[nonzero], e4m3.to(torch.float8_e4m3fn).float()[nonzero]), (rows, cols, q)
+            # stochastic rounding (gradients): the same noise gives the reference's values bit for bit
+            noise = torch.rand(rows, cols, generator=generator).to(device)
+            stochastic = quantize_blocks_triton(x, q, None, noise)[0]
+            want = quantize_reference(x, q, noise)
+            assert torch.equal(stochastic.data.view(torch.uint8), want.data.view(torch.uint8)), (rows, cols, q, "SR")
+            assert torch.equal(stochastic.scale, want.scale), (rows, cols, q, "SR")
+            assert not torch.equal(stochastic.data.view(torch.uint8), got.data.view(torch.uint8)), "noise unused"
             checked += 1
     bad = torch.ones(32, 32, device=device)
     bad[1, 1] = float("inf")
