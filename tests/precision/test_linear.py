@@ -149,6 +149,26 @@ def test_state_dict_matches_nn_linear_and_parameters_are_shared():
     assert list(layer.state_dict()) == list(linear.state_dict()) == ["weight", "bias"]
 
 
+@pytest.mark.parametrize("size", [2, 16, 32])
+def test_hadamard_butterfly_equals_the_float64_matrix_product(size):
+    """hadamard_last_axis (a fast Walsh-Hadamard transform) equals t @ (D H / sqrt(size)) per block in float64, and is
+    orthogonal: (dy^T Q)(x^T Q)^T = dy^T x, what the weight gradient relies on."""
+    generator = torch.Generator().manual_seed(size)
+    signs = torch.randint(0, 2, (size,), generator=generator) * 2 - 1
+    transform = hadamard_matrix(size, signs)
+    plain = torch.ones(1, 1, dtype=torch.float64)
+    while plain.shape[0] < size:                             # Sylvester's construction, independently
+        plain = torch.cat([torch.cat([plain, plain], 1), torch.cat([plain, -plain], 1)], 0)
+    exact = signs.double().reshape(-1, 1) * plain / size ** 0.5
+    dyt, xt = torch.randn(6, 3 * size, generator=generator), torch.randn(5, 3 * size, generator=generator)
+    got = hadamard_last_axis(dyt, transform)
+    want = (dyt.double().reshape(6, 3, size) @ exact).reshape(6, -1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.double() @ hadamard_last_axis(xt, transform).double().t(),
+                               dyt.double() @ xt.double().t(), rtol=1e-5, atol=1e-5)
+    assert hadamard_last_axis(dyt.bfloat16(), transform).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("name,asymmetric", [("fp4_vectorwise", False), ("fp4_vectorwise", True), ("nvfp4", False),
                                               ("mxfp4", False)])
 def test_dge_kernel_equals_float64(name, asymmetric):
