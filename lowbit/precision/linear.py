@@ -161,13 +161,13 @@ class QuantLinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple)
             quantize_dy, quantize_dyt = want_dx and quantized["dgrad"], want_dw and quantized["wgrad"]
-            noise = (torch.rand(dy2.shape, device=dy2.device)
-                     if recipe.stochastic_rounding and (quantize_dy or quantize_dyt) else None)
+            stochastic = recipe.stochastic_rounding      # each quantization of dy draws its own uniform noise
             dyq = dytq = None
-            if noise is None and transform is None and quantize_dy and quantize_dyt:
+            if not stochastic and transform is None and quantize_dy and quantize_dyt:
                 dyq, dytq = quantize_pair(dy2, recipe.dy, recipe.dy_t, "output gradient")   # one fused pass
             if want_dx and quantized["dgrad"]:
                 wtqs = [QTensor(*wt_saved[3 * i:3 * i + 2], recipe.w_t, wt_saved[3 * i + 2]) for i in range(ctx.parts)]
+                noise = torch.rand(dy2.shape, device=dy2.device) if stochastic else None
                 dyq = dyq if dyq is not None else quantize(dy2, recipe.dy, noise, what="output gradient")
                 dx = _sum_matmuls(dyq, wtqs, cd, recipe.block_gemm)[:ctx.tokens]
             elif want_dx:
@@ -178,7 +178,7 @@ class QuantLinearFunction(torch.autograd.Function):
                 dyt = dy2.t()
                 if transform is not None:
                     dyt = hadamard_last_axis(dyt, transform)
-                noise_t = noise.t().contiguous() if noise is not None else None
+                noise_t = torch.rand(dyt.shape, device=dyt.device) if stochastic else None   # not a transposed copy
                 dytq = quantize(dyt.contiguous(), recipe.dy_t, noise_t, what="output gradient^T")
             if want_dw:
                 if quantized["wgrad"]:
