@@ -23,8 +23,9 @@
 #                                     against torchao's rowwise_with_gw_hp and both plain rowwise recipes (issue 3)
 #   bench/device_pending.sh fp4default  nvfp4 / mxfp4 by their default GEMM (dequant) against prescale, and fp4
 #                                     vectorwise with DGE, one linear at the three shapes, compiled, after GPU tests
-#   bench/device_pending.sh e2e_blocks  llama_1b end to end: bf16, nvfp4 and mxfp4 (dequant GEMMs; FP4_DGE=1: and
-#                                     fp4+DGE without OCC; STEPS=N: steps per run, 6)
+#   bench/device_pending.sh e2e_blocks  GPU tests of the block quantize kernel and the linear layer, then llama_1b end
+#                                     to end: bf16, nvfp4 and mxfp4 (dequant GEMMs; FP4_DGE=1: and fp4+DGE without
+#                                     OCC; STEPS=N: steps per run, 6)
 #   bench/device_pending.sh fp4quant  the FP4 block quantize kernel (NVFP4 / MXFP4 pairs) over tiles and warps, split
 #                                     and one launch, each bit-exact first (bench/quantize.py block_sweep)
 #   bench/device_pending.sh dge       fp4 vectorwise with DGE in eager mode, its weight-gradient factor now one Triton
@@ -124,6 +125,9 @@ case "${1:-}" in
       --compile-lowbit nvfp4,nvfp4+prescale,mxfp4,fp4_vectorwise+dge --out "$OUT" 2>&1 | tail -24 \
       | tee "$OUT/linear_fp4default.log" ;;
   e2e_blocks)
+    # GPU tests first: stochastic rounding inside the block kernel and the Walsh-Hadamard butterfly (2026-12-02)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/precision/test_linear.py 2>&1 \
+      | tail -8 | tee "$OUT/blocks_gpu_tests.log"
     python3 bench/train_throughput.py --steps ${STEPS:-6} --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
       --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" \
       ${FP4_DGE:+--variant "fp4_dge=+exp=fp4_llama precision.occ=false $data"} 2>&1 | tee "$OUT/e2e_blocks.log" ;;
