@@ -79,12 +79,8 @@ def dge_weight_gradient_triton(dw: torch.Tensor, weight: torch.Tensor, scales: l
     out = torch.empty_like(dw)
     n = dw.numel()
     if n:
-        _kernel()[(triton_cdiv(n, BLOCK),)](
+        _kernel()[(-(-n // BLOCK),)](
             dw, weight, positive, negative, out, n, weight.shape[1], scale_cols, block_rows, block_cols,
             1.0 / k, 1.0 / k - 1.0, clip, fmt.max, MIN_EXPONENT=fmt.min_normal_exponent,
             MANTISSA=fmt.mantissa_bits, ASYMMETRIC=len(scales) == 2, BLOCK=BLOCK)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -21,7 +21,8 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from lowbit.kernels.quantize_triton import FLOOR, _amax_kernel, _round_to_grid, _to_grid
+    from lowbit.kernels.quantize_triton import (FLOOR, _amax_kernel, _round_to_grid, _round_to_grid_stochastic,
+                                                _to_grid)
 
     @triton.jit
     def _block_scales(amax, global_inv, global_recip, RULE: tl.constexpr, MAX: tl.constexpr):
@@ -79,20 +80,6 @@ if AVAILABLE:
             full = tl.reshape(tl.broadcast_to(value[:, None, :, None], (BLOCK_R // BR, BR, BLOCK_C // BC, BC)),
                               (BLOCK_R, BLOCK_C))
         return full
-
-    @triton.jit
-    def _round_to_grid_stochastic(v, noise, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr):
-        """float32 -> float32 on the grid, rounded down and then up with probability noise's complement:
-        floor(|v| / ulp + noise) ulp, saturating, sign kept (formats.round_to_format with noise)."""
-        magnitude = tl.minimum(tl.abs(v), MAX, propagate_nan=tl.PropagateNan.ALL)
-        exponent = ((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        exponent = tl.maximum(exponent, MIN_EXP)
-        ulp = ((exponent - MBITS + 127) << 23).to(tl.float32, bitcast=True)
-        inverse_ulp = ((127 - exponent + MBITS) << 23).to(tl.float32, bitcast=True)
-        steps = tl.floor(magnitude * inverse_ulp + noise)      # magnitude * inverse_ulp is exact
-        rounded = tl.minimum(steps * ulp, MAX)
-        sign = v.to(tl.int32, bitcast=True) & -2147483648
-        return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, global_ptr, noise_ptr, R, C, stride_r,

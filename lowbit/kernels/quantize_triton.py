@@ -33,18 +33,35 @@ FORMAT_OF_CODE = {0: E4M3, 1: E5M2, 2: E2M1}
 
 if AVAILABLE:
     @triton.jit
-    def _round_to_grid(v, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr):
-        """float32 -> float32 on the grid (RNE, saturating, sign kept); see formats.round_to_format."""
+    def _grid_steps(v, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr):
+        """(|v| saturated at MAX, in units of the grid's ulp there: exact, the ulp is a power of two; that ulp)."""
         magnitude = tl.minimum(tl.abs(v), MAX, propagate_nan=tl.PropagateNan.ALL)
         exponent = ((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         exponent = tl.maximum(exponent, MIN_EXP)
         ulp = ((exponent - MBITS + 127) << 23).to(tl.float32, bitcast=True)
         inverse_ulp = ((127 - exponent + MBITS) << 23).to(tl.float32, bitcast=True)
-        steps = magnitude * inverse_ulp                         # exact (power of two) == magnitude / ulp
-        steps = (steps + 8388608.0) - 8388608.0                 # round half to even: steps < 2^23
+        return magnitude * inverse_ulp, ulp
+
+    @triton.jit
+    def _signed_grid_value(steps, ulp, v, MAX: tl.constexpr):
+        """steps * ulp (saturated at MAX) with v's sign bit (keeps -0.0 and negative signs)."""
         rounded = tl.minimum(steps * ulp, MAX)
-        sign = v.to(tl.int32, bitcast=True) & -2147483648       # 0x80000000: keep -0.0 and negative signs
+        sign = v.to(tl.int32, bitcast=True) & -2147483648       # 0x80000000
         return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_to_grid(v, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr):
+        """float32 -> float32 on the grid (RNE, saturating, sign kept); see formats.round_to_format."""
+        steps, ulp = _grid_steps(v, MAX, MIN_EXP, MBITS)
+        steps = (steps + 8388608.0) - 8388608.0                 # round half to even: steps < 2^23
+        return _signed_grid_value(steps, ulp, v, MAX)
+
+    @triton.jit
+    def _round_to_grid_stochastic(v, noise, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr):
+        """float32 -> float32 on the grid, floor(|v| / ulp + noise) ulp: rounded up with probability equal to the
+        distance from the lower grid point in ulps (noise uniform in [0, 1)); formats.round_to_format with noise."""
+        steps, ulp = _grid_steps(v, MAX, MIN_EXP, MBITS)
+        return _signed_grid_value(tl.floor(steps + noise), ulp, v, MAX)
 
     @triton.jit
     def _to_grid(v, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr):
