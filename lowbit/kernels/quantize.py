@@ -65,13 +65,20 @@ def _triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None
 
 
 def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None = None,
-             what: str = "tensor") -> QTensor:
-    """x [R, C] (fp32/bf16/fp16) -> QTensor scaled along C (noise: stochastic rounding; the block kernel takes it,
-    the row kernel does not: those operands take the PyTorch path)."""
+             what: str = "tensor", stochastic: bool = False) -> QTensor:
+    """x [R, C] (fp32/bf16/fp16) -> QTensor scaled along C. Stochastic rounding by `noise` (uniform [0, 1) float32
+    of x's shape: every path rounds with it bit for bit) or by `stochastic`: the block kernel draws its own Philox
+    noise from a seed on the device (no float32 noise tensor written and read per gradient), other paths
+    torch.rand's. The row kernel has no stochastic rounding: those operands take the PyTorch path."""
     kernel = _triton(x, quantizer, None)
+    blocks = kernel is not None and triton_kind(x, quantizer) == "blocks"
+    if stochastic and noise is None:
+        if blocks:
+            return kernel(x, quantizer, None, seed=torch.randint(0, 2 ** 31 - 1, (1,), device=x.device))[0]
+        noise = torch.rand(x.shape, device=x.device)
     if kernel is not None and noise is None:
         return kernel(x, quantizer, None)[0]
-    if kernel is not None and triton_kind(x, quantizer) == "blocks":
+    if blocks:
         return kernel(x, quantizer, None, noise)[0]
     return quantize_reference(x, quantizer, noise, what)
 

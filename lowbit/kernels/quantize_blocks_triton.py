@@ -107,8 +107,11 @@ if AVAILABLE:
             s_mask = (s_rows[:, None] < tl.cdiv(R, BR)) & (s_cols[None, :] < C // BC)
             tl.store(scale_ptr + s_rows[:, None] * (C // BC) + s_cols[None, :], scale, mask=s_mask)
             inv_full = _block_expand(inv, BLOCK_R, BLOCK_C, BR, BC)
-            if NOISE:   # stochastic rounding (x's side alone): noise [R, C] float32 uniform in [0, 1)
+            if NOISE == 1:      # stochastic rounding (x's side alone): noise [R, C] float32 uniform in [0, 1)
                 noise = tl.load(noise_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+                q = _round_to_grid_stochastic(x * inv_full, noise, MAX, MIN_EXP, MBITS)
+            elif NOISE == 2:    # the same with Philox noise from the seed at noise_ptr, keyed by element index
+                noise = tl.rand(tl.load(noise_ptr), rows[:, None] * C + cols[None, :])
                 q = _round_to_grid_stochastic(x * inv_full, noise, MAX, MIN_EXP, MBITS)
             else:
                 q = _to_grid(x * inv_full, MAX, MIN_EXP, MBITS, HW)
@@ -177,11 +180,16 @@ def supports(quantizer: Quantizer, quantizer_t: Quantizer | None) -> bool:
 
 
 def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None,
-                           noise: torch.Tensor | None = None) -> tuple[QTensor, QTensor | None]:
-    """Triton version of scaling.quantize_reference for block quantizers, x and (optionally) x^T; noise (uniform
-    [0, 1) float32 of x's shape, x alone): stochastic rounding, as the reference rounds with it."""
+                           noise: torch.Tensor | None = None,
+                           seed: torch.Tensor | None = None) -> tuple[QTensor, QTensor | None]:
+    """Triton version of scaling.quantize_reference for block quantizers, x and (optionally) x^T. Stochastic
+    rounding of x alone: by noise (uniform [0, 1) float32 of x's shape), as the reference rounds with it, or by
+    Philox noise drawn in the kernel from seed (an int64 [1] tensor on x's device; element (r, c) gets tl.rand(seed,
+    r * C + c): offsets repeat beyond 2^31 elements)."""
     x = x.contiguous()
     R, C = x.shape
+    if seed is not None and (quantizer_t is not None or noise is not None or seed.numel() != 1):
+        raise ValueError(f"quantize_blocks_triton: seed {tuple(seed.shape)} takes x alone, one value, no noise")
     if noise is not None:
         if quantizer_t is not None or noise.shape != x.shape:
             raise ValueError(f"quantize_blocks_triton: stochastic rounding takes x alone and noise of x's shape "
@@ -233,12 +241,13 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
                 raise ValueError(f"quantize_blocks_triton.TILE={TILE} does not hold whole blocks ({br} x {bc}, "
                                  f"x^T {br_t} x {bc_t}); pick multiples of the block sides")
         _quantize_blocks_kernel[(triton.cdiv(R, tile_r), triton.cdiv(C, tile_c))](
-            x, q, qt, scale, scale_t, global_scale, x if noise is None else noise, R, C, x.stride(0),
+            x, q, qt, scale, scale_t, global_scale, noise if noise is not None else seed if seed is not None else x,
+            R, C, x.stride(0),
             BLOCK_R=tile_r, BLOCK_C=tile_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
             TRANSPOSE=t_side, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
             MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
             HW=hardware_cast(fmt, x.device), SAME_T=t_side and br == bc == br_t == bc_t, X_SIDE=x_side,
-            NOISE=noise is not None, num_warps=warps)
+            NOISE=1 if noise is not None else 2 if seed is not None else 0, num_warps=warps)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer, gain)
     return first, (QTensor(qt, scale_t, quantizer_t, gain) if transpose else None)

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 from lowbit.kernels.dge_triton import dge_weight_gradient_triton
 from lowbit.kernels.quantize import quantize, quantize_pair
 from lowbit.precision.gemm import quantized_matmul
-from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_last_axis, hadamard_matrix, residual_from
+from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_matrix, hadamard_transposed, residual_from
 from lowbit.precision.recipes import GEMMS, Recipe, occ_residual_quantizer
 from lowbit.precision.sharded import shard_recipe, tensor_parallel_layout
 from lowbit.precision.scaling import QTensor, expand_scale
@@ -82,8 +82,8 @@ def _quantize_operand(t: torch.Tensor, quantizer, quantizer_t, what: str, direct
     tq = quantize(t, quantizer, what=what) if direct else None
     if not transposed:
         return tq, None
-    tt = t.t() if transform is None else hadamard_last_axis(t.t(), transform)
-    return tq, quantize(tt.contiguous(), quantizer_t, what=what + "^T")
+    tt = t.t().contiguous() if transform is None else hadamard_transposed(t, transform)
+    return tq, quantize(tt, quantizer_t, what=what + "^T")
 
 
 class QuantLinearFunction(torch.autograd.Function):
@@ -167,19 +167,16 @@ class QuantLinearFunction(torch.autograd.Function):
                 dyq, dytq = quantize_pair(dy2, recipe.dy, recipe.dy_t, "output gradient")   # one fused pass
             if want_dx and quantized["dgrad"]:
                 wtqs = [QTensor(*wt_saved[3 * i:3 * i + 2], recipe.w_t, wt_saved[3 * i + 2]) for i in range(ctx.parts)]
-                noise = torch.rand(dy2.shape, device=dy2.device) if stochastic else None
-                dyq = dyq if dyq is not None else quantize(dy2, recipe.dy, noise, what="output gradient")
+                dyq = dyq if dyq is not None else quantize(dy2, recipe.dy, stochastic=stochastic,
+                                                           what="output gradient")
                 dx = _sum_matmuls(dyq, wtqs, cd, recipe.block_gemm)[:ctx.tokens]
             elif want_dx:
                 dx = dy2[:ctx.tokens].to(cd) @ weight.to(cd)
             if dx is not None:
                 dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
             if quantize_dyt and dytq is None:
-                dyt = dy2.t()
-                if transform is not None:
-                    dyt = hadamard_last_axis(dyt, transform)
-                noise_t = torch.rand(dyt.shape, device=dyt.device) if stochastic else None   # not a transposed copy
-                dytq = quantize(dyt.contiguous(), recipe.dy_t, noise_t, what="output gradient^T")
+                dyt = dy2.t().contiguous() if transform is None else hadamard_transposed(dy2, transform)
+                dytq = quantize(dyt, recipe.dy_t, stochastic=stochastic, what="output gradient^T")
             if want_dw:
                 if quantized["wgrad"]:
                     dw = quantized_matmul(dytq, QTensor(x_data, x_scale, recipe.x_t, x_gain), cd,

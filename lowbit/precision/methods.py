@@ -269,11 +269,10 @@ def hadamard_last_axis(t: torch.Tensor, transform: torch.Tensor) -> torch.Tensor
     (dy^T Q)(x^T Q)^T = dy^T x, while outliers are spread over each block before quantization
     (Quartet; NVIDIA's NVFP4 recipe uses 16 x 16 blocks).
 
-    As a fast Walsh-Hadamard transform (log2(size) add/subtract stages on the sign-flipped values, then the
-    1/sqrt(size) scale) rather than a GEMM: on the H200 the GEMM form ran as float32 cuBLAS kernels with K = 16 / 32
-    plus float32 copies, 0.25-0.29 s of an NVFP4 / MXFP4 llama_1b step (trainer profile, 2026-12-02), where
-    torch.compile fuses these stages into the element-wise kernels around them. `transform` is hadamard_matrix's
-    D H / sqrt(size): its first column carries the signs.
+    A fast Walsh-Hadamard transform (log2(size) add/subtract stages on the sign-flipped values, then the
+    1/sqrt(size) scale): the CPU path and the tests' reference. CUDA operands take hadamard_transposed's kernel
+    (the butterfly under torch.compile cost ~0.73 s of an NVFP4 llama_1b step on the H200, the float32 GEMM form
+    0.25-0.29 s; 2026-12-02). `transform` is hadamard_matrix's D H / sqrt(size): its first column carries the signs.
     """
     rows, cols = t.shape
     size = transform.shape[0]
@@ -286,3 +285,26 @@ def hadamard_last_axis(t: torch.Tensor, transform: torch.Tensor) -> torch.Tensor
         blocks = torch.stack((low + high, low - high), dim=-2)
         half *= 2
     return (blocks.reshape(rows, cols) * (1.0 / math.sqrt(size))).to(t.dtype)
+
+
+def hadamard_transposed(t: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """hadamard_last_axis(t.t(), transform) as a contiguous tensor: t [R, C] -> [C, R], the transform along R.
+    On CUDA one Triton pass (lowbit/kernels/hadamard_triton.py; an opaque custom op under torch.compile, whose
+    Inductor code for the butterfly on a transposed view was slow), elsewhere the butterfly."""
+    from lowbit.kernels import hadamard_triton
+    if t.is_cuda and hadamard_triton.supports(t, transform):
+        if torch.compiler.is_compiling():
+            return torch.ops.lowbit.hadamard_transpose(t, transform)
+        return hadamard_triton.hadamard_transpose_triton(t, transform)
+    return hadamard_last_axis(t.t(), transform).contiguous()
+
+
+@torch.library.custom_op("lowbit::hadamard_transpose", mutates_args=())
+def _hadamard_transpose_op(t: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    from lowbit.kernels.hadamard_triton import hadamard_transpose_triton
+    return hadamard_transpose_triton(t, transform)
+
+
+@_hadamard_transpose_op.register_fake
+def _(t, transform):
+    return t.new_empty(t.shape[1], t.shape[0])

@@ -155,6 +155,86 @@ def test_triton_block_quantize_equals_reference_bitwise_under_interpreter():
     run_under_interpreter("check_block_kernel_equals_reference", "OK blocks 22")
 
 
+def check_block_kernel_philox(device: str = "cpu") -> None:
+    """Stochastic rounding by the kernel's own Philox noise (quantize_blocks_triton(seed=)): every value is one of
+    its two neighbouring grid points (the reference's rounding with noise 0 and with noise just below 1), the scales
+    are the reference's, one seed repeats, and over 128 seeds each value rounds up about as often as its distance
+    from the lower point says (unbiased). NVFP4 1 x 16 and MXFP4 1 x 32 (the gradients' stochastic recipes)."""
+    from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton
+    from lowbit.precision.formats import E2M1
+    from lowbit.precision.scaling import Quantizer, quantize_reference
+
+    generator = torch.Generator().manual_seed(1)
+    for q in (Quantizer(E2M1, 1, 16, "nvfp4"), Quantizer(E2M1, 1, 32, "pow2")):
+        x = (torch.randn(24, 64, generator=generator) * 3).to(device)
+        down = quantize_reference(x, q, torch.zeros(x.shape, device=device))
+        up = quantize_reference(x, q, torch.full(x.shape, 1 - 2 ** -24, device=device))
+        lo, hi = down.dequantize().double(), up.dequantize().double()
+        value = x.double()
+        seeds = [torch.tensor([s], device=device, dtype=torch.int64) for s in range(128)]
+        rounded_up = torch.zeros(x.shape, dtype=torch.float64, device=device)
+        for seed in seeds:
+            got = quantize_blocks_triton(x, q, None, seed=seed)[0]
+            assert torch.equal(got.scale, down.scale), q
+            deq = got.dequantize().double()
+            assert ((deq == lo) | (deq == hi)).all(), (q, "a value off its two neighbouring grid points")
+            rounded_up += (deq == hi) & (hi != lo)
+        again = quantize_blocks_triton(x, q, None, seed=seeds[5])[0]
+        assert torch.equal(again.data.view(torch.uint8), quantize_blocks_triton(x, q, None, seed=seeds[5])[0]
+                           .data.view(torch.uint8)), "one seed, two results"
+        between = hi != lo
+        want = ((value - lo) / (hi - lo))[between]            # P(round up) for an unbiased rounding
+        share = rounded_up[between] / len(seeds)
+        assert between.sum() > 500, between.sum()
+        assert (share - want).abs().mean() < 0.06 and abs((share - want).mean()) < 0.01, \
+            ((share - want).abs().mean().item(), (share - want).mean().item())
+    print("OK philox")
+
+
+@pytest.mark.slow
+def test_triton_block_quantize_philox_rounding_is_unbiased_under_interpreter():
+    run_under_interpreter("check_block_kernel_philox", "OK philox")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_block_quantize_philox_rounding_on_gpu():
+    check_block_kernel_philox("cuda")
+
+
+def check_hadamard_transpose(device: str = "cpu") -> None:
+    """hadamard_transpose_triton(t, D H / sqrt(n)) against the float64 product of t^T's blocks with the transform:
+    float32 to 2e-6, bf16 within one bf16 rounding (the interpreter's float32 -> bf16 cast truncates), for n = 16,
+    32 and tokens not a multiple of the kernel's tile; the butterfly (the CPU path) agrees the same way."""
+    from lowbit.kernels.hadamard_triton import hadamard_transpose_triton
+    from lowbit.precision.methods import hadamard_last_axis, hadamard_matrix
+
+    generator = torch.Generator().manual_seed(2)
+    for size, rows, cols in ((16, 96, 80), (32, 160, 48)):
+        signs = torch.randint(0, 2, (size,), generator=generator).float() * 2 - 1
+        transform = hadamard_matrix(size, signs).to(device)
+        for dtype in (torch.float32, torch.bfloat16):
+            t = (torch.randn(rows, cols, generator=generator) * 3).to(device, dtype)
+            want = (t.double().t().reshape(cols, rows // size, size) @ transform.double()).reshape(cols, rows)
+            got = hadamard_transpose_triton(t, transform)
+            assert got.shape == (cols, rows) and got.is_contiguous() and got.dtype == dtype
+            tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+            torch.testing.assert_close(got.double(), want, **tol)
+            torch.testing.assert_close(hadamard_last_axis(t.t(), transform).double(), want, **tol)
+    print("OK hadamard")
+
+
+@pytest.mark.slow
+def test_hadamard_transpose_kernel_equals_float64_under_interpreter():
+    run_under_interpreter("check_hadamard_transpose", "OK hadamard")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hadamard_transpose_kernel_on_gpu():
+    check_hadamard_transpose("cuda")
+
+
 def check_block_kernel_in_one_launch() -> None:
     """The same cases with 1 x b pairs in one launch for both sides (quantize_blocks_triton.SPLIT_PAIRS off)."""
     from lowbit.kernels import quantize_blocks_triton

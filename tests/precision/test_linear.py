@@ -490,3 +490,16 @@ def test_fp4_vectorwise_with_dge_on_gpu_equals_float64(asymmetric):
     recipe = build_recipe(precision_cfg("fp4_vectorwise", dge=True, asymmetric=asymmetric))
     errors = layer_against_float64(recipe, "cuda")
     assert max(errors.values()) < 1e-3, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8")
+@pytest.mark.parametrize("name,size", [("nvfp4", 16), ("mxfp4", 32)])
+def test_fp4_block_recipes_with_hadamard_on_gpu_equal_float64(name, size):
+    """The random Hadamard transform of the wgrad operands by the fused transpose kernel
+    (lowbit/kernels/hadamard_triton.py) on CUDA: the layer equals the float64 reference, which applies the
+    transform as a float64 matrix product."""
+    recipe = build_recipe(precision_cfg(name, hadamard=True, hadamard_size=size))
+    errors = layer_against_float64(recipe, "cuda")
+    assert max(errors.values()) < 1e-3, errors

@@ -1,0 +1,73 @@
+"""The random Hadamard transform of a wgrad operand, fused with its transposed copy, as one Triton kernel.
+
+`hadamard_transpose(t, transform)` returns lowbit.precision.methods.hadamard_last_axis(t.t(), transform) as a
+contiguous [C, R] tensor of t's dtype: t [R, C] read once, each tile transposed in registers and its blocks of
+`size` consecutive tokens multiplied by the +-1 matrix D H on the tensor cores, then scaled by 1/sqrt(size) and
+written once. The backward's dy^T and the saved x^T are transposed copies anyway; the transform rides along.
+
+Why a kernel: under torch.compile the butterfly of hadamard_last_axis became Inductor kernels reading the transposed
+view uncoalesced, ~0.73 s of an NVFP4 llama_1b step (2.50 s of kernels against 1.86 s with the earlier GEMM form;
+H200 trainer profile, 2026-12-02), and the GEMM form ran float32 cuBLAS GEMMs with K = 16 / 32 plus float32 copies.
+
+Numerics: bf16 / fp16 values and +-1 entries are exact in TF32, so the products are exact and only the float32
+accumulation order differs from the float64 matrix product (then one rounding to t's dtype); float32 input takes
+IEEE float32 products. Block sizes 16 and up (tl.dot's smallest side); smaller transforms take the PyTorch path.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+TILE_R, TILE_C, WARPS = 64, 64, 4     # tokens x channels per program
+
+
+@functools.cache
+def _kernel():
+    """Built on first use (TRITON_INTERPRET is read when a kernel is decorated)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _hadamard_t_kernel(t_ptr, h_ptr, out_ptr, R, C, stride_r, inv_sqrt, SIZE: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)          # tokens: the transform's axis
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        t = tl.load(t_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :], mask=mask, other=0.0)
+        blocks = tl.reshape(tl.trans(t.to(tl.float32)), (BLOCK_C * BLOCK_R // SIZE, SIZE))   # [C-tile, R-tile]
+        k = tl.arange(0, SIZE)
+        h = tl.load(h_ptr + k[:, None] * SIZE + k[None, :])
+        out = tl.reshape(tl.dot(blocks, h, input_precision=PRECISION), (BLOCK_C, BLOCK_R)) * inv_sqrt
+        tl.store(out_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(cols[:, None] < C) & (rows[None, :] < R))
+
+    return _hadamard_t_kernel
+
+
+def supports(t: torch.Tensor, transform: torch.Tensor) -> bool:
+    """2-D float input whose token count (rows) is a multiple of the transform's size, size 16..64."""
+    size = transform.shape[0]
+    return (t.dim() == 2 and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= size <= TILE_R
+            and t.shape[0] % size == 0)
+
+
+def hadamard_transpose_triton(t: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """t [R, C] -> (t^T [C, R] with each block of `size` consecutive entries along R times `transform`) in t's
+    dtype, contiguous. transform: hadamard_matrix's D H / sqrt(size) (its signs are all that is read)."""
+    import triton
+    size = transform.shape[0]
+    if not supports(t, transform):
+        raise ValueError(f"hadamard_transpose_triton: t {tuple(t.shape)} {t.dtype} with a {size}-point transform "
+                         f"needs a 2-D float tensor, rows a multiple of {size}, size 16..{TILE_R}; "
+                         f"use hadamard_last_axis for others")
+    t = t if t.stride(1) == 1 else t.contiguous()
+    R, C = t.shape
+    signs = torch.sign(transform).float().contiguous()          # D H exactly (+-1); the 1/sqrt(size) comes after
+    out = torch.empty((C, R), device=t.device, dtype=t.dtype)
+    precision = "ieee" if t.dtype == torch.float32 else "tf32"
+    _kernel()[(triton.cdiv(R, TILE_R), triton.cdiv(C, TILE_C))](
+        t, signs, out, R, C, t.stride(0), 1.0 / math.sqrt(size), SIZE=size, BLOCK_R=TILE_R, BLOCK_C=TILE_C,
+        PRECISION=precision, num_warps=WARPS)
+    return out
