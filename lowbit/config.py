@@ -26,8 +26,8 @@ class ModelConfig:
     dtype: str = "float32"           # master-weight dtype: float32 | bfloat16
     attn_implementation: str = "sdpa"
     compile: bool = False            # torch.compile each decoder layer (GPU)
-    compile_mode: str = "default"    # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
-                                     # max-autotune-no-cudagraphs
+    compile_mode: str = "default"    # torch.compile mode: default | max-autotune-no-cudagraphs (the CUDA-graph
+                                     # modes are refused: they fail with per-layer graphs in training)
 
 
 @dataclass

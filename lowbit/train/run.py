@@ -95,7 +95,8 @@ def compile_backend(precision_cfg, device: torch.device) -> str:
     return "inductor"
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # refused: see compile_layers
 
 
 def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str = "default") -> None:
@@ -103,8 +104,14 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str 
     dynamic=False: a new batch shape (the last, shorter validation batch) compiles its own graph rather than making
     sizes symbolic; an OCC layer failed to compile right after such a batch on the H200 (torch 2.11, 2026-12-01),
     most likely on the quantizers' shape arithmetic (OCC's sample stride, token padding).
-    mode: torch.compile's mode for Inductor (reduce-overhead: each layer's forward and backward as CUDA graphs; the
-    trainer marks a new step per micro-batch); another backend takes none."""
+    mode: torch.compile's mode for Inductor; another backend takes none. The CUDA-graph modes (reduce-overhead,
+    max-autotune) are refused: with one compiled graph per decoder layer, replayed once per layer and micro-batch,
+    CUDA graph trees overwrite outputs that backward still reads (H200, torch 2.11, 2026-12-02: every llama_1b run
+    failed in its first backward; pytorch/pytorch#170604, #169545)."""
+    if mode in CUDA_GRAPH_MODES:
+        raise ValueError(f"model.compile_mode={mode!r} runs each decoder layer as CUDA graphs, which fails in training "
+                         f"with per-layer graphs (torch's CUDA graph trees overwrite outputs backward still needs: "
+                         f"pytorch/pytorch#170604); use one of {list(COMPILE_MODES)}")
     if mode not in COMPILE_MODES:
         raise ValueError(f"model.compile_mode={mode!r} is not known; use one of {list(COMPILE_MODES)}")
     layers = getattr(getattr(model, "model", None), "layers", None)

@@ -141,7 +141,6 @@ class Trainer:
         total = torch.zeros((), device=self.world.device)
         self_reducing = getattr(self.optimizer, "reduces_gradients", False)
         for index, input_ids in enumerate(micro_batches):
-            torch.compiler.cudagraph_mark_step_begin()      # model.compile_mode=reduce-overhead: a new graph step
             input_ids = input_ids.to(self.world.device, non_blocking=True)
             last = index == len(micro_batches) - 1 and not self_reducing
             no_sync = getattr(self.model, "no_sync", None)

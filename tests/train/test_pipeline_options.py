@@ -67,7 +67,8 @@ def test_compiled_layers_train_on_cpu_and_block_recipes_fall_back_to_aot_eager(t
 
 def test_compile_mode_reaches_each_layer_and_a_bad_one_is_refused(monkeypatch):
     """model.compile_mode goes to torch.compile of every decoder layer (Inductor only: aot_eager takes no mode); an
-    unknown mode names the choices."""
+    unknown mode names the choices; the CUDA-graph modes, which failed in training on the H200, are refused with the
+    reason."""
     from lowbit.train.run import compile_layers
 
     layers = [torch.nn.Linear(2, 2) for _ in range(3)]
@@ -76,13 +77,16 @@ def test_compile_mode_reaches_each_layer_and_a_bad_one_is_refused(monkeypatch):
     model.model.layers = torch.nn.ModuleList(layers)
     seen = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
-    compile_layers(model, "inductor", "reduce-overhead")
-    compile_layers(model, "aot_eager", "reduce-overhead")
-    assert seen == [dict(dynamic=False, backend="inductor", mode="reduce-overhead")] * 3 + \
+    compile_layers(model, "inductor", "max-autotune-no-cudagraphs")
+    compile_layers(model, "aot_eager", "max-autotune-no-cudagraphs")
+    assert seen == [dict(dynamic=False, backend="inductor", mode="max-autotune-no-cudagraphs")] * 3 + \
         [dict(dynamic=False, backend="aot_eager")] * 3
     with pytest.raises(ValueError, match=r"model.compile_mode='fast' is not known; use one of \['default', "
-                                         r"'reduce-overhead'"):
+                                         r"'max-autotune-no-cudagraphs'\]"):
         compile_layers(model, "inductor", "fast")
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match=rf"model.compile_mode='{mode}' runs each decoder layer as CUDA graphs"):
+            compile_layers(model, "inductor", mode)
 
 
 def test_deterministic_runs_repeat_bit_for_bit_and_keep_a_users_cublas_workspace(tiny_overrides, tmp_path, monkeypatch):
