@@ -21,6 +21,7 @@ import math
 import torch
 
 TILE_R, TILE_C, WARPS = 64, 64, 4     # tokens x channels per program
+SIZES = (16, TILE_R)                  # transform sizes the kernel takes: tl.dot's smallest side .. one tile
 
 
 @functools.cache
@@ -49,8 +50,8 @@ def _kernel():
 def supports(t: torch.Tensor, transform: torch.Tensor) -> bool:
     """2-D float input whose token count (rows) is a multiple of the transform's size, size 16..64."""
     size = transform.shape[0]
-    return (t.dim() == 2 and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= size <= TILE_R
-            and t.shape[0] % size == 0)
+    return (t.dim() == 2 and t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and SIZES[0] <= size <= SIZES[1] and t.shape[0] % size == 0)
 
 
 def hadamard_transpose_triton(t: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ def hadamard_transpose_triton(t: torch.Tensor, transform: torch.Tensor) -> torch
     size = transform.shape[0]
     if not supports(t, transform):
         raise ValueError(f"hadamard_transpose_triton: t {tuple(t.shape)} {t.dtype} with a {size}-point transform "
-                         f"needs a 2-D float tensor, rows a multiple of {size}, size 16..{TILE_R}; "
+                         f"needs a 2-D float tensor, rows a multiple of {size}, size {SIZES[0]}..{SIZES[1]}; "
                          f"use hadamard_last_axis for others")
     t = t if t.stride(1) == 1 else t.contiguous()
     R, C = t.shape

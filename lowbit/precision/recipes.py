@@ -9,11 +9,15 @@ describes it; the "transposed axes for the backward GEMMs" are the `*_t` quantiz
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lowbit.kernels.hadamard_triton import SIZES
 from lowbit.precision.formats import E2M1, E4M3, get_format
 from lowbit.precision.scaling import Quantizer
+
+log = logging.getLogger(__name__)
 
 GEMMS = ("forward", "dgrad", "wgrad")      # y = x W^T, dx = dy W, dW = dy^T x
 RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "fp4_vectorwise", "nvfp4", "mxfp4")
@@ -118,6 +122,9 @@ def build_recipe(cfg) -> Recipe:
     hadamard = cfg.hadamard_size if cfg.hadamard else 0
     if hadamard and hadamard & (hadamard - 1):
         raise ValueError(f"precision.hadamard_size={hadamard} must be a power of two (16 as in NVIDIA's NVFP4 recipe)")
+    if hadamard and not SIZES[0] <= hadamard <= SIZES[1]:
+        log.warning("precision.hadamard_size=%d: the fused Hadamard kernel takes %d..%d; CUDA runs apply this "
+                    "transform by the PyTorch butterfly, several times slower under torch.compile", hadamard, *SIZES)
     high_precision = _high_precision(cfg, hadamard)
     return Recipe(name=name, token_multiple=max(multiple, hadamard), dge=cfg.dge, dge_k=cfg.dge_k,
                   dge_clip=cfg.dge_clip, occ=cfg.occ, occ_quantile=cfg.occ_quantile, occ_product=occ_product,

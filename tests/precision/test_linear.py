@@ -149,6 +149,17 @@ def test_state_dict_matches_nn_linear_and_parameters_are_shared():
     assert list(layer.state_dict()) == list(linear.state_dict()) == ["weight", "bias"]
 
 
+def test_hadamard_size_outside_the_kernel_is_logged(caplog):
+    """A transform size the fused kernel does not take (16..64) is a documented fallback, logged at recipe build."""
+    with caplog.at_level("WARNING", logger="lowbit.precision.recipes"):
+        build_recipe(precision_cfg("nvfp4", hadamard=True, hadamard_size=128))
+    assert "precision.hadamard_size=128: the fused Hadamard kernel takes 16..64" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowbit.precision.recipes"):
+        build_recipe(precision_cfg("nvfp4", hadamard=True, hadamard_size=16))
+    assert "hadamard_size" not in caplog.text
+
+
 @pytest.mark.parametrize("size", [2, 16, 32])
 def test_hadamard_butterfly_equals_the_float64_matrix_product(size):
     """hadamard_last_axis (a fast Walsh-Hadamard transform) equals t @ (D H / sqrt(size)) per block in float64, and is
