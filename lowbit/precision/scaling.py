@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lowbit.precision.formats import E4M3, FloatFormat, round_to_format
+from lowbit.precision.formats import E4M3, FloatFormat, cast_to_format, round_to_format
 
 
 class NonFiniteAmaxError(ValueError):
@@ -181,8 +181,8 @@ def quantize_reference(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tenso
         amax = reduce_amax(amax, quantizer)
     check_finite(amax, what)
     scale, inv = scales_from_amax(amax, quantizer, tensor_amax)
-    values = round_to_format(x.float() * expand_scale(inv, quantizer, x.shape), quantizer.fmt, noise)
+    data = cast_to_format(x.float() * expand_scale(inv, quantizer, x.shape), quantizer.fmt, noise)
     gain = None
     if tensor_amax is not None:
         gain = nvfp4_global_inverse(tensor_amax.float(), quantizer.fmt).reshape(1)
-    return QTensor(values.to(quantizer.fmt.storage), scale, quantizer, gain)
+    return QTensor(data, scale, quantizer, gain)

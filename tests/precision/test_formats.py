@@ -4,7 +4,7 @@ neighbours, and many random values over the whole exponent range."""
 import pytest
 import torch
 
-from lowbit.precision.formats import E2M1, E4M3, E5M2, grid_values, round_to_format
+from lowbit.precision.formats import E2M1, E4M3, E5M2, cast_to_format, grid_values, round_to_format
 from tests.precision.reference import round_float64
 
 FORMATS = [E4M3, E5M2, E2M1]
@@ -53,6 +53,20 @@ def test_agrees_with_torch_float8_cast_and_round_trips(fmt):
     assert torch.equal(got.to(fmt.storage).float(), got)                      # on the grid: storage is exact
     torch_cast = x.clamp(-fmt.max, fmt.max).to(fmt.storage).float()           # torch's own RNE cast
     assert torch.equal(torch_cast, got)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_cast_to_format_equals_round_to_format_bit_for_bit(fmt):
+    """The storage-dtype rounding quantize_reference uses (the float8 cast for E4M3 / E5M2, the grid rounding for
+    E2M1) gives round_to_format's values bit for bit: every probe (grid, ties and their neighbours, random,
+    saturating, Inf), signed zeros included, eagerly and as torch.compile builds it; NaN stays NaN (Inductor's CPU
+    cast sets a NaN's sign bit)."""
+    x = torch.cat([probe_values(fmt), torch.tensor([-float("inf"), -0.0, -1e-45])])
+    want = round_to_format(x, fmt).to(fmt.storage).view(torch.uint8)
+    compiled = torch.compile(cast_to_format, backend="aot_eager" if fmt is E2M1 else "inductor")
+    for cast in (cast_to_format, compiled):
+        assert torch.equal(cast(x, fmt).view(torch.uint8), want)
+        assert torch.isnan(cast(torch.tensor([float("nan"), -float("nan")]), fmt).float()).all()
 
 
 def test_e2m1_is_exact_in_e4m3_and_nan_propagates():
