@@ -221,6 +221,10 @@ def check_hadamard_transpose(device: str = "cpu") -> None:
             tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
             torch.testing.assert_close(got.double(), want, **tol)
             torch.testing.assert_close(hadamard_last_axis(t.t(), transform).double(), want, **tol)
+            # the custom op torch.compile'd layers call (registered by lowbit.precision.methods): its fake version
+            # agrees with the kernel's output in shape, dtype and strides
+            torch.library.opcheck(torch.ops.lowbit.hadamard_transpose, (t, transform),
+                                  test_utils=("test_schema", "test_faketensor"))
     print("OK hadamard")
 
 
