@@ -73,7 +73,7 @@ def round_to_format(x: torch.Tensor, fmt: FloatFormat, noise: torch.Tensor | Non
 
 def cast_to_format(x: torch.Tensor, fmt: FloatFormat, noise: torch.Tensor | None = None) -> torch.Tensor:
     """round_to_format(x, fmt, noise) in fmt's storage dtype. E4M3 / E5M2 rounded to nearest take the float8 cast
-    after the saturating clamp, the same values bit for bit (RNE, subnormals, signed zero, NaN; tested): two
+    after the saturating clamp, the same bytes (RNE, subnormals, signed zero; NaN stays NaN; tested): two
     element-wise ops instead of the dozen bit operations that torch.compile otherwise fuses into every quantization
     kernel of the fp8 recipes (the profile's `lshift/rshift` kernels)."""
     if fmt.native and noise is None:

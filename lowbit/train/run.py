@@ -99,6 +99,16 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # refused: see compile_layers
 
 
+def check_compile_mode(mode: str) -> None:
+    """model.compile_mode is one lowbit can train with (checked before the model loads)."""
+    if mode in CUDA_GRAPH_MODES:
+        raise ValueError(f"model.compile_mode={mode!r} runs each decoder layer as CUDA graphs, which fails in training "
+                         f"with per-layer graphs (torch's CUDA graph trees overwrite outputs backward still needs: "
+                         f"pytorch/pytorch#170604); use one of {list(COMPILE_MODES)}")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"model.compile_mode={mode!r} is not known; use one of {list(COMPILE_MODES)}")
+
+
 def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str = "default") -> None:
     """torch.compile each decoder layer (torchtitan's choice: one graph per repeated block compiles once).
     dynamic=False: a new batch shape (the last, shorter validation batch) compiles its own graph rather than making
@@ -108,12 +118,7 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor", mode: str 
     max-autotune) are refused: with one compiled graph per decoder layer, replayed once per layer and micro-batch,
     CUDA graph trees overwrite outputs that backward still reads (H200, torch 2.11, 2026-12-02: every llama_1b run
     failed in its first backward; pytorch/pytorch#170604, #169545)."""
-    if mode in CUDA_GRAPH_MODES:
-        raise ValueError(f"model.compile_mode={mode!r} runs each decoder layer as CUDA graphs, which fails in training "
-                         f"with per-layer graphs (torch's CUDA graph trees overwrite outputs backward still needs: "
-                         f"pytorch/pytorch#170604); use one of {list(COMPILE_MODES)}")
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"model.compile_mode={mode!r} is not known; use one of {list(COMPILE_MODES)}")
+    check_compile_mode(mode)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError("model.compile=true needs an HF decoder with model.model.layers; set model.compile=false")
@@ -134,6 +139,7 @@ def run(cfg: DictConfig) -> TrainState:
     random.seed(cfg.trainer.seed + world.rank)
     if cfg.trainer.deterministic:
         make_deterministic()
+    check_compile_mode(cfg.model.compile_mode)
 
     model, tokenizer = load_model(cfg.model, seed=cfg.trainer.seed)              # 2
     parallel.check_model(model.config, cfg.parallel, cfg.data.seq_len)   # degrees vs heads/hidden/seq_len, before stage 5's collectives

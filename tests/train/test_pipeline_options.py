@@ -89,6 +89,16 @@ def test_compile_mode_reaches_each_layer_and_a_bad_one_is_refused(monkeypatch):
             compile_layers(model, "inductor", mode)
 
 
+def test_cuda_graph_compile_mode_is_refused_before_the_model_loads(tiny_overrides, tmp_path, monkeypatch):
+    """Also with model.compile=false: the bad mode stops the run before its model is built or anything is saved."""
+    import lowbit.train.run as run_module
+
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="model.compile_mode='reduce-overhead' runs each decoder layer as CUDA"):
+        run(compose(tiny_overrides + ["model.compile_mode=reduce-overhead", f"run_dir={tmp_path / 'run'}"]))
+    assert not list((tmp_path / "run").glob("**/*.safetensors"))
+
+
 def test_deterministic_runs_repeat_bit_for_bit_and_keep_a_users_cublas_workspace(tiny_overrides, tmp_path, monkeypatch):
     """trainer.deterministic=true turns on deterministic algorithms and the fixed cuBLAS workspace CUDA needs for
     them (a value the user set stays), and two runs of the same seed give the same losses, bit for bit."""
