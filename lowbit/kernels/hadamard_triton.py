@@ -31,7 +31,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def _hadamard_t_kernel(t_ptr, h_ptr, out_ptr, R, C, stride_r, inv_sqrt, SIZE: tl.constexpr,
+    def _hadamard_t_kernel(t_ptr, h_ptr, out_ptr, amax_ptr, R, C, stride_r, inv_sqrt, SIZE: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)          # tokens: the transform's axis
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -41,8 +41,12 @@ def _kernel():
         k = tl.arange(0, SIZE)
         h = tl.load(h_ptr + k[:, None] * SIZE + k[None, :])
         out = tl.reshape(tl.dot(blocks, h, input_precision=PRECISION), (BLOCK_C, BLOCK_R)) * inv_sqrt
-        tl.store(out_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], out.to(out_ptr.dtype.element_ty),
+        stored = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], stored,
                  mask=(cols[:, None] < C) & (rows[None, :] < R))
+        magnitude = tl.abs(stored.to(tl.float32))          # of the values written (masked entries are 0)
+        magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))   # NaN -> Inf: never dropped
+        tl.atomic_max(amax_ptr, tl.max(tl.max(magnitude, axis=1), axis=0))
 
     return _hadamard_t_kernel
 
@@ -54,9 +58,11 @@ def supports(t: torch.Tensor, transform: torch.Tensor) -> bool:
             and SIZES[0] <= size <= SIZES[1] and t.shape[0] % size == 0)
 
 
-def hadamard_transpose_triton(t: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """t [R, C] -> (t^T [C, R] with each block of `size` consecutive entries along R times `transform`) in t's
-    dtype, contiguous. transform: hadamard_matrix's D H / sqrt(size) (its signs are all that is read)."""
+def hadamard_transpose_triton(t: torch.Tensor, transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [R, C] -> (t^T [C, R] with each block of `size` consecutive entries along R times `transform`, in t's
+    dtype, contiguous; its amax, float32 [1], NaN read as Inf). transform: hadamard_matrix's D H / sqrt(size) (its
+    signs are all that is read). The amax comes from the same pass, for NVFP4's tensor scale, which otherwise
+    needs a read of the result of its own."""
     import triton
     size = transform.shape[0]
     if not supports(t, transform):
@@ -67,8 +73,9 @@ def hadamard_transpose_triton(t: torch.Tensor, transform: torch.Tensor) -> torch
     R, C = t.shape
     signs = torch.sign(transform).float().contiguous()          # D H exactly (+-1); the 1/sqrt(size) comes after
     out = torch.empty((C, R), device=t.device, dtype=t.dtype)
+    amax = torch.zeros(1, device=t.device, dtype=torch.float32)
     precision = "ieee" if t.dtype == torch.float32 else "tf32"
     _kernel()[(triton.cdiv(R, TILE_R), triton.cdiv(C, TILE_C))](
-        t, signs, out, R, C, t.stride(0), 1.0 / math.sqrt(size), SIZE=size, BLOCK_R=TILE_R, BLOCK_C=TILE_C,
+        t, signs, out, amax, R, C, t.stride(0), 1.0 / math.sqrt(size), SIZE=size, BLOCK_R=TILE_R, BLOCK_C=TILE_C,
         PRECISION=precision, num_warps=WARPS)
-    return out
+    return out, amax

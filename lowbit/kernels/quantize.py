@@ -65,21 +65,24 @@ def _triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None
 
 
 def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None = None,
-             what: str = "tensor", stochastic: bool = False) -> QTensor:
+             what: str = "tensor", stochastic: bool = False, tensor_amax: torch.Tensor | None = None) -> QTensor:
     """x [R, C] (fp32/bf16/fp16) -> QTensor scaled along C. Stochastic rounding by `noise` (uniform [0, 1) float32
     of x's shape: every path rounds with it bit for bit) or by `stochastic`: the block kernel draws its own Philox
     noise from a seed on the device (no float32 noise tensor written and read per gradient), other paths
-    torch.rand's. The row kernel has no stochastic rounding: those operands take the PyTorch path."""
+    torch.rand's. The row kernel has no stochastic rounding: those operands take the PyTorch path.
+    tensor_amax: max |x| (float32 [1]) if the caller has it (the Hadamard kernel's): the NVFP4 block kernel then
+    skips its own amax pass; every other path computes it (the same value)."""
     kernel = _triton(x, quantizer, None)
     blocks = kernel is not None and triton_kind(x, quantizer) == "blocks"
+    given = dict(tensor_amax=tensor_amax) if blocks and tensor_amax is not None else {}
     if stochastic and noise is None:
         if blocks:
-            return kernel(x, quantizer, None, seed=torch.randint(0, 2 ** 31 - 1, (1,), device=x.device))[0]
+            return kernel(x, quantizer, None, seed=torch.randint(0, 2 ** 31 - 1, (1,), device=x.device), **given)[0]
         noise = torch.rand(x.shape, device=x.device)
+    if blocks:
+        return kernel(x, quantizer, None, noise, **given)[0]
     if kernel is not None and noise is None:
         return kernel(x, quantizer, None)[0]
-    if blocks:
-        return kernel(x, quantizer, None, noise)[0]
     return quantize_reference(x, quantizer, noise, what)
 
 

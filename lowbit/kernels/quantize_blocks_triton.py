@@ -180,12 +180,13 @@ def supports(quantizer: Quantizer, quantizer_t: Quantizer | None) -> bool:
 
 
 def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None,
-                           noise: torch.Tensor | None = None,
-                           seed: torch.Tensor | None = None) -> tuple[QTensor, QTensor | None]:
+                           noise: torch.Tensor | None = None, seed: torch.Tensor | None = None,
+                           tensor_amax: torch.Tensor | None = None) -> tuple[QTensor, QTensor | None]:
     """Triton version of scaling.quantize_reference for block quantizers, x and (optionally) x^T. Stochastic
     rounding of x alone: by noise (uniform [0, 1) float32 of x's shape), as the reference rounds with it, or by
     Philox noise drawn in the kernel from seed (an int64 [1] tensor on x's device; element (r, c) gets tl.rand(seed,
-    r * C + c): offsets repeat beyond 2^31 elements)."""
+    r * C + c): offsets repeat beyond 2^31 elements). tensor_amax: max |x| (float32 [1], NaN as Inf), if known,
+    for NVFP4's tensor scale in place of the kernel's own amax pass over x (ignored by other rules)."""
     x = x.contiguous()
     R, C = x.shape
     if seed is not None and (quantizer_t is not None or noise is not None or seed.numel() != 1):
@@ -208,10 +209,11 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
     global_scale = torch.ones(2, device=x.device, dtype=torch.float32)
     gain = None                                         # NVFP4's tensor scale G, kept with the operand
     if quantizer.scale_rule == "nvfp4":                 # the FP32 tensor scale needs the tensor amax first
-        tensor_amax = torch.zeros(1, device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(R, 64), triton.cdiv(C, 64))
-        _amax_kernel[grid](x, tensor_amax, tensor_amax, R, C, x.stride(0), BLOCK_R=64, BLOCK_C=64,
-                           ROWS=False, COLS=False, TENSOR=True)
+        if tensor_amax is None:
+            tensor_amax = torch.zeros(1, device=x.device, dtype=torch.float32)
+            grid = (triton.cdiv(R, 64), triton.cdiv(C, 64))
+            _amax_kernel[grid](x, tensor_amax, tensor_amax, R, C, x.stride(0), BLOCK_R=64, BLOCK_C=64,
+                               ROWS=False, COLS=False, TENSOR=True)
         tensor_amax = reduce_amax(tensor_amax, quantizer)       # tensor parallelism: over the whole weight/activation
         check_finite(tensor_amax, "operand")
         finite = tensor_amax < float("inf")

@@ -82,8 +82,8 @@ def _quantize_operand(t: torch.Tensor, quantizer, quantizer_t, what: str, direct
     tq = quantize(t, quantizer, what=what) if direct else None
     if not transposed:
         return tq, None
-    tt = t.t().contiguous() if transform is None else hadamard_transposed(t, transform)
-    return tq, quantize(tt, quantizer_t, what=what + "^T")
+    tt, tt_amax = (t.t().contiguous(), None) if transform is None else hadamard_transposed(t, transform)
+    return tq, quantize(tt, quantizer_t, what=what + "^T", tensor_amax=tt_amax)
 
 
 class QuantLinearFunction(torch.autograd.Function):
@@ -175,8 +175,10 @@ class QuantLinearFunction(torch.autograd.Function):
             if dx is not None:
                 dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
             if quantize_dyt and dytq is None:
-                dyt = dy2.t().contiguous() if transform is None else hadamard_transposed(dy2, transform)
-                dytq = quantize(dyt, recipe.dy_t, stochastic=stochastic, what="output gradient^T")
+                dyt, dyt_amax = ((dy2.t().contiguous(), None) if transform is None
+                                 else hadamard_transposed(dy2, transform))
+                dytq = quantize(dyt, recipe.dy_t, stochastic=stochastic, what="output gradient^T",
+                                tensor_amax=dyt_amax)
             if want_dw:
                 if quantized["wgrad"]:
                     dw = quantized_matmul(dytq, QTensor(x_data, x_scale, recipe.x_t, x_gain), cd,

@@ -205,9 +205,14 @@ def test_triton_block_quantize_philox_rounding_on_gpu():
 def check_hadamard_transpose(device: str = "cpu") -> None:
     """hadamard_transpose_triton(t, D H / sqrt(n)) against the float64 product of t^T's blocks with the transform:
     float32 to 2e-6, bf16 within one bf16 rounding (the interpreter's float32 -> bf16 cast truncates), for n = 16,
-    32 and tokens not a multiple of the kernel's tile; the butterfly (the CPU path) agrees the same way."""
+    32 and tokens not a multiple of the kernel's tile; the butterfly (the CPU path) agrees the same way. The amax
+    from the same pass is max |result| exactly (NaN as Inf), and NVFP4 quantization given it equals the block
+    kernel with its own amax pass."""
     from lowbit.kernels.hadamard_triton import hadamard_transpose_triton
+    from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton
+    from lowbit.precision.formats import E2M1
     from lowbit.precision.methods import hadamard_last_axis, hadamard_matrix
+    from lowbit.precision.scaling import Quantizer
 
     generator = torch.Generator().manual_seed(2)
     for size, rows, cols in ((16, 96, 80), (32, 160, 48)):
@@ -216,8 +221,9 @@ def check_hadamard_transpose(device: str = "cpu") -> None:
         for dtype in (torch.float32, torch.bfloat16):
             t = (torch.randn(rows, cols, generator=generator) * 3).to(device, dtype)
             want = (t.double().t().reshape(cols, rows // size, size) @ transform.double()).reshape(cols, rows)
-            got = hadamard_transpose_triton(t, transform)
+            got, amax = hadamard_transpose_triton(t, transform)
             assert got.shape == (cols, rows) and got.is_contiguous() and got.dtype == dtype
+            assert torch.equal(amax, got.float().abs().max().reshape(1)), "the fused amax is not max |result|"
             tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
             torch.testing.assert_close(got.double(), want, **tol)
             torch.testing.assert_close(hadamard_last_axis(t.t(), transform).double(), want, **tol)
@@ -225,6 +231,14 @@ def check_hadamard_transpose(device: str = "cpu") -> None:
             # agrees with the kernel's output in shape, dtype and strides
             torch.library.opcheck(torch.ops.lowbit.hadamard_transpose, (t, transform),
                                   test_utils=("test_schema", "test_faketensor"))
+        # NVFP4 quantization of the result with the kernel's amax equals it with the block kernel's own amax pass
+        q = Quantizer(E2M1, 1, 16, "nvfp4")
+        own, given = (quantize_blocks_triton(got, q, None, **extra)[0] for extra in ({}, {"tensor_amax": amax}))
+        assert torch.equal(own.data.view(torch.uint8), given.data.view(torch.uint8))
+        assert torch.equal(own.scale, given.scale) and torch.equal(own.gain, given.gain)
+    bad = torch.ones(32, 64, device=device)
+    bad[3, 5] = float("nan")
+    assert hadamard_transpose_triton(bad, transform)[1].item() == float("inf"), "NaN lost in the fused amax"
     print("OK hadamard")
 
 
