@@ -159,7 +159,10 @@ case "${1:-}" in
     fi ;;
   e2e_profile)
     # step 3 of each run under torch.profiler (trainer.profile_step): is the trainer's step host-bound? nvfp4 and
-    # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02)
+    # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02).
+    # GPU tests first: the float8-cast rounding of the PyTorch path and the Hadamard kernel's fused amax (12-02, untimed)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/precision/test_linear.py 2>&1 \
+      | tail -8 | tee "$OUT/profile_gpu_tests.log"
     python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --profile 3 --profile-dir "$OUT" \
       --variant "bf16=+exp=bf16_llama $data" --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
       --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" --variant "fp8=+exp=fp8_llama $data" 2>&1 \
