@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,18 @@ def tiny_overrides(tmp_path):
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `torchrun --nproc_per_node=N train.py ARGS` for real (gloo on CPU); fail with its output."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train.py"), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    """Run `torchrun --nproc_per_node=N train.py ARGS` for real (gloo on CPU); fail with its output and the end
+    of each rank's own stderr (kept in a log directory: a rank that aborts, whose faulthandler stack would drown
+    in torchrun's summary of the others' SIGTERMs, still shows what killed it)."""
+    with tempfile.TemporaryDirectory() as logs:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "--log-dir", logs, "--tee", "3", str(ROOT / "train.py"), *args]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+        if result.returncode != 0:
+            ranks = "".join(f"\n--- {path.relative_to(logs)} ---\n{path.read_text(errors='replace')[-2500:]}"
+                            for path in sorted(Path(logs).rglob("stderr.log")))
+            pytest.fail(f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\nper rank:{ranks}")
     return result
 
 
