@@ -1,9 +1,10 @@
 """The random Hadamard transform of a wgrad operand, fused with its transposed copy, as one Triton kernel.
 
-`hadamard_transpose(t, transform)` returns lowbit.precision.methods.hadamard_last_axis(t.t(), transform) as a
-contiguous [C, R] tensor of t's dtype: t [R, C] read once, each tile transposed in registers and its blocks of
-`size` consecutive tokens multiplied by the +-1 matrix D H on the tensor cores, then scaled by 1/sqrt(size) and
-written once. The backward's dy^T and the saved x^T are transposed copies anyway; the transform rides along.
+`hadamard_transpose_triton(t, transform)` returns lowbit.precision.methods.hadamard_last_axis(t.t(), transform) as
+a contiguous [C, R] tensor of t's dtype, and its amax: t [R, C] read once, each tile transposed in registers and its
+blocks of `size` consecutive tokens multiplied by the +-1 matrix D H on the tensor cores, then scaled by
+1/sqrt(size), written once and max-reduced (one atomic per tile). The backward's dy^T and the saved x^T are
+transposed copies anyway; the transform rides along.
 
 Why a kernel: under torch.compile the butterfly of hadamard_last_axis became Inductor kernels reading the transposed
 view uncoalesced, ~0.73 s of an NVFP4 llama_1b step (2.50 s of kernels against 1.86 s with the earlier GEMM form;
@@ -11,7 +12,7 @@ H200 trainer profile, 2026-12-02), and the GEMM form ran float32 cuBLAS GEMMs wi
 
 Numerics: bf16 / fp16 values and +-1 entries are exact in TF32, so the products are exact and only the float32
 accumulation order differs from the float64 matrix product (then one rounding to t's dtype); float32 input takes
-IEEE float32 products. Block sizes 16 and up (tl.dot's smallest side); smaller transforms take the PyTorch path.
+IEEE float32 products. Block sizes 16 (tl.dot's smallest side) to 64 (one tile); others take the PyTorch path.
 """
 from __future__ import annotations
 
