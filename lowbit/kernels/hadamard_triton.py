@@ -6,7 +6,7 @@ blocks of `size` consecutive tokens multiplied by the +-1 matrix D H on the tens
 1/sqrt(size), written once and max-reduced (one atomic per tile). The backward's dy^T and the saved x^T are
 transposed copies anyway; the transform rides along.
 
-Why a kernel: under torch.compile the butterfly of hadamard_last_axis became Inductor kernels reading the transposed
+Why a kernel: under torch.compile a Walsh-Hadamard butterfly became Inductor kernels reading the transposed
 view uncoalesced, ~0.73 s of an NVFP4 llama_1b step (2.50 s of kernels against 1.86 s with the earlier GEMM form;
 H200 trainer profile, 2026-12-02), and the GEMM form ran float32 cuBLAS GEMMs with K = 16 / 32 plus float32 copies.
 

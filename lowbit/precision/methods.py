@@ -269,29 +269,20 @@ def hadamard_last_axis(t: torch.Tensor, transform: torch.Tensor) -> torch.Tensor
     (dy^T Q)(x^T Q)^T = dy^T x, while outliers are spread over each block before quantization
     (Quartet; NVIDIA's NVFP4 recipe uses 16 x 16 blocks).
 
-    A fast Walsh-Hadamard transform (log2(size) add/subtract stages on the sign-flipped values, then the
-    1/sqrt(size) scale): the CPU path and the tests' reference. CUDA operands take hadamard_transposed's kernel
-    (the butterfly under torch.compile cost ~0.73 s of an NVFP4 llama_1b step on the H200, the float32 GEMM form
-    0.25-0.29 s; 2026-12-02). `transform` is hadamard_matrix's D H / sqrt(size): its first column carries the signs.
+    A float32 product per block: the CPU path, the tests' reference and the fallback for sizes the kernel does not
+    take. CUDA operands take hadamard_transposed's kernel (on an H200 this product cost 0.25-0.29 s of an NVFP4
+    llama_1b step and a Walsh-Hadamard butterfly under torch.compile ~0.73 s; the kernel 0.09 s; 2026-12-02).
     """
     rows, cols = t.shape
     size = transform.shape[0]
-    signs = torch.where(transform[:, 0] > 0, 1.0, -1.0)
-    blocks = t.reshape(rows, cols // size, size).float() * signs
-    half = 1
-    while half < size:                       # Sylvester order: H_2n = [[H_n, H_n], [H_n, -H_n]]
-        pairs = blocks.reshape(rows, cols // size, size // (2 * half), 2, half)
-        low, high = pairs[..., 0, :], pairs[..., 1, :]
-        blocks = torch.stack((low + high, low - high), dim=-2)
-        half *= 2
-    return (blocks.reshape(rows, cols) * (1.0 / math.sqrt(size))).to(t.dtype)
+    blocks = t.reshape(rows, cols // size, size).float() @ transform
+    return blocks.reshape(rows, cols).to(t.dtype)
 
 
 def hadamard_transposed(t: torch.Tensor, transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hadamard_last_axis(t.t(), transform) as a contiguous tensor, its amax or None): t [R, C] -> [C, R], the
     transform along R. On CUDA one Triton pass that also takes the amax (lowbit/kernels/hadamard_triton.py; an
-    opaque custom op under torch.compile, whose Inductor code for the butterfly on a transposed view was slow),
-    elsewhere the butterfly and no amax."""
+    opaque custom op under torch.compile), elsewhere hadamard_last_axis and no amax."""
     from lowbit.kernels import hadamard_triton
     if t.is_cuda and hadamard_triton.supports(t, transform):
         if torch.compiler.is_compiling():

@@ -205,7 +205,7 @@ def test_triton_block_quantize_philox_rounding_on_gpu():
 def check_hadamard_transpose(device: str = "cpu") -> None:
     """hadamard_transpose_triton(t, D H / sqrt(n)) against the float64 product of t^T's blocks with the transform:
     float32 to 2e-6, bf16 within one bf16 rounding (the interpreter's float32 -> bf16 cast truncates), for n = 16,
-    32 and tokens not a multiple of the kernel's tile; the butterfly (the CPU path) agrees the same way. The amax
+    32 and tokens not a multiple of the kernel's tile; hadamard_last_axis (the CPU path) agrees the same way. The amax
     from the same pass is max |result| exactly (NaN as Inf), and NVFP4 quantization given it equals the block
     kernel with its own amax pass."""
     from lowbit.kernels.hadamard_triton import hadamard_transpose_triton

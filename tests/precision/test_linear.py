@@ -161,8 +161,8 @@ def test_hadamard_size_outside_the_kernel_is_logged(caplog):
 
 
 @pytest.mark.parametrize("size", [2, 16, 32])
-def test_hadamard_butterfly_equals_the_float64_matrix_product(size):
-    """hadamard_last_axis (a fast Walsh-Hadamard transform) equals t @ (D H / sqrt(size)) per block in float64, and is
+def test_hadamard_transform_equals_the_float64_matrix_product(size):
+    """hadamard_last_axis (float32) equals t @ (D H / sqrt(size)) per block in float64, with H built independently, and is
     orthogonal: (dy^T Q)(x^T Q)^T = dy^T x, what the weight gradient relies on."""
     generator = torch.Generator().manual_seed(size)
     signs = torch.randint(0, 2, (size,), generator=generator) * 2 - 1
