@@ -32,6 +32,8 @@
 #                                     kernel (was 0.72-0.77x bf16 eager against 1.35-1.44x compiled), GPU tests first
 #   bench/device_pending.sh e2e_profile  llama_1b, bf16 / nvfp4 / mxfp4 / fp8 tensorwise, step 3 profiled by the trainer
 #                                     (trainer.profile_step): wall time against the GPU's kernel time, top kernels
+#   bench/device_pending.sh e2m1      E2M1 rounded by float additions against the integer steps: GPU tests, the quantize
+#                                     bandwidth table with both, then bf16 / nvfp4 / mxfp4 end to end (E2E_S seconds)
 #   bench/device_pending.sh e2e_autotune  fp8 tensorwise end to end with and without Inductor's autotuning
 #                                     (model.compile_mode=max-autotune-no-cudagraphs); call it twice in a row: the
 #                                     first call only compiles
@@ -107,7 +109,7 @@ case "${1:-}" in
   blocks)
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/kernels/test_gemm.py 2>&1 \
       | tail -3 | tee "$OUT/blocks_gpu_tests.log"
-    python3 bench/quantize.py --skip sweep,block_sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
+    python3 bench/quantize.py --skip sweep,block_sweep,sides,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
       | tee "$OUT/quantize_tiles.log"
     python3 bench/block_gemm.py --shapes 8192x4096x4096 8192x4096x14336 --json "$OUT/block_gemm.json" 2>&1 \
       | tee "$OUT/block_gemm.log" ;;
@@ -137,7 +139,7 @@ case "${1:-}" in
     # ~3.3 of 10.4 ms of one compiled nvfp4 llama_1b layer): GPU tests of the kernel first
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py 2>&1 | tail -3 \
       | tee "$OUT/fp4quant_gpu_tests.log"
-    python3 bench/quantize.py --skip kernels,sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
+    python3 bench/quantize.py --skip kernels,sweep,sides,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
       | grep -v Warning | tee "$OUT/fp4quant_sweep.log" ;;
   dge)
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/precision/test_linear.py 2>&1 | tail -25 | tee "$OUT/dge_gpu_tests.log"
@@ -157,6 +159,17 @@ case "${1:-}" in
       python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 250 --variant "fp8=+exp=fp8_llama $data" \
         --variant "$autotune" 2>&1 | tee "$OUT/e2e_autotune.log"
     fi ;;
+  e2m1)
+    # E2M1 rounded by float additions (8 operations) instead of integer steps (~20): the FP4 quantize kernels looked
+    # bound by arithmetic (MXFP4 pair 0.44 of copy bandwidth from one read). GPU tests, the bandwidth table with both
+    # roundings side by side, then llama_1b end to end: bf16, nvfp4, mxfp4 and the main job (fp4 vectorwise)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py 2>&1 | tail -8 \
+      | tee "$OUT/e2m1_gpu_tests.log"
+    python3 bench/quantize.py --skip kernels,sweep,block_sweep,linear,llama,timing --out "$OUT" 2>&1 \
+      | grep -v Warning | tee "$OUT/e2m1_bandwidth.log"
+    timeout "${E2E_S:-330}" python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 150 \
+      --variant "bf16=+exp=bf16_llama $data" --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
+      --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/e2m1_e2e.log" ;;
   e2e_profile)
     # step 3 of each run under torch.profiler (trainer.profile_step): is the trainer's step host-bound? nvfp4 and
     # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02).

@@ -2,7 +2,7 @@
 QuantLinear of every recipe (Triton path == torch path, torch.compile == eager), and fwd+bwd times.
 
     python bench/quantize.py [--out DIR]      # no hydra; prints a table, writes quantize_bench.json
-    python bench/quantize.py --skip kernels,sweep,bandwidth,linear,llama,timing     # the FP4 block tile sweep only
+    python bench/quantize.py --skip kernels,sweep,sides,bandwidth,linear,llama,timing   # the FP4 block tile sweep only
 
 Bandwidth: the rowwise pair kernel (x along K and x^T along M) reads x twice (amax pass + quantize pass)
 and writes two 1-byte copies; "achieved" counts those bytes over the time, compared with the bytes per
@@ -56,8 +56,8 @@ def recipe_of(key):
 
 def check_kernels(results):
     mismatches = 0
-    for hw in (False, True):            # lowbit's integer rounding, then the float8 cast's own (the default)
-        quantize_triton.HARDWARE_CAST = hw
+    for hw in (False, True):    # lowbit's integer rounding, then the defaults: the float8 cast's, E2M1 by additions
+        quantize_triton.HARDWARE_CAST = quantize_triton.E2M1_BY_ADDITION = hw
         mismatches += check_kernels_once(hw)
     results["kernel_bitwise_mismatches"] = mismatches
     print(f"kernels: {mismatches} mismatching cases of Triton vs reference")
@@ -140,28 +140,50 @@ def bandwidth(results):
             ("mxfp4 pair", Quantizer(E2M1, 1, 32, "pow2"), Quantizer(E2M1, 1, 32, "pow2"), 4 * n),
         ]:
             kernel = quantize_blocks_triton if q.blocked else quantize_pair_triton
-            # float8 formats: rounding by lowbit's integer steps, then by the float8 cast itself (the default);
-            # 1 x b block pairs: one launch for both sides, then one launch per side (SPLIT_PAIRS, the default)
-            variants = [(hw, None) for hw in ((False, True) if q.fmt.name in ("e4m3", "e5m2") else (True,))]
-            if q.blocked and q.block_rows == 1 and q.block_cols >= 32:
-                variants = [(True, False), (True, True)]
-            for hw, split in variants:
-                quantize_triton.HARDWARE_CAST = hw
-                if split is not None:
-                    blocks.SPLIT_PAIRS = split
-                    bytes_moved = (6 if split else 4) * n       # x read once per launch, x_q and x^T_q written once
-                name = label + (" (cast rounds)" if hw and q.fmt.name != "e2m1" and split is None else "") + \
-                    ("" if split is None else " split, one launch per side" if split else " one launch")
-                eager_ms = bench_ms(lambda: kernel(rotate(), q, qt))
-                ms = graph_ms(lambda: kernel(xs[0], q, qt))
-                gbs = bytes_moved / ms / 1e6
-                rows.append(dict(shape=shape, kernel=name, graph_ms=ms, eager_ms=eager_ms, gbs=gbs,
-                                 copy_gbs=copy_gbs, ratio=gbs / copy_gbs, bytes_per_element=bytes_moved / n))
-                print(f"{str(shape):>14} {name:<48} graph {ms:6.3f} ms (eager {eager_ms:6.3f}) {gbs:6.0f} GB/s  "
-                      f"copy {copy_gbs:5.0f} GB/s  ratio {gbs / copy_gbs:4.2f}", flush=True)
-            quantize_triton.HARDWARE_CAST = True
+            # rounding by lowbit's integer steps, then the default: the float8 cast itself for E4M3 / E5M2, float
+            # additions for E2M1; 1 x b block pairs: one launch for both sides, then one launch per side (SPLIT_PAIRS)
+            # (FP4 1 x b pairs always run as one launch: quantize_blocks_triton.FP4_PAIR_TILES)
+            splits = (False, True) if q.blocked and q.block_rows == 1 and q.block_cols >= 32 and q.fmt.name != "e2m1" \
+                else (None,)
+            for split in splits:
+                for default_rounding in (False, True):
+                    quantize_triton.HARDWARE_CAST = quantize_triton.E2M1_BY_ADDITION = default_rounding
+                    if split is not None:
+                        blocks.SPLIT_PAIRS = split
+                        bytes_moved = (6 if split else 4) * n       # x read once per launch, x_q and x^T_q written once
+                    rounding = ("cast rounds" if q.fmt.name != "e2m1" else "by additions") if default_rounding \
+                        else "integer steps"
+                    name = f"{label} ({rounding})" + \
+                        ("" if split is None else " split, one launch per side" if split else " one launch")
+                    eager_ms = bench_ms(lambda: kernel(rotate(), q, qt))
+                    ms = graph_ms(lambda: kernel(xs[0], q, qt))
+                    gbs = bytes_moved / ms / 1e6
+                    rows.append(dict(shape=shape, kernel=name, graph_ms=ms, eager_ms=eager_ms, gbs=gbs,
+                                     copy_gbs=copy_gbs, ratio=gbs / copy_gbs, bytes_per_element=bytes_moved / n))
+                    print(f"{str(shape):>14} {name:<48} graph {ms:6.3f} ms (eager {eager_ms:6.3f}) {gbs:6.0f} GB/s  "
+                          f"copy {copy_gbs:5.0f} GB/s  ratio {gbs / copy_gbs:4.2f}", flush=True)
+            quantize_triton.HARDWARE_CAST = quantize_triton.E2M1_BY_ADDITION = True
             blocks.SPLIT_PAIRS = True
     results["bandwidth"] = rows
+
+
+def sides(results):
+    """Each pair kernel against its x side alone (quantizer_t=None), in device copies of x: what the transposed
+    side costs (ideal: x read once, 1 byte per element written per side, so a pair = 1 copy, one side = 0.75)."""
+    rows = []
+    for shape in [(8192, 4096), (8192, 14336)]:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(x)
+        copy_ms = graph_ms(lambda: out.copy_(x))
+        for label, q, kernel in [("mxfp4", Quantizer(E2M1, 1, 32, "pow2"), quantize_blocks_triton),
+                                 ("nvfp4", Quantizer(E2M1, 1, 16, "nvfp4"), quantize_blocks_triton),
+                                 ("rowwise e2m1", Quantizer(E2M1, 1, 0), quantize_pair_triton),
+                                 ("rowwise e4m3", Quantizer(E4M3, 1, 0), quantize_pair_triton)]:
+            pair, single = graph_ms(lambda: kernel(x, q, q)), graph_ms(lambda: kernel(x, q, None))
+            rows.append(dict(shape=shape, kernel=label, pair_ms=pair, x_side_ms=single, copy_ms=copy_ms))
+            print(f"{str(shape):>14} {label}: pair {pair:.4f} ms ({pair / copy_ms:.2f} copies), x side only "
+                  f"{single:.4f} ms ({single / copy_ms:.2f} copies)", flush=True)
+    results["sides"] = rows
 
 
 def sweep(results):
@@ -352,7 +374,7 @@ def main():
     import triton
     results["triton"] = triton.__version__
     print(results)
-    for name, fn in [("kernels", check_kernels), ("sweep", sweep), ("block_sweep", block_sweep),
+    for name, fn in [("kernels", check_kernels), ("sweep", sweep), ("block_sweep", block_sweep), ("sides", sides),
                      ("bandwidth", bandwidth), ("linear", linear_checks),
                      ("llama", llama_training), ("timing", linear_timing)]:
         if name in args.skip.split(","):
