@@ -32,8 +32,6 @@
 #                                     kernel (was 0.72-0.77x bf16 eager against 1.35-1.44x compiled), GPU tests first
 #   bench/device_pending.sh e2e_profile  llama_1b, bf16 / nvfp4 / mxfp4 / fp8 tensorwise, step 3 profiled by the trainer
 #                                     (trainer.profile_step): wall time against the GPU's kernel time, top kernels
-#   bench/device_pending.sh e2m1      E2M1 rounded by float additions against the integer steps: GPU tests, the quantize
-#                                     bandwidth table with both, then bf16 / nvfp4 / mxfp4 end to end (E2E_S seconds)
 #   bench/device_pending.sh e2e_autotune  fp8 tensorwise end to end with and without Inductor's autotuning
 #                                     (model.compile_mode=max-autotune-no-cudagraphs); call it twice in a row: the
 #                                     first call only compiles
@@ -159,17 +157,6 @@ case "${1:-}" in
       python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 250 --variant "fp8=+exp=fp8_llama $data" \
         --variant "$autotune" 2>&1 | tee "$OUT/e2e_autotune.log"
     fi ;;
-  e2m1)
-    # E2M1 rounded by float additions (8 operations) instead of integer steps (~20): the FP4 quantize kernels looked
-    # bound by arithmetic (MXFP4 pair 0.44 of copy bandwidth from one read). GPU tests, the bandwidth table with both
-    # roundings side by side, then llama_1b end to end: bf16, nvfp4, mxfp4 and the main job (fp4 vectorwise)
-    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py 2>&1 | tail -8 \
-      | tee "$OUT/e2m1_gpu_tests.log"
-    python3 bench/quantize.py --skip kernels,sweep,block_sweep,linear,llama,timing --out "$OUT" 2>&1 \
-      | grep -v Warning | tee "$OUT/e2m1_bandwidth.log"
-    timeout "${E2E_S:-330}" python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 150 \
-      --variant "bf16=+exp=bf16_llama $data" --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
-      --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/e2m1_e2e.log" ;;
   e2e_profile)
     # step 3 of each run under torch.profiler (trainer.profile_step): is the trainer's step host-bound? nvfp4 and
     # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.quantize_triton import AVAILABLE, FORMAT_CODES, FORMAT_OF_CODE, rounding
+from lowbit.kernels.quantize_triton import AVAILABLE, FORMAT_CODES, FORMAT_OF_CODE, hardware_cast
 from lowbit.precision.scaling import QTensor, Quantizer, check_finite, nvfp4_global_inverse, reduce_amax
 
 RULES = {"absmax": 0, "nvfp4": 1, "pow2": 2}
@@ -86,7 +86,7 @@ if AVAILABLE:
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                                 BR: tl.constexpr, BC: tl.constexpr, BR_T: tl.constexpr, BC_T: tl.constexpr,
                                 TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
-                                MIN_EXP: tl.constexpr, MBITS: tl.constexpr, ROUND: tl.constexpr,
+                                MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr,
                                 SAME_T: tl.constexpr, X_SIDE: tl.constexpr, NOISE: tl.constexpr):
         # q blocks: BR rows x BC cols of x; q^T blocks (BR_T x BC_T in x^T) cover BC_T rows x BR_T cols of x
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
@@ -114,7 +114,7 @@ if AVAILABLE:
                 noise = tl.rand(tl.load(noise_ptr), rows[:, None] * C + cols[None, :])
                 q = _round_to_grid_stochastic(x * inv_full, noise, MAX, MIN_EXP, MBITS)
             else:
-                q = _to_grid(x * inv_full, MAX, MIN_EXP, MBITS, ROUND)
+                q = _to_grid(x * inv_full, MAX, MIN_EXP, MBITS, HW)
             tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         if TRANSPOSE:
             amax_t = _block_amax(magnitude, BLOCK_R, BLOCK_C, BC_T, BR_T)    # [BLOCK_R/BC_T, BLOCK_C/BR_T] (x coords)
@@ -133,7 +133,7 @@ if AVAILABLE:
                 tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt, mask=mask)
             else:
                 inv_t_full = _block_expand(inv_t, BLOCK_R, BLOCK_C, BC_T, BR_T)
-                qt = _to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS, ROUND)
+                qt = _to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS, HW)
                 tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
 
 
@@ -248,7 +248,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
             BLOCK_R=tile_r, BLOCK_C=tile_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
             TRANSPOSE=t_side, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
             MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
-            ROUND=rounding(fmt, x.device), SAME_T=t_side and br == bc == br_t == bc_t, X_SIDE=x_side,
+            HW=hardware_cast(fmt, x.device), SAME_T=t_side and br == bc == br_t == bc_t, X_SIDE=x_side,
             NOISE=1 if noise is not None else 2 if seed is not None else 0, num_warps=warps)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer, gain)

@@ -5,9 +5,9 @@ scaled along R. Two launches, each one read of x:
   1. `_amax_kernel`: per-row amax (over C) and per-column amax (over R), or one tensor amax, from one
      read of each tile (atomic max; NaN is turned into +Inf so it cannot be lost).
   2. `_quantize_pair_kernel`: reads each tile once more, multiplies by the row (and column) inverse
-     scale, rounds onto the format grid (E2M1 by float additions, E4M3 / E5M2 by the integer steps of
-     lowbit.precision.formats, so the result equals the PyTorch reference bit for bit; on a GPU, E4M3 and E5M2 are
-     only saturated and the float8 cast's own round-to-nearest-even does the rounding), casts to float8 and writes x_q [R, C] and
+     scale, rounds onto the format grid (the integer/float steps of lowbit.precision.formats, so the
+     result equals the PyTorch reference bit for bit; on a GPU, E4M3 and E5M2 are only saturated and the
+     float8 cast's own round-to-nearest-even does the rounding), casts to float8 and writes x_q [R, C] and
      the transposed x^T_q [C, R].
 The second launch also computes the scales from the amaxes with the fp32 operations of
 lowbit.precision.scaling.scales_from_amax (IEEE division via div_rn) and writes them. Exposed as torch.library custom ops with fake
@@ -64,27 +64,12 @@ if AVAILABLE:
         return _signed_grid_value(tl.floor(steps + noise), ulp, v, MAX)
 
     @triton.jit
-    def _round_to_e2m1(v):
-        """`_round_to_grid` for E2M1 in eight operations instead of ~20 (the FP4 quantize kernels are bound by
-        arithmetic, not memory): a + 2^k - 2^k rounds a >= 0 half to even onto multiples of 2^(k-23), the ulp of
-        2^k in float32, so k = 22, 23, 24 give E2M1's spacings 0.5 below 2, 1 below 4 and 2 up to 6."""
-        magnitude = tl.minimum(tl.abs(v), 6.0, propagate_nan=tl.PropagateNan.ALL)
-        magic = tl.where(magnitude < 2.0, 4194304.0, tl.where(magnitude < 4.0, 8388608.0, 16777216.0))
-        rounded = (magnitude + magic) - magic
-        sign = v.to(tl.int32, bitcast=True) & -2147483648       # 0x80000000
-        return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _to_grid(v, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr, ROUND: tl.constexpr):
-        """v onto the format's grid by the rounding `rounding()` picked: ROUND_CAST (a format the storage dtype has
-        natively, E4M3 / E5M2, on a GPU) only saturates and leaves the rounding to the float8 cast of the store
-        (cvt.rn.satfinite: the same RNE); ROUND_E2M1 rounds E2M1 by float additions; ROUND_STEPS is
-        `_round_to_grid`."""
-        if ROUND == 1:      # ROUND_CAST
+    def _to_grid(v, MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr):
+        """`_round_to_grid`, or with HW (a format the storage dtype has natively: E4M3, E5M2) only the
+        saturation, leaving the rounding to the float8 cast of the store (cvt.rn.satfinite: the same RNE)."""
+        if HW:
             return tl.minimum(tl.maximum(v, -MAX, propagate_nan=tl.PropagateNan.ALL), MAX,
                               propagate_nan=tl.PropagateNan.ALL)
-        if ROUND == 2:      # ROUND_E2M1
-            return _round_to_e2m1(v)
         return _round_to_grid(v, MAX, MIN_EXP, MBITS)
 
     @triton.jit
@@ -119,7 +104,7 @@ if AVAILABLE:
                               TRANSPOSE: tl.constexpr,
                               MAX: tl.constexpr, MIN_EXP: tl.constexpr, MBITS: tl.constexpr,
                               MAX_T: tl.constexpr, MIN_EXP_T: tl.constexpr, MBITS_T: tl.constexpr,
-                              ROUND: tl.constexpr, ROUND_T: tl.constexpr):
+                              HW: tl.constexpr, HW_T: tl.constexpr):
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -129,24 +114,24 @@ if AVAILABLE:
             scale, inv = _absmax_scales(tl.load(row_amax_ptr), MAX)
             if (pid_r == 0) & (pid_c == 0):
                 tl.store(scale_ptr, scale)
-            q = _to_grid(x * inv, MAX, MIN_EXP, MBITS, ROUND)
+            q = _to_grid(x * inv, MAX, MIN_EXP, MBITS, HW)
         else:
             scale, inv = _absmax_scales(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), MAX)
             if pid_c == 0:
                 tl.store(scale_ptr + rows, scale, mask=rows < R)
-            q = _to_grid(x * inv[:, None], MAX, MIN_EXP, MBITS, ROUND)
+            q = _to_grid(x * inv[:, None], MAX, MIN_EXP, MBITS, HW)
         tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         if TRANSPOSE:
             if TENSOR:
                 scale_t, inv_t = _absmax_scales(tl.load(row_amax_ptr), MAX_T)
                 if (pid_r == 0) & (pid_c == 0):
                     tl.store(scale_t_ptr, scale_t)
-                qt = _to_grid(x * inv_t, MAX_T, MIN_EXP_T, MBITS_T, ROUND_T)
+                qt = _to_grid(x * inv_t, MAX_T, MIN_EXP_T, MBITS_T, HW_T)
             else:
                 scale_t, inv_t = _absmax_scales(tl.load(col_amax_ptr + cols, mask=cols < C, other=0.0), MAX_T)
                 if pid_r == 0:
                     tl.store(scale_t_ptr + cols, scale_t, mask=cols < C)
-                qt = _to_grid(x * inv_t[None, :], MAX_T, MIN_EXP_T, MBITS_T, ROUND_T)
+                qt = _to_grid(x * inv_t[None, :], MAX_T, MIN_EXP_T, MBITS_T, HW_T)
             tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
 
 
@@ -154,20 +139,13 @@ AMAX_TILE = (64, 64)    # (rows, cols) per program of the amax pass (bench/quant
 PAIR_TILE = (64, 64)    # (rows, cols) per program of the quantize pass
 PAIR_WARPS = 4
 HARDWARE_CAST = True    # E4M3/E5M2: round by the float8 cast itself (False: lowbit's integer rounding; A/B in bench)
-E2M1_BY_ADDITION = True  # E2M1: `_round_to_e2m1` (False: the integer steps of `_round_to_grid`; A/B in bench)
-ROUND_STEPS, ROUND_CAST, ROUND_E2M1 = 0, 1, 2
 
 
-def rounding(fmt, device: torch.device) -> int:
-    """How the kernels round onto `fmt` (the same bytes every way). ROUND_CAST: a format its storage dtype holds
-    natively, on a GPU, rounds in the store's float8 cast (cvt.rn.satfinite; bit-exact against the reference there,
-    bench/quantize.py; Triton's interpreter casts differently, so on CPUs E4M3 / E5M2 take the integer steps).
-    ROUND_E2M1: E2M1 by float additions, on every device. ROUND_STEPS: lowbit.precision.formats' integer steps."""
-    if HARDWARE_CAST and fmt.name in ("e4m3", "e5m2") and device.type == "cuda":
-        return ROUND_CAST
-    if E2M1_BY_ADDITION and fmt.name == "e2m1":
-        return ROUND_E2M1
-    return ROUND_STEPS
+def hardware_cast(fmt, device: torch.device) -> bool:
+    """Whether the store's float8 cast rounds `fmt` itself: a format its storage dtype holds natively, on a GPU
+    (cvt.rn.satfinite; bit-exact against the reference there, bench/quantize.py). Triton's interpreter casts
+    differently (it failed the bitwise test on CPU), so the CPU tests run the integer rounding."""
+    return HARDWARE_CAST and fmt.name in ("e4m3", "e5m2") and device.type == "cuda"
 
 
 def _launch_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +176,7 @@ def _launch_pair(x, row_amax, col_amax, code: int, code_t: int, transpose: bool,
                                 BLOCK_R=block_r, BLOCK_C=block_c, TENSOR=tensor, TRANSPOSE=transpose,
                                 MAX=fmt.max, MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
                                 MAX_T=fmt_t.max, MIN_EXP_T=fmt_t.min_normal_exponent, MBITS_T=fmt_t.mantissa_bits,
-                                ROUND=rounding(fmt, x.device), ROUND_T=rounding(fmt_t, x.device),
+                                HW=hardware_cast(fmt, x.device), HW_T=hardware_cast(fmt_t, x.device),
                                 num_warps=PAIR_WARPS)
     return q, qt, scale, scale_t
 
