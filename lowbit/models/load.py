@@ -79,7 +79,7 @@ def load_tokenizer(cfg: ModelConfig):
                 tokenizer.save_pretrained(tmp)
                 os.replace(tmp, cached)
         return AutoTokenizer.from_pretrained(cached)
-    _check_local_or_hub(directory, "model.tokenizer")
+    _check_local_or_hub(directory, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     return AutoTokenizer.from_pretrained(directory)
 
 

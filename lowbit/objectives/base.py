@@ -58,6 +58,10 @@ class Objective:
         """Raise, naming the setting and the fix, for a parallel layout (ParallelConfig) this objective cannot
         run under; called before any process-group work on the model."""
 
+    def check_data(self, cfg) -> None:
+        """Raise, naming the setting and the fix, for data (DataConfig) this objective cannot train on; called
+        before the data loads."""
+
     def loss(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 

@@ -154,9 +154,11 @@ class BitDistill(Objective):
         losses = cfg.kd.losses if isinstance(cfg.kd.losses, dict) else OmegaConf.to_container(cfg.kd.losses)
         self.weights = {name: float(w) for name, w in losses.items() if float(w) != 0.0}
         unknown = sorted(set(self.weights) - set(KD_LOSSES))
-        if unknown or not self.weights:
-            raise ValueError(f"objective.kd.losses={losses} names unknown losses {unknown} or none with a non-zero "
-                             f"weight; give a weight to one of {list(KD_LOSSES)} (e.g. objective.kd.losses.ce=1)")
+        if unknown:
+            raise ValueError(f"objective.kd.losses names unknown losses {unknown}; the losses are {list(KD_LOSSES)}")
+        if not self.weights:
+            raise ValueError(f"objective.kd.losses={losses} gives no loss a non-zero weight; give one a weight "
+                             f"(e.g. objective.kd.losses.cakld=1, or objective.kd.losses.ce=1 for QAT without KD)")
         if cfg.kd.teacher_device not in ("auto", "cpu"):
             raise ValueError(f"objective.kd.teacher_device={cfg.kd.teacher_device!r} is not supported; use auto or cpu")
         self.teacher = None

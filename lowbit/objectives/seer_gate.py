@@ -51,6 +51,12 @@ class SeerGateObjective(Objective):
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for g in gates(model) for p in g.parameters()]
 
+    def check_data(self, cfg) -> None:
+        if cfg.seq_len < self.cfg.block_size:
+            raise ValueError(f"data.seq_len={cfg.seq_len} is shorter than one gate block "
+                             f"(objective.seer.block_size={self.cfg.block_size}); use longer sequences or a block "
+                             f"size of at most {cfg.seq_len}")
+
     def loss(self, model: nn.Module, input_ids: torch.Tensor):
         control = self.controller
         control.reset()

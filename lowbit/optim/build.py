@@ -16,12 +16,26 @@ def parameter_groups(params: list[nn.Parameter], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_numbers(cfg: OptimConfig) -> None:
+    """The optimizer's numbers are in range, each error naming the key (torch's own errors name neither)."""
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ValueError(f"optim.betas={list(cfg.betas)} must hold two values in [0, 1), e.g. [0.9, 0.95]")
+    for key, value, ok, fix in (
+            ("lr", cfg.lr, math.isfinite(cfg.lr) and cfg.lr >= 0, "a learning rate >= 0, e.g. 3e-4"),
+            ("min_lr_ratio", cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1, "a fraction of optim.lr in [0, 1]"),
+            ("warmup_steps", cfg.warmup_steps, cfg.warmup_steps >= 0, "a step count >= 0"),
+            ("weight_decay", cfg.weight_decay, cfg.weight_decay >= 0, "a decay >= 0 (0 turns it off)"),
+            ("eps", cfg.eps, cfg.eps > 0, "a small positive number, e.g. 1e-8"),
+            ("grad_clip", cfg.grad_clip, cfg.grad_clip >= 0, "a norm > 0, or 0 to turn clipping off")):
+        if not ok:
+            raise ValueError(f"optim.{key}={value!r} is out of range; use {fix}")
+
+
 def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the objective left no trainable parameters; check objective settings")
-    if len(cfg.betas) != 2:
-        raise ValueError(f"optim.betas={list(cfg.betas)} must hold two values, e.g. [0.9, 0.95]")
+    check_numbers(cfg)
     groups = parameter_groups(params, cfg.weight_decay)
     if cfg.name == "adamw":
         fused = cfg.fused and all(p.is_cuda for p in params)

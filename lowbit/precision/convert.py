@@ -6,19 +6,15 @@ embeddings (norms are not linears). recipe=bf16 leaves the model untouched.
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 
 from torch import nn
 
+from lowbit.models.select import selected_linears
 from lowbit.precision.linear import QuantLinear
 from lowbit.precision.recipes import build_recipe
 
 log = logging.getLogger("lowbit")
-
-
-def selected(name: str, include: list[str], exclude: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
 def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
@@ -30,12 +26,7 @@ def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
     if cfg.recipe == "bf16":
         return model
     recipe = build_recipe(cfg)
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and selected(name, list(cfg.include), list(cfg.exclude))]
-    if not targets:
-        raise ValueError(f"precision.recipe={cfg.recipe}: no nn.Linear matches precision.include={list(cfg.include)} "
-                         f"minus precision.exclude={list(cfg.exclude)}; fix the patterns (module names look like "
-                         f"'model.layers.0.mlp.up_proj')")
+    targets = selected_linears(model, list(cfg.include), list(cfg.exclude), "precision")
     for index, (name, linear) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -9,12 +9,11 @@ checkpoints and HF exports still name the weights as before; the module adds
 """
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.models.select import selected_linears
 from lowbit.quant.fake_quant import (QuantFormat, fake_quantize, from_groups, group_range, num_groups, quantize,
                                      scale_divisor, to_groups)
 
@@ -113,18 +112,10 @@ def compiled_fake_quant_weight():
     return _COMPILED
 
 
-def matches(name: str, include: list[str], exclude: list[str]) -> bool:
-    return any(fnmatch.fnmatch(name, p) for p in include) and not any(fnmatch.fnmatch(name, p) for p in exclude)
-
-
 def attach_fake_quant(model: nn.Module, fmt: QuantFormat, include: list[str], exclude: list[str],
                       learnable_clip: bool = False) -> list[str]:
     """Swap every nn.Linear whose name matches include and not exclude for a FakeQuantLinear; return the names."""
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and matches(name, include, exclude)]
-    if not targets:
-        raise ValueError(f"objective.qat.include={include} (exclude={exclude}) matches no nn.Linear of the model; "
-                         f"fix the patterns (module names look like 'model.layers.0.self_attn.q_proj')")
+    targets = selected_linears(model, include, exclude, "objective.qat")
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -149,6 +149,7 @@ def run(cfg: DictConfig) -> TrainState:
                          f"tokens (max_position_embeddings); lower data.seq_len")
     objective = objectives.build(cfg.objective, model)                             # 3
     objective.check_parallel(cfg.parallel)
+    objective.check_data(cfg.data)
     model = precision.apply(model, cfg.precision, compiled=cfg.model.compile)      # 4
     if cfg.precision.recipe != "bf16":      # compiled layers cannot log it: the tokens each linear sees per micro-batch
         precision.note_padding(cfg.trainer.micro_batch_size * cfg.data.seq_len // cfg.parallel.ulysses, cfg.precision)

@@ -35,6 +35,10 @@ def test_flops_per_token_counts_every_matmul():
 def test_missing_paths_and_bad_values_fail_with_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         model_load.load(ModelConfig(name="x", source="pretrained", name_or_path=str(tmp_path / "nope")))
+    with pytest.raises(FileNotFoundError, match="model.name_or_path=.* does not exist"):     # the tokenizer is the model's
+        model_load.load_tokenizer(ModelConfig(name="x", name_or_path=str(tmp_path / "nope"), tokenizer=""))
+    with pytest.raises(FileNotFoundError, match="model.tokenizer=.* does not exist"):
+        model_load.load_tokenizer(ModelConfig(name="x", tokenizer=str(tmp_path / "nope")))
     with pytest.raises(FileNotFoundError, match="gguf_file"):
         model_load.load(ModelConfig(name="x", source="gguf", name_or_path=str(tmp_path), gguf_file="m.gguf"))
     with pytest.raises(ValueError, match="model.source"):

@@ -156,7 +156,7 @@ def test_bad_models_and_short_sequences_give_clear_errors(tiny_overrides):
     with pytest.raises(ValueError, match="block_size=48 is not supported"):
         attach_gates(tiny_llama(), block_size=48)
     from lowbit.train.run import run
-    with pytest.raises(ValueError, match="shorter than one block"):
+    with pytest.raises(ValueError, match=r"data.seq_len=8 is shorter than one gate block \(objective.seer.block_size=16\)"):
         run(compose(tiny_overrides + ["objective=seer_gate", "data.seq_len=8", "objective.seer.block_size=16",
                                       "trainer.max_steps=1"]))
 

@@ -145,6 +145,16 @@ def test_second_moment_option_is_checked():
     assert isinstance(optimizer, AdamA) and optimizer.second_moment == "cross_corrected"
 
 
+@pytest.mark.parametrize("key,value", [("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.1), ("eps", 0.0),
+                                       ("min_lr_ratio", 1.5), ("warmup_steps", -1), ("grad_clip", -1.0),
+                                       ("betas", [0.9, 1.0]), ("betas", [0.9])])
+@pytest.mark.parametrize("name", ["adamw", "adama"])
+def test_out_of_range_numbers_name_their_key(name, key, value):
+    cfg = OptimConfig(name=name, grad_clip_mode="per_tensor" if name == "adama" else "global", **{key: value})
+    with pytest.raises(ValueError, match=rf"optim\.{key}="):
+        build(cfg, list(small_model().parameters()))
+
+
 def test_state_dict_resume_is_bit_exact_and_keeps_float32_moments():
     data = batches(6, 2)
     whole = small_model()

@@ -2,6 +2,7 @@
 the loss falls, the export is a plain HF model, and an fp8_rowwise run resumed from its checkpoint
 equals the uninterrupted run bit for bit."""
 import json
+import logging
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_every_recipe_trains_with_falling_loss(tiny_overrides, tmp_path, overrid
     assert torch.isfinite(exported(input_ids=torch.randint(0, 1000, (1, 8))).logits).all()
 
 
-def test_conversion_follows_include_exclude_patterns(tiny_overrides):
+def test_conversion_follows_include_exclude_patterns(tiny_overrides, caplog):
     from lowbit import precision
     from lowbit.models.load import load
     from lowbit.precision.linear import QuantLinear
@@ -48,9 +49,13 @@ def test_conversion_follows_include_exclude_patterns(tiny_overrides):
     assert "model.layers.0.self_attn.q_proj" in names and "model.layers.1.mlp.up_proj" in names
     assert not any("down_proj" in n or "lm_head" in n for n in names)
     assert len(names) == 2 * 6
-    with pytest.raises(ValueError, match="no nn.Linear matches"):
+    with pytest.raises(ValueError, match=r"precision.include=\['nothing'\] .* selects no nn.Linear"):
         precision.apply(load(cfg.model, seed=0)[0], compose(tiny_overrides + ["precision=fp8_rowwise",
                                                                             "precision.include=[nothing]"]).precision)
+    with caplog.at_level(logging.WARNING, logger="lowbit"):         # a typo in a pattern: named, the run goes on
+        precision.apply(load(cfg.model, seed=0)[0], compose(tiny_overrides + [
+            "precision=fp8_rowwise", "precision.exclude=[*lm_head*,*down_prj*]"]).precision)
+    assert "precision.exclude pattern '*down_prj*' matches no module" in caplog.text
 
 
 def test_quantize_kernels_setting_selects_the_path_and_refuses_unknown_names(tiny_overrides):

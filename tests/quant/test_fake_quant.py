@@ -111,11 +111,11 @@ def test_learnable_clip_gets_the_clamp_plus_lsq_gradient_int():
 
 
 def test_bad_formats_and_group_sizes_fail_with_the_fix():
-    with pytest.raises(ValueError, match="use 2, 3 or 4 bits"):
+    with pytest.raises(ValueError, match=r"objective.qat.format='int5' is not supported.*use 2, 3 or 4 bits"):
         make_format("int5", 128)
     with pytest.raises(ValueError, match="not supported"):
         make_format("fp3", 128)
-    with pytest.raises(ValueError, match=r"group size 48 is not supported.*\[32, 64, 128, 256\]"):
+    with pytest.raises(ValueError, match=r"objective.qat.group_size=48 is not supported.*\[32, 64, 128, 256\]"):
         make_format("int3", 48)
     with pytest.raises(ValueError, match="does not divide the layer's input dimension 576.*partial_groups=true"):
         num_groups(576, make_format("int3", 128))
