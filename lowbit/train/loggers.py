@@ -60,6 +60,9 @@ class JsonlLogger:
         self.handle.close()
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
 class WandbLogger:
     """W&B run named after the run directory; the id is kept there so a resumed run continues it."""
 
@@ -93,6 +96,9 @@ class Loggers:
         unknown = set(cfg.backends) - {"console", "jsonl", "wandb"}
         if unknown:
             raise ValueError(f"logger.backends has unknown entries {sorted(unknown)}; use console, jsonl, wandb")
+        if "wandb" in cfg.backends and cfg.wandb.mode not in WANDB_MODES:
+            raise ValueError(f"logger.wandb.mode={cfg.wandb.mode!r} is not known; use one of {list(WANDB_MODES)} "
+                             f"(offline: write locally, `wandb sync` later)")
         if not enabled:
             return
         if "console" in cfg.backends:

@@ -21,3 +21,19 @@ def test_wandb_offline_run_records_config_and_metrics(tiny_overrides, tmp_path):
     for value in losses + [rows[0]["val/loss"]]:
         assert json.dumps(value).encode() in blob, value
     assert b"llama_tiny" in blob and b"test" in blob          # the resolved config and the tags
+
+
+def test_unknown_backends_and_wandb_modes_name_the_fix(tmp_path):
+    import pytest
+    from omegaconf import OmegaConf
+
+    from lowbit.config import LoggerConfig
+    from lowbit.train.loggers import Loggers
+
+    cfg = OmegaConf.structured(LoggerConfig(backends=["jsonl", "wandb"]))
+    cfg.wandb.mode = "bogus"
+    with pytest.raises(ValueError, match=r"logger.wandb.mode='bogus' is not known; use one of \['offline'"):
+        Loggers(cfg, enabled=True, run_dir=tmp_path, run_name="x", config={}, max_steps=1, start_step=0)
+    cfg.backends = ["tensorboard"]
+    with pytest.raises(ValueError, match=r"logger.backends has unknown entries \['tensorboard'\]"):
+        Loggers(cfg, enabled=True, run_dir=tmp_path, run_name="x", config={}, max_steps=1, start_step=0)
