@@ -171,10 +171,12 @@ class Checkpointer:
         missing = sorted(set(expected) - set(stored) - aliased)
         wrong = sorted(n for n in stored if n in expected and stored[n] != expected[n])
         if unknown or missing or wrong:
-            detail = [f"{n}: checkpoint {stored[n]} vs model {expected[n]}" for n in wrong[:5]]
-            raise CheckpointError(f"checkpoint {file.parent} belongs to another model: unknown tensors "
-                                  f"{unknown[:5]}, missing tensors {missing[:5]}, shape mismatches {detail}; resume with the model config "
-                                  f"it was trained with, or start a new run_name")
+            shapes = [f"{n}: checkpoint {stored[n]} vs model {expected[n]}" for n in wrong[:5]]
+            found = [f"{what} ({len(names)}): {listed[:5]}" for what, names, listed in (
+                ("tensors the model lacks", unknown, unknown), ("tensors the checkpoint lacks", missing, missing),
+                ("shape mismatches", wrong, shapes)) if names]
+            raise CheckpointError(f"checkpoint {file.parent} belongs to another model: {'; '.join(found)}; resume "
+                                  f"with the model config it was trained with, or start a new run_name")
 
     @staticmethod
     def _check_optimizer(path: Path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
