@@ -205,6 +205,28 @@ def load_model(args):
     return model.eval(), tokenizer
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad arguments before the model loads (parser.error: the usage, the flag and the fix; exit 2)."""
+    from lowbit.kernels.attention_target import SUPPORTED_BLOCK_SIZES
+
+    if not (args.text or args.tokens):
+        parser.error("pass --text FILE or --tokens FILE.npy for the evaluation")
+    for flag, files in (("--text", [args.text]), ("--tokens", [args.tokens]), ("--gguf", [args.gguf]),
+                        ("--train-tokens", args.train_tokens)):
+        for file in files:
+            if file and not Path(file).exists():
+                parser.error(f"{flag} {file!r} does not exist; pass an existing file")
+    for flag, values in (("--sparsities", args.sparsities), ("--thresholds", args.thresholds)):
+        bad = [v for v in values if not 0 < v < 1]
+        if bad:
+            parser.error(f"{flag} {bad} must lie strictly between 0 and 1")
+    if args.block_size not in SUPPORTED_BLOCK_SIZES:
+        parser.error(f"--block-size {args.block_size} is not supported; use one of {list(SUPPORTED_BLOCK_SIZES)}")
+    if args.seq_len < args.block_size or args.num_seqs < 1 or args.micro_batch < 1:
+        parser.error(f"--seq-len {args.seq_len} must hold one block (--block-size {args.block_size}) and "
+                     f"--num-seqs {args.num_seqs}, --micro-batch {args.micro_batch} must be at least 1")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2_135m", help="a conf/model preset name")
@@ -232,6 +254,7 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", default="")
     parser.add_argument("--use-triton", default="auto")
     args = parser.parse_args(argv)
+    check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="[lowbit %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args)
@@ -258,8 +281,6 @@ def main(argv=None) -> None:
     elif not args.gates:
         log.warning("no --gates and no --train-tokens: the 'trained gate' rows use untrained gates")
     source = args.tokens or args.text
-    if not source:
-        raise ValueError("pass --text FILE or --tokens FILE.npy for the evaluation")
     tokens = read_tokens(source, tokenizer, max_tokens=args.seq_len * args.num_seqs + 1)
     seqs = sequences(tokens, args.seq_len, args.num_seqs)
     rows = sparsity_curve(model, controller, seqs, args.sparsities, args.thresholds, micro_batch=args.micro_batch,

@@ -2,6 +2,7 @@
 import gzip
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -44,3 +45,21 @@ def test_sparsity_curve_rows_have_equal_sparsity_per_budget_and_plot(tmp_path):
     assert all(math.isfinite(r["ppl"]) for r in rows)
     plot(rows, str(tmp_path / "curve.png"), "test")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "pass --text FILE or --tokens FILE.npy"),
+    (["--text", "/nonexistent.txt"], "--text '/nonexistent.txt' does not exist"),
+    (["--tokens", "TEXT", "--sparsities", "0.5", "1.5"], r"--sparsities \[1.5\] must lie strictly between 0 and 1"),
+    (["--tokens", "TEXT", "--block-size", "48"], r"--block-size 48 is not supported; use one of \[16, 32, 64, 128\]"),
+    (["--tokens", "TEXT", "--seq-len", "32"], "--seq-len 32 must hold one block"),
+])
+def test_bad_arguments_stop_before_the_model_loads(argv, message, tmp_path, capsys):
+    from lowbit.eval.sparsity import main
+
+    text = tmp_path / "tokens.npy"
+    text.write_bytes(b"")
+    with pytest.raises(SystemExit) as stop:
+        main([str(text) if a == "TEXT" else a for a in argv] + ["--model", "no_such_preset"])
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
