@@ -30,11 +30,16 @@ from lowbit.quant.pack import load_packed
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+
+
 def read_documents(path: str, text_field: str = "text"):
     """Documents of a .txt (the whole file), .jsonl or .jsonl.gz (one JSON object per line) file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a .txt, .jsonl or .jsonl.gz file")
+    if not path.name.endswith(TEXT_SUFFIXES):
+        raise ValueError(f"{path} has an unsupported type; pass a .txt, .jsonl or .jsonl.gz file")
     if path.suffix == ".txt":
         yield path.read_text()
         return
@@ -111,6 +116,25 @@ def table(rows: list[tuple[str, float]], teacher_ppl: float, rtn_ppl: float, tit
     return "\n".join(lines) + "\n"
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Refuse bad arguments before any model loads (parser.error: the usage, the flag and the fix; exit 2);
+    returns the quantization format."""
+    for flag, file in (("--heldout", args.heldout), ("--calib", args.calib)):
+        if file and not (Path(file).is_file() and file.endswith(TEXT_SUFFIXES)):
+            parser.error(f"{flag} {file!r} is not an existing .txt, .jsonl or .jsonl.gz file")
+    for spec in args.run:
+        name, _, path = spec.partition("=")
+        if not (name and path):
+            parser.error(f"--run {spec!r}: use NAME=RUN_DIR/quantized/model.safetensors")
+        if not Path(path).is_file():
+            parser.error(f"--run {spec!r}: {path} does not exist; pass a run's quantized/model.safetensors")
+    try:
+        return make_format(args.format, args.group_size, partial_groups=not args.no_partial_groups,
+                           keys=("--format", "--group-size"))
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2_135m", help="a conf/model/ preset (the teacher)")
@@ -129,9 +153,9 @@ def main(argv=None) -> str:
     parser.add_argument("--out", default="", help="append the markdown table to this file")
     parser.add_argument("--wandb", action="store_true", help="log the table as a W&B run summary (offline)")
     args = parser.parse_args(argv)
+    fmt = check_args(parser, args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fmt = make_format(args.format, args.group_size, partial_groups=not args.no_partial_groups)
     base, tokenizer = load_model(args.model, args.model_path, args.tokenizer)
     windows = token_windows(args.heldout, tokenizer, args.seq_len, args.max_tokens)
     teacher_ppl = perplexity(copy.deepcopy(base).to(torch.bfloat16), windows, args.batch_size, device)
@@ -147,8 +171,6 @@ def main(argv=None) -> str:
         rows.append((f"clipped RTN {fmt.name} g{fmt.group_size}", perplexity(rtn, windows, args.batch_size, device)))
     for spec in args.run:
         name, _, path = spec.partition("=")
-        if not path:
-            raise ValueError(f"--run {spec!r}: use NAME=PATH/quantized/model.safetensors")
         rows.append((name, perplexity(load_packed(path), windows, args.batch_size, device)))
     title = (f"{args.model} {fmt.name} g{fmt.group_size}: perplexity on {Path(args.heldout).name} "
              f"({windows.numel()} tokens, seq {args.seq_len}, {device.type})")

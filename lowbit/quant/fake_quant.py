@@ -53,14 +53,15 @@ class QuantFormat:
         return 2 ** self.bits - 1
 
 
-def make_format(name: str, group_size: int, partial_groups: bool = False, key: str = "objective.qat") -> QuantFormat:
-    """`key`: where the caller's config holds format and group_size, named in the errors."""
+def make_format(name: str, group_size: int, partial_groups: bool = False,
+                keys: tuple[str, str] = ("objective.qat.format", "objective.qat.group_size")) -> QuantFormat:
+    """`keys`: the caller's names for the format and the group size (a config key, a command-line flag), which the
+    errors name."""
     if name not in FORMATS:
         hint = f" (int{name[3:]} is not supported: use 2, 3 or 4 bits)" if name.startswith("int") else ""
-        raise ValueError(f"{key}.format={name!r} is not supported{hint}; choose one of {list(FORMATS)}")
+        raise ValueError(f"{keys[0]}={name!r} is not supported{hint}; choose one of {list(FORMATS)}")
     if group_size not in GROUP_SIZES:
-        raise ValueError(f"{key}.group_size={group_size} is not supported by {name}; choose one of "
-                         f"{list(GROUP_SIZES)}")
+        raise ValueError(f"{keys[1]}={group_size} is not supported by {name}; choose one of {list(GROUP_SIZES)}")
     return QuantFormat(name, group_size, partial_groups)
 
 

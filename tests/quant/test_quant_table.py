@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -36,3 +37,19 @@ def test_quant_table_rows_and_packed_rtn_matches_rtn(tmp_path):
         logits = base.to(torch.bfloat16)(input_ids=windows).logits[:, :-1].double()
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
     assert rows["teacher (bf16)"] == pytest.approx(math.exp(nll.item()), rel=1e-3)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--heldout", "README.md"], "--heldout 'README.md' is not an existing .txt, .jsonl or .jsonl.gz file"),
+    (["--format", "int5"], r"--format='int5' is not supported \(int5 is not supported: use 2, 3 or 4 bits\)"),
+    (["--group-size", "48"], r"--group-size=48 is not supported by int3; choose one of \[32, 64, 128, 256\]"),
+    (["--run", "foo"], "--run 'foo': use NAME=RUN_DIR/quantized/model.safetensors"),
+    (["--run", "x=/nonexistent/model.safetensors"], "/nonexistent/model.safetensors does not exist"),
+])
+def test_bad_arguments_stop_before_any_model_loads(argv, message, tmp_path, capsys):
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("some text")
+    with pytest.raises(SystemExit) as stop:
+        quant_table.main(["--heldout", str(heldout), "--model", "no_such_preset"] + argv)
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
