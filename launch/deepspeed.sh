@@ -9,6 +9,9 @@
 # instead of passing --local_rank, which Hydra would reject.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# lowbit's environment: the active one, else the repository's .venv (make install)
+[ -x .venv/bin/python ] && ! command -v deepspeed >/dev/null && export PATH="$PWD/.venv/bin:$PATH"
+command -v deepspeed >/dev/null || { echo "deepspeed not found: run make install, or activate the environment that has lowbit" >&2; exit 1; }
 if [ -n "${HOSTFILE:-}" ] && [ -n "${NODE_RANK:-}" ]; then
   : "${MASTER_ADDR:?set MASTER_ADDR, the address of the first node in the hostfile, reachable from every node}"
   exec deepspeed --hostfile="$HOSTFILE" --no_ssh --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
