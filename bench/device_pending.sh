@@ -32,6 +32,8 @@
 #                                     kernel (was 0.72-0.77x bf16 eager against 1.35-1.44x compiled), GPU tests first
 #   bench/device_pending.sh e2e_profile  llama_1b, bf16 / nvfp4 / mxfp4 / fp8 tensorwise, step 3 profiled by the trainer
 #                                     (trainer.profile_step): wall time against the GPU's kernel time, top kernels
+#   bench/device_pending.sh nvfp4_global  NVFP4's tensor scale inside the block kernel: GPU tests, the quantize table
+#                                     (and each pair against its x side), bf16 / nvfp4 / mxfp4 profiled
 #   bench/device_pending.sh e2e_autotune  fp8 tensorwise end to end with and without Inductor's autotuning
 #                                     (model.compile_mode=max-autotune-no-cudagraphs); call it twice in a row: the
 #                                     first call only compiles
@@ -157,6 +159,17 @@ case "${1:-}" in
       python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 250 --variant "fp8=+exp=fp8_llama $data" \
         --variant "$autotune" 2>&1 | tee "$OUT/e2e_autotune.log"
     fi ;;
+  nvfp4_global)
+    # NVFP4's tensor scale computed inside the block kernel (was ~10 one-element PyTorch launches per operand, eager
+    # inside the custom ops; the nvfp4 step was 73% busy, 2,178 ms wall against 1,599 ms of kernels, 2026-12-02).
+    # GPU tests first (gain and scales bit for bit), then the quantize table and llama_1b profiled
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/precision/test_linear.py 2>&1 \
+      | tail -8 | tee "$OUT/nvfp4_global_gpu_tests.log"
+    python3 bench/quantize.py --skip kernels,sweep,block_sweep,linear,llama,timing --out "$OUT" 2>&1 \
+      | grep -v Warning | tee "$OUT/nvfp4_global_quantize.log"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --profile 3 --profile-dir "$OUT" \
+      --variant "bf16=+exp=bf16_llama $data" --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
+      --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/nvfp4_global_e2e.log" ;;
   e2e_profile)
     # step 3 of each run under torch.profiler (trainer.profile_step): is the trainer's step host-bound? nvfp4 and
     # mxfp4 both ran at ~33k tokens/s end to end although one compiled layer of mxfp4 is 15% faster (2026-12-02).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels.quantize_triton import AVAILABLE, FORMAT_CODES, FORMAT_OF_CODE, hardware_cast
-from lowbit.precision.scaling import QTensor, Quantizer, check_finite, nvfp4_global_inverse, reduce_amax
+from lowbit.precision.scaling import QTensor, Quantizer, check_finite, reduce_amax
 
 RULES = {"absmax": 0, "nvfp4": 1, "pow2": 2}
 
@@ -25,13 +25,31 @@ if AVAILABLE:
                                                 _to_grid)
 
     @triton.jit
-    def _block_scales(amax, global_inv, global_recip, RULE: tl.constexpr, MAX: tl.constexpr):
-        """(scale, inv) of each block from its amax (fp32), as scaling.scales_from_amax."""
+    def _nvfp4_global(amax, tensor_amax, MAX: tl.constexpr):
+        """(G, 1 / G), NVFP4's FP32 tensor scale 448 * MAX / tensor amax (1 for an all-zero tensor, NaN for a
+        non-finite one), at every block of `amax`'s shape: scaling.nvfp4_global_inverse's fp32 operations (IEEE
+        division), computed per block in the kernel instead of by ~10 one-element PyTorch launches per operand."""
+        t_amax = tl.zeros_like(amax) + tensor_amax
+        global_inv = tl.where(t_amax > 0, tl.math.div_rn(tl.zeros_like(amax) + 448.0 * MAX, tl.maximum(t_amax, FLOOR)),
+                              1.0)
+        global_inv = tl.where(t_amax < float("inf"), global_inv, float("nan"))
+        return global_inv, tl.math.div_rn(tl.zeros_like(amax) + 1.0, global_inv)
+
+    @triton.jit
+    def _block_scales(amax, tensor_amax, gain_ptr, STORE_GAIN: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr):
+        """(scale, inv) of each block from its amax (fp32), as scaling.scales_from_amax. NVFP4 (RULE 1) takes the
+        tensor amax; with STORE_GAIN the first program writes its tensor scale G to gain_ptr (one element)."""
         finite = amax < float("inf")
         if RULE == 0:
             inv = tl.where(amax > 0, tl.math.div_rn(tl.zeros_like(amax) + MAX, tl.maximum(amax, FLOOR)), 1.0)
             scale = tl.math.div_rn(tl.zeros_like(amax) + 1.0, inv)
         elif RULE == 1:
+            global_inv, global_recip = _nvfp4_global(amax, tensor_amax, MAX)
+            if STORE_GAIN:
+                first = (tl.arange(0, amax.shape[0])[:, None] == 0) & (tl.arange(0, amax.shape[1])[None, :] == 0)
+                offsets = tl.zeros_like(amax).to(tl.int32)
+                first = first & (offsets + tl.program_id(0) + tl.program_id(1) == 0)
+                tl.store(gain_ptr + offsets, global_inv, mask=first)
             block_scale = _round_to_grid(tl.math.div_rn(amax, tl.zeros_like(amax) + MAX) * global_inv, 448.0, -6, 3)
             scale = block_scale * global_recip
             inv = tl.where(scale > 0, tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale), 0.0)
@@ -82,7 +100,8 @@ if AVAILABLE:
         return full
 
     @triton.jit
-    def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, global_ptr, noise_ptr, R, C, stride_r,
+    def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr, noise_ptr,
+                                R, C, stride_r,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                                 BR: tl.constexpr, BC: tl.constexpr, BR_T: tl.constexpr, BC_T: tl.constexpr,
                                 TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
@@ -96,12 +115,13 @@ if AVAILABLE:
         x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         magnitude = tl.abs(x)
         magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))
-        global_inv = tl.load(global_ptr)
-        global_recip = tl.load(global_ptr + 1)
+        tensor_amax = 0.0
+        if RULE == 1:
+            tensor_amax = tl.load(tensor_amax_ptr)                          # NVFP4: max |x| (NaN as Inf)
 
         if X_SIDE:      # off when a second launch does only x^T (split 1 x b pairs)
             amax = _block_amax(magnitude, BLOCK_R, BLOCK_C, BR, BC)             # [BLOCK_R/BR, BLOCK_C/BC]
-            scale, inv = _block_scales(amax, global_inv, global_recip, RULE, MAX)
+            scale, inv = _block_scales(amax, tensor_amax, gain_ptr, True, RULE, MAX)
             s_rows = pid_r * (BLOCK_R // BR) + tl.arange(0, BLOCK_R // BR)
             s_cols = pid_c * (BLOCK_C // BC) + tl.arange(0, BLOCK_C // BC)
             s_mask = (s_rows[:, None] < tl.cdiv(R, BR)) & (s_cols[None, :] < C // BC)
@@ -118,7 +138,7 @@ if AVAILABLE:
             tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         if TRANSPOSE:
             amax_t = _block_amax(magnitude, BLOCK_R, BLOCK_C, BC_T, BR_T)    # [BLOCK_R/BC_T, BLOCK_C/BR_T] (x coords)
-            scale_t, inv_t = _block_scales(amax_t, global_inv, global_recip, RULE, MAX)
+            scale_t, inv_t = _block_scales(amax_t, tensor_amax, gain_ptr, not X_SIDE, RULE, MAX)
             t_cols = pid_r * (BLOCK_R // BC_T) + tl.arange(0, BLOCK_R // BC_T)     # block index along R
             t_rows = pid_c * (BLOCK_C // BR_T) + tl.arange(0, BLOCK_C // BR_T)     # block index along C
             t_mask = (t_rows[None, :] < tl.cdiv(C, BR_T)) & (t_cols[:, None] < R // BC_T)
@@ -206,7 +226,6 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
     block_r = max(64 if bc <= 32 else 16, br, bc_t)
     block_c = max(64 if bc <= 32 else 128, bc, br_t)
     fmt = quantizer.fmt
-    global_scale = torch.ones(2, device=x.device, dtype=torch.float32)
     gain = None                                         # NVFP4's tensor scale G, kept with the operand
     if quantizer.scale_rule == "nvfp4":                 # the FP32 tensor scale needs the tensor amax first
         if tensor_amax is None:
@@ -216,11 +235,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
                                ROWS=False, COLS=False, TENSOR=True)
         tensor_amax = reduce_amax(tensor_amax, quantizer)       # tensor parallelism: over the whole weight/activation
         check_finite(tensor_amax, "operand")
-        finite = tensor_amax < float("inf")
-        global_inv = nvfp4_global_inverse(tensor_amax, fmt)
-        global_inv = torch.where(finite, global_inv, torch.full_like(global_inv, float("nan")))
-        global_scale = torch.cat([global_inv, global_inv.reciprocal()])
-        gain = global_inv.reshape(1)
+        gain = torch.empty(1, device=x.device, dtype=torch.float32)     # written by the kernel
     q = torch.empty((R, C), device=x.device, dtype=fmt.storage)
     scale = torch.empty((-(-R // br), C // bc), device=x.device, dtype=torch.float32)
     qt = torch.empty((C, R) if transpose else (0, 0), device=x.device, dtype=fmt.storage)
@@ -243,7 +258,8 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
                 raise ValueError(f"quantize_blocks_triton.TILE={TILE} does not hold whole blocks ({br} x {bc}, "
                                  f"x^T {br_t} x {bc_t}); pick multiples of the block sides")
         _quantize_blocks_kernel[(triton.cdiv(R, tile_r), triton.cdiv(C, tile_c))](
-            x, q, qt, scale, scale_t, global_scale, noise if noise is not None else seed if seed is not None else x,
+            x, q, qt, scale, scale_t, tensor_amax if gain is not None else x, gain if gain is not None else scale,
+            noise if noise is not None else seed if seed is not None else x,
             R, C, x.stride(0),
             BLOCK_R=tile_r, BLOCK_C=tile_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
             TRANSPOSE=t_side, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
