@@ -205,7 +205,7 @@ class TrainerConfig:
     eval_batches: int = 8           # micro-batches per rank per evaluation; 0 = the whole validation split
     eval_at_start: bool = True
     save_every: int = 50            # steps; 0 = only at the end; -1 = never
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2       # the newest N checkpoints stay; 0 = keep all
     resume: str = "none"            # none | auto (latest checkpoint in the run directory) | a checkpoint path
     export: bool = True             # write an HF save_pretrained export at the end
     stop_after_steps: int = 0       # end this process after N steps (checkpoint saved; resume=auto continues); 0 = run to max_steps

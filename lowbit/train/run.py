@@ -49,6 +49,23 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def check_trainer(t) -> None:
+    """trainer.* values in range, each error naming the key and what it takes (checked before the model loads)."""
+    if t.on_nan not in ("stop", "skip"):
+        raise ValueError(f"trainer.on_nan={t.on_nan!r} is not known; use stop or skip")
+    for key, value, least, meaning in (
+            ("max_steps", t.max_steps, 0, "0 evaluates and exports only"),
+            ("eval_every", t.eval_every, -1, "0 = only at the end, -1 = never"),
+            ("save_every", t.save_every, -1, "0 = only at the end, -1 = never"),
+            ("eval_batches", t.eval_batches, 0, "0 = the whole validation split"),
+            ("keep_checkpoints", t.keep_checkpoints, 0, "0 keeps every checkpoint"),
+            ("stop_after_steps", t.stop_after_steps, 0, "0 runs to trainer.max_steps"),
+            ("max_nan_skips", t.max_nan_skips, 0, "the steps trainer.on_nan=skip may skip"),
+            ("profile_steps", t.profile_steps, 1, "the steps profiled from trainer.profile_step")):
+        if value < least:
+            raise ValueError(f"trainer.{key}={value} is out of range; use a value >= {least} ({meaning})")
+
+
 def check_batch_sizes(cfg: LowbitConfig, world_size: int) -> int:
     """Gradient-accumulation steps per optimizer step; errors name the sizes and the fix."""
     t = cfg.trainer
@@ -131,6 +148,7 @@ def run(cfg: DictConfig) -> TrainState:
     setup_logging(world.is_main)
     if cfg.note:
         log.info("%s", cfg.note)
+    check_trainer(cfg.trainer)
     grad_accum = check_batch_sizes(cfg, world.dp_size)       # TP and Ulysses ranks share their batches
     run_dir = Path(cfg.run_dir)
     checkpointer = Checkpointer(run_dir, world, keep=cfg.trainer.keep_checkpoints)

@@ -61,6 +61,12 @@ def test_refuses_to_overwrite_a_run_and_bad_sizes_before_training(tiny_overrides
         run(compose(other + ["data.seq_len=4096"]))
     with pytest.raises(FileNotFoundError, match="trainer.resume"):
         run(compose(other + [f"trainer.resume={tmp_path / 'missing'}"]))
+    for override, message in (("trainer.max_steps=-5", r"trainer.max_steps=-5 is out of range; use a value >= 0"),
+                              ("trainer.eval_batches=-1", r"trainer.eval_batches=-1 .* >= 0 \(0 = the whole"),
+                              ("trainer.on_nan=ignore", r"trainer.on_nan='ignore' is not known; use stop or skip"),
+                              ("trainer.max_nan_skips=-1", r"trainer.max_nan_skips=-1 is out of range")):
+        with pytest.raises(ValueError, match=message):
+            run(compose(other + [override]))
     assert not (tmp_path / "other" / "checkpoints").exists()
 
 
