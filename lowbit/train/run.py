@@ -60,8 +60,7 @@ def check_trainer(t) -> None:
             ("eval_batches", t.eval_batches, 0, "0 = the whole validation split"),
             ("keep_checkpoints", t.keep_checkpoints, 0, "0 keeps every checkpoint"),
             ("stop_after_steps", t.stop_after_steps, 0, "0 runs to trainer.max_steps"),
-            ("max_nan_skips", t.max_nan_skips, 0, "the steps trainer.on_nan=skip may skip"),
-            ("profile_steps", t.profile_steps, 1, "the steps profiled from trainer.profile_step")):
+            ("max_nan_skips", t.max_nan_skips, 0, "the steps trainer.on_nan=skip may skip")):
         if value < least:
             raise ValueError(f"trainer.{key}={value} is out of range; use a value >= {least} ({meaning})")
 
