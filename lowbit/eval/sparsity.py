@@ -220,11 +220,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         bad = [v for v in values if not 0 < v < 1]
         if bad:
             parser.error(f"{flag} {bad} must lie strictly between 0 and 1")
+    if args.num_seqs < 1 or args.micro_batch < 1:
+        parser.error(f"--num-seqs {args.num_seqs} and --micro-batch {args.micro_batch} must be at least 1")
+    if args.gates:      # the checkpoint's block size applies: load_gates checks it against the model, the kernels against --seq-len
+        return
     if args.block_size not in SUPPORTED_BLOCK_SIZES:
         parser.error(f"--block-size {args.block_size} is not supported; use one of {list(SUPPORTED_BLOCK_SIZES)}")
-    if args.seq_len < args.block_size or args.num_seqs < 1 or args.micro_batch < 1:
-        parser.error(f"--seq-len {args.seq_len} must hold one block (--block-size {args.block_size}) and "
-                     f"--num-seqs {args.num_seqs}, --micro-batch {args.micro_batch} must be at least 1")
+    if args.seq_len < args.block_size:
+        parser.error(f"--seq-len {args.seq_len} must hold one block of fresh gates (--block-size {args.block_size})")
 
 
 def main(argv=None) -> None:

@@ -52,7 +52,8 @@ def test_sparsity_curve_rows_have_equal_sparsity_per_budget_and_plot(tmp_path):
     (["--text", "/nonexistent.txt"], "--text '/nonexistent.txt' does not exist"),
     (["--tokens", "TEXT", "--sparsities", "0.5", "1.5"], r"--sparsities \[1.5\] must lie strictly between 0 and 1"),
     (["--tokens", "TEXT", "--block-size", "48"], r"--block-size 48 is not supported; use one of \[16, 32, 64, 128\]"),
-    (["--tokens", "TEXT", "--seq-len", "32"], "--seq-len 32 must hold one block"),
+    (["--tokens", "TEXT", "--seq-len", "32"], r"--seq-len 32 must hold one block of fresh gates \(--block-size 64\)"),
+    (["--tokens", "TEXT", "--num-seqs", "0"], "--num-seqs 0 and --micro-batch 1 must be at least 1"),
 ])
 def test_bad_arguments_stop_before_the_model_loads(argv, message, tmp_path, capsys):
     from lowbit.eval.sparsity import main
