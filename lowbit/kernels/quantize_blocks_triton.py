@@ -66,23 +66,30 @@ if AVAILABLE:
         return scale, inv
 
     @triton.jit
+    def _max_keep_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
     def _block_amax(magnitude, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-        """amax of each BR x BC block of a [BLOCK_R, BLOCK_C] tile -> [BLOCK_R // BR, BLOCK_C // BC].
-        The common shapes reduce without 4-D reshapes (fewer layout conversions on the GPU)."""
+        """amax of each BR x BC block of a [BLOCK_R, BLOCK_C] tile -> [BLOCK_R // BR, BLOCK_C // BC]; a NaN makes
+        its block's amax NaN, which gives the block NaN scales as an Inf would (one NaN-propagating max per element:
+        turning NaN into Inf first cost two more integer-pipe operations per element). The common shapes reduce
+        without 4-D reshapes (fewer layout conversions on the GPU)."""
         if (BR == BLOCK_R) and (BC == BLOCK_C):
-            amax = tl.max(tl.max(magnitude, axis=1, keep_dims=True), axis=0, keep_dims=True)
+            amax = tl.reduce(tl.reduce(magnitude, 1, _max_keep_nan, keep_dims=True), 0, _max_keep_nan, keep_dims=True)
         elif BR == 1:
             if BC == BLOCK_C:
-                amax = tl.max(magnitude, axis=1, keep_dims=True)
+                amax = tl.reduce(magnitude, 1, _max_keep_nan, keep_dims=True)
             else:
-                amax = tl.max(tl.reshape(magnitude, (BLOCK_R, BLOCK_C // BC, BC)), axis=2)
+                amax = tl.reduce(tl.reshape(magnitude, (BLOCK_R, BLOCK_C // BC, BC)), 2, _max_keep_nan)
         elif BC == 1:
             if BR == BLOCK_R:
-                amax = tl.max(magnitude, axis=0, keep_dims=True)
+                amax = tl.reduce(magnitude, 0, _max_keep_nan, keep_dims=True)
             else:
-                amax = tl.max(tl.reshape(magnitude, (BLOCK_R // BR, BR, BLOCK_C)), axis=1)
+                amax = tl.reduce(tl.reshape(magnitude, (BLOCK_R // BR, BR, BLOCK_C)), 1, _max_keep_nan)
         else:
-            amax = tl.max(tl.max(tl.reshape(magnitude, (BLOCK_R // BR, BR, BLOCK_C // BC, BC)), axis=3), axis=1)
+            amax = tl.reduce(tl.reduce(tl.reshape(magnitude, (BLOCK_R // BR, BR, BLOCK_C // BC, BC)), 3, _max_keep_nan),
+                             1, _max_keep_nan)
         return amax
 
     @triton.jit
@@ -100,6 +107,16 @@ if AVAILABLE:
         return full
 
     @triton.jit
+    def _uniform_tile(seed, rows, pid_c, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Uniform [0, 1) float32 noise for a [BLOCK_R, BLOCK_C] tile of x (C % 4 == 0), four values per Philox call:
+        elements (r, 4j) .. (r, 4j + 3) take the four outputs of Philox(seed, r * C / 4 + j). tl.rand draws one
+        call per element and keeps one output of four: that cost NVFP4's stochastic gradient kernel 3x the
+        nearest-rounding one (H200, 2026-12-02)."""
+        quads = pid_c * (BLOCK_C // 4) + tl.arange(0, BLOCK_C // 4)
+        a, b, c, d = tl.rand4x(seed, rows[:, None] * (C // 4) + quads[None, :])
+        return tl.reshape(tl.join(tl.join(a, b), tl.join(c, d)), (BLOCK_R, BLOCK_C))
+
+    @triton.jit
     def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr, noise_ptr,
                                 R, C, stride_r,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -113,8 +130,7 @@ if AVAILABLE:
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows[:, None] < R) & (cols[None, :] < C)
         x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        magnitude = tl.abs(x)
-        magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))
+        magnitude = tl.abs(x)                   # NaN stays NaN: _block_amax propagates it to its block's scale
         tensor_amax = 0.0
         if RULE == 1:
             tensor_amax = tl.load(tensor_amax_ptr)                          # NVFP4: max |x| (NaN as Inf)
@@ -131,7 +147,7 @@ if AVAILABLE:
                 noise = tl.load(noise_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
                 q = _round_to_grid_stochastic(x * inv_full, noise, MAX, MIN_EXP, MBITS)
             elif NOISE == 2:    # the same with Philox noise from the seed at noise_ptr, keyed by element index
-                noise = tl.rand(tl.load(noise_ptr), rows[:, None] * C + cols[None, :])
+                noise = _uniform_tile(tl.load(noise_ptr), rows, pid_c, C, BLOCK_R, BLOCK_C)
                 q = _round_to_grid_stochastic(x * inv_full, noise, MAX, MIN_EXP, MBITS)
             else:
                 q = _to_grid(x * inv_full, MAX, MIN_EXP, MBITS, HW)
@@ -204,8 +220,8 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
                            tensor_amax: torch.Tensor | None = None) -> tuple[QTensor, QTensor | None]:
     """Triton version of scaling.quantize_reference for block quantizers, x and (optionally) x^T. Stochastic
     rounding of x alone: by noise (uniform [0, 1) float32 of x's shape), as the reference rounds with it, or by
-    Philox noise drawn in the kernel from seed (an int64 [1] tensor on x's device; element (r, c) gets tl.rand(seed,
-    r * C + c): offsets repeat beyond 2^31 elements). tensor_amax: max |x| (float32 [1], NaN as Inf), if known,
+    Philox noise drawn in the kernel from seed (an int64 [1] tensor on x's device; elements (r, 4j .. 4j + 3) get
+    the four outputs of Philox(seed, r * C / 4 + j): offsets repeat beyond 2^33 elements). tensor_amax: max |x| (float32 [1], NaN as Inf), if known,
     for NVFP4's tensor scale in place of the kernel's own amax pass over x (ignored by other rules)."""
     x = x.contiguous()
     R, C = x.shape

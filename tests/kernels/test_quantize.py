@@ -182,6 +182,9 @@ def check_block_kernel_equals_reference(device: str = "cpu") -> None:
     bad = torch.ones(32, 32, device=device)
     bad[1, 1] = float("inf")
     expect_non_finite(lambda: quantize_blocks_triton(bad, Quantizer(E2M1, 1, 16, "nvfp4"), None), device, "Inf amax")
+    bad[1, 1] = float("nan")        # block amaxes propagate a NaN (not turned into Inf first): still reported
+    for q in (Quantizer(E2M1, 1, 32, "pow2"), Quantizer(E4M3, 1, 32)):
+        expect_non_finite(lambda: quantize_blocks_triton(bad, q, q), device, f"NaN amax {q}")
     print(f"OK blocks {checked}")
 
 
