@@ -40,7 +40,7 @@ def _kernel():
         t = tl.load(t_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :], mask=mask, other=0.0)
         blocks = tl.reshape(tl.trans(t.to(tl.float32)), (BLOCK_C * BLOCK_R // SIZE, SIZE))   # [C-tile, R-tile]
         k = tl.arange(0, SIZE)
-        h = tl.load(h_ptr + k[:, None] * SIZE + k[None, :])
+        h = tl.where(tl.load(h_ptr + k[:, None] * SIZE + k[None, :]) >= 0, 1.0, -1.0)    # D H exactly: its signs
         out = tl.reshape(tl.dot(blocks, h, input_precision=PRECISION), (BLOCK_C, BLOCK_R)) * inv_sqrt
         stored = out.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], stored,
@@ -72,11 +72,11 @@ def hadamard_transpose_triton(t: torch.Tensor, transform: torch.Tensor) -> tuple
                          f"use hadamard_last_axis for others")
     t = t if t.stride(1) == 1 else t.contiguous()
     R, C = t.shape
-    signs = torch.sign(transform).float().contiguous()          # D H exactly (+-1); the 1/sqrt(size) comes after
+    transform = transform.contiguous()          # the kernel reads its signs, D H exactly; 1/sqrt(size) comes after
     out = torch.empty((C, R), device=t.device, dtype=t.dtype)
     amax = torch.zeros(1, device=t.device, dtype=torch.float32)
     precision = "ieee" if t.dtype == torch.float32 else "tf32"
     _kernel()[(triton.cdiv(R, TILE_R), triton.cdiv(C, TILE_C))](
-        t, signs, out, amax, R, C, t.stride(0), 1.0 / math.sqrt(size), SIZE=size, BLOCK_R=TILE_R, BLOCK_C=TILE_C,
+        t, transform, out, amax, R, C, t.stride(0), 1.0 / math.sqrt(size), SIZE=size, BLOCK_R=TILE_R, BLOCK_C=TILE_C,
         PRECISION=precision, num_warps=WARPS)
     return out, amax
