@@ -62,8 +62,9 @@ def apply(model: nn.Module, cfg: MemoryConfig) -> nn.Module:
                              "do not call; set model.compile=false")
         device = next(plain.parameters()).device
         if device.type != "cuda":
-            log.warning("memory.offload=true without CUDA: activations are copied to other CPU tensors and back "
-                        "(same hooks, no memory saved) -- a test path, not a saving")
+            log.warning("memory.offload=true on a model on the CPU: CPU activations are copied to other CPU "
+                        "tensors and back (same hooks, no memory saved; a test path); once the model runs on a "
+                        "CUDA device, its activations go to pinned host memory")
         offloader = ActivationOffloader(device, min_bytes=cfg.offload_min_bytes)
         for _, layer in chosen:
             offload_layer(layer, offloader)

@@ -60,19 +60,26 @@ class ActivationOffloader:
         self.inflight: collections.deque[tuple[torch.cuda.Event, int]] = collections.deque()
         self.inflight_bytes = 0
         self.min_bytes = min_bytes
-        self.use_cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.use_cuda else None
+        self.use_cuda, self.stream = False, None
+        if device.type == "cuda":
+            self._use_cuda(device)
         self.calls = itertools.count()
         self.current_call: int | None = None
         self.backward_call: int | None = None                  # the layer call backward is unpacking now
         self.waiting: dict[int, list[OffloadedTensor]] = {}    # layer call -> its tensors still on the host
         self.bytes_offloaded = 0
 
+    def _use_cuda(self, device: torch.device) -> None:
+        """Offload to pinned host memory from `device` on a side stream."""
+        self.device, self.use_cuda, self.stream = device, True, torch.cuda.Stream(device)
+
     # ---- forward ------------------------------------------------------------------------------------
     def begin_layer(self) -> None:
         self.current_call = next(self.calls)
 
     def pack(self, tensor: torch.Tensor):
+        if tensor.is_cuda and not self.use_cuda and self.current_call is not None:
+            self._use_cuda(tensor.device)        # memory.apply ran before the model moved to the GPU
         if (self.current_call is None or isinstance(tensor, nn.Parameter)
                 or tensor.numel() * tensor.element_size() < self.min_bytes
                 or tensor.device.type != self.device.type or not is_dense(tensor)):
