@@ -75,6 +75,9 @@ class StepProfiler:
             kernels_ms = device_kernel_ms(prof.events()) / steps
             summary += (f", GPU kernels {kernels_ms:.1f} ms per step (busy {kernels_ms / (wall_s * 1e3 / steps):.0%} "
                         f"of the wall time)")
+        if cuda:        # a host-bound step: which operators spend the CPU time (Python, launches, allocations)
+            table += "\n\nBy CPU time (with what they launch):\n" + averages.table(sort_by="cpu_time_total",
+                                                                                  row_limit=self.top)
         top = self.out_dir / f"top_rank{self.rank}.txt"
         top.write_text(summary + "\n\n" + table + "\n")
         log.info("profile: %s; trace %s, top operators %s", summary, trace, top)
