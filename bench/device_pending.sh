@@ -34,6 +34,10 @@
 #                                     (trainer.profile_step): wall time against the GPU's kernel time, top kernels
 #   bench/device_pending.sh nvfp4_global  NVFP4's tensor scale inside the block kernel: GPU tests, the quantize table
 #                                     (and each pair against its x side), bf16 / nvfp4 / mxfp4 profiled
+#   bench/device_pending.sh offload_gpu   the GPU tests of activation offload (model moved to CUDA after apply)
+#   bench/device_pending.sh alu           FP4 block kernels with fewer integer-pipe operations: tests, bandwidth, ncu, e2e
+#   bench/device_pending.sh ncu_blocks    Nsight Compute on each FP4 block quantize launch (x side, pair)
+#   bench/device_pending.sh sass_blocks   the FP4 block quantize kernels' IR, SASS and instruction mix
 #   bench/device_pending.sh e2e_autotune  fp8 tensorwise end to end with and without Inductor's autotuning
 #                                     (model.compile_mode=max-autotune-no-cudagraphs); call it twice in a row: the
 #                                     first call only compiles
@@ -159,6 +163,59 @@ case "${1:-}" in
       python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 250 --variant "fp8=+exp=fp8_llama $data" \
         --variant "$autotune" 2>&1 | tee "$OUT/e2e_autotune.log"
     fi ;;
+  offload_gpu)
+    # the offloader follows a model moved to the GPU after memory.apply (it stayed a CPU no-op: the peak memory
+    # check of test_cuda_offload_is_bit_exact_and_lowers_peak_memory failed on an H200, 2026-12-02)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/memory 2>&1 | tail -5 | tee "$OUT/offload_gpu_tests.log" ;;
+  alu)
+    # the FP4 block kernels with fewer integer-pipe operations (E2M1 rounding by a multiply-add, NaN-propagating
+    # block amax, four noise values per Philox call): GPU tests (bit for bit), the quantize table and each pair
+    # against its x side, Nsight Compute instruction counts, bf16 / nvfp4 / mxfp4 end to end (12-02: 0.60x / 0.66x)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/precision/test_linear.py 2>&1 \
+      | tail -8 | tee "$OUT/alu_gpu_tests.log"
+    python3 bench/quantize.py --skip kernels,sweep,block_sweep,linear,llama,timing --out "$OUT" 2>&1 \
+      | grep -v Warning | tee "$OUT/alu_quantize.log"
+    NCU=$(which ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+    for v in mxfp4_x mxfp4_pair nvfp4_x nvfp4_pair nvfp4_sr; do
+      echo "=== $v" >> "$OUT/alu_ncu.log"
+      "$NCU" --clock-control none --kernel-name regex:_quantize_blocks_kernel --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --metrics smsp__sass_inst_executed.sum,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
+        python3 bench/ncu_blocks.py $v 2>&1 | grep -E "Duration|DRAM Throughput|inst_executed|pipe_|bank_conflicts|Registers Per|Achieved Occ" >> "$OUT/alu_ncu.log"
+    done
+    cat "$OUT/alu_ncu.log"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --profile 3 --profile-dir "$OUT" \
+      --variant "bf16=+exp=bf16_llama $data" --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
+      --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/alu_e2e.log" ;;
+  ncu_blocks)
+    # Nsight Compute on one launch of each FP4 block quantize kernel (x side alone and the pair, 8192 x 4096):
+    # DRAM throughput, occupancy, registers, warp stall reasons -- why NVFP4's x side costs 1.8 copies, not 0.75
+    which ncu || ls /opt/nvidia/nsight-compute/*/ncu
+    NCU=$(which ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+    for v in mxfp4_x mxfp4_pair nvfp4_x nvfp4_pair; do
+      echo "=== $v"
+      "$NCU" --clock-control none --kernel-name regex:_quantize_blocks_kernel --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+        python3 bench/ncu_blocks.py $v 2>&1 | grep -v "^==PROF==" | tee "$OUT/ncu_$v.txt" | grep -E \
+        "Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Stall|Block Limit|Issued Ipc|Warp Cycles Per Issued" 
+    done ;;
+  sass_blocks)
+    # the compiled FP4 block quantize kernels (x side, pair) as Triton IR, PTX and SASS, and Nsight Compute's
+    # instruction mix of each launch: what the integer pipe (77% busy, 2026-12-02) spends its issue slots on
+    export TRITON_CACHE_DIR=/tmp/tcache_blocks; rm -rf $TRITON_CACHE_DIR
+    NCU=$(which ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+    for v in mxfp4_x mxfp4_pair nvfp4_x nvfp4_pair; do
+      "$NCU" --clock-control none --kernel-name regex:_quantize_blocks_kernel --launch-skip 2 --launch-count 1 \
+        --section InstructionStats --section SpeedOfLight --metrics smsp__sass_inst_executed_op_global_st.sum,smsp__sass_inst_executed_op_global_ld.sum,smsp__sass_inst_executed_op_shared_st.sum,smsp__sass_inst_executed_op_shared_ld.sum,smsp__sass_inst_executed.sum,sm__sass_data_bytes_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
+        python3 bench/ncu_blocks.py $v > "$OUT/ncu_inst_$v.txt" 2>&1
+      grep -E "Duration|inst_executed|bank_conflicts|bytes_mem_shared|Executed Instructions " "$OUT/ncu_inst_$v.txt"
+    done
+    for d in $TRITON_CACHE_DIR/*/; do
+      f=$(ls $d | grep -E "_quantize_blocks_kernel.cubin$" | head -1); [ -n "$f" ] || continue
+      n=$(basename $d | cut -c1-8)
+      cp $d/_quantize_blocks_kernel.ttgir "$OUT/blocks_$n.ttgir"; cp $d/_quantize_blocks_kernel.json "$OUT/blocks_$n.json"
+      cuobjdump -sass $d/$f > "$OUT/blocks_$n.sass"; echo "$n $(grep -c '^ */\*[0-9a-f]*\*/' "$OUT/blocks_$n.sass") sass lines"
+    done ;;
   nvfp4_global)
     # NVFP4's tensor scale computed inside the block kernel (was ~10 one-element PyTorch launches per operand, eager
     # inside the custom ops; the nvfp4 step was 73% busy, 2,178 ms wall against 1,599 ms of kernels, 2026-12-02).
