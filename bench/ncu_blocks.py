@@ -4,7 +4,8 @@
         --section SpeedOfLight --section Occupancy ... python3 bench/ncu_blocks.py mxfp4_x
 
 Variants: {mxfp4,nvfp4}_{x,pair,sr} at 8192 x 4096 bf16 (NVFP4 with its tensor amax given, so that the block kernel
-alone is launched; sr: x side with stochastic rounding by the kernel's Philox noise). Each runs three times: two warm-ups (compile, cache) and the measured launch.
+alone is launched; sr: x side with stochastic rounding by the kernel's Philox noise). Each runs three times: two
+warm-ups (compile, cache) and the measured launch.
 """
 import sys
 from pathlib import Path
