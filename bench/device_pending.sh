@@ -34,6 +34,7 @@
 #                                     (trainer.profile_step): wall time against the GPU's kernel time, top kernels
 #   bench/device_pending.sh nvfp4_global  NVFP4's tensor scale inside the block kernel: GPU tests, the quantize table
 #                                     (and each pair against its x side), bf16 / nvfp4 / mxfp4 profiled
+#   bench/device_pending.sh tma_t         x^T_q stored by TMA vs pointers: GPU tests, pairs, ncu, e2e both ways
 #   bench/device_pending.sh offload_gpu   the GPU tests of activation offload (model moved to CUDA after apply)
 #   bench/device_pending.sh alu           FP4 block kernels with fewer integer-pipe operations: tests, bandwidth, ncu, e2e
 #   bench/device_pending.sh ncu_blocks    Nsight Compute on each FP4 block quantize launch (x side, pair)
@@ -163,6 +164,28 @@ case "${1:-}" in
       python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 250 --variant "fp8=+exp=fp8_llama $data" \
         --variant "$autotune" 2>&1 | tee "$OUT/e2e_autotune.log"
     fi ;;
+  tma_t)
+    # x^T_q of the block quantize kernels stored by TMA (LOWBIT_TMA_TRANSPOSED=1) against the pointer store: GPU tests
+    # (bit for bit, both ways), each pair side by side (bench/quantize.py sides), bank conflicts, and nvfp4 / mxfp4
+    # end to end both ways (12-02: 0.64x / 0.73x unprofiled with the pointer store)
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/memory 2>&1 | tail -5 \
+      | tee "$OUT/tma_gpu_tests.log"
+    python3 bench/quantize.py --skip kernels,sweep,block_sweep,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
+      | grep -v Warning | tee "$OUT/tma_quantize.log"
+    NCU=$(which ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+    for v in mxfp4_pair nvfp4_pair; do
+      echo "=== $v TMA" >> "$OUT/tma_ncu.log"
+      LOWBIT_TMA_TRANSPOSED=1 "$NCU" --clock-control none --kernel-name regex:_quantize_blocks_kernel --launch-skip 2 \
+        --launch-count 1 --section SpeedOfLight --metrics smsp__sass_inst_executed.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
+        python3 bench/ncu_blocks.py $v 2>&1 | grep -E "Duration|DRAM Throughput|inst_executed|bank_conflicts" >> "$OUT/tma_ncu.log"
+    done
+    cat "$OUT/tma_ncu.log"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 150 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" \
+      2>&1 | grep -v Warning | tee "$OUT/tma_e2e_pointer.log"
+    LOWBIT_TMA_TRANSPOSED=1 python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 150 \
+      --variant "bf16=+exp=bf16_llama $data" --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
+      --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/tma_e2e_tma.log" ;;
   offload_gpu)
     # the offloader follows a model moved to the GPU after memory.apply (it stayed a CPU no-op: the peak memory
     # check of test_cuda_offload_is_bit_exact_and_lowers_peak_memory failed on an H200, 2026-12-02)

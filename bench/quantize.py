@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.kernels.quantize import set_kernels  # noqa: E402
+from lowbit.kernels import quantize_blocks_triton as blocks  # noqa: E402
 from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton  # noqa: E402
 from lowbit.kernels import quantize_triton  # noqa: E402
 from lowbit.kernels.quantize_triton import quantize_pair_triton  # noqa: E402
@@ -114,7 +115,6 @@ def describe_mismatch(x, got, want, what):
 
 
 def bandwidth(results):
-    from lowbit.kernels import quantize_blocks_triton as blocks
     rows = []
     for shape in [(8192, 4096), (8192, 14336)]:
         xs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -179,8 +179,21 @@ def sides(results):
                                  ("rowwise e2m1", Quantizer(E2M1, 1, 0), quantize_pair_triton),
                                  ("rowwise e4m3", Quantizer(E4M3, 1, 0), quantize_pair_triton)]:
             pair, single = graph_ms(lambda: kernel(x, q, q)), graph_ms(lambda: kernel(x, q, None))
-            rows.append(dict(shape=shape, kernel=label, pair_ms=pair, x_side_ms=single, copy_ms=copy_ms))
-            print(f"{str(shape):>14} {label}: pair {pair:.4f} ms ({pair / copy_ms:.2f} copies), x side only "
+            row = dict(shape=shape, kernel=label, pair_ms=pair, x_side_ms=single, copy_ms=copy_ms)
+            tma = ""
+            if kernel is quantize_blocks_triton:     # x^T_q stored by TMA (blocks.TMA_TRANSPOSED), checked first
+                switched = blocks.TMA_TRANSPOSED
+                blocks.TMA_TRANSPOSED = not switched
+                try:
+                    other = kernel(x, q, q)[1]
+                    row["pair_tma_ms" if not switched else "pair_pointer_ms"] = graph_ms(lambda: kernel(x, q, q))
+                finally:
+                    blocks.TMA_TRANSPOSED = switched
+                same = torch.equal(other.data.view(torch.uint8), kernel(x, q, q)[1].data.view(torch.uint8))
+                tma = (f" ({'pointer' if switched else 'TMA'} store of x^T: "
+                       f"{row.get('pair_tma_ms', row.get('pair_pointer_ms')):.4f} ms, bit-exact {same})")
+            rows.append(row)
+            print(f"{str(shape):>14} {label}: pair {pair:.4f} ms ({pair / copy_ms:.2f} copies){tma}, x side only "
                   f"{single:.4f} ms ({single / copy_ms:.2f} copies)", flush=True)
     results["sides"] = rows
 
@@ -220,7 +233,6 @@ def block_sweep(results, shapes=((8192, 4096), (8192, 14336)), device="cuda", ti
     """Tiles and warps of the FP4 block pair kernel (NVFP4 1 x 16 with its tensor amax pass, MXFP4 1 x 32), one
     launch for both sides and one per side, each checked bit for bit against the PyTorch path first. Ratio: bytes of
     x read once and x_q, x^T_q written once (4 per element) per second, over the device copy's."""
-    from lowbit.kernels import quantize_blocks_triton as blocks
     rows = []
     for shape in shapes:
         x = torch.randn(shape, device=device, dtype=torch.bfloat16)

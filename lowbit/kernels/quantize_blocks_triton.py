@@ -10,6 +10,8 @@ only: 1.3x faster for 1 x 128 on an H200 than one 128 x 128 tile holding both (0
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lowbit.kernels.quantize_triton import AVAILABLE, FORMAT_CODES, FORMAT_OF_CODE, hardware_cast
@@ -20,6 +22,7 @@ RULES = {"absmax": 0, "nvfp4": 1, "pow2": 2}
 if AVAILABLE:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from lowbit.kernels.quantize_triton import (FLOOR, _amax_kernel, _round_to_grid, _round_to_grid_stochastic,
                                                 _to_grid)
@@ -117,13 +120,14 @@ if AVAILABLE:
         return tl.reshape(tl.join(tl.join(a, b), tl.join(c, d)), (BLOCK_R, BLOCK_C))
 
     @triton.jit
-    def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr, noise_ptr,
-                                R, C, stride_r,
+    def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, qt_desc, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr,
+                                noise_ptr, R, C, stride_r,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                                 BR: tl.constexpr, BC: tl.constexpr, BR_T: tl.constexpr, BC_T: tl.constexpr,
                                 TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
                                 MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr,
-                                SAME_T: tl.constexpr, X_SIDE: tl.constexpr, NOISE: tl.constexpr):
+                                SAME_T: tl.constexpr, X_SIDE: tl.constexpr, NOISE: tl.constexpr,
+                                TMA_T: tl.constexpr):
         # q blocks: BR rows x BC cols of x; q^T blocks (BR_T x BC_T in x^T) cover BC_T rows x BR_T cols of x
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -169,8 +173,11 @@ if AVAILABLE:
                 tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt, mask=mask)
             else:
                 inv_t_full = _block_expand(inv_t, BLOCK_R, BLOCK_C, BC_T, BR_T)
-                qt = _to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS, HW)
-                tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
+                qt = _to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS, HW).to(qt_ptr.dtype.element_ty)
+                if TMA_T:   # the transposed tile through a swizzled shared-memory tile and a TMA store (clipped)
+                    qt_desc.store([pid_c * BLOCK_C, pid_r * BLOCK_R], tl.trans(qt))
+                else:
+                    tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt, mask=mask)
 
 
 SPLIT_PAIRS = True      # 1 x b pairs, b >= 32, in two launches, one per side. H200 2026-12-01 (bench/quantize.py,
@@ -182,6 +189,20 @@ FP4_PAIR_TILES = {16: (32, 64, 4), 32: (32, 128, 4)}   # (rows, columns, warps) 
                         # 1 x b pair (NVFP4 b = 16, MXFP4 b = 32). H200 2026-12-02 (bench/quantize.py block sweep, every
                         # tile bit-exact): NVFP4 0.163 / 0.506 ms at 8192 x 4096 / 14336 against 0.186 / 0.587 by the
                         # general default, MXFP4 0.076 / 0.253 against 0.093 / 0.313 split and 0.103 / 0.350 one launch
+
+
+# x^T_q stored by the tensor-memory accelerator (Hopper+, R % 16 == 0) instead of a layout conversion of one-byte
+# values through shared memory (7.5M bank conflicts per MXFP4 pair launch, Nsight Compute, H200 2026-12-02).
+# Bit-exact under the interpreter; not yet run on a GPU: `bash bench/device_pending.sh tma_t` tests and times it
+# (LOWBIT_TMA_TRANSPOSED=1 switches it on for a whole run) before it becomes the default.
+TMA_TRANSPOSED = os.environ.get("LOWBIT_TMA_TRANSPOSED") == "1"
+
+
+def use_tma_store(x: torch.Tensor, tile_r: int) -> bool:
+    """TMA for x^T_q: switched on (TMA_TRANSPOSED), Hopper or newer (or the interpreter), 16-byte rows of x^T_q."""
+    if not TMA_TRANSPOSED or x.shape[0] % 16 or tile_r < 16:
+        return False
+    return not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every launch in place of the defaults below;
@@ -274,15 +295,18 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
             if not tile_fits(tile_r, tile_c, x_side, t_side, br, bc, br_t, bc_t):
                 raise ValueError(f"quantize_blocks_triton.TILE={TILE} does not hold whole blocks ({br} x {bc}, "
                                  f"x^T {br_t} x {bc_t}); pick multiples of the block sides")
+        tma_t = t_side and not (br == bc == br_t == bc_t) and use_tma_store(x, tile_r)
+        qt_desc = TensorDescriptor.from_tensor(qt, [tile_c, tile_r]) if tma_t else qt
         _quantize_blocks_kernel[(triton.cdiv(R, tile_r), triton.cdiv(C, tile_c))](
-            x, q, qt, scale, scale_t, tensor_amax if gain is not None else x, gain if gain is not None else scale,
+            x, q, qt, qt_desc, scale, scale_t, tensor_amax if gain is not None else x,
+            gain if gain is not None else scale,
             noise if noise is not None else seed if seed is not None else x,
             R, C, x.stride(0),
             BLOCK_R=tile_r, BLOCK_C=tile_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
             TRANSPOSE=t_side, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
             MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
             HW=hardware_cast(fmt, x.device), SAME_T=t_side and br == bc == br_t == bc_t, X_SIDE=x_side,
-            NOISE=1 if noise is not None else 2 if seed is not None else 0, num_warps=warps)
+            NOISE=1 if noise is not None else 2 if seed is not None else 0, TMA_T=tma_t, num_warps=warps)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer, gain)
     return first, (QTensor(qt, scale_t, quantizer_t, gain) if transpose else None)

@@ -188,6 +188,45 @@ def check_block_kernel_equals_reference(device: str = "cpu") -> None:
     print(f"OK blocks {checked}")
 
 
+def check_block_kernel_tma_store(device: str = "cpu") -> None:
+    """x^T_q stored by TMA (quantize_blocks_triton.TMA_TRANSPOSED, a transposed tile through a tensor descriptor)
+    equals the reference bit for bit, as the pointer store does: FP4 pairs (one launch), 1 x b fp8 pairs (split
+    launches, x^T's side alone), tiles past the tensor's edge (clipped)."""
+    from lowbit.kernels import quantize_blocks_triton as blocks
+    from lowbit.precision.formats import E2M1, E4M3, E5M2
+    from lowbit.precision.scaling import Quantizer, quantize_reference
+
+    generator = torch.Generator().manual_seed(2)
+    cases = [(48, 80, Quantizer(E2M1, 1, 16, "nvfp4")), (32, 96, Quantizer(E2M1, 1, 32, "pow2")),
+             (96, 160, Quantizer(E2M1, 1, 32, "pow2")), (32, 64, Quantizer(E4M3, 1, 32)),
+             (128, 384, Quantizer(E4M3, 1, 128)), (256, 128, Quantizer(E5M2, 1, 64))]
+    blocks.TMA_TRANSPOSED = True
+    try:
+        for rows, cols, q in cases:
+            assert blocks.use_tma_store(torch.empty(rows, cols, device=device), 16), (rows, cols)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (torch.randn(rows, cols, generator=generator) * 4).to(device, dtype)
+                got_t = blocks.quantize_blocks_triton(x, q, q)[1]
+                want = quantize_reference(x.t(), q)
+                assert torch.equal(got_t.data.view(torch.uint8), want.data.view(torch.uint8)), (rows, cols, q)
+                assert torch.equal(got_t.scale, want.scale), (rows, cols, q)
+    finally:
+        blocks.TMA_TRANSPOSED = False
+    print(f"OK tma {len(cases)}")
+
+
+@pytest.mark.slow
+def test_block_kernel_tma_store_equals_reference_under_interpreter():
+    run_under_interpreter("check_block_kernel_tma_store", "OK tma 6")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a Hopper or newer GPU (TMA)")
+def test_block_kernel_tma_store_on_gpu():
+    check_block_kernel_tma_store("cuda")
+
+
 @pytest.mark.slow
 def test_triton_block_quantize_equals_reference_bitwise_under_interpreter():
     run_under_interpreter("check_block_kernel_equals_reference", "OK blocks 22")
