@@ -34,6 +34,7 @@
 #                                     (trainer.profile_step): wall time against the GPU's kernel time, top kernels
 #   bench/device_pending.sh nvfp4_global  NVFP4's tensor scale inside the block kernel: GPU tests, the quantize table
 #                                     (and each pair against its x side), bf16 / nvfp4 / mxfp4 profiled
+#   bench/device_pending.sh cache_weights fp8_llama with weights quantized once per step vs per micro-batch
 #   bench/device_pending.sh tma_t         x^T_q stored by TMA vs pointers: GPU tests, pairs, ncu, e2e both ways
 #   bench/device_pending.sh offload_gpu   the GPU tests of activation offload (model moved to CUDA after apply)
 #   bench/device_pending.sh alu           FP4 block kernels with fewer integer-pipe operations: tests, bandwidth, ncu, e2e
@@ -164,6 +165,13 @@ case "${1:-}" in
       python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 250 --variant "fp8=+exp=fp8_llama $data" \
         --variant "$autotune" 2>&1 | tee "$OUT/e2e_autotune.log"
     fi ;;
+  cache_weights)
+    # fp8_llama with its weights quantized once per optimizer step (precision.cache_weights=true: 8 micro-batches
+    # share W_q, W^T_q) against every micro-batch, profiled (12-02: 1.17x, host-bound, 909 ms CPU per step)
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --profile 3 --profile-dir "$OUT" \
+      --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
+      --variant "fp8_cached=+exp=fp8_llama precision.cache_weights=true $data" 2>&1 | grep -v Warning \
+      | tee "$OUT/cache_weights_e2e.log" ;;
   tma_t)
     # x^T_q of the block quantize kernels stored by TMA (LOWBIT_TMA_TRANSPOSED=1) against the pointer store: GPU tests
     # (bit for bit, both ways), each pair side by side (bench/quantize.py sides), bank conflicts, and nvfp4 / mxfp4

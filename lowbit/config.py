@@ -73,6 +73,8 @@ class PrecisionConfig:
     high_precision: list[str] = field(default_factory=list)   # GEMMs left in the compute dtype, as nn.Linear runs
                                     # them: any of forward | dgrad | wgrad (e.g. [wgrad]: torchao's rowwise_with_gw_hp)
     stats_every: int = 0            # log per-layer quantization statistics every N steps (0 = off)
+    cache_weights: bool = False     # quantize each weight once per optimizer step, not once per micro-batch (keeps
+                                    # W_q and W^T_q: 2 bytes per parameter for fp8; lowbit/precision/weight_cache.py)
     quantize_kernels: str = "auto"  # on CUDA: triton (lowbit's fused kernels) | torch (the PyTorch reference, which
                                     # torch.compile fuses with neighbouring ops) | auto (torch when model.compile,
                                     # except for nvfp4 / mxfp4, else triton); CPU always uses torch

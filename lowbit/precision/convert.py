@@ -33,4 +33,7 @@ def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
         setattr(parent, child, QuantLinear.from_linear(linear, recipe, name=name, seed=index))
     log.info("precision %s: %d linear layers quantized, kept in high precision: %s", cfg.recipe, len(targets),
              sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m) is nn.Linear}) or "none")
+    if cfg.cache_weights:
+        from lowbit.precision.weight_cache import install
+        install(model)
     return model

@@ -86,14 +86,21 @@ def _quantize_operand(t: torch.Tensor, quantizer, quantizer_t, what: str, direct
     return tq, quantize(tt, quantizer_t, what=what + "^T", tensor_amax=tt_amax)
 
 
+def quantize_weight(weight: torch.Tensor, recipe: Recipe, quantized: dict[str, bool]) -> list[tuple]:
+    """[(W_q along K, W^T_q along N)] per weight part (two under AFPQ), each None where its GEMM is unquantized."""
+    return [_quantize_operand(part, recipe.w, recipe.w_t, "weight", quantized["forward"], quantized["dgrad"])
+            for part in weight_parts(weight, recipe.asymmetric)]
+
+
 class QuantLinearFunction(torch.autograd.Function):
     """y = x W^T + b with the three GEMMs quantized per `recipe` (those in recipe.high_precision run unquantized in
     the compute dtype, as nn.Linear runs them). x [..., K], W [N, K], b [N] -> y [..., N]."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe: Recipe, hadamard_signs, clamped=None, *outliers):
-        """clamped, outliers: OCC's clamp(x) [tokens, K] and residual (Outliers.tensors() or
-        DenseResidual.tensors()), computed by quant_linear outside this function."""
+    def forward(ctx, x, weight, bias, recipe: Recipe, hadamard_signs, weight_cache=None, clamped=None, *outliers):
+        """weight_cache: a refreshed WeightCache of `weight` (precision.cache_weights) or None (quantize W here).
+        clamped, outliers: OCC's clamp(x) [tokens, K] and residual (Outliers.tensors() or DenseResidual.tensors()),
+        computed by quant_linear outside this function."""
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         quantized = {gemm: gemm not in recipe.high_precision for gemm in GEMMS}
@@ -105,8 +112,7 @@ class QuantLinearFunction(torch.autograd.Function):
             transform = hadamard_matrix(recipe.hadamard, hadamard_signs) if recipe.hadamard else None
             xq, xtq = _quantize_operand(x2, recipe.x, recipe.x_t, "activation", quantized["forward"],
                                         quantized["wgrad"], transform)
-            pairs = [_quantize_operand(part, recipe.w, recipe.w_t, "weight", quantized["forward"], quantized["dgrad"])
-                     for part in weight_parts(weight, recipe.asymmetric)]
+            pairs = weight_cache.pairs if weight_cache is not None else quantize_weight(weight, recipe, quantized)
             # x in the compute dtype, for an unquantized forward or wgrad GEMM (cast once for both)
             x_plain = None if quantized["forward"] and quantized["wgrad"] else x2.to(out_dtype)
             if quantized["forward"]:
@@ -199,10 +205,11 @@ class QuantLinearFunction(torch.autograd.Function):
             if NAN_PROBE:
                 probe("backward", tuple(weight.shape), dy=dy2, dy_scale=None if dyq is None else dyq.scale,
                       dyt_scale=None if dytq is None else dytq.scale, dx=dx, dw=dw)
-        return (dx, dw, db, None, None) + (None,) * ctx.occ_inputs
+        return (dx, dw, db, None, None, None) + (None,) * ctx.occ_inputs
 
 
-def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, hadamard_signs) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, hadamard_signs,
+                 weight_cache=None) -> torch.Tensor:
     """QuantLinearFunction; with OCC, its clamp and residual are computed first (lowbit.precision.methods).
     recipe.occ_product="dense" (the default): the residual is a full matrix and its products GEMMs, static shapes,
     so torch.compile keeps the layer in one graph; "fp8": the same, its products in FP8 (the residual rounded to E4M3
@@ -212,17 +219,18 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, ha
     scheduler on the H200 end to end (torch 2.11, 2026-12-01, docs/bench_h200_2026-12-01/e2e_call3_traced_failed.log)."""
     note_padding(x.shape[:-1].numel(), recipe.token_multiple)
     if not recipe.occ:
-        return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs)
+        return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, weight_cache)
     if recipe.occ_product in ("dense", "fp8"):
-        return occ_linear(x, weight, bias, recipe, hadamard_signs)
-    return _occ_linear_eager(x, weight, bias, recipe, hadamard_signs)
+        return occ_linear(x, weight, bias, recipe, hadamard_signs, weight_cache)
+    return _occ_linear_eager(x, weight, bias, recipe, hadamard_signs, weight_cache)
 
 
-def occ_linear(x, weight, bias, recipe: Recipe, hadamard_signs) -> torch.Tensor:
+def occ_linear(x, weight, bias, recipe: Recipe, hadamard_signs, weight_cache=None) -> torch.Tensor:
     product = "dense" if recipe.occ_product == "fp8" else recipe.occ_product      # fp8: a full residual matrix too
     clamped, residual = clamp_outliers(x.detach().reshape(-1, x.shape[-1]), recipe.occ_quantile, recipe.outlier_group,
                                        product=product, scope=recipe.occ_scope)
-    return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, clamped, *residual.tensors())
+    return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, weight_cache, clamped,
+                                     *residual.tensors())
 
 
 _occ_linear_eager = torch.compiler.disable(occ_linear)
@@ -262,6 +270,7 @@ class QuantLinear(nn.Linear):
         self.last_stats: dict[str, float] = {}
         self.shard_recipe: Recipe | None = None      # set under tensor parallelism (prepare_tensor_parallel),
         self.shard_layout = ""                       # with its layout: colwise | rowwise
+        self.weight_cache = None                     # a WeightCache under precision.cache_weights (weight_cache.py)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe, name: str = "", seed: int = 0) -> "QuantLinear":
@@ -280,7 +289,8 @@ class QuantLinear(nn.Linear):
         if self.stats_armed and self.training:
             from lowbit.precision.stats import record
             record(self, x, self.weight, self.recipe)
-        return quant_linear(x, self.weight, self.bias, self.recipe, self.hadamard_signs)
+        cache = self.weight_cache if self.weight_cache is not None and self.weight_cache.pairs is not None else None
+        return quant_linear(x, self.weight, self.bias, self.recipe, self.hadamard_signs, cache)
 
     # ---- tensor parallelism (DTensor weights from parallelize_module) -----------------------------------
     def prepare_tensor_parallel(self) -> None:

@@ -18,6 +18,7 @@ from lowbit import memory, objectives, optim, parallel, precision
 from lowbit.config import LowbitConfig
 from lowbit.models.flops import flops_per_token, peak_flops
 from lowbit.models.load import load as load_model
+from lowbit.precision.weight_cache import check_parallel as check_weight_cache
 from lowbit.train.checkpoint import Checkpointer, CheckpointError
 from lowbit.train.loggers import Loggers
 from lowbit.train.trainer import Trainer, TrainState
@@ -157,6 +158,7 @@ def run(cfg: DictConfig) -> TrainState:
     if cfg.trainer.deterministic:
         make_deterministic()
     check_compile_mode(cfg.model.compile_mode)
+    check_weight_cache(cfg.precision, cfg.parallel)
 
     model, tokenizer = load_model(cfg.model, seed=cfg.trainer.seed)              # 2
     parallel.check_model(model.config, cfg.parallel, cfg.data.seq_len)   # degrees vs heads/hidden/seq_len, before stage 5's collectives

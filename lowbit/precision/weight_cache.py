@@ -1,0 +1,92 @@
+"""Quantized weights kept across the micro-batches of one optimizer step (`precision.cache_weights`).
+
+With gradient accumulation every micro-batch's forward quantizes the same master weights again: W's amax, W_q for
+the forward GEMM and W^T_q for the input-gradient GEMM (for fp8 about 11 bytes of memory traffic per parameter and
+a few kernel launches per linear, per micro-batch). A WeightCache quantizes its layer's weight once per change of
+the weight and hands the same QTensors to every forward until the weight changes again, as TransformerEngine caches
+FP8 weights between micro-batches.
+
+A weight counts as changed when its storage or its version counter moves: every in-place update does that (the
+optimizer's step, `load_state_dict`, a resume), so the cached operands always equal a fresh quantization bit for bit
+(tested). `refresh_weight_caches` runs as a forward pre-hook of the whole model, outside its compiled decoder layers;
+the cached tensors are refreshed in place, so compiled layers see the same tensors every step (no recompilation).
+Costs the quantized weights' memory (fp8: W_q and W^T_q, 2 bytes per parameter). Sharded weights (tensor parallelism,
+FSDP: DTensor) are quantized per forward as without the cache.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from lowbit.precision.recipes import GEMMS, Recipe
+from lowbit.precision.scaling import QTensor
+
+log = logging.getLogger("lowbit")
+
+
+class WeightCache:
+    """The quantized operands of one layer's weight: `pairs[i] = (W_q, W^T_q)` per weight part (two under AFPQ),
+    either None where its GEMM runs unquantized (precision.high_precision)."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[QTensor | None, QTensor | None]] | None = None
+        self.key: tuple[int, int] | None = None         # (storage address, version) of the weight cached
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor, recipe: Recipe) -> None:
+        """Quantize `weight` [N, K] again if it changed since the last call; the cached tensors are overwritten in
+        place (a transposed view of W_q, tensorwise's W^T_q, follows its storage)."""
+        from lowbit.precision.linear import quantize_weight
+        key = (weight.data_ptr(), weight._version)
+        if key == self.key:
+            return
+        with torch.autocast(weight.device.type, enabled=False):
+            fresh = quantize_weight(weight, recipe, {gemm: gemm not in recipe.high_precision for gemm in GEMMS})
+        if self.pairs is None:
+            self.pairs = fresh
+        else:
+            for (wq, wtq), (new_wq, new_wtq) in zip(self.pairs, fresh):
+                written = set()
+                for kept, value in zip(_tensors(wq) + _tensors(wtq), _tensors(new_wq) + _tensors(new_wtq)):
+                    storage = kept.untyped_storage().data_ptr()
+                    if storage not in written:      # W^T_q as a view of W_q (tensorwise): one copy
+                        kept.copy_(value)
+                        written.add(storage)
+        self.key = key
+
+
+def _tensors(q: QTensor | None) -> tuple[torch.Tensor, ...]:
+    return () if q is None else tuple(t for t in (q.data, q.scale, q.gain) if t is not None)
+
+
+def check_parallel(precision_cfg, parallel_cfg) -> None:
+    """precision.cache_weights keeps whole weights; refuse layouts that shard them or gather them per forward."""
+    sharded = {"parallel.tp": parallel_cfg.tp > 1, "parallel.dp_shard": parallel_cfg.dp_shard > 1,
+               "parallel.zero_stage": parallel_cfg.data_parallel == "deepspeed" and parallel_cfg.zero_stage == 3}
+    used = [key for key, on in sharded.items() if on]
+    if precision_cfg.cache_weights and used:
+        raise ValueError(f"precision.cache_weights=true keeps each layer's whole quantized weight between "
+                         f"micro-batches, but {', '.join(used)} shard the weights (gathered per forward); set "
+                         f"precision.cache_weights=false with this layout")
+
+
+def install(model: nn.Module) -> int:
+    """Give every QuantLinear of `model` a WeightCache and refresh them all before each forward of `model`; returns
+    how many layers cache their weight."""
+    from lowbit.precision.linear import QuantLinear
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.weight_cache = WeightCache()
+    model.register_forward_pre_hook(lambda module, args: refresh_weight_caches(layers))
+    log.info("precision.cache_weights: %d layers quantize their weights once per optimizer step", len(layers))
+    return len(layers)
+
+
+def refresh_weight_caches(layers) -> None:
+    """Re-quantize the weights that changed (each layer's check is one address and version comparison)."""
+    for layer in layers:
+        if layer.weight_cache is not None and not isinstance(layer.weight, DTensor):
+            layer.weight_cache.refresh(layer.weight, layer.recipe)
