@@ -10,8 +10,9 @@ A weight counts as changed when its storage or its version counter moves: every 
 optimizer's step, `load_state_dict`, a resume), so the cached operands always equal a fresh quantization bit for bit
 (tested). `refresh_weight_caches` runs as a forward pre-hook of the whole model, outside its compiled decoder layers;
 the cached tensors are refreshed in place, so compiled layers see the same tensors every step (no recompilation).
-Costs the quantized weights' memory (fp8: W_q and W^T_q, 2 bytes per parameter). Sharded weights (tensor parallelism,
-FSDP: DTensor) are quantized per forward as without the cache.
+Costs the quantized weights' memory (fp8: W_q and W^T_q, up to 2 bytes per parameter; tensorwise's W^T_q is a view
+of W_q). The trainer refuses it with layouts that shard the weights (`check_parallel`); outside the trainer, DTensor
+weights are quantized per forward as without the cache.
 """
 from __future__ import annotations
 
