@@ -181,17 +181,17 @@ def sides(results):
             pair, single = graph_ms(lambda: kernel(x, q, q)), graph_ms(lambda: kernel(x, q, None))
             row = dict(shape=shape, kernel=label, pair_ms=pair, x_side_ms=single, copy_ms=copy_ms)
             tma = ""
-            if kernel is quantize_blocks_triton:     # x^T_q stored by TMA (blocks.TMA_TRANSPOSED), checked first
+            if kernel is quantize_blocks_triton:     # x^T_q by the other store (blocks.TMA_TRANSPOSED), checked first
                 switched = blocks.TMA_TRANSPOSED
+                key, other = ("pair_pointer_ms", "pointer") if switched else ("pair_tma_ms", "TMA")
                 blocks.TMA_TRANSPOSED = not switched
                 try:
-                    other = kernel(x, q, q)[1]
-                    row["pair_tma_ms" if not switched else "pair_pointer_ms"] = graph_ms(lambda: kernel(x, q, q))
+                    other_t = kernel(x, q, q)[1].data
+                    row[key] = graph_ms(lambda: kernel(x, q, q))
                 finally:
                     blocks.TMA_TRANSPOSED = switched
-                same = torch.equal(other.data.view(torch.uint8), kernel(x, q, q)[1].data.view(torch.uint8))
-                tma = (f" ({'pointer' if switched else 'TMA'} store of x^T: "
-                       f"{row.get('pair_tma_ms', row.get('pair_pointer_ms')):.4f} ms, bit-exact {same})")
+                same = torch.equal(other_t.view(torch.uint8), kernel(x, q, q)[1].data.view(torch.uint8))
+                tma = f" ({other} store of x^T: {row[key]:.4f} ms, bit-exact {same})"
             rows.append(row)
             print(f"{str(shape):>14} {label}: pair {pair:.4f} ms ({pair / copy_ms:.2f} copies){tma}, x side only "
                   f"{single:.4f} ms ({single / copy_ms:.2f} copies)", flush=True)

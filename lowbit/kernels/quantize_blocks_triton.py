@@ -295,7 +295,8 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
             if not tile_fits(tile_r, tile_c, x_side, t_side, br, bc, br_t, bc_t):
                 raise ValueError(f"quantize_blocks_triton.TILE={TILE} does not hold whole blocks ({br} x {bc}, "
                                  f"x^T {br_t} x {bc_t}); pick multiples of the block sides")
-        tma_t = t_side and not (br == bc == br_t == bc_t) and use_tma_store(x, tile_r)
+        same_t = t_side and br == bc == br_t == bc_t        # x^T_q is x_q transposed: read back, not rounded
+        tma_t = t_side and not same_t and use_tma_store(x, tile_r)
         qt_desc = TensorDescriptor.from_tensor(qt, [tile_c, tile_r]) if tma_t else qt
         _quantize_blocks_kernel[(triton.cdiv(R, tile_r), triton.cdiv(C, tile_c))](
             x, q, qt, qt_desc, scale, scale_t, tensor_amax if gain is not None else x,
@@ -305,7 +306,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
             BLOCK_R=tile_r, BLOCK_C=tile_c, BR=br, BC=bc, BR_T=br_t, BC_T=bc_t,
             TRANSPOSE=t_side, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
             MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
-            HW=hardware_cast(fmt, x.device), SAME_T=t_side and br == bc == br_t == bc_t, X_SIDE=x_side,
+            HW=hardware_cast(fmt, x.device), SAME_T=same_t, X_SIDE=x_side,
             NOISE=1 if noise is not None else 2 if seed is not None else 0, TMA_T=tma_t, num_warps=warps)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer, gain)

@@ -13,6 +13,7 @@ from torch import nn
 from lowbit.models.select import selected_linears
 from lowbit.precision.linear import QuantLinear
 from lowbit.precision.recipes import build_recipe
+from lowbit.precision.weight_cache import install as install_weight_caches
 
 log = logging.getLogger("lowbit")
 
@@ -34,6 +35,5 @@ def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
     log.info("precision %s: %d linear layers quantized, kept in high precision: %s", cfg.recipe, len(targets),
              sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m) is nn.Linear}) or "none")
     if cfg.cache_weights:
-        from lowbit.precision.weight_cache import install
-        install(model)
+        install_weight_caches(model)
     return model

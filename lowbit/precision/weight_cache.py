@@ -9,7 +9,8 @@ FP8 weights between micro-batches.
 A weight counts as changed when its storage or its version counter moves: every in-place update does that (the
 optimizer's step, `load_state_dict`, a resume), so the cached operands always equal a fresh quantization bit for bit
 (tested). `refresh_weight_caches` runs as a forward pre-hook of the whole model, outside its compiled decoder layers;
-the cached tensors are refreshed in place, so compiled layers see the same tensors every step (no recompilation).
+the cached tensors are refreshed in place, so compiled layers see the same tensors every step (no recompilation
+across steps, no graph break: CPU Inductor, TORCH_LOGS=recompiles,graph_breaks).
 Costs the quantized weights' memory (fp8: W_q and W^T_q, up to 2 bytes per parameter; tensorwise's W^T_q is a view
 of W_q). The trainer refuses it with layouts that shard the weights (`check_parallel`); outside the trainer, DTensor
 weights are quantized per forward as without the cache.
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lowbit.precision.linear import QuantLinear, quantize_weight
 from lowbit.precision.recipes import GEMMS, Recipe
 from lowbit.precision.scaling import QTensor
 
@@ -39,8 +41,7 @@ class WeightCache:
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor, recipe: Recipe) -> None:
         """Quantize `weight` [N, K] again if it changed since the last call; the cached tensors are overwritten in
-        place (a transposed view of W_q, tensorwise's W^T_q, follows its storage)."""
-        from lowbit.precision.linear import quantize_weight
+        place."""
         key = (weight.data_ptr(), weight._version)
         if key == self.key:
             return
@@ -48,19 +49,14 @@ class WeightCache:
             fresh = quantize_weight(weight, recipe, {gemm: gemm not in recipe.high_precision for gemm in GEMMS})
         if self.pairs is None:
             self.pairs = fresh
-        else:
-            for (wq, wtq), (new_wq, new_wtq) in zip(self.pairs, fresh):
-                written = set()
-                for kept, value in zip(_tensors(wq) + _tensors(wtq), _tensors(new_wq) + _tensors(new_wtq)):
-                    storage = kept.untyped_storage().data_ptr()
-                    if storage not in written:      # W^T_q as a view of W_q (tensorwise): one copy
-                        kept.copy_(value)
-                        written.add(storage)
+        else:       # in place: compiled layers keep reading the same tensors (tensorwise's W^T_q is W_q's view)
+            for kept, value in zip(self.pairs, fresh):
+                for old, new in zip(kept, value):
+                    if old is not None:
+                        for a, b in ((old.data, new.data), (old.scale, new.scale), (old.gain, new.gain)):
+                            if a is not None:
+                                a.copy_(b)
         self.key = key
-
-
-def _tensors(q: QTensor | None) -> tuple[torch.Tensor, ...]:
-    return () if q is None else tuple(t for t in (q.data, q.scale, q.gain) if t is not None)
 
 
 def check_parallel(precision_cfg, parallel_cfg) -> None:
@@ -77,7 +73,6 @@ def check_parallel(precision_cfg, parallel_cfg) -> None:
 def install(model: nn.Module) -> int:
     """Give every QuantLinear of `model` a WeightCache and refresh them all before each forward of `model`; returns
     how many layers cache their weight."""
-    from lowbit.precision.linear import QuantLinear
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in layers:
         layer.weight_cache = WeightCache()

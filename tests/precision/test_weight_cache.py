@@ -8,10 +8,11 @@ from lowbit.config import PrecisionConfig
 from lowbit.precision import linear as linear_module
 from lowbit.precision.linear import QuantLinear
 from lowbit.precision.recipes import build_recipe
+from lowbit.precision import weight_cache as weight_cache_module
 from lowbit.precision.weight_cache import install
 
 RECIPES = [dict(recipe="fp8_tensorwise"), dict(recipe="fp8_rowwise"),
-           dict(recipe="fp4_vectorwise", dge=True, occ=True), dict(recipe="nvfp4", asymmetric=False),
+           dict(recipe="fp4_vectorwise", dge=True, occ=True), dict(recipe="nvfp4"),
            dict(recipe="fp8_rowwise", high_precision=["wgrad"]), dict(recipe="fp4_vectorwise", asymmetric=True)]
 
 
@@ -36,7 +37,9 @@ def test_cached_weights_equal_quantizing_every_micro_batch(options, monkeypatch)
     assert install(cached) == 2
     calls = []
     quantize_weight = linear_module.quantize_weight
-    monkeypatch.setattr(linear_module, "quantize_weight", lambda *a: calls.append(1) or quantize_weight(*a))
+    counted = lambda *a: calls.append(1) or quantize_weight(*a)     # noqa: E731
+    monkeypatch.setattr(linear_module, "quantize_weight", counted)
+    monkeypatch.setattr(weight_cache_module, "quantize_weight", counted)
     generator = torch.Generator().manual_seed(1)
     for step in range(2):
         inputs = [torch.randn(16, 64, generator=generator) for _ in range(3)]
