@@ -193,8 +193,9 @@ FP4_PAIR_TILES = {16: (32, 64, 4), 32: (32, 128, 4)}   # (rows, columns, warps) 
 
 # x^T_q stored by the tensor-memory accelerator (Hopper+, R % 16 == 0) instead of a layout conversion of one-byte
 # values through shared memory (7.5M bank conflicts per MXFP4 pair launch, Nsight Compute, H200 2026-12-02).
-# Bit-exact under the interpreter; not yet run on a GPU: `bash bench/device_pending.sh tma_t` tests and times it
-# (LOWBIT_TMA_TRANSPOSED=1 switches it on for a whole run) before it becomes the default.
+# Off: bit-exact on an H200 but not faster (2026-12-02, `bash bench/device_pending.sh tma_t`): MXFP4 pair 0.0955 vs
+# 0.0722 ms at 8192 x 4096 (bank conflicts 7.5M -> 14.8M), NVFP4 pair 0.1327 vs 0.1369, end to end unchanged.
+# LOWBIT_TMA_TRANSPOSED=1 switches it on for a whole run.
 TMA_TRANSPOSED = os.environ.get("LOWBIT_TMA_TRANSPOSED") == "1"
 
 

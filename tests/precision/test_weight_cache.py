@@ -57,6 +57,30 @@ def test_cached_weights_equal_quantizing_every_micro_batch(options, monkeypatch)
                     p.grad = None
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_cache_follows_optimizer_steps_that_leave_the_version_counter(fused):
+    """Fused AdamW (the trainer's default on CUDA) updates the weights in place without moving their version
+    counters: the cache must still quantize the new weights (a version-only check kept the first step's weights
+    for a whole H200 run). Three steps of two micro-batches, cached vs fresh, bit for bit."""
+    fresh, cached = two_layers(dict(recipe="fp8_tensorwise")), two_layers(dict(recipe="fp8_tensorwise"))
+    install(cached)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused or None, foreach=None if fused else True)
+                  for m in (fresh, cached)]
+    probe = torch.optim.AdamW([nn.Parameter(torch.ones(2))], fused=True)
+    probe.param_groups[0]["params"][0].grad = torch.ones(2)
+    version = probe.param_groups[0]["params"][0]._version
+    probe.step()
+    moved = probe.param_groups[0]["params"][0]._version != version
+    generator = torch.Generator().manual_seed(2)
+    for step in range(3):
+        inputs = [torch.randn(16, 64, generator=generator) for _ in range(2)]
+        for a, b in zip(micro_batches(fresh, inputs), micro_batches(cached, inputs)):
+            assert torch.equal(a, b), (step, fused, "fused AdamW moves the version" if moved else "")
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
 def test_cache_follows_load_state_dict_and_leaves_unchanged_weights_alone():
     model = two_layers(dict(recipe="fp8_tensorwise"))
     install(model)
