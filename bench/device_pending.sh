@@ -35,6 +35,7 @@
 #   bench/device_pending.sh nvfp4_global  NVFP4's tensor scale inside the block kernel: GPU tests, the quantize table
 #                                     (and each pair against its x side), bf16 / nvfp4 / mxfp4 profiled
 #   bench/device_pending.sh cache_weights fp8_llama with weights quantized once per step vs per micro-batch
+#   bench/device_pending.sh host_ops      FP4 block recipes' host overhead: the Hadamard kernel traced by Dynamo, profiled
 #   bench/device_pending.sh tma_t         x^T_q stored by TMA vs pointers: GPU tests, pairs, ncu, e2e both ways
 #   bench/device_pending.sh offload_gpu   the GPU tests of activation offload (model moved to CUDA after apply)
 #   bench/device_pending.sh alu           FP4 block kernels with fewer integer-pipe operations: tests, bandwidth, ncu, e2e
@@ -172,6 +173,16 @@ case "${1:-}" in
       --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
       --variant "fp8_cached=+exp=fp8_llama precision.cache_weights=true $data" 2>&1 | grep -v Warning \
       | tee "$OUT/cache_weights_e2e.log" ;;
+  host_ops)
+    # host overhead of the FP4 block recipes' compiled steps (12-02: 76-77% busy, 1.87 s of CPU per step): the Hadamard
+    # kernel traced by Dynamo instead of the lowbit::hadamard_transpose custom op (196 us of CPU per call); 12-03 also
+    # timed NVFP4's fp32-output GEMM by aten's mm.dtype in place of lowbit::mm_float32: less CPU profiled, the same
+    # tokens/s unprofiled (42,105 vs 42,112), not kept
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/kernels/test_gemm.py \
+      -k "hadamard or dequant" 2>&1 | tail -5 | tee "$OUT/host_gpu_tests.log"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 150 --profile 3 --profile-dir "$OUT" \
+      --variant "bf16=+exp=bf16_llama $data" --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
+      --variant "mxfp4=+exp=bf16_llama precision=mxfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/host_e2e.log" ;;
   tma_t)
     # x^T_q of the block quantize kernels stored by TMA (LOWBIT_TMA_TRANSPOSED=1) against the pointer store: GPU tests
     # (bit for bit, both ways), each pair side by side (bench/quantize.py sides), bank conflicts, and nvfp4 / mxfp4

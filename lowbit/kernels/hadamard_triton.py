@@ -16,23 +16,21 @@ IEEE float32 products. Block sizes 16 (tl.dot's smallest side) to 64 (one tile);
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
+from lowbit.kernels.quantize_triton import AVAILABLE
+
 TILE_R, TILE_C, WARPS = 64, 64, 4     # tokens x channels per program
 SIZES = (16, TILE_R)                  # transform sizes the kernel takes: tl.dot's smallest side .. one tile
 
-
-@functools.cache
-def _kernel():
-    """Built on first use (TRITON_INTERPRET is read when a kernel is decorated)."""
+if AVAILABLE:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _hadamard_t_kernel(t_ptr, h_ptr, out_ptr, amax_ptr, R, C, stride_r, inv_sqrt, SIZE: tl.constexpr,
+    def _hadamard_t_kernel(t_ptr, h_ptr, out_ptr, amax_ptr, R, C, stride_r, INV_SQRT: tl.constexpr, SIZE: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)          # tokens: the transform's axis
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -41,15 +39,15 @@ def _kernel():
         blocks = tl.reshape(tl.trans(t.to(tl.float32)), (BLOCK_C * BLOCK_R // SIZE, SIZE))   # [C-tile, R-tile]
         k = tl.arange(0, SIZE)
         h = tl.where(tl.load(h_ptr + k[:, None] * SIZE + k[None, :]) >= 0, 1.0, -1.0)    # D H exactly: its signs
-        out = tl.reshape(tl.dot(blocks, h, input_precision=PRECISION), (BLOCK_C, BLOCK_R)) * inv_sqrt
+        # INV_SQRT a compile-time constant, rounded to float32 in the product as eager launches round a float
+        # argument (from Inductor's wrapper a runtime float argument may arrive as float64)
+        out = tl.reshape(tl.dot(blocks, h, input_precision=PRECISION), (BLOCK_C, BLOCK_R)) * INV_SQRT
         stored = out.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], stored,
                  mask=(cols[:, None] < C) & (rows[None, :] < R))
         magnitude = tl.abs(stored.to(tl.float32))          # of the values written (masked entries are 0)
         magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))   # NaN -> Inf: never dropped
         tl.atomic_max(amax_ptr, tl.max(tl.max(magnitude, axis=1), axis=0))
-
-    return _hadamard_t_kernel
 
 
 def supports(t: torch.Tensor, transform: torch.Tensor) -> bool:
@@ -64,7 +62,6 @@ def hadamard_transpose_triton(t: torch.Tensor, transform: torch.Tensor) -> tuple
     dtype, contiguous; its amax, float32 [1], NaN read as Inf). transform: hadamard_matrix's D H / sqrt(size) (its
     signs are all that is read). The amax comes from the same pass, for NVFP4's tensor scale, which otherwise
     needs a read of the result of its own."""
-    import triton
     size = transform.shape[0]
     if not supports(t, transform):
         raise ValueError(f"hadamard_transpose_triton: t {tuple(t.shape)} {t.dtype} with a {size}-point transform "
@@ -76,7 +73,7 @@ def hadamard_transpose_triton(t: torch.Tensor, transform: torch.Tensor) -> tuple
     out = torch.empty((C, R), device=t.device, dtype=t.dtype)
     amax = torch.zeros(1, device=t.device, dtype=torch.float32)
     precision = "ieee" if t.dtype == torch.float32 else "tf32"
-    _kernel()[(triton.cdiv(R, TILE_R), triton.cdiv(C, TILE_C))](
-        t, transform, out, amax, R, C, t.stride(0), 1.0 / math.sqrt(size), SIZE=size, BLOCK_R=TILE_R, BLOCK_C=TILE_C,
-        PRECISION=precision, num_warps=WARPS)
+    _hadamard_t_kernel[(triton.cdiv(R, TILE_R), triton.cdiv(C, TILE_C))](
+        t, transform, out, amax, R, C, t.stride(0), INV_SQRT=1.0 / math.sqrt(size), SIZE=size, BLOCK_R=TILE_R,
+        BLOCK_C=TILE_C, PRECISION=precision, num_warps=WARPS)
     return out, amax
