@@ -6,9 +6,13 @@ a few kernel launches per linear, per micro-batch). A WeightCache quantizes its 
 the weight and hands the same QTensors to every forward until the weight changes again, as TransformerEngine caches
 FP8 weights between micro-batches.
 
-A weight counts as changed when its storage or its version counter moves: every in-place update does that (the
-optimizer's step, `load_state_dict`, a resume), so the cached operands always equal a fresh quantization bit for bit
-(tested). `refresh_weight_caches` runs as a forward pre-hook of the whole model, outside its compiled decoder layers;
+A weight counts as changed when its storage or its version counter moves (an in-place update by autograd-visible
+ops: `load_state_dict`, a resume, a for-loop or foreach optimizer) or when any torch optimizer has stepped since
+(a global step post-hook): fused AdamW (`torch._fused_adamw_`, the trainer's default on CUDA) and Triton kernels
+such as AdamA's update write the weights without moving the version counter. On an H200 a version-only check kept
+the first step's W_q for the whole run (llama_1b fp8: loss 10.93 against 9.83 after 6 steps, 2026-12-03). So the
+cached operands always equal a fresh quantization bit for bit (tested with fused AdamW). Code that writes weights by
+other means calls `invalidate_weight_caches()`. `refresh_weight_caches` runs as a forward pre-hook of the whole model, outside its compiled decoder layers;
 the cached tensors are refreshed in place, so compiled layers see the same tensors every step (no recompilation
 across steps, no graph break: CPU Inductor, TORCH_LOGS=recompiles,graph_breaks).
 Costs the quantized weights' memory (fp8: W_q and W^T_q, up to 2 bytes per parameter; tensorwise's W^T_q is a view
@@ -22,12 +26,23 @@ import logging
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lowbit.precision.linear import QuantLinear, quantize_weight
 from lowbit.precision.recipes import GEMMS, Recipe
 from lowbit.precision.scaling import QTensor
 
 log = logging.getLogger("lowbit")
+
+_generation = 0         # bumped after every optimizer step in this process (and by invalidate_weight_caches)
+_hook = None
+
+
+def invalidate_weight_caches(*_) -> None:
+    """Mark every cached weight stale: the next forward quantizes the weights again. Runs after each optimizer
+    step (a global torch.optim step post-hook, registered by `install`)."""
+    global _generation
+    _generation += 1
 
 
 class WeightCache:
@@ -36,13 +51,13 @@ class WeightCache:
 
     def __init__(self) -> None:
         self.pairs: list[tuple[QTensor | None, QTensor | None]] | None = None
-        self.key: tuple[int, int] | None = None         # (storage address, version) of the weight cached
+        self.key: tuple[int, int, int] | None = None    # (storage address, version, optimizer generation) cached
 
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor, recipe: Recipe) -> None:
         """Quantize `weight` [N, K] again if it changed since the last call; the cached tensors are overwritten in
         place."""
-        key = (weight.data_ptr(), weight._version)
+        key = (weight.data_ptr(), weight._version, _generation)
         if key == self.key:
             return
         with torch.autocast(weight.device.type, enabled=False):
@@ -73,6 +88,9 @@ def check_parallel(precision_cfg, parallel_cfg) -> None:
 def install(model: nn.Module) -> int:
     """Give every QuantLinear of `model` a WeightCache and refresh them all before each forward of `model`; returns
     how many layers cache their weight."""
+    global _hook
+    if _hook is None:
+        _hook = register_optimizer_step_post_hook(invalidate_weight_caches)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in layers:
         layer.weight_cache = WeightCache()
