@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from lowbit import data as data_module
 from lowbit import memory, objectives, optim, parallel, precision
 from lowbit.config import LowbitConfig
+from lowbit.models.attention import use_causal_sdpa
 from lowbit.models.flops import flops_per_token, peak_flops
 from lowbit.models.load import load as load_model
 from lowbit.precision.weight_cache import check_parallel as check_weight_cache
@@ -169,6 +170,8 @@ def run(cfg: DictConfig) -> TrainState:
     objective = objectives.build(cfg.objective, model)                             # 3
     objective.check_parallel(cfg.parallel)
     objective.check_data(cfg.data)
+    for trained_or_frozen in (model, *objective.frozen_models()):    # no mask building, no host sync per forward
+        use_causal_sdpa(trained_or_frozen)
     model = precision.apply(model, cfg.precision, compiled=cfg.model.compile)      # 4
     if cfg.precision.recipe != "bf16":      # compiled layers cannot log it: the tokens each linear sees per micro-batch
         precision.note_padding(cfg.trainer.micro_batch_size * cfg.data.seq_len // cfg.parallel.ulysses, cfg.precision)
