@@ -35,6 +35,7 @@
 #   bench/device_pending.sh nvfp4_global  NVFP4's tensor scale inside the block kernel: GPU tests, the quantize table
 #                                     (and each pair against its x side), bf16 / nvfp4 / mxfp4 profiled
 #   bench/device_pending.sh cache_weights fp8_llama with weights quantized once per step vs per micro-batch
+#   bench/device_pending.sh causal_sdpa   bf16 / fp8_llama / nvfp4 profiled with the maskless SDPA: host syncs per step and tokens/s
 #   bench/device_pending.sh host_ops      FP4 block recipes' host overhead: the Hadamard kernel traced by Dynamo, profiled
 #   bench/device_pending.sh tma_t         x^T_q stored by TMA vs pointers: GPU tests, pairs, ncu, e2e both ways
 #   bench/device_pending.sh offload_gpu   the GPU tests of activation offload (model moved to CUDA after apply)
@@ -173,6 +174,14 @@ case "${1:-}" in
       --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
       --variant "fp8_cached=+exp=fp8_llama precision.cache_weights=true $data" 2>&1 | grep -v Warning \
       | tee "$OUT/cache_weights_e2e.log" ;;
+  causal_sdpa)
+    # the trainer's models run SDPA without transformers' per-forward mask building (lowbit/models/attention.py), whose
+    # packed-sequence check synchronised host and GPU once per micro-batch (12-03 profile: 8 aten::is_nonzero per step,
+    # fp8_llama 81-83% busy). Profiled: are the syncs gone, and what do bf16 / fp8_llama (cached weights) / nvfp4 gain
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 150 --profile 3 --profile-dir "$OUT" \
+      --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
+      --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/causal_sdpa_e2e.log"
+    grep -H "is_nonzero\|cudaStreamSynchronize" "$OUT"/*_top.txt | tee "$OUT/causal_sdpa_syncs.log" ;;
   host_ops)
     # host overhead of the FP4 block recipes' compiled steps (12-02: 76-77% busy, 1.87 s of CPU per step): the Hadamard
     # kernel traced by Dynamo instead of the lowbit::hadamard_transpose custom op (196 us of CPU per call); 12-03 also

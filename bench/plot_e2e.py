@@ -76,7 +76,8 @@ def main() -> None:
     ax.axhline(1.0, color="black", linewidth=0.8)
     for target, label in ((1.3, "fp8_llama bar 1.3x"), (1.2, "fp4_llama bar 1.2x")):
         ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
-        ax.text(len(bars) - 0.5, target + 0.01, label, ha="right", fontsize=7, color="gray")
+        ax.text(1.005, target, label, ha="left", va="center", fontsize=7, color="gray",
+                transform=ax.get_yaxis_transform())         # right of the axes: clear of the bars' labels
     ax.set_xticks(range(len(bars)), names, fontsize=7)
     ax.set_ylabel("tokens/s / bf16")
     ax.set_title(args.title, fontsize=9)
