@@ -35,8 +35,9 @@
 #   bench/device_pending.sh nvfp4_global  NVFP4's tensor scale inside the block kernel: GPU tests, the quantize table
 #                                     (and each pair against its x side), bf16 / nvfp4 / mxfp4 profiled
 #   bench/device_pending.sh cache_weights fp8_llama with weights quantized once per step vs per micro-batch
-#   bench/device_pending.sh causal_sdpa   bf16 / fp8_llama / nvfp4 profiled with the maskless SDPA: host syncs per step and tokens/s
-#   bench/device_pending.sh host_ops      FP4 block recipes' host overhead: the Hadamard kernel traced by Dynamo, profiled
+#   bench/device_pending.sh causal_sdpa   bf16 / fp8_llama / nvfp4 profiled with the maskless SDPA: host syncs,
+#                                     tokens/s
+#   bench/device_pending.sh host_ops      FP4 block recipes' host overhead: the Hadamard kernel traced by Dynamo
 #   bench/device_pending.sh tma_t         x^T_q stored by TMA vs pointers: GPU tests, pairs, ncu, e2e both ways
 #   bench/device_pending.sh offload_gpu   the GPU tests of activation offload (model moved to CUDA after apply)
 #   bench/device_pending.sh alu           FP4 block kernels with fewer integer-pipe operations: tests, bandwidth, ncu, e2e

@@ -30,8 +30,8 @@ if AVAILABLE:
     import triton.language as tl
 
     @triton.jit
-    def _hadamard_t_kernel(t_ptr, h_ptr, out_ptr, amax_ptr, R, C, stride_r, INV_SQRT: tl.constexpr, SIZE: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    def _hadamard_t_kernel(t_ptr, h_ptr, out_ptr, amax_ptr, R, C, stride_r, INV_SQRT: tl.constexpr,
+                           SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)          # tokens: the transform's axis
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows[:, None] < R) & (cols[None, :] < C)

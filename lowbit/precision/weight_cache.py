@@ -12,9 +12,10 @@ ops: `load_state_dict`, a resume, a for-loop or foreach optimizer) or when any t
 such as AdamA's update write the weights without moving the version counter. On an H200 a version-only check kept
 the first step's W_q for the whole run (llama_1b fp8: loss 10.93 against 9.83 after 6 steps, 2026-12-03). So the
 cached operands always equal a fresh quantization bit for bit (tested with fused AdamW). Code that writes weights by
-other means calls `invalidate_weight_caches()`. `refresh_weight_caches` runs as a forward pre-hook of the whole model, outside its compiled decoder layers;
-the cached tensors are refreshed in place, so compiled layers see the same tensors every step (no recompilation
-across steps, no graph break: CPU Inductor, TORCH_LOGS=recompiles,graph_breaks).
+other means calls `invalidate_weight_caches()`. `refresh_weight_caches` runs as a forward pre-hook of the whole
+model, outside its compiled decoder layers; the cached tensors are refreshed in place, so compiled layers see the
+same tensors every step (no recompilation across steps, no graph break: CPU Inductor,
+TORCH_LOGS=recompiles,graph_breaks).
 Costs the quantized weights' memory (fp8: W_q and W^T_q, up to 2 bytes per parameter; tensorwise's W^T_q is a view
 of W_q). The trainer refuses it with layouts that shard the weights (`check_parallel`); outside the trainer, DTensor
 weights are quantized per forward as without the cache.

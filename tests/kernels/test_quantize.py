@@ -310,8 +310,9 @@ def check_hadamard_transpose(device: str = "cpu") -> None:
                 # runs kernels on real storage)
                 for fn in (hadamard_transpose_triton, hadamard_transposed):
                     traced = torch.compile(fn, fullgraph=True)(t, transform)
+                    difference = (traced[0].float() - got.float()).abs().max().item()
                     assert torch.equal(traced[0], got) and torch.equal(traced[1], amax), \
-                        (fn.__name__, size, dtype, (traced[0].float() - got.float()).abs().max().item(), traced[1], amax)
+                        (fn.__name__, size, dtype, difference, traced[1], amax)
         # NVFP4 quantization of the result with the kernel's amax equals it with the block kernel's own amax pass
         q = Quantizer(E2M1, 1, 16, "nvfp4")
         own, given = (quantize_blocks_triton(got, q, None, **extra)[0] for extra in ({}, {"tensor_amax": amax}))

@@ -66,16 +66,11 @@ def test_cache_follows_optimizer_steps_that_leave_the_version_counter(fused):
     install(cached)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused or None, foreach=None if fused else True)
                   for m in (fresh, cached)]
-    probe = torch.optim.AdamW([nn.Parameter(torch.ones(2))], fused=True)
-    probe.param_groups[0]["params"][0].grad = torch.ones(2)
-    version = probe.param_groups[0]["params"][0]._version
-    probe.step()
-    moved = probe.param_groups[0]["params"][0]._version != version
     generator = torch.Generator().manual_seed(2)
     for step in range(3):
         inputs = [torch.randn(16, 64, generator=generator) for _ in range(2)]
         for a, b in zip(micro_batches(fresh, inputs), micro_batches(cached, inputs)):
-            assert torch.equal(a, b), (step, fused, "fused AdamW moves the version" if moved else "")
+            assert torch.equal(a, b), (step, fused)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
