@@ -37,6 +37,12 @@
 #   bench/device_pending.sh cache_weights fp8_llama with weights quantized once per step vs per micro-batch
 #   bench/device_pending.sh causal_sdpa   bf16 / fp8_llama / nvfp4 profiled with the maskless SDPA: host syncs,
 #                                     tokens/s
+#   bench/device_pending.sh microbatch    bf16 / fp8_llama at micro-batch 2 (the presets) and 4 (same global batch):
+#                                     what fewer launches per token buy the host-bound fp8 step
+#   bench/device_pending.sh breakdown     bf16 / fp8_llama / fp4_llama, one profiled step each: kernel time by kind and
+#                                     the GPU's idle gaps (bench/trace_breakdown.py over the Chrome traces)
+#   bench/device_pending.sh cache_graph   the weight cache's refresh as one CUDA graph: GPU test (== eager bit for
+#                                     bit), bf16 / fp8_llama with and without the graph / fp4_llama cached, profiled
 #   bench/device_pending.sh host_ops      FP4 block recipes' host overhead: the Hadamard kernel traced by Dynamo
 #   bench/device_pending.sh tma_t         x^T_q stored by TMA vs pointers: GPU tests, pairs, ncu, e2e both ways
 #   bench/device_pending.sh offload_gpu   the GPU tests of activation offload (model moved to CUDA after apply)
@@ -183,6 +189,36 @@ case "${1:-}" in
       --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
       --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/causal_sdpa_e2e.log"
     grep -H "is_nonzero\|cudaStreamSynchronize" "$OUT"/*_top.txt | tee "$OUT/causal_sdpa_syncs.log" ;;
+  cache_graph)
+    # 12-03 breakdown: fp8_llama's GPU idles 28.6 ms at each step's start while the host launches the weight cache's
+    # refresh (112 layers x amax, quantize, copies: ~4 ms of kernels); now one CUDA graph replay
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/precision/test_weight_cache.py 2>&1 | tail -4 \
+      | tee "$OUT/cache_graph_tests.log"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 140 --profile 3 --trace \
+      --profile-dir "$OUT/traces" --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
+      --variant "fp8_eager_refresh=+exp=fp8_llama env:LOWBIT_WEIGHT_CACHE_GRAPH=0 $data" \
+      --variant "fp4_cache=+exp=fp4_llama precision.cache_weights=true $data" 2>&1 | grep -v Warning \
+      | tee "$OUT/cache_graph_e2e.log"
+    python3 bench/trace_breakdown.py "$OUT"/traces/*_trace.json.gz --top 30 > "$OUT/cache_graph_breakdown.md"
+    rm -rf "$OUT/traces" ;;
+  breakdown)
+    # where the e2e gap to the bars is: kernel time by kind (fp8 GEMMs, quantizing fusions, attention, ...) and where
+    # the GPU idles, from one profiled step of each preset (traces in $OUT/traces, the fp8 one brought back)
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 170 --profile 3 --trace \
+      --profile-dir "$OUT/traces" --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
+      --variant "fp4=+exp=fp4_llama $data" 2>&1 | grep -v Warning | tee "$OUT/breakdown_e2e.log"
+    python3 bench/trace_breakdown.py "$OUT"/traces/*_trace.json.gz --top 45 > "$OUT/breakdown.md"
+    cp "$OUT"/traces/*_top.txt "$OUT"/
+    [ "$(stat -c %s "$OUT/traces/fp8_trace.json.gz")" -lt 16000000 ] && mv "$OUT/traces/fp8_trace.json.gz" "$OUT"/
+    rm -rf "$OUT/traces" ;;
+  microbatch)
+    # fp8_llama's step is host-bound (12-03 profile: 91% busy, compiled-graph launches ~ the GPU time per layer);
+    # micro-batch 4 doubles the GPU work per launch. Global batch 16 x 4096 tokens either way
+    python3 bench/train_throughput.py --steps 8 --warmup 2 --timeout 150 \
+      --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
+      --variant "bf16_mb4=+exp=bf16_llama trainer.micro_batch_size=4 $data" \
+      --variant "fp8_mb4=+exp=fp8_llama trainer.micro_batch_size=4 $data" 2>&1 | grep -v Warning \
+      | tee "$OUT/microbatch_e2e.log" ;;
   host_ops)
     # host overhead of the FP4 block recipes' compiled steps (12-02: 76-77% busy, 1.87 s of CPU per step): the Hadamard
     # kernel traced by Dynamo instead of the lowbit::hadamard_transpose custom op (196 us of CPU per call); 12-03 also

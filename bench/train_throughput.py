@@ -2,21 +2,26 @@
 
 Each variant runs the real trainer (`python train.py +exp=... overrides`) for a few steps in its own
 process; the median tokens/s and MFU over the steps after warm-up (compilation, autotuning) come
-from its metrics.jsonl. Ratios are against the first variant.
+from its metrics.jsonl. Ratios are against the first variant. An override `env:NAME=VALUE` sets an environment
+variable of that variant's process instead.
 
     python bench/train_throughput.py --steps 12 --out docs/RESULTS.md \
         --variant "bf16=+exp=bf16_llama" --variant "fp8_rowwise=+exp=fp8_llama precision=fp8_rowwise"
 
 --profile N runs step N of each variant under torch.profiler (trainer.profile_step; that step is left out of the
 median) and copies its top-kernel table to --profile-dir as NAME_top.txt; the table's first line, the step's wall
-time against the GPU's kernel time, is printed with the variant's figures.
+time against the GPU's kernel time, is printed with the variant's figures; --trace also keeps its Chrome trace
+(NAME_trace.json.gz) for bench/trace_breakdown.py.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
+import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,8 +38,10 @@ def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, ti
                "trainer.export=false", "logger.backends=[jsonl]", f"run_dir={run_dir}"]
     if profile >= 0:
         command += [f"trainer.profile_step={profile}", "trainer.profile_steps=1"]
+    env = dict(os.environ, **dict(o[4:].split("=", 1) for o in overrides if o.startswith("env:")))
+    command = [o for o in command if not o.startswith("env:")]
     try:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish {steps} steps within --timeout {timeout} s"}
     if result.returncode != 0:
@@ -61,6 +68,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append a markdown table to this file")
     parser.add_argument("--profile", type=int, default=-1, help="profile this step of each variant (-1: none)")
     parser.add_argument("--profile-dir", type=Path, default=Path("."), help="where NAME_top.txt tables go")
+    parser.add_argument("--trace", action="store_true", help="also copy each profiled step's Chrome trace there, "
+                        "gzipped, as NAME_trace.json.gz (read it with bench/trace_breakdown.py)")
     args = parser.parse_args()
     import torch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -70,10 +79,14 @@ def main() -> None:
             name, _, overrides = spec.partition("=")
             results[name] = run_variant(shlex.split(overrides), args.steps, args.warmup, Path(tmp) / name, args.timeout,
                                         args.profile)
-            top = Path(tmp) / name / "profile" / "top_rank0.txt"
-            if top.is_file():
+            profiled = Path(tmp) / name / "profile"
+            if (profiled / "top_rank0.txt").is_file():
                 args.profile_dir.mkdir(parents=True, exist_ok=True)
-                (args.profile_dir / f"{name}_top.txt").write_text(top.read_text())
+                (args.profile_dir / f"{name}_top.txt").write_text((profiled / "top_rank0.txt").read_text())
+            if args.trace and (profiled / "trace_rank0.json").is_file():       # for bench/trace_breakdown.py
+                with open(profiled / "trace_rank0.json", "rb") as src, \
+                        gzip.open(args.profile_dir / f"{name}_trace.json.gz", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
             print(name, results[name], flush=True)
     base = next(iter(results.values())).get("tokens_per_s")
     lines = [f"\n### Training throughput, {device}, {datetime.date.today()}\n",
