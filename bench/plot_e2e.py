@@ -68,7 +68,7 @@ def main() -> None:
         bars += [(f"{labels.get(name, name)}\n{run}", ratio) for name, ratio in ratios(read_log(log))]
     if not bars:
         raise SystemExit(f"plot_e2e: no variant with a bf16 reference in {[str(p) for p in args.logs]}")
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(bars)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(bars)), 4.2))
     names, values = zip(*bars)
     ax.bar(range(len(bars)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
     for i, value in enumerate(values):
