@@ -180,6 +180,7 @@ def run(cfg: DictConfig) -> TrainState:
         backend = compile_backend(cfg.precision, world.device)
         for compiled in (model, *objective.frozen_models()):
             compile_layers(compiled, backend, cfg.model.compile_mode)
+        objective.compiled_loss = True          # the next-token loss too: no float32 copy of the logits
     model = parallel.apply(model, world, cfg.parallel)                             # 5
     if cfg.memory.checkpointing != "none" and not objective.supports_activation_checkpointing:
         raise ValueError(f"objective.name={cfg.objective.name} does not support memory.checkpointing="
