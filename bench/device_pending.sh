@@ -43,6 +43,8 @@
 #                                     the GPU's idle gaps (bench/trace_breakdown.py over the Chrome traces)
 #   bench/device_pending.sh cache_graph   the weight cache's refresh as one CUDA graph: GPU test (== eager bit for
 #                                     bit), bf16 / fp8_llama with and without the graph / fp4_llama cached, profiled
+#   bench/device_pending.sh loss_e2e      bf16 / fp8_llama / fp4_llama end to end with the compiled next-token loss
+#                                     (bench/loss.py: 7.2 -> 1.0 ms per micro-batch), profiled, with the breakdown
 #   bench/device_pending.sh host_ops      FP4 block recipes' host overhead: the Hadamard kernel traced by Dynamo
 #   bench/device_pending.sh tma_t         x^T_q stored by TMA vs pointers: GPU tests, pairs, ncu, e2e both ways
 #   bench/device_pending.sh offload_gpu   the GPU tests of activation offload (model moved to CUDA after apply)
@@ -189,6 +191,15 @@ case "${1:-}" in
       --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
       --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/causal_sdpa_e2e.log"
     grep -H "is_nonzero\|cudaStreamSynchronize" "$OUT"/*_top.txt | tee "$OUT/causal_sdpa_syncs.log" ;;
+  loss_e2e)
+    # the next-token loss compiled with model.compile (12-03g: 7.24 -> 1.02 ms and 3.75 GiB less per micro-batch);
+    # 12-03f without it: bf16 64,737, fp8_llama 79,406 (1.23x), fp4_llama cached 45,715 (0.71x)
+    python3 bench/loss.py 2>&1 | grep -v Warning | tee "$OUT/loss.log"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 140 --profile 3 --trace \
+      --profile-dir "$OUT/traces" --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
+      --variant "fp4=+exp=fp4_llama $data" 2>&1 | grep -v Warning | tee "$OUT/loss_e2e.log"
+    python3 bench/trace_breakdown.py "$OUT"/traces/*_trace.json.gz --top 30 > "$OUT/loss_breakdown.md"
+    rm -rf "$OUT/traces" ;;
   cache_graph)
     # 12-03 breakdown: fp8_llama's GPU idles 28.6 ms at each step's start while the host launches the weight cache's
     # refresh (112 layers x amax, quantize, copies: ~4 ms of kernels); now one CUDA graph replay
