@@ -98,7 +98,11 @@ class CacheRefresher:
     def __init__(self, layers: list[QuantLinear]):
         self.layers = layers
         self.graph, self.graph_key = None, None
-        self.use_graph = os.environ.get("LOWBIT_WEIGHT_CACHE_GRAPH", "1") != "0"
+        switch = os.environ.get("LOWBIT_WEIGHT_CACHE_GRAPH", "1")
+        if switch not in ("0", "1"):
+            raise ValueError(f"LOWBIT_WEIGHT_CACHE_GRAPH={switch!r}: set 1 (refresh the cached weights by one CUDA "
+                             f"graph, the default) or 0 (eagerly, layer by layer)")
+        self.use_graph = switch == "1"
 
     def __call__(self, *_) -> None:
         layers = [layer for layer in self.layers
@@ -160,8 +164,9 @@ def install(model: nn.Module) -> int:
     if _hook is None:
         _hook = register_optimizer_step_post_hook(invalidate_weight_caches)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    refresher = CacheRefresher(layers)          # first: it checks LOWBIT_WEIGHT_CACHE_GRAPH
     for layer in layers:
         layer.weight_cache = WeightCache()
-    model.register_forward_pre_hook(CacheRefresher(layers))
+    model.register_forward_pre_hook(refresher)
     log.info("precision.cache_weights: %d layers quantize their weights once per optimizer step", len(layers))
     return len(layers)

@@ -168,3 +168,9 @@ def test_cache_with_sharded_weights_is_switched_off_by_name(caplog):
             check_parallel(cfg, parallel)
         assert not cfg.cache_weights
         assert f"precision.cache_weights=true is switched off: {key} shard the weights" in caplog.text
+
+
+def test_a_bad_graph_switch_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("LOWBIT_WEIGHT_CACHE_GRAPH", "false")
+    with pytest.raises(ValueError, match=r"LOWBIT_WEIGHT_CACHE_GRAPH='false': set 1 .* or 0"):
+        install(two_layers(dict(recipe="fp8_tensorwise")))
