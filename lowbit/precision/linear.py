@@ -187,8 +187,9 @@ class QuantLinearFunction(torch.autograd.Function):
                                 tensor_amax=dyt_amax)
             if want_dw:
                 if quantized["wgrad"]:
-                    dw = quantized_matmul(dytq, QTensor(x_data, x_scale, recipe.x_t, x_gain), cd,
-                                          recipe.block_gemm).float()
+                    # straight to float32 from the GEMM's float32 accumulator: no rounding to cd, no cast pass
+                    dw = quantized_matmul(dytq, QTensor(x_data, x_scale, recipe.x_t, x_gain), torch.float32,
+                                          recipe.block_gemm)
                 else:
                     dw = (dy2.t().to(cd) @ x_data).float()
                 if rtq is not None:         # at FP8 rate: the quantized dy^T (made for the wgrad GEMM) times R^T
