@@ -43,6 +43,9 @@
 #                                     the GPU's idle gaps (bench/trace_breakdown.py over the Chrome traces)
 #   bench/device_pending.sh cache_graph   the weight cache's refresh as one CUDA graph: GPU test (== eager bit for
 #                                     bit), bf16 / fp8_llama with and without the graph / fp4_llama cached, profiled
+#   bench/device_pending.sh lm_head       GPU tests of the linear (the wgrad GEMM's float32 output), then bf16 / fp8_llama
+#                                     / fp8_llama with the output layer (lm_head, tied) quantized too: what the one
+#                                     bf16 GEMM left in the fp8 step costs
 #   bench/device_pending.sh loss_e2e      bf16 / fp8_llama / fp4_llama end to end with the compiled next-token loss
 #                                     (bench/loss.py: 7.2 -> 1.0 ms per micro-batch), profiled, with the breakdown
 #   bench/device_pending.sh host_ops      FP4 block recipes' host overhead: the Hadamard kernel traced by Dynamo
@@ -191,6 +194,13 @@ case "${1:-}" in
       --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
       --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" 2>&1 | grep -v Warning | tee "$OUT/causal_sdpa_e2e.log"
     grep -H "is_nonzero\|cudaStreamSynchronize" "$OUT"/*_top.txt | tee "$OUT/causal_sdpa_syncs.log" ;;
+  lm_head)
+    python3 -m pytest -q tests/precision/test_linear.py tests/precision/test_weight_cache.py 2>&1 | tail -3 \
+      | tee "$OUT/lm_head_gpu_tests.log"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 140 \
+      --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
+      --variant "fp8_head=+exp=fp8_llama $data precision.include=[*.layers.*,lm_head] precision.exclude=[*embed*]" \
+      2>&1 | grep -v Warning | tee "$OUT/lm_head_e2e.log" ;;
   loss_e2e)
     # the next-token loss compiled with model.compile (12-03g: 7.24 -> 1.02 ms and 3.75 GiB less per micro-batch);
     # 12-03f without it: bf16 64,737, fp8_llama 79,406 (1.23x), fp4_llama cached 45,715 (0.71x)

@@ -18,7 +18,7 @@ from pathlib import Path
 # quantize when they take an amax, clamp to the format's range or feed _scaled_mm
 INDUCTOR = [("inductor, quantizing", ("amax", "scaled_mm", "clamp", "float8")), ("inductor, other", ("",))]
 KINDS = [
-    ("gemm fp8", ("qqtst", "f8f8", "e4m3", "fp8_gemm", "block_gemm")),
+    ("gemm fp8", ("_qq", "f8f8", "e4m3", "fp8_gemm", "block_gemm")),    # cuBLAS nvjet_sm90_qq*: FP8 A and B
     ("gemm bf16", ("nvjet", "gemm", "cutlass", "sm90_xmma", "ampere_bf16")),
     ("attention", ("sdpa", "flash", "fmha", "attention", "_attn")),
     ("optimizer", ("multi_tensor", "fused_adam", "adam")),

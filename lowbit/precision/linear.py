@@ -187,9 +187,11 @@ class QuantLinearFunction(torch.autograd.Function):
                                 tensor_amax=dyt_amax)
             if want_dw:
                 if quantized["wgrad"]:
-                    # straight to float32 from the GEMM's float32 accumulator: no rounding to cd, no cast pass
-                    dw = quantized_matmul(dytq, QTensor(x_data, x_scale, recipe.x_t, x_gain), torch.float32,
-                                          recipe.block_gemm)
+                    # float32 master weights: straight from the GEMM's float32 accumulator (no rounding to cd and no
+                    # cast pass; 9 ms of a 766 ms llama_1b fp8 step on an H200); otherwise in cd, as before
+                    wgrad_dtype = torch.float32 if weight.dtype == torch.float32 else cd
+                    dw = quantized_matmul(dytq, QTensor(x_data, x_scale, recipe.x_t, x_gain), wgrad_dtype,
+                                          recipe.block_gemm).float()
                 else:
                     dw = (dy2.t().to(cd) @ x_data).float()
                 if rtq is not None:         # at FP8 rate: the quantized dy^T (made for the wgrad GEMM) times R^T

@@ -193,8 +193,9 @@ def test_dge_kernel_equals_float64(name, asymmetric):
 
     recipe = build_recipe(precision_cfg(name, dge=True, asymmetric=asymmetric))
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"      # the kernel takes CUDA tensors (or the interpreter)
     for rows, cols in ((48, 64), (37, 96)):
-        weight, dw = torch.randn(rows, cols), torch.randn(rows, cols)
+        weight, dw = torch.randn(rows, cols, device=device), torch.randn(rows, cols, device=device)
         parts = weight_parts(weight, asymmetric)
         scales = [quantize_reference(p, recipe.w).scale for p in parts]
         full = [expand_scale(s, recipe.w, weight.shape).expand_as(weight) for s in scales]

@@ -14,6 +14,8 @@ SPEC.loader.exec_module(trace_breakdown)
 
 @pytest.mark.parametrize("name, kind", [
     ("nvjet_sm90_qqtst_256x128_128x4_1x2_h_bz_coopA_TNT", "gemm fp8"),
+    ("nvjet_sm90_qqsss_256x128_128x4_1x2_h_bz_coopA_TNT", "gemm fp8"),        # FP8 inputs, float32 output
+    ("nvjet_sm90_qqsss_128x128_128x6_2x1_v_bz_ovscale_TNT", "gemm fp8"),      # rowwise scales
     ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", "gemm bf16"),
     ("triton_poi_fused__scaled_mm__to_copy_abs_add_clamp_4", "inductor, quantizing"),
     ("triton_poi_fused__unsafe_view_mul_silu_7", "inductor, other"),
