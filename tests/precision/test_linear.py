@@ -200,11 +200,12 @@ def test_dge_kernel_equals_float64(name, asymmetric):
         scales = [quantize_reference(p, recipe.w).scale for p in parts]
         full = [expand_scale(s, recipe.w, weight.shape).expand_as(weight) for s in scales]
         scale = full[0] if len(full) == 1 else torch.where(weight >= 0, full[0], full[1])
-        want = dw.double() * dge_float64(weight.double() / scale.double(), recipe.w.fmt, recipe.dge_k, recipe.dge_clip)
+        want = dw.double().cpu() * dge_float64((weight.double() / scale.double()).cpu(), recipe.w.fmt, recipe.dge_k,
+                                               recipe.dge_clip)
         for fn in (dge_weight_gradient, dge_weight_gradient_triton):
             got = fn(dw, weight, scales, recipe.w, recipe.dge_k, recipe.dge_clip)
             assert got.dtype == torch.float32
-            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-6)
         bf16 = weight.bfloat16()             # bf16 master weights: the kernel reads them as they are
         torch.testing.assert_close(dge_weight_gradient_triton(dw, bf16, scales, recipe.w, recipe.dge_k, recipe.dge_clip),
                                    dge_weight_gradient(dw, bf16, scales, recipe.w, recipe.dge_k, recipe.dge_clip),
