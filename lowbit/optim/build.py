@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lowbit.config import OptimConfig
 
@@ -38,7 +39,9 @@ def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer
     check_numbers(cfg)
     groups = parameter_groups(params, cfg.weight_decay)
     if cfg.name == "adamw":
-        fused = cfg.fused and all(p.is_cuda for p in params)
+        # Torch's fused kernel: on CUDA, and on CPU for plain tensors (its CPU kernel does not take DTensor shards).
+        # Being fused, it can skip a non-finite step on the device (the trainer's found_inf).
+        fused = cfg.fused and all(p.is_cuda or (p.device.type == "cpu" and not isinstance(p, DTensor)) for p in params)
         if cfg.grad_clip_mode != "global":
             raise ValueError(f"optim.grad_clip_mode={cfg.grad_clip_mode!r} is not supported by adamw (it clips the "
                              f"global norm of the accumulated gradient); use optim.grad_clip_mode=global")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 import logging
 import math
@@ -54,7 +55,7 @@ class JsonlLogger:
         self.handle = open(path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict) -> None:
-        self.handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.handle.write(json.dumps({"step": step, "time": round(time.time(), 4), **metrics}) + "\n")
 
     def close(self) -> None:
         self.handle.close()

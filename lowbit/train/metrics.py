@@ -8,24 +8,31 @@ import time
 import torch
 
 
-class StepTimer:
-    """Wall time of one optimizer step, synchronising the device so the time is the work's."""
+class StepClock:
+    """Step times without stalling the host: a mark is a CUDA event on the current stream, so the time between two
+    marks is the device's time for the work queued between them, read once that work has run. On CPU, where work
+    runs as it is queued, a mark is the wall clock."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.start = time.perf_counter()
+        self.cuda = device.type == "cuda"
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
-    def restart(self) -> None:
-        self._sync()
-        self.start = time.perf_counter()
+    def wait(self, mark) -> None:
+        """Until the device has reached `mark` (everything queued before it has run)."""
+        if self.cuda:
+            mark.synchronize()
 
-    def elapsed(self) -> float:
-        self._sync()
-        return time.perf_counter() - self.start
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 def throughput(tokens: int, seconds: float, world_size: int, flops_per_token: float,

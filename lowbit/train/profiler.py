@@ -40,6 +40,13 @@ class StepProfiler:
         self._prof.__enter__()
         self._start = time.perf_counter()
 
+    def starts_at(self, step: int) -> bool:
+        return step == self.first
+
+    def ends_at(self, step: int) -> bool:
+        """Whether `exit(step)` ends the profile (the trainer reads its queued steps first)."""
+        return self._prof is not None and step == self.last
+
     def exit(self, step: int) -> None:
         if self._prof is None or step != self.last:
             return

@@ -2,7 +2,8 @@
 
 Per optimizer step: this rank's micro-batches (gradient accumulation, DDP synchronising only on the
 last), the global gradient norm and clipping, a NaN/Inf guard, the optimizer step at the scheduled
-learning rate, metrics; evaluation and checkpoints at their intervals.
+learning rate, metrics; evaluation and checkpoints at their intervals. The host does not wait for the
+device within a run of steps: a step's loss, norm and time are read once the next step is queued.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lowbit.config import TrainerConfig, OptimConfig
 from lowbit.objectives import Objective
@@ -27,6 +29,26 @@ log = logging.getLogger("lowbit")
 
 class NonFiniteLossError(RuntimeError):
     """Raised with the step number when the loss or gradient norm is NaN/Inf (trainer.on_nan=stop)."""
+
+
+@dataclass
+class QueuedStep:
+    """A step queued on the device, whose figures are read once it has run (Trainer.report)."""
+    step: int
+    tokens: int
+    values: torch.Tensor                # [loss, grad norm]: a pinned host copy on CUDA, landing when the step has run
+    param_norms: tuple[list[tuple[int, str]], torch.Tensor] | None
+    handled: bool                       # the non-finite check was done already (optimizers that cannot skip on device)
+    record: dict                        # what was known on the host when it was queued (lr, memory, ...)
+    start: object                       # the StepClock mark at its start
+
+
+def read_later(values: torch.Tensor) -> torch.Tensor:
+    """A host copy of device values that lands when the device gets there, without making the host wait now."""
+    if values.device.type != "cuda":
+        return values
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
 
 
 @dataclass
@@ -50,6 +72,8 @@ class Trainer:
         self.extra_metrics = extra_metrics      # callable(step) -> dict, e.g. quantization statistics
         self.grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world.dp_size)   # TP/Ulysses ranks share batches
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # each parameter's name and place in the model, for naming non-finite gradients in model order
+        self.param_names = {id(p): (index, name) for index, (name, p) in enumerate(model.named_parameters())}
         self.autocast = self._autocast_context()
         self.profiler = None
         if cfg.profile_step < -1:
@@ -66,6 +90,10 @@ class Trainer:
         if os.environ.get("LOWBIT_NAN_PROBE") == "1":
             from lowbit.train.nan_probe import NanProbe
             self.nan_probe = NanProbe(model)
+        # Torch's fused Adam(W) can skip a non-finite step on the device (see optimizer_step); the NaN probe's
+        # report needs the step's hooks, so with it every step is checked on the host at once.
+        self.skips_on_device = (isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and self.nan_probe is None
+                                and all(group.get("fused") for group in optimizer.param_groups))
 
     def _autocast_context(self):
         from lowbit.parallel.world import mixed_precision_dtype
@@ -75,48 +103,59 @@ class Trainer:
         return lambda: torch.autocast(self.world.device.type, dtype=dtype)
 
     def fit(self) -> TrainState:
+        """The loop never waits for the device inside a run of steps: each step's loss, gradient norm and time are
+        read after the next step has been queued (a step that must be skipped is skipped on the device, see
+        `optimizer_step`), and every action between steps (evaluation, checkpoint, profile, the end) reads the
+        step before it runs."""
         cfg = self.cfg
         batches = self.data.train_batches(micro_batch_size=cfg.micro_batch_size,
                                           grad_accum_steps=self.grad_accum, start_step=self.state.step)
         if cfg.eval_at_start and self.state.step == 0:
             self.evaluate()
-        timer = step_metrics.StepTimer(self.world.device)
+        clock = step_metrics.StepClock(self.world.device)
         start_step = self.state.step
+        pending: QueuedStep | None = None
         while self.state.step < cfg.max_steps:
-            timer.restart()
+            start = clock.mark()
             step = self.state.step
-            if self.profiler is not None:
+            if self.profiler is not None and self.profiler.starts_at(step):
+                if pending is not None:         # the profile's wall time starts with an idle device
+                    self.report(pending, clock, end=start)
+                    pending = None
                 self.profiler.enter(step)
             lr = lr_at(step, self.optim_cfg, cfg.max_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, extra = self.accumulate_gradients(next(batches))
-            grad_norm = self.clip_gradients()
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                self.handle_non_finite(step, loss, grad_norm)
-            else:
-                self.optimizer.step()
+            grad_norm, param_norms = self.clip_gradients()
+            handled = self.optimizer_step(step, loss, grad_norm)
             self.optimizer.zero_grad(set_to_none=True)
             if self.nan_probe is not None:
                 self.nan_probe.reset()
             self.state.step += 1
             tokens = cfg.global_batch_size * self.data.seq_len
             self.state.tokens_seen += tokens
-            record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": self.state.tokens_seen,
-                      **extra, **step_metrics.throughput(tokens, timer.elapsed(), self.world.world_size,
-                                                          self.flops_per_token, self.peak_flops),
+            record = {"lr": lr, "tokens_seen": self.state.tokens_seen, **extra,
                       **step_metrics.memory(self.world.device)}
             if self.extra_metrics is not None:
                 record.update(self.extra_metrics(self.state.step))
+            if pending is not None:             # the previous step has run once the device reaches this one's start
+                self.report(pending, clock, end=start)
+            pending = QueuedStep(step, tokens, read_later(torch.stack([loss, grad_norm.to(loss.device)])),
+                                 param_norms, handled, record, start)
+            stop = cfg.stop_after_steps > 0 and self.state.step - start_step >= cfg.stop_after_steps
+            profiled = self.profiler is not None and self.profiler.ends_at(step)
+            between = stop or self.state.step == cfg.max_steps or self.due(cfg.eval_every) or self.due(cfg.save_every)
+            if profiled or between:         # something runs before the next step: read this one first
+                self.report(pending, clock, end=clock.mark())
+                pending = None
             if self.profiler is not None:       # after the step's timing, so writing the trace is not counted
                 self.profiler.exit(step)
-            if self.state.step % self.log_every == 0 or self.state.step == cfg.max_steps:
-                self.loggers.log(self.state.step, record)
             if self.due(cfg.eval_every):
                 self.evaluate()
             if self.due(cfg.save_every):
                 self.save()
-            if cfg.stop_after_steps > 0 and self.state.step - start_step >= cfg.stop_after_steps:
+            if stop:
                 if not self.due(cfg.save_every):
                     self.save()
                 log.info("stopping after %d steps (trainer.stop_after_steps); trainer.resume=auto continues "
@@ -126,14 +165,28 @@ class Trainer:
             self.profiler.close(self.state.step)
         return self.state
 
+    def report(self, queued: QueuedStep, clock: step_metrics.StepClock, end) -> None:
+        """A queued step's figures, once the device has run it: the non-finite guard's verdict, then the log."""
+        seconds = clock.seconds(queued.start, end)
+        loss, grad_norm = queued.values.tolist()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not queued.handled:
+            self.handle_non_finite(queued.step, loss, grad_norm, self.non_finite_names(queued.param_norms))
+        record = {"loss": loss, "grad_norm": grad_norm, **queued.record,
+                  **step_metrics.throughput(queued.tokens, seconds, self.world.world_size, self.flops_per_token,
+                                            self.peak_flops)}
+        step = queued.step + 1
+        if step % self.log_every == 0 or step == self.cfg.max_steps:
+            self.loggers.log(step, record)
+
     def due(self, every: int) -> bool:
         """Whether an every-N-steps action runs now: N > 0 at multiples and the end, 0 at the end, -1 never."""
         if every < 0:
             return False
         return self.state.step == self.cfg.max_steps or (every > 0 and self.state.step % every == 0)
 
-    def accumulate_gradients(self, micro_batches: list[torch.Tensor]) -> tuple[float, dict]:
-        """Forward/backward every micro-batch; gradients are synchronised across ranks on the last one.
+    def accumulate_gradients(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Forward/backward every micro-batch; gradients are synchronised across ranks on the last one. Returns the
+        mean loss over micro-batches and ranks, on the device (not read here).
 
         An optimizer that reduces gradients itself (AdamA: per micro-batch, in its hooks) gets no DDP sync
         at all, and folds what is still in flight after each backward.
@@ -152,32 +205,72 @@ class Trainer:
             if self_reducing:
                 self.optimizer.finish_micro_batch()
             total += to_local(loss.detach()).float()
-        return all_reduce_mean(total / len(micro_batches)).item(), extra
+        return all_reduce_mean(total / len(micro_batches)), extra
 
-    def clip_gradients(self) -> float:
-        """Global gradient norm (gradients are already averaged over ranks), clipped to optim.grad_clip.
+    def clip_gradients(self) -> tuple[torch.Tensor, tuple[list[tuple[int, str]], torch.Tensor] | None]:
+        """Global gradient norm (gradients are already averaged over ranks), clipped to optim.grad_clip, and each
+        parameter's gradient norm (model order, this rank's shard) to name non-finite ones later; on the device.
 
         AdamA has freed the gradients and clipped in its hooks; it reports its micro-batch norm instead.
         """
         if getattr(self.optimizer, "frees_gradients", False):
-            return self.optimizer.micro_batch_grad_norm()
+            return torch.tensor(self.optimizer.micro_batch_grad_norm(), device=self.world.device), None
+        with_grad = [p for p in self.params if p.grad is not None]
+        if not with_grad:
+            return torch.zeros((), device=self.world.device), None
+        grads = [p.grad for p in with_grad]
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        names = [self.param_names.get(id(p), (len(self.param_names) + i, f"optimizer parameter {i}"))
+                 for i, p in enumerate(with_grad)]
+        param_norms = (names, torch.stack([n.float() for n in torch._foreach_norm(local)]))
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        grads = [p for p in self.params if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(grads, max_norm).item() if grads else 0.0
+        if any(isinstance(g, DTensor) for g in grads):      # sharded: torch reduces each shard's norm
+            total = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+            return (total.full_tensor() if isinstance(total, DTensor) else total), param_norms
+        total = torch.linalg.vector_norm(param_norms[1])
+        if math.isfinite(max_norm):
+            torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
+        return total, param_norms
+
+    def optimizer_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """The optimizer step, unless the loss or gradient norm is NaN/Inf. Torch's fused Adam(W) skips on the
+        device (its `found_inf` input leaves weights, moments and step count as they were), so the host does not
+        wait; other optimizers (AdamA, DeepSpeed's, the foreach AdamW) read the verdict here and handle a
+        non-finite step at once. Returns whether the step needs no further check (`report` checks the rest)."""
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device))
+        if self.skips_on_device:
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            return False
+        if bool(finite):
+            self.optimizer.step()
+            return True
+        self.handle_non_finite(step, loss.item(), grad_norm.item(), self.non_finite_gradients())
+        return True
 
     def non_finite_gradients(self) -> str:
         """Where NaN/Inf gradients are (parameter names, model order): the earliest layers they reached and the
         latest, which is nearest to where the backward produced them. Empty when gradients are freed (AdamA)."""
-        names = [name for name, p in self.model.named_parameters()
-                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        return self.describe_non_finite([name for name, p in self.model.named_parameters()
+                                         if p.grad is not None and not bool(torch.isfinite(p.grad).all())])
+
+    def non_finite_names(self, param_norms: tuple[list[tuple[int, str]], torch.Tensor] | None) -> str:
+        """The same, from the per-parameter norms `clip_gradients` kept (the gradients are gone by then)."""
+        if param_norms is None:
+            return ""
+        names, norms = param_norms
+        bad = sorted(names[i] for i in (~torch.isfinite(norms)).nonzero().flatten().tolist())
+        return self.describe_non_finite([name for _, name in bad])
+
+    @staticmethod
+    def describe_non_finite(names: list[str]) -> str:
         if not names:
             return ""
         shown = names if len(names) <= 6 else names[:3] + ["..."] + names[-3:]
         return f"; non-finite gradients in {len(names)} parameters: {', '.join(shown)}"
 
-    def handle_non_finite(self, step: int, loss: float, grad_norm: float) -> None:
-        message = f"non-finite training values at step {step}: loss={loss}, grad_norm={grad_norm}"
-        message += self.non_finite_gradients()
+    def handle_non_finite(self, step: int, loss: float, grad_norm: float, where: str) -> None:
+        message = f"non-finite training values at step {step}: loss={loss}, grad_norm={grad_norm}{where}"
         if self.nan_probe is not None:
             message += self.nan_probe.report()
         if self.cfg.on_nan == "skip" and self.state.nan_skips < self.cfg.max_nan_skips:

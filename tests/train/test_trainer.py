@@ -70,6 +70,59 @@ def test_refuses_to_overwrite_a_run_and_bad_sizes_before_training(tiny_overrides
     assert not (tmp_path / "other" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 0.0])
+def test_clip_gradients_matches_torch_clip_grad_norm(max_norm):
+    """The trainer's clipping (per-parameter norms kept for diagnosis, the global norm from them) against
+    torch.nn.utils.clip_grad_norm_ on copies; grad_clip=0 reports the norm and leaves the gradients alone."""
+    from types import SimpleNamespace
+
+    from lowbit.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    model(torch.randn(5, 8)).square().sum().backward()
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for r, p in zip(reference, model.parameters()):
+        r.grad = p.grad.clone()
+    before = torch.stack([r.grad.norm() for r in reference])         # each parameter's norm, before clipping
+    expected = torch.nn.utils.clip_grad_norm_(reference, max_norm if max_norm > 0 else float("inf"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    fake = SimpleNamespace(optimizer=optimizer, params=list(model.parameters()), world=SimpleNamespace(device="cpu"),
+                           optim_cfg=SimpleNamespace(grad_clip=max_norm),
+                           param_names={id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())})
+    norm, (names, norms) = Trainer.clip_gradients(fake)
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6) and norm.item() > 0.5
+    assert [name for _, name in names] == [n for n, _ in model.named_parameters()]
+    torch.testing.assert_close(norms, before)
+    for r, p in zip(reference, model.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=0)
+
+
+def test_device_side_skip_matches_the_host_checked_step(tiny_overrides, tmp_path):
+    """Fused AdamW skips a non-finite step on the device (found_inf) and the trainer reads the verdict a step
+    later; the foreach AdamW is checked on the host before its step. Same losses, same skips, same final weights."""
+    from safetensors.torch import load_file
+
+    blow_up = ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", "trainer.eval_at_start=false",
+               "trainer.eval_every=-1", "trainer.export=false", "trainer.max_steps=3", "trainer.on_nan=skip"]
+    runs = {}
+    for fused in ("true", "false"):
+        overrides = [o.replace("/run", f"/fused_{fused}") for o in tiny_overrides]
+        state = run(compose(overrides + blow_up + [f"optim.fused={fused}"]))
+        assert state.nan_skips == 2
+        run_dir = tmp_path / f"fused_{fused}"
+        step = sorted((run_dir / "checkpoints").iterdir())[-1]
+        runs[fused] = (train_losses(run_dir), load_file(next(step.glob("model*.safetensors"))))
+    (losses_f, weights_f), (losses_h, weights_h) = runs["true"], runs["false"]
+    assert losses_f.keys() == losses_h.keys() == {1, 2, 3}
+    for step in (1, 2, 3):          # step 0's update overflows the weights: steps 1 and 2 have NaN gradients
+        assert losses_f[step] == pytest.approx(losses_h[step], rel=1e-6, nan_ok=True)
+    norms = {r["step"]: r["grad_norm"] for r in records(tmp_path / "fused_true") if "grad_norm" in r}
+    assert math.isfinite(norms[1]) and not math.isfinite(norms[2]) and not math.isfinite(norms[3])
+    for name, value in weights_h.items():          # two skipped steps: both kept step 1's weights
+        torch.testing.assert_close(weights_f[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_nan_probe_names_where_the_backward_turned_non_finite(tiny_overrides, monkeypatch):
     """LOWBIT_NAN_PROBE=1: an overflowed model whose loss stays finite (the final RMSNorm's square overflows, its
     output is 0) while every gradient is NaN; the probe names the norm's input as the first non-finite gradient."""
