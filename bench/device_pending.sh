@@ -48,6 +48,21 @@
 #                                     bf16 GEMM left in the fp8 step costs
 #   bench/device_pending.sh loss_e2e      bf16 / fp8_llama / fp4_llama end to end with the compiled next-token loss
 #                                     (bench/loss.py: 7.2 -> 1.0 ms per micro-batch), profiled, with the breakdown
+#   bench/device_pending.sh sync_free     the step without host syncs (non-finite skip on the device, figures read a
+#                                     step late, CUDA-event step times): fused AdamW's found_inf on CUDA, then bf16 /
+#                                     fp8_llama / fp4_llama unprofiled, 8 steps, both clocks
+#   bench/device_pending.sh ab_sync       .carry2/old (the trainer before the sync-free step, with the jsonl's time
+#                                     field) against this tree: bf16 / fp8_llama each, both clocks; then fp8_llama's
+#                                     steps 3-4 profiled together (a step boundary inside the trace) and broken down
+#                                     (PROFILE=0: the A/B only)
+#   bench/device_pending.sh fused_proj    one llama_1b layer compiled, q/k/v and gate/up as one GEMM each against
+#                                     separate ones, bf16 and fp8 tensorwise (bench/fused_projections.py)
+#   bench/device_pending.sh cd_tuning     fp8_llama with and without Inductor's coordinate-descent tuning of its fused
+#                                     kernels (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1; the quantizing fusions run at
+#                                     ~50% of HBM bandwidth), unprofiled
+#   bench/device_pending.sh gemm_shapes   each of a llama_1b layer's 21 GEMMs at 8192 tokens, FP8 tensorwise against bf16,
+#                                     TFLOP/s and share of peak (bench/gemm_shapes.py), with cuBLASLt's default
+#                                     workspace and with 64 MiB (CUBLASLT_WORKSPACE_SIZE)
 #   bench/device_pending.sh host_ops      FP4 block recipes' host overhead: the Hadamard kernel traced by Dynamo
 #   bench/device_pending.sh tma_t         x^T_q stored by TMA vs pointers: GPU tests, pairs, ncu, e2e both ways
 #   bench/device_pending.sh offload_gpu   the GPU tests of activation offload (model moved to CUDA after apply)
@@ -210,6 +225,43 @@ case "${1:-}" in
       --variant "fp4=+exp=fp4_llama $data" 2>&1 | grep -v Warning | tee "$OUT/loss_e2e.log"
     python3 bench/trace_breakdown.py "$OUT"/traces/*_trace.json.gz --top 30 > "$OUT/loss_breakdown.md"
     rm -rf "$OUT/traces" ;;
+  sync_free)
+    # 12-03h (a host sync per step for the loss, one for the grad norm, and the step timer's): bf16 68,774,
+    # fp8_llama 85,881 (1.25x) unprofiled
+    python3 - <<'PY' 2>&1 | tee "$OUT/found_inf.log"
+import torch
+p = torch.nn.Parameter(torch.randn(64, 64, device="cuda")); p.grad = torch.randn_like(p)
+opt = torch.optim.AdamW([p], lr=0.1, fused=True); before = p.detach().clone()
+opt.found_inf = torch.ones((), device="cuda"); opt.step()
+print("found_inf=1 leaves the weight:", torch.equal(before, p.detach()), "step", opt.state[p]["step"].item())
+opt.found_inf = torch.zeros((), device="cuda"); opt.step()
+print("found_inf=0 steps:", not torch.equal(before, p.detach()), "step", opt.state[p]["step"].item())
+PY
+    python3 bench/train_throughput.py --steps 8 --warmup 3 --timeout 160 \
+      --variant "bf16=+exp=bf16_llama $data" --variant "fp8=+exp=fp8_llama $data" \
+      --variant "fp4=+exp=fp4_llama $data" 2>&1 | grep -v Warning | tee "$OUT/sync_free_e2e.log" ;;
+  ab_sync)
+    abs_data="model.tokenizer=$PWD/.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
+    for tree in old:.carry2/old new:.; do
+      python3 "${tree#*:}/bench/train_throughput.py" --steps 8 --warmup 3 --timeout 160 \
+        --variant "bf16=+exp=bf16_llama $abs_data" --variant "fp8=+exp=fp8_llama $abs_data" 2>&1 | grep -v Warning \
+        | tee "$OUT/ab_sync_${tree%%:*}.log"
+    done
+    [ "${PROFILE:-1}" = 0 ] && exit 0
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 160 --profile 3 --profile-steps 2 --trace \
+      --profile-dir "$OUT/traces" --variant "fp8=+exp=fp8_llama $data" 2>&1 | grep -v Warning | tee "$OUT/ab_sync_profile.log"
+    python3 bench/trace_breakdown.py "$OUT"/traces/*_trace.json.gz --top 30 > "$OUT/ab_sync_breakdown.md"
+    rm -rf "$OUT/traces" ;;
+  fused_proj)
+    python3 bench/fused_projections.py --tokens 8192 2>&1 | grep -v Warning | tee "$OUT/fused_projections.log" ;;
+  cd_tuning)
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --variant "fp8=+exp=fp8_llama $data" \
+      --variant "fp8_cd=+exp=fp8_llama $data env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" 2>&1 | grep -v Warning \
+      | tee "$OUT/cd_tuning.log" ;;
+  gemm_shapes)
+    python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning | tee "$OUT/gemm_shapes.log"
+    CUBLASLT_WORKSPACE_SIZE=65536 python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning \
+      | tee "$OUT/gemm_shapes_ws64m.log" ;;
   cache_graph)
     # 12-03 breakdown: fp8_llama's GPU idles 28.6 ms at each step's start while the host launches the weight cache's
     # refresh (112 layers x amax, quantize, copies: ~4 ms of kernels); now one CUDA graph replay

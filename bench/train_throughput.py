@@ -8,8 +8,9 @@ variable of that variant's process instead.
     python bench/train_throughput.py --steps 12 --out docs/RESULTS.md \
         --variant "bf16=+exp=bf16_llama" --variant "fp8_rowwise=+exp=fp8_llama precision=fp8_rowwise"
 
---profile N runs step N of each variant under torch.profiler (trainer.profile_step; that step is left out of the
-median) and copies its top-kernel table to --profile-dir as NAME_top.txt; the table's first line, the step's wall
+--profile N runs step N of each variant under torch.profiler (trainer.profile_step; --profile-steps K profiles
+steps N to N+K-1 as one window; they are left out of the median) and copies its top-kernel table to --profile-dir
+as NAME_top.txt; the table's first line, the step's wall
 time against the GPU's kernel time, is printed with the variant's figures; --trace also keeps its Chrome trace
 (NAME_trace.json.gz) for bench/trace_breakdown.py.
 """
@@ -32,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, timeout: int,
-                profile: int = -1) -> dict:
+                profile: int = -1, profile_steps: int = 1) -> dict:
     command = [sys.executable, str(ROOT / "train.py"), *overrides, f"trainer.max_steps={steps}",
                "trainer.eval_every=-1", "trainer.eval_at_start=false", "trainer.save_every=-1",
                "trainer.export=false", "logger.backends=[jsonl]", f"run_dir={run_dir}"]
     if profile >= 0:
-        command += [f"trainer.profile_step={profile}", "trainer.profile_steps=1"]
+        command += [f"trainer.profile_step={profile}", f"trainer.profile_steps={profile_steps}"]
     env = dict(os.environ, **dict(o[4:].split("=", 1) for o in overrides if o.startswith("env:")))
     command = [o for o in command if not o.startswith("env:")]
     try:
@@ -48,10 +49,17 @@ def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, ti
         return {"error": (result.stderr or result.stdout)[-1500:]}
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/tokens_per_s" in r][warmup:]
-    rows = [r for r in rows if r["step"] != profile + 1]          # the profiled step (logged as step N + 1)
+    profiled = range(profile + 1, profile + 1 + profile_steps) if profile >= 0 else range(0)
+    rows = [r for r in rows if r["step"] not in profiled]        # the profiled steps (step N is logged as N + 1)
     pick = lambda key: statistics.median(r[key] for r in rows) if rows and key in rows[0] else float("nan")
-    result = {"tokens_per_s": pick("perf/tokens_per_s"), "mfu": pick("perf/mfu"),
-              "peak_gib": pick("mem/peak_allocated_gib"), "loss": rows[-1]["loss"] if rows else float("nan"),
+    # A second clock: the host's wall time between the rows of consecutive timed steps, against the trainer's
+    # per-step device time (CUDA events) behind perf/tokens_per_s. A row is written once its step has run and the
+    # host has queued the next one (the last row, written at the end, is left out: it follows no queued step).
+    pairs = [(a, b) for a, b in zip(rows[:-1], rows[1:-1]) if b["step"] == a["step"] + 1 and "time" in a]
+    wall_tokens_per_s = (sum(b["perf/tokens_per_s"] * b["perf/step_time_s"] for _, b in pairs)
+                         / sum(b["time"] - a["time"] for a, b in pairs)) if pairs else float("nan")
+    result = {"tokens_per_s": pick("perf/tokens_per_s"), "wall_tokens_per_s": wall_tokens_per_s,
+              "mfu": pick("perf/mfu"), "peak_gib": pick("mem/peak_allocated_gib"), "loss": rows[-1]["loss"] if rows else float("nan"),
               "steps_timed": len(rows)}
     top = run_dir / "profile" / "top_rank0.txt"
     if profile >= 0 and top.is_file():
@@ -67,6 +75,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", type=Path, help="append a markdown table to this file")
     parser.add_argument("--profile", type=int, default=-1, help="profile this step of each variant (-1: none)")
+    parser.add_argument("--profile-steps", type=int, default=1, help="profile this many steps from --profile on")
     parser.add_argument("--profile-dir", type=Path, default=Path("."), help="where NAME_top.txt tables go")
     parser.add_argument("--trace", action="store_true", help="also copy each profiled step's Chrome trace there, "
                         "gzipped, as NAME_trace.json.gz (read it with bench/trace_breakdown.py)")
@@ -78,7 +87,7 @@ def main() -> None:
         for spec in args.variant:
             name, _, overrides = spec.partition("=")
             results[name] = run_variant(shlex.split(overrides), args.steps, args.warmup, Path(tmp) / name, args.timeout,
-                                        args.profile)
+                                        args.profile, args.profile_steps)
             profiled = Path(tmp) / name / "profile"
             if (profiled / "top_rank0.txt").is_file():
                 args.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -90,15 +99,17 @@ def main() -> None:
             print(name, results[name], flush=True)
     base = next(iter(results.values())).get("tokens_per_s")
     lines = [f"\n### Training throughput, {device}, {datetime.date.today()}\n",
-             f"`python bench/train_throughput.py --steps {args.steps}` (median of steps {args.warmup + 1}-{args.steps})\n",
-             "| variant | overrides | tokens/s | vs first | MFU | peak GiB | last loss |", "|---|---|---|---|---|---|---|"]
+             f"`python bench/train_throughput.py --steps {args.steps}` (median of steps {args.warmup + 1}-{args.steps}; "
+             f"wall: the host clock over the consecutive timed steps)\n",
+             "| variant | overrides | tokens/s | vs first | wall tokens/s | MFU | peak GiB | last loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for spec, (name, r) in zip(args.variant, results.items()):
         overrides = spec.partition("=")[2]
         if "error" in r:
-            lines.append(f"| {name} | `{overrides}` | failed: {r['error'][-200:]!r} | | | | |")
+            lines.append(f"| {name} | `{overrides}` | failed: {r['error'][-200:]!r} | | | | | |")
             continue
         lines.append(f"| {name} | `{overrides}` | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | "
-                     f"{r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['loss']:.3f} |")
+                     f"{r['wall_tokens_per_s']:.0f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['loss']:.3f} |")
     lines += [f"\nprofile of step {args.profile}, {name}: {r['profile']}" for name, r in results.items() if "profile" in r]
     table = "\n".join(lines)
     print(table)
