@@ -23,11 +23,6 @@ class StepClock:
         event.record()
         return event
 
-    def wait(self, mark) -> None:
-        """Until the device has reached `mark` (everything queued before it has run)."""
-        if self.cuda:
-            mark.synchronize()
-
     def seconds(self, start, end) -> float:
         if not self.cuda:
             return end - start
