@@ -59,7 +59,8 @@ def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, ti
     wall_tokens_per_s = (sum(b["perf/tokens_per_s"] * b["perf/step_time_s"] for _, b in pairs)
                          / sum(b["time"] - a["time"] for a, b in pairs)) if pairs else float("nan")
     result = {"tokens_per_s": pick("perf/tokens_per_s"), "wall_tokens_per_s": wall_tokens_per_s,
-              "mfu": pick("perf/mfu"), "peak_gib": pick("mem/peak_allocated_gib"), "loss": rows[-1]["loss"] if rows else float("nan"),
+              "mfu": pick("perf/mfu"), "peak_gib": pick("mem/peak_allocated_gib"),
+              "loss": rows[-1]["loss"] if rows else float("nan"),
               "steps_timed": len(rows)}
     top = run_dir / "profile" / "top_rank0.txt"
     if profile >= 0 and top.is_file():
