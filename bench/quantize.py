@@ -207,7 +207,7 @@ def sweep(results):
         out = torch.empty_like(x)
         copy_gbs = 4 * x.numel() / graph_ms(lambda: out.copy_(x)) / 1e6
         for label, q in (("rowwise", Quantizer(E4M3, 1, 0)), ("tensorwise", Quantizer(E4M3, 0, 0))):
-            for amax_tile in ((64, 64), (128, 128), (128, 256), (256, 128)):
+            for amax_tile in ((32, 128, 512, 3), (64, 64, 512, 3), (16, 128, 256, 3), (32, 64, 512, 3)):
                 for pair_tile, warps in (((64, 64), 4), ((128, 64), 4), ((64, 128), 4), ((128, 128), 8)):
                     quantize_triton.AMAX_TILE, quantize_triton.PAIR_TILE = amax_tile, pair_tile
                     quantize_triton.PAIR_WARPS = warps
@@ -219,7 +219,7 @@ def sweep(results):
                     ratio = 6 * x.numel() / ms / 1e6 / copy_gbs
                     rows.append(dict(shape=shape, kernel=label, amax_tile=amax_tile, pair_tile=pair_tile, warps=warps,
                                      graph_ms=ms, ratio=ratio))
-                    print(f"{str(shape):>14} {label:<10} amax {str(amax_tile):<10} pair {str(pair_tile):<9} "
+                    print(f"{str(shape):>14} {label:<10} amax {str(amax_tile):<18} pair {str(pair_tile):<9} "
                           f"{warps} warps: {ms:6.3f} ms  ratio {ratio:4.2f}", flush=True)
     quantize_triton.AMAX_TILE, quantize_triton.PAIR_TILE, quantize_triton.PAIR_WARPS = defaults
     results["sweep"] = rows

@@ -24,7 +24,7 @@ if AVAILABLE:
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from lowbit.kernels.quantize_triton import (FLOOR, _amax_kernel, _round_to_grid, _round_to_grid_stochastic,
+    from lowbit.kernels.quantize_triton import (FLOOR, launch_amax, _round_to_grid, _round_to_grid_stochastic,
                                                 _to_grid)
 
     @triton.jit
@@ -269,9 +269,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
     if quantizer.scale_rule == "nvfp4":                 # the FP32 tensor scale needs the tensor amax first
         if tensor_amax is None:
             tensor_amax = torch.zeros(1, device=x.device, dtype=torch.float32)
-            grid = (triton.cdiv(R, 64), triton.cdiv(C, 64))
-            _amax_kernel[grid](x, tensor_amax, tensor_amax, R, C, x.stride(0), BLOCK_R=64, BLOCK_C=64,
-                               ROWS=False, COLS=False, TENSOR=True)
+            launch_amax(x, tensor_amax, tensor_amax, per_row=False, per_col=False)
         tensor_amax = reduce_amax(tensor_amax, quantizer)       # tensor parallelism: over the whole weight/activation
         check_finite(tensor_amax, "operand")
         gain = torch.empty(1, device=x.device, dtype=torch.float32)     # written by the kernel

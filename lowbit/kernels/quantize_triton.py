@@ -3,7 +3,7 @@
 For an operand x [R, C] the forward GEMM wants it scaled along C, the backward GEMM wants x^T [C, R]
 scaled along R. Two launches, each one read of x:
   1. `_amax_kernel`: per-row amax (over C) and per-column amax (over R), or one tensor amax, from one
-     read of each tile (atomic max; NaN is turned into +Inf so it cannot be lost).
+     read of each tile (integer atomic max on the float bits; NaN is turned into +Inf so it cannot be lost).
   2. `_quantize_pair_kernel`: reads each tile once more, multiplies by the row (and column) inverse
      scale, rounds onto the format grid (the integer/float steps of lowbit.precision.formats, so the
      result equals the PyTorch reference bit for bit; on a GPU, E4M3 and E5M2 are only saturated and the
@@ -90,20 +90,32 @@ if AVAILABLE:
 
     @triton.jit
     def _amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, C, stride_r,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                     TENSOR: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STRIP_R: tl.constexpr, STAGES: tl.constexpr,
+                     ROWS: tl.constexpr, COLS: tl.constexpr, TENSOR: tl.constexpr):
+        """max |x| per row, per column or over the tensor, into int32 views of zeroed float32 buffers: |x| >= 0, so
+        the float bits order like the values and one integer atomic max does. A program walks STRIP_R rows of a
+        BLOCK_C column strip in BLOCK_R-row tiles (loads pipelined over STAGES), reduces each tile along its rows,
+        and keeps an element-wise running maximum that it reduces over the rows once, at the end: a reduction
+        across rows per tile cost more than the memory traffic (bench/quantize_passes.py)."""
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (rows[:, None] < R) & (cols[None, :] < C)
-        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        magnitude = tl.abs(x)
-        magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))   # NaN -> Inf: never dropped
-        if TENSOR:
-            tl.atomic_max(row_amax_ptr, tl.max(tl.max(magnitude, axis=1), axis=0))
-        if ROWS:
-            tl.atomic_max(row_amax_ptr + rows, tl.max(magnitude, axis=1), mask=rows < R)
-        if COLS:
-            tl.atomic_max(col_amax_ptr + cols, tl.max(magnitude, axis=0), mask=cols < C)
+        running = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        r0 = tl.program_id(0) * STRIP_R
+        for r in tl.range(r0, tl.minimum(r0 + STRIP_R, R), BLOCK_R, num_stages=STAGES):
+            rows = r + tl.arange(0, BLOCK_R)
+            mask = (rows[:, None] < R) & (cols[None, :] < C)
+            x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            magnitude = tl.abs(x)
+            magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))   # NaN -> Inf: never dropped
+            if ROWS:
+                tl.atomic_max(row_amax_ptr + rows, tl.max(magnitude, axis=1).to(tl.int32, bitcast=True),
+                              mask=rows < R, sem="relaxed")
+            running = tl.maximum(running, magnitude)
+        if COLS or TENSOR:
+            col_max = tl.max(running, axis=0)
+            if TENSOR:
+                tl.atomic_max(row_amax_ptr, tl.max(col_max, axis=0).to(tl.int32, bitcast=True), sem="relaxed")
+            if COLS:
+                tl.atomic_max(col_amax_ptr + cols, col_max.to(tl.int32, bitcast=True), mask=cols < C, sem="relaxed")
 
     @triton.jit
     def _absmax_scales(amax, MAX: tl.constexpr):
@@ -151,8 +163,8 @@ if AVAILABLE:
             tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
 
 
-AMAX_TILE = (64, 64)    # (rows, cols) per program of the amax pass (bench/quantize.py --sweep)
-PAIR_TILE = (64, 64)    # (rows, cols) per program of the quantize pass
+AMAX_TILE = (32, 128, 512, 3)   # (tile rows, strip columns, strip rows, pipeline stages) of the amax pass
+PAIR_TILE = (64, 128)           # (rows, cols) per program of the quantize pass (bench/quantize_passes.py, H200)
 PAIR_WARPS = 4
 HARDWARE_CAST = True    # E4M3/E5M2: round by the float8 cast itself (False: lowbit's integer rounding; A/B in bench)
 
@@ -164,16 +176,22 @@ def hardware_cast(fmt, device: torch.device) -> bool:
     return HARDWARE_CAST and fmt.name in ("e4m3", "e5m2") and device.type == "cuda"
 
 
+def launch_amax(x: torch.Tensor, row_amax: torch.Tensor, col_amax: torch.Tensor, per_row: bool, per_col: bool):
+    """max |x| into zeroed float32 buffers: per row [R] or over the tensor [1], and per column [C] if per_col."""
+    R, C = x.shape
+    block_r, block_c, strip_r, stages = AMAX_TILE
+    grid = (triton.cdiv(R, strip_r), triton.cdiv(C, block_c))
+    _amax_kernel[grid](x, row_amax.view(torch.int32), col_amax.view(torch.int32), R, C, x.stride(0),
+                       BLOCK_R=block_r, BLOCK_C=block_c, STRIP_R=strip_r, STAGES=stages,
+                       ROWS=per_row, COLS=per_col, TENSOR=not per_row, num_warps=4)
+
+
 def _launch_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.Tensor, torch.Tensor]:
     R, C = x.shape
     rows = R if per_row else 1
     amax = torch.zeros(rows + (C if per_col else 1), device=x.device, dtype=torch.float32)   # one launch
     row_amax, col_amax = amax[:rows], amax[rows:]
-    block_r, block_c = AMAX_TILE
-    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
-    _amax_kernel[grid](x, row_amax, col_amax, R, C, x.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
-                       ROWS=per_row, COLS=per_col, TENSOR=not per_row,
-                       num_warps=8 if block_r * block_c > 64 * 64 else 4)
+    launch_amax(x, row_amax, col_amax, per_row, per_col)
     return row_amax, col_amax
 
 

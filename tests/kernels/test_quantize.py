@@ -83,11 +83,49 @@ def test_triton_quantize_equals_reference_bitwise_under_interpreter():
     run_under_interpreter("check_triton_equals_reference", "OK 64")
 
 
+def check_amax_strips(device: str = "cpu") -> None:
+    """The amax pass (`_amax_kernel`: programs walk strips of rows, integer atomics on the float bits) equals
+    torch.amax of |x| per row, per column and over the tensor, NaN read as Inf, where the strips and the column blocks
+    end part-way (several strips per column block, a ragged last one), at the default tiles and at small ones."""
+    from lowbit.kernels import quantize_triton
+
+    generator = torch.Generator().manual_seed(5)
+    default = quantize_triton.AMAX_TILE
+    cases = [(default, (1100, 300)), ((8, 16, 40, 2), (97, 45)), ((4, 32, 4, 1), (9, 70))]
+    try:
+        for tile, (rows, cols) in cases:
+            quantize_triton.AMAX_TILE = tile
+            x = torch.randn(rows, cols, generator=generator) * 3
+            x[rows - 1, cols - 1] = -50.0                  # the last tile's corner, negative: |x| must win
+            x[rows // 2] = 0.0
+            y = x.clone()
+            y[1, cols // 2] = float("nan")
+            for data in (x, y):
+                magnitude = data.abs().nan_to_num(nan=float("inf"))
+                for dtype in (torch.float32, torch.bfloat16):
+                    xd = data.to(device, dtype)
+                    want = magnitude.to(dtype).float()
+                    row_amax, col_amax = quantize_triton._launch_amax(xd, True, True)
+                    assert torch.equal(row_amax.cpu(), want.amax(1)) and torch.equal(col_amax.cpu(), want.amax(0)), tile
+                    row_only, _ = quantize_triton._launch_amax(xd, True, False)
+                    tensor, _ = quantize_triton._launch_amax(xd, False, False)
+                    assert torch.equal(row_only.cpu(), want.amax(1)) and torch.equal(tensor.cpu(), want.amax().reshape(1))
+    finally:
+        quantize_triton.AMAX_TILE = default
+    print("OK amax strips")
+
+
+@pytest.mark.slow
+def test_amax_pass_over_strips_under_interpreter():
+    run_under_interpreter("check_amax_strips", "OK amax strips")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_quantize_equals_reference_on_gpu():
     """The compiled kernels, where E4M3/E5M2 are rounded by the float8 cast itself, on the same cases."""
     check_triton_equals_reference("cuda")
+    check_amax_strips("cuda")
     check_block_kernel_equals_reference("cuda")
     check_e2m1_rounding("cuda")
 
