@@ -60,6 +60,8 @@
 #   bench/device_pending.sh cd_tuning     fp8_llama with and without Inductor's coordinate-descent tuning of its fused
 #                                     kernels (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1; the quantizing fusions run at
 #                                     ~50% of HBM bandwidth), unprofiled
+#   bench/device_pending.sh cd_both       the GEMM table below, then bf16 / fp8_llama with and without coordinate-descent
+#                                     tuning in one run
 #   bench/device_pending.sh gemm_shapes   each of a llama_1b layer's 21 GEMMs at 8192 tokens, FP8 tensorwise against bf16,
 #                                     TFLOP/s and share of peak (bench/gemm_shapes.py), with cuBLASLt's default
 #                                     workspace and with 64 MiB (CUBLASLT_WORKSPACE_SIZE)
@@ -258,6 +260,15 @@ PY
     python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --variant "fp8=+exp=fp8_llama $data" \
       --variant "fp8_cd=+exp=fp8_llama $data env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" 2>&1 | grep -v Warning \
       | tee "$OUT/cd_tuning.log" ;;
+  cd_both)
+    # coordinate-descent tuning of Inductor's kernels in both recipes (12-03i: fp8_llama +1.2%, bf16 not run), after
+    # the per-shape GEMM table (bench/gemm_shapes.py, default cuBLASLt workspace)
+    python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning | tee "$OUT/gemm_shapes.log"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 130 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "fp8=+exp=fp8_llama $data" \
+      --variant "bf16_cd=+exp=bf16_llama $data env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" \
+      --variant "fp8_cd=+exp=fp8_llama $data env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" 2>&1 | grep -v Warning \
+      | tee "$OUT/cd_both.log" ;;
   gemm_shapes)
     python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning | tee "$OUT/gemm_shapes.log"
     CUBLASLT_WORKSPACE_SIZE=65536 python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning \
