@@ -62,6 +62,7 @@
 #                                     ~50% of HBM bandwidth), unprofiled
 #   bench/device_pending.sh cd_both       the GEMM table below, then bf16 / fp8_llama with and without coordinate-descent
 #                                     tuning in one run
+#   bench/device_pending.sh pw_autotune   bf16 / fp8_llama with and without Inductor's pointwise/reduction autotuning
 #   bench/device_pending.sh gemm_shapes   each of a llama_1b layer's 21 GEMMs at 8192 tokens, FP8 tensorwise against bf16,
 #                                     TFLOP/s and share of peak (bench/gemm_shapes.py), with cuBLASLt's default
 #                                     workspace and with 64 MiB (CUBLASLT_WORKSPACE_SIZE)
@@ -269,6 +270,15 @@ PY
       --variant "bf16_cd=+exp=bf16_llama $data env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" \
       --variant "fp8_cd=+exp=fp8_llama $data env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" 2>&1 | grep -v Warning \
       | tee "$OUT/cd_both.log" ;;
+  pw_autotune)
+    # Inductor's autotuning of its pointwise and reduction kernels only (not the GEMMs, whose autotuning did not
+    # finish compiling in 560 s, 14th session): the quantizing fusions' amax reductions run at ~0.62 of a copy
+    # (12-03 profile), lowbit's own amax pass at 0.75-0.81 since the 21st session
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 140 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "fp8=+exp=fp8_llama $data" \
+      --variant "bf16_pw=+exp=bf16_llama $data env:TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE=1" \
+      --variant "fp8_pw=+exp=fp8_llama $data env:TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE=1" 2>&1 | grep -v Warning \
+      | tee "$OUT/pw_autotune.log" ;;
   gemm_shapes)
     python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning | tee "$OUT/gemm_shapes.log"
     CUBLASLT_WORKSPACE_SIZE=65536 python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning \
