@@ -63,6 +63,8 @@
 #   bench/device_pending.sh cd_both       the GEMM table below, then bf16 / fp8_llama with and without coordinate-descent
 #                                     tuning in one run
 #   bench/device_pending.sh pw_autotune   bf16 / fp8_llama with and without Inductor's pointwise/reduction autotuning
+#   bench/device_pending.sh rowwise_kernels  fp8 rowwise / fp4_llama end to end with lowbit's quantize kernels against
+#                                     Inductor's fusions (the rowwise pairs' amax pass 2x faster since 12-03)
 #   bench/device_pending.sh gemm_shapes   each of a llama_1b layer's 21 GEMMs at 8192 tokens, FP8 tensorwise against bf16,
 #                                     TFLOP/s and share of peak (bench/gemm_shapes.py), with cuBLASLt's default
 #                                     workspace and with 64 MiB (CUBLASLT_WORKSPACE_SIZE)
@@ -279,6 +281,16 @@ PY
       --variant "bf16_pw=+exp=bf16_llama $data env:TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE=1" \
       --variant "fp8_pw=+exp=fp8_llama $data env:TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE=1" 2>&1 | grep -v Warning \
       | tee "$OUT/pw_autotune.log" ;;
+  rowwise_kernels)
+    # the rowwise pairs' amax pass is ~2x faster since the 21st session (0.63 -> 0.82-0.85 of a copy): do lowbit's
+    # kernels now beat Inductor's fusions in compiled layers (fp8 rowwise end to end was 0.93x bf16 with them,
+    # 1.03x with Inductor's; `quantize_kernels=auto` takes Inductor's)? fp4_llama's activations use E2M1 rowwise pairs
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 130 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "rowwise=+exp=bf16_llama precision=fp8_rowwise $data" \
+      --variant "rowwise_triton=+exp=bf16_llama precision=fp8_rowwise precision.quantize_kernels=triton $data" \
+      --variant "fp4=+exp=fp4_llama $data" \
+      --variant "fp4_triton=+exp=fp4_llama precision.quantize_kernels=triton $data" 2>&1 | grep -v Warning \
+      | tee "$OUT/rowwise_kernels.log" ;;
   gemm_shapes)
     python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning | tee "$OUT/gemm_shapes.log"
     CUBLASLT_WORKSPACE_SIZE=65536 python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning \
