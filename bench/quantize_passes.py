@@ -167,59 +167,77 @@ def amax_partial(x, block_r, block_c, strip_r, warps):
     return amax[:R], amax[R:]
 
 
-def main() -> None:
+def ms(fn) -> float:
+    """GPU time of fn replayed from a CUDA graph."""
     from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=200, return_mode="median")
 
-    def ms(fn):
-        return do_bench_cudagraph(fn, rep=200, return_mode="median")
 
+def amax_candidates(x):
+    """(label, fn) of lowbit's amax pass and every candidate; fn returns (row amax, column amax) where it has both."""
+    rows = [("tensor amax (lowbit)", lambda: _launch_amax(x, False, False), False),
+            ("row+col amax (lowbit)", lambda: _launch_amax(x, True, True), True)]
+    for block_r, block_c, strip_r, warps in ((64, 64, 64, 4), (64, 64, 256, 4), (32, 128, 256, 4)):
+        rows.append((f"int atomics {block_r}x{block_c} strip {strip_r} {warps}w",
+                     lambda a=(block_r, block_c, strip_r, warps): amax_int(x, *a), True))
+    for block_r, block_c, strip_r, warps in ((64, 64, 64, 4), (64, 64, 256, 4), (32, 128, 256, 4)):
+        rows.append((f"partials {block_r}x{block_c} strip {strip_r} {warps}w",
+                     lambda a=(block_r, block_c, strip_r, warps): amax_partial(x, *a), True))
+    for tiling in ((32, 64, 256, 4, 2), (32, 64, 512, 4, 3), (64, 64, 512, 4, 3), (32, 128, 256, 4, 2),
+                   (32, 128, 512, 4, 3), (16, 128, 256, 4, 3), (64, 128, 512, 8, 2), (32, 256, 512, 8, 3)):
+        for partial in (False, True):
+            block_r, block_c, strip_r, warps, stages = tiling
+            label = f"acc {'partials' if partial else 'int atom'} {block_r}x{block_c} s{strip_r} {warps}w {stages}st"
+            rows.append((label, lambda a=tiling + (partial,): amax_acc(x, *a), True))
+    return rows
+
+
+def time_amax(x, copy_gbs: float) -> None:
+    want_r, want_c = x.float().abs().amax(1), x.float().abs().amax(0)
+    read_gb = 2 * x.numel() / 1e9
+    for label, fn, both in amax_candidates(x):
+        if both:
+            got_r, got_c = fn()
+            if not (torch.equal(got_r, want_r) and torch.equal(got_c, want_c)):
+                print(f"  {label:<40} WRONG", flush=True)
+                continue
+        gbs = read_gb / ms(fn) * 1e3
+        print(f"  {label:<40} {read_gb / gbs * 1e6:7.1f} us  {gbs:6.0f} GB/s read  "
+              f"{gbs / copy_gbs:4.2f} of copy", flush=True)
+
+
+def time_pair(x, copy_gbs: float) -> None:
+    """The quantize pass alone (x read, x_q and x^T_q written): tensorwise, and rowwise over tiles."""
+    code = FORMAT_CODES["e4m3"]
+    moved_gb = 4 * x.numel() / 1e9
+    r_amax, c_amax = _launch_amax(x, True, True)
+    t_amax, _ = _launch_amax(x, False, False)
+    runs = [("tensor pair pass", None, lambda: _launch_pair(x, t_amax, t_amax, code, code, True, True))]
+    for tile, warps in (((64, 64), 4), ((64, 128), 4), ((128, 64), 8), ((32, 128), 4), ((64, 64), 8)):
+        runs.append((f"rowwise pair pass {tile} {warps}w", (tile, warps),
+                     lambda: _launch_pair(x, r_amax, c_amax, code, code, True, False)))
+    defaults = quantize_triton.PAIR_TILE, quantize_triton.PAIR_WARPS
+    try:
+        for label, setting, fn in runs:
+            if setting:
+                quantize_triton.PAIR_TILE, quantize_triton.PAIR_WARPS = setting
+            gbs = moved_gb / ms(fn) * 1e3
+            print(f"  {label:<40} {moved_gb / gbs * 1e6:7.1f} us  {gbs:6.0f} GB/s moved  {gbs / copy_gbs:4.2f} of copy",
+                  flush=True)
+    finally:
+        quantize_triton.PAIR_TILE, quantize_triton.PAIR_WARPS = defaults
+
+
+def main() -> None:
     print(torch.cuda.get_device_name(), flush=True)
     for shape in ((8192, 4096), (8192, 14336), (4096, 8192)):
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         x[5, 7] = -40.0         # a large negative entry: |x| must win
-        n = x.numel()
         out = torch.empty_like(x)
-        copy = ms(lambda: out.copy_(x))
-        read_tb = 2 * n / 1e9           # GB read by an amax pass
-        want_r = x.float().abs().amax(1)
-        want_c = x.float().abs().amax(0)
-        print(f"\n{shape}: copy {copy * 1e3:.1f} us ({4 * n / copy / 1e6:.0f} GB/s)", flush=True)
-        rows = [("tensor amax (lowbit)", lambda: _launch_amax(x, False, False), None),
-                ("row+col amax (lowbit)", lambda: _launch_amax(x, True, True), "rc")]
-        for block_r, block_c, strip_r, warps in ((64, 64, 64, 4), (64, 64, 256, 4), (32, 128, 256, 4)):
-            rows.append((f"int atomics {block_r}x{block_c} strip {strip_r} {warps}w",
-                         lambda a=(block_r, block_c, strip_r, warps): amax_int(x, *a), "rc"))
-        for block_r, block_c, strip_r, warps, stages in ((32, 64, 256, 4, 2), (32, 64, 512, 4, 3), (64, 64, 256, 4, 2),
-                                                         (64, 64, 512, 4, 2), (64, 64, 512, 4, 3), (32, 128, 256, 4, 2),
-                                                         (32, 128, 512, 4, 3), (16, 128, 256, 4, 3),
-                                                         (64, 128, 512, 8, 2), (32, 256, 512, 8, 3)):
-            for partial in (False, True):
-                rows.append((f"acc {'partials' if partial else 'int atom'} {block_r}x{block_c} s{strip_r} {warps}w "
-                             f"{stages}st", lambda a=(block_r, block_c, strip_r, warps, stages, partial): amax_acc(x, *a),
-                             "rc"))
-        for label, fn, check in rows:
-            if check:
-                got_r, got_c = fn()
-                if not (torch.equal(got_r, want_r) and torch.equal(got_c, want_c)):
-                    print(f"  {label:<40} WRONG", flush=True)
-                    continue
-            t = ms(fn)
-            print(f"  {label:<40} {t * 1e3:7.1f} us  {read_tb / t * 1e3:6.0f} GB/s read  "
-                  f"{read_tb / t / (4 * n / 1e9 / copy):4.2f} of copy", flush=True)
-        code = FORMAT_CODES["e4m3"]
-        r_amax, c_amax = _launch_amax(x, True, True)
-        t_amax, _ = _launch_amax(x, False, False)
-        for label, fn in (("tensor pair pass", lambda: _launch_pair(x, t_amax, t_amax, code, code, True, True)),
-                          ("rowwise pair pass", lambda: _launch_pair(x, r_amax, c_amax, code, code, True, False))):
-            t = ms(fn)
-            print(f"  {label:<40} {t * 1e3:7.1f} us  {4 * n / t / 1e6:6.0f} GB/s moved  "
-                  f"{4 * n / t / 1e6 / (4 * n / copy / 1e6):4.2f} of copy", flush=True)
-        for tile, warps in (((64, 64), 4), ((64, 128), 4), ((128, 64), 8), ((32, 128), 4), ((64, 64), 8)):
-            quantize_triton.PAIR_TILE, quantize_triton.PAIR_WARPS = tile, warps
-            t = ms(lambda: _launch_pair(x, r_amax, c_amax, code, code, True, False))
-            print(f"  rowwise pair pass {tile} {warps}w{'':<17} {t * 1e3:7.1f} us  {4 * n / t / 1e6 / (4 * n / copy / 1e6):4.2f}"
-                  " of copy", flush=True)
-        quantize_triton.PAIR_TILE, quantize_triton.PAIR_WARPS = (64, 64), 4
+        copy_gbs = 4 * x.numel() / 1e9 / ms(lambda: out.copy_(x)) * 1e3
+        print(f"\n{shape}: copy {copy_gbs:.0f} GB/s", flush=True)
+        time_amax(x, copy_gbs)
+        time_pair(x, copy_gbs)
 
 
 if __name__ == "__main__":
