@@ -180,11 +180,14 @@ def amax_candidates(x):
     for block_r, block_c, strip_r, warps in ((64, 64, 64, 4), (64, 64, 256, 4), (32, 128, 256, 4)):
         rows.append((f"int atomics {block_r}x{block_c} strip {strip_r} {warps}w",
                      lambda a=(block_r, block_c, strip_r, warps): amax_int(x, *a), True))
-    for block_r, block_c, strip_r, warps in ((64, 64, 64, 4), (64, 64, 256, 4), (32, 128, 256, 4)):
+    for block_r, block_c, strip_r, warps in ((64, 64, 64, 4), (64, 64, 128, 4), (64, 64, 256, 4), (64, 64, 512, 4),
+                                             (32, 64, 256, 4), (32, 128, 256, 4), (64, 128, 256, 8), (64, 128, 512, 8),
+                                             (128, 64, 512, 8)):
         rows.append((f"partials {block_r}x{block_c} strip {strip_r} {warps}w",
                      lambda a=(block_r, block_c, strip_r, warps): amax_partial(x, *a), True))
-    for tiling in ((32, 64, 256, 4, 2), (32, 64, 512, 4, 3), (64, 64, 512, 4, 3), (32, 128, 256, 4, 2),
-                   (32, 128, 512, 4, 3), (16, 128, 256, 4, 3), (64, 128, 512, 8, 2), (32, 256, 512, 8, 3)):
+    for tiling in ((32, 64, 256, 4, 2), (32, 64, 512, 4, 3), (64, 64, 256, 4, 2), (64, 64, 512, 4, 2),
+                   (64, 64, 512, 4, 3), (32, 128, 256, 4, 2), (32, 128, 512, 4, 3), (16, 128, 256, 4, 3),
+                   (64, 128, 512, 8, 2), (32, 256, 512, 8, 3)):
         for partial in (False, True):
             block_r, block_c, strip_r, warps, stages = tiling
             label = f"acc {'partials' if partial else 'int atom'} {block_r}x{block_c} s{strip_r} {warps}w {stages}st"
