@@ -65,6 +65,8 @@
 #   bench/device_pending.sh pw_autotune   bf16 / fp8_llama with and without Inductor's pointwise/reduction autotuning
 #   bench/device_pending.sh rowwise_kernels  fp8 rowwise / fp4_llama end to end with lowbit's quantize kernels against
 #                                     Inductor's fusions (the rowwise pairs' amax pass 2x faster since 12-03)
+#   bench/device_pending.sh quantize_passes  the rowwise pair's two passes apart and the amax candidates (+1-2 warps)
+#   bench/device_pending.sh fp4_narrow    the FP4 block pair kernel at 1-2 warps per program and wide tiles (bit-exact first)
 #   bench/device_pending.sh gemm_shapes   each of a llama_1b layer's 21 GEMMs at 8192 tokens, FP8 tensorwise against bf16,
 #                                     TFLOP/s and share of peak (bench/gemm_shapes.py), with cuBLASLt's default
 #                                     workspace and with 64 MiB (CUBLASLT_WORKSPACE_SIZE)
@@ -181,6 +183,18 @@ case "${1:-}" in
       | tee "$OUT/fp4quant_gpu_tests.log"
     python3 bench/quantize.py --skip kernels,sweep,sides,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
       | grep -v Warning | tee "$OUT/fp4quant_sweep.log" ;;
+  quantize_passes)
+    python3 bench/quantize_passes.py 2>&1 | grep -v Warning | tee "$OUT/quantize_passes.log" ;;
+  fp4_narrow)
+    # the FP4 pairs' x^T side reduces each 16 / 32-row block across rows; with one warp per program and a wide tile
+    # (Triton's layout then puts a thread's rows in its own registers) that reduction needs no shuffles or shared
+    # memory: the same cost that held the rowwise amax pass back (21st session). The sweep never tried < 4 warps
+    python3 -c "
+import sys; sys.path.insert(0, 'bench')
+import quantize
+quantize.block_sweep({}, tiles=[(16, 256, 1), (16, 128, 1), (32, 128, 1), (32, 64, 1), (32, 256, 1), (16, 512, 1),
+                                (32, 256, 2), (16, 256, 2), (64, 128, 2), (32, 128, 2)])" 2>&1 | grep -v Warning \
+      | tee "$OUT/fp4_narrow.log" ;;
   dge)
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/precision/test_linear.py 2>&1 | tail -25 | tee "$OUT/dge_gpu_tests.log"
     python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \

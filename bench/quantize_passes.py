@@ -187,7 +187,8 @@ def amax_candidates(x):
                      lambda a=(block_r, block_c, strip_r, warps): amax_partial(x, *a), True))
     for tiling in ((32, 64, 256, 4, 2), (32, 64, 512, 4, 3), (64, 64, 256, 4, 2), (64, 64, 512, 4, 2),
                    (64, 64, 512, 4, 3), (32, 128, 256, 4, 2), (32, 128, 512, 4, 3), (16, 128, 256, 4, 3),
-                   (64, 128, 512, 8, 2), (32, 256, 512, 8, 3)):
+                   (64, 128, 512, 8, 2), (32, 256, 512, 8, 3),
+                   (32, 128, 512, 1, 3), (16, 256, 512, 1, 3), (32, 256, 512, 2, 3)):   # not run yet (12-03)
         for partial in (False, True):
             block_r, block_c, strip_r, warps, stages = tiling
             label = f"acc {'partials' if partial else 'int atom'} {block_r}x{block_c} s{strip_r} {warps}w {stages}st"
