@@ -13,11 +13,16 @@ import torch
 from lowbit.precision.scaling import QTensor, Quantizer, quantize_reference
 
 
+MAX_KERNEL_ELEMENTS = 2 ** 31     # operands this large (4 GiB of bf16) take the PyTorch path: same numerics, slower
+
+
 def triton_kind(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None = None) -> str | None:
     """Which Triton kernel handles this operand (pair): "rows" (tensorwise/rowwise absmax, quantize_triton),
     "blocks" (block scales, quantize_blocks_triton), or None (the PyTorch reference)."""
     from lowbit.kernels import quantize_blocks_triton, quantize_triton
     if not quantize_triton.AVAILABLE or x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if x.numel() >= MAX_KERNEL_ELEMENTS:    # the kernels' element offsets are 32-bit; the reference's numerics are the same
         return None
     if quantizer.blocked:
         return "blocks" if quantize_blocks_triton.supports(quantizer, quantizer_t) else None

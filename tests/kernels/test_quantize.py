@@ -480,3 +480,21 @@ def test_tensorwise_pair_shares_one_scale_and_equals_two_quantizations():
             for (data, scale), b in zip(compiled(xd, q, q_t), want):
                 assert torch.equal(data.contiguous().view(torch.uint8), b.data.contiguous().view(torch.uint8))
                 assert torch.equal(scale, b.scale)
+
+
+def test_operands_past_32_bit_offsets_take_the_reference_path():
+    """The Triton quantize kernels index elements with 32-bit offsets: an operand of 2^31 elements or more goes to
+    the PyTorch reference (same numerics); one just below still takes the kernels (shapes only: meta tensors)."""
+    from lowbit.kernels import quantize_triton
+    from lowbit.kernels.quantize import MAX_KERNEL_ELEMENTS, triton_kind
+    from lowbit.precision.formats import E2M1, E4M3
+    from lowbit.precision.scaling import Quantizer
+
+    if not quantize_triton.AVAILABLE:
+        pytest.skip("triton is not installed")
+    big = torch.empty(2 ** 16, MAX_KERNEL_ELEMENTS // 2 ** 16, device="meta", dtype=torch.bfloat16)
+    below = torch.empty(2 ** 16, MAX_KERNEL_ELEMENTS // 2 ** 16 - 1, device="meta", dtype=torch.bfloat16)
+    for q, kind in ((Quantizer(E4M3, 1, 0), "rows"), (Quantizer(E4M3, 0, 0), "rows"),
+                    (Quantizer(E2M1, 1, 16, "nvfp4"), "blocks")):
+        assert triton_kind(big, q, q) is None, q
+        assert triton_kind(below, q, q) == kind, q
