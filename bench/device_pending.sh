@@ -96,6 +96,12 @@ export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 # the end-to-end cases train on Gutenberg's validation file (carried in .carry) with the SmolLM2 tokenizer
 data="model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/valid.jsonl.gz] data.val_sources=[]"
 [ -f .carry/valid.jsonl.gz ] && cp .carry/valid.jsonl.gz /root/valid.jsonl.gz
+
+ab_env() {  # ab_env NAME=VALUE TAG LOG: bf16 and fp8_llama end to end, each without and with one environment setting
+  python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 140 --variant "bf16=+exp=bf16_llama $data" \
+    --variant "fp8=+exp=fp8_llama $data" --variant "bf16_$2=+exp=bf16_llama $data env:$1" \
+    --variant "fp8_$2=+exp=fp8_llama $data env:$1" 2>&1 | grep -v Warning | tee "$OUT/$3"
+}
 case "${1:-}" in
   check)
     python3 bench/fq_check.py 2>&1 | tee "$OUT/fq_check.log" ;;
@@ -281,20 +287,12 @@ PY
     # coordinate-descent tuning of Inductor's kernels in both recipes (12-03i: fp8_llama +1.2%, bf16 not run), after
     # the per-shape GEMM table (bench/gemm_shapes.py, default cuBLASLt workspace)
     python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning | tee "$OUT/gemm_shapes.log"
-    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 130 --variant "bf16=+exp=bf16_llama $data" \
-      --variant "fp8=+exp=fp8_llama $data" \
-      --variant "bf16_cd=+exp=bf16_llama $data env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" \
-      --variant "fp8_cd=+exp=fp8_llama $data env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" 2>&1 | grep -v Warning \
-      | tee "$OUT/cd_both.log" ;;
+    ab_env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 cd cd_both.log ;;
   pw_autotune)
     # Inductor's autotuning of its pointwise and reduction kernels only (not the GEMMs, whose autotuning did not
     # finish compiling in 560 s, 14th session): the quantizing fusions' amax reductions run at ~0.62 of a copy
     # (12-03 profile), lowbit's own amax pass at 0.75-0.81 since the 21st session
-    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 140 --variant "bf16=+exp=bf16_llama $data" \
-      --variant "fp8=+exp=fp8_llama $data" \
-      --variant "bf16_pw=+exp=bf16_llama $data env:TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE=1" \
-      --variant "fp8_pw=+exp=fp8_llama $data env:TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE=1" 2>&1 | grep -v Warning \
-      | tee "$OUT/pw_autotune.log" ;;
+    ab_env TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE=1 pw pw_autotune.log ;;
   rowwise_kernels)
     # the rowwise pairs' amax pass is ~2x faster since the 21st session (0.63 -> 0.82-0.85 of a copy): do lowbit's
     # kernels now beat Inductor's fusions in compiled layers (fp8 rowwise end to end was 0.93x bf16 with them,
