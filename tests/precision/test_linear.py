@@ -406,14 +406,14 @@ def test_padding_is_logged_once_outside_the_traced_graph(caplog):
     assert len(messages) == 1 and f"40 tokens, not a multiple of {recipe.token_multiple}" in messages[0]
 
 
-def layer_against_float64(recipe, device: str = "cpu") -> dict[str, float]:
-    """QuantLinear(64 -> 96) forward and backward on `device`: the relative errors of y, dx, dW against the float64
-    reference of the same quantized math."""
+def layer_against_float64(recipe, device: str = "cpu", compiled: bool = False) -> dict[str, float]:
+    """QuantLinear(64 -> 96) forward and backward on `device` (through torch.compile's Inductor if `compiled`): the
+    relative errors of y, dx, dW against the float64 reference of the same quantized math."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
     layer = QuantLinear.from_linear(linear, recipe, name="layer", seed=3).to(device)
     x = (torch.randn(3, 7, 64) * torch.logspace(-2, 1, 64)).to(device).requires_grad_()
-    y = layer(x)
+    y = (torch.compile(layer) if compiled else layer)(x)
     dy = torch.randn_like(y)
     y.backward(dy)
     want_y, want_dx, want_dw, _ = reference_forward_backward(x.detach().cpu(), layer.weight.detach().cpu(),
@@ -489,8 +489,20 @@ def test_dequant_block_gemm_layer_equals_float64(name, monkeypatch):
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("block_gemm", ["rescale", "prescale", "dequant"])
 def test_block_gemm_schemes_on_gpu_equal_float64(name, block_gemm):
-    """Both block GEMM schemes of the FP4 block recipes, compiled, forward and backward of one layer."""
+    """Each block GEMM scheme of the FP4 block recipes, forward and backward of one layer."""
     errors = layer_against_float64(build_recipe(precision_cfg(name, block_gemm=block_gemm)), "cuda")
+    assert max(errors.values()) < 1e-3, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8")
+@pytest.mark.parametrize("name,options", [("fp8_tensorwise", {}), ("fp8_rowwise", {}), ("fp8_blockwise", {}),
+                                          ("fp4_vectorwise", {"dge": True, "occ": True}), ("nvfp4", {}), ("mxfp4", {})])
+def test_recipes_compiled_by_inductor_on_gpu_equal_float64(name, options):
+    """Each recipe's layer through torch.compile (Inductor, as the trainer compiles decoder layers), forward and
+    backward: the Triton kernels traced by Dynamo must lower (NVFP4's tensor amax did not, 2026-12-03)."""
+    errors = layer_against_float64(build_recipe(precision_cfg(name, **options)), "cuda", compiled=True)
     assert max(errors.values()) < 1e-3, errors
 
 
