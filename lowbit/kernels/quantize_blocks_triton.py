@@ -185,10 +185,13 @@ SPLIT_PAIRS = True      # 1 x b pairs, b >= 32, in two launches, one per side. H
                         # 0.312 vs 0.103 / 0.350; NVFP4 (1 x 16) was slower split, 0.208 / 0.658 vs 0.184 / 0.582
 
 
-FP4_PAIR_TILES = {16: (32, 64, 4), 32: (32, 128, 4)}   # (rows, columns, warps) of the one launch that writes an FP4
-                        # 1 x b pair (NVFP4 b = 16, MXFP4 b = 32). H200 2026-12-02 (bench/quantize.py block sweep, every
-                        # tile bit-exact): NVFP4 0.163 / 0.506 ms at 8192 x 4096 / 14336 against 0.186 / 0.587 by the
-                        # general default, MXFP4 0.076 / 0.253 against 0.093 / 0.313 split and 0.103 / 0.350 one launch
+FP4_PAIR_TILES = {16: (16, 128, 1), 32: (32, 128, 2)}   # (rows, columns, warps) of the one launch that writes an
+                        # FP4 1 x b pair (NVFP4 b = 16, MXFP4 b = 32). With one or two warps a thread holds whole
+                        # columns of a block of x^T, so the x^T side's reduction across rows stays in registers.
+                        # H200 2026-12-03 (bench/quantize.py block sweep, every tile bit-exact), 8192 x 4096 / 14336:
+                        # NVFP4 0.112 / 0.366 ms against 0.135 / 0.451 by the former (32, 64, 4), MXFP4 0.055 / 0.187
+                        # against 0.072 / 0.242 by (32, 128, 4); wider tiles at one warp were slower (32 x 256: 0.095
+                        # / 0.329 MXFP4, 1.18 ms NVFP4 at 14336)
 
 
 # x^T_q stored by the tensor-memory accelerator (Hopper+, R % 16 == 0) instead of a layout conversion of one-byte
