@@ -23,7 +23,8 @@
 #                                     against torchao's rowwise_with_gw_hp and both plain rowwise recipes (issue 3)
 #   bench/device_pending.sh fp4default  nvfp4 / mxfp4 by their default GEMM (dequant) against prescale, and fp4
 #                                     vectorwise with DGE, one linear at the three shapes, compiled, after GPU tests
-#   bench/device_pending.sh e2e_blocks  GPU tests of the block quantize kernel and the linear layer, then llama_1b end
+#   bench/device_pending.sh e2e_blocks  GPU tests of the block quantize kernel and the linear layer (each recipe compiled by
+#                                     Inductor among them), then llama_1b end
 #                                     to end: bf16, nvfp4 and mxfp4 (dequant GEMMs; FP4_DGE=1: and fp4+DGE without
 #                                     OCC; STEPS=N: steps per run, 6)
 #   bench/device_pending.sh fp4quant  the FP4 block quantize kernel (NVFP4 / MXFP4 pairs) over tiles and warps, split
@@ -66,7 +67,8 @@
 #   bench/device_pending.sh rowwise_kernels  fp8 rowwise / fp4_llama end to end with lowbit's quantize kernels against
 #                                     Inductor's fusions (the rowwise pairs' amax pass 2x faster since 12-03)
 #   bench/device_pending.sh quantize_passes  the rowwise pair's two passes apart and the amax candidates (+1-2 warps)
-#   bench/device_pending.sh fp4_narrow    the FP4 block pair kernel at 1-2 warps per program and wide tiles (bit-exact first)
+#   bench/device_pending.sh fp4_narrow    the FP4 block pair kernel at 1-2 warps per program and wide tiles (bit-exact first;
+#                                     run 12-03: FP4_PAIR_TILES now (16, 128, 1) / (32, 128, 2))
 #   bench/device_pending.sh gemm_shapes   each of a llama_1b layer's 21 GEMMs at 8192 tokens, FP8 tensorwise against bf16,
 #                                     TFLOP/s and share of peak (bench/gemm_shapes.py), with cuBLASLt's default
 #                                     workspace and with 64 MiB (CUBLASLT_WORKSPACE_SIZE)
