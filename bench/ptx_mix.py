@@ -1,0 +1,76 @@
+"""Instruction mix of the FP4 block quantize kernel, compiled ahead of time for Hopper (sm_90) on any machine: no GPU
+needed, only Triton's bundled ptxas and cuobjdump. For each format at its default tile (quantize_blocks_triton.FP4_PAIR_TILES) and
+each side (x alone, x^T alone, the pair), the PTX and SASS instructions per element a thread handles, the IEEE
+divisions (PTX div.rn, each a sequence in SASS with a slow-path call) and the most frequent SASS opcodes. `--swap-rules` adds each tile with the other format's scale
+rule, which isolates what NVFP4's E4M3 block scales (two IEEE divisions per block) cost against MXFP4's power-of-two
+ones. Counts are static (unrolled code, the divisions' slow path included), a proxy for the integer/ALU pipe load that bounds these kernels on an
+H200 (Nsight Compute, docs/RESULTS.md); the local Triton may differ from the GPU image's.
+
+    python bench/ptx_mix.py [--swap-rules]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lowbit.kernels import quantize_blocks_triton as blocks
+
+FORMATS = {"nvfp4": (blocks.RULES["nvfp4"], 16), "mxfp4": (blocks.RULES["pow2"], 32)}   # (scale rule, block)
+POINTERS = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "qt_desc": "*fp8e4nv", "scale_ptr": "*fp32",
+            "scale_t_ptr": "*fp32", "tensor_amax_ptr": "*fp32", "gain_ptr": "*fp32", "noise_ptr": "*fp32",
+            "R": "i32", "C": "i32", "stride_r": "i32"}
+
+
+def compile_kernel(rule: int, block: int, tile: tuple[int, int, int], x_side: bool, t_side: bool) -> dict:
+    """PTX and cubin of the block kernel for 1 x `block` E2M1 blocks on both sides, round to nearest, pointer stores."""
+    kernel = blocks._quantize_blocks_kernel
+    constants = dict(BLOCK_R=tile[0], BLOCK_C=tile[1], BR=1, BC=block, BR_T=1, BC_T=block, TRANSPOSE=t_side,
+                     RULE=rule, MAX=6.0, MIN_EXP=0, MBITS=1, HW=False, SAME_T=False, X_SIDE=x_side, NOISE=0,
+                     TMA_T=False)
+    signature = {**POINTERS, **{name: "constexpr" for name in constants}}
+    # the JIT's specialisation at the shapes that matter: 16-byte aligned pointers, R, C and the row stride multiples
+    # of 16 (without it the loads are not vectorised and the layout, hence the code, differs)
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTERS if name != "qt_desc"}
+    source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
+                       constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2]}).asm
+
+
+def mix(ptx: str) -> collections.Counter:
+    return collections.Counter(re.findall(r"^\s+([a-z]+[.\w]*)", ptx, re.M))
+
+
+def sass_mix(cubin: bytes) -> collections.Counter:
+    """SASS opcodes (cuobjdump, bundled with Triton), predicates and control codes stripped."""
+    from triton.tools.disasm import get_sass
+    return collections.Counter(re.findall(r"^\S+\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", get_sass(cubin), re.M))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--swap-rules", action="store_true", help="also each tile with the other format's scale rule")
+    args = parser.parse_args()
+    variants = [(name, name, *FORMATS[name]) for name in FORMATS]
+    if args.swap_rules:
+        variants += [("nvfp4 tile, pow2 scales", "nvfp4", FORMATS["mxfp4"][0], 16),
+                     ("mxfp4 tile, nvfp4 scales", "mxfp4", FORMATS["nvfp4"][0], 32)]
+    print(f"Triton {triton.__version__}, sm_90; per element: static instructions / elements a thread handles")
+    for label, tile_of, rule, block in variants:
+        tile = blocks.FP4_PAIR_TILES[FORMATS[tile_of][1]]
+        per_thread = tile[0] * tile[1] / (32 * tile[2])
+        for side, (x_side, t_side) in (("x", (True, False)), ("x^T", (False, True)), ("pair", (True, True))):
+            asm = compile_kernel(rule, block, tile, x_side, t_side)
+            ops, sass = mix(asm["ptx"]), sass_mix(asm["cubin"])
+            divisions = sum(n for op, n in ops.items() if op.startswith("div.rn"))
+            top = ", ".join(f"{op} {n}" for op, n in sass.most_common(6))
+            print(f"{label:26} tile {str(tile):14} {side:4} PTX {sum(ops.values()) / per_thread:5.1f} / SASS "
+                  f"{sum(sass.values()) / per_thread:5.1f} per element, div.rn {divisions:4d} | SASS {top}")
+
+
+if __name__ == "__main__":
+    main()
