@@ -53,7 +53,7 @@ if AVAILABLE:
                 offsets = tl.zeros_like(amax).to(tl.int32)
                 first = first & (offsets + tl.program_id(0) + tl.program_id(1) == 0)
                 tl.store(gain_ptr + offsets, global_inv, mask=first)
-            block_scale = _round_to_grid(tl.math.div_rn(amax, tl.zeros_like(amax) + MAX) * global_inv, 448.0, -6, 3)
+            block_scale = _round_to_grid(amax * (global_inv * (1.0 / MAX)), 448.0, -6, 3)   # g / 6: once per tensor
             scale = block_scale * global_recip
             inv = tl.where(scale > 0, tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale), 0.0)
             scale = tl.where(scale > 0, scale, 1.0)

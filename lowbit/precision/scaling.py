@@ -7,8 +7,8 @@ says which element format it gets and over which block one scale is shared:
   blocks       block (br, bc)    one scale per br x bc tile        scale shape [ceil(R/br), C/bc]
 and how the scale is chosen (`scale_rule`):
   absmax  scale = amax / fmt.max (fp32)                            FP8 recipes, FP4 vectorwise
-  nvfp4   scale = E4M3(amax_block / 6 * g) / g, g = 448*6 / amax_tensor   (NVIDIA NVFP4: E4M3 block
-          scale times an FP32 tensor scale)
+  nvfp4   scale = E4M3(amax_block * (g * fp32(1/6))) / g, g = 448*6 / amax_tensor   (NVIDIA NVFP4: E4M3
+          block scale times an FP32 tensor scale; one product per block, in TransformerEngine's order)
   pow2    scale = 2^(floor(log2 amax_block) - 2)                   (OCP MX spec: E8M0 shared exponent,
           2 = emax of E2M1)
 The quantized values are round_to_format(x * inv_scale) with inv_scale = 1 / scale computed once per
@@ -152,7 +152,10 @@ def scales_from_amax(amax: torch.Tensor, quantizer: Quantizer,
             tensor_amax = amax.amax()
         tensor_amax = tensor_amax.float()
         global_inv = nvfp4_global_inverse(tensor_amax, fmt)
-        block_scale = round_to_format(amax / torch.full_like(amax, fmt.max) * global_inv, E4M3)   # stored E4M3 scale
+        # the stored E4M3 scale: amax times one per-tensor factor g / 6 (TransformerEngine's order), no division per
+        # block -- the FP4 block kernels' cost was their IEEE divisions (bench/ptx_mix.py)
+        factor = global_inv * torch.full_like(global_inv, 1.0 / fmt.max)
+        block_scale = round_to_format(amax * factor, E4M3)
         scale = block_scale * global_inv.reciprocal()
         inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))

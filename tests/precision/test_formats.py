@@ -88,3 +88,30 @@ def test_stochastic_rounding_picks_neighbours_and_is_unbiased():
 def test_rejects_non_float32():
     with pytest.raises(TypeError, match="float32"):
         round_to_format(torch.ones(3, dtype=torch.bfloat16), E4M3)
+
+
+def test_nvfp4_block_scales_follow_transformer_engine():
+    """NVFP4's scales, rebuilt with numpy's float32 arithmetic and the float64 grid search: tensor scale
+    g = 2688 / amax_tensor, stored block scale E4M3(amax_block * (g * fp32(1/6))) -- one product per block, as
+    TransformerEngine computes it -- and the operand's scale that block scale / g; values within 1/2 E2M1 step."""
+    import numpy as np
+
+    from lowbit.precision.scaling import Quantizer, quantize_reference
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 64, generator=generator) * torch.logspace(-3, 2, 64)     # blocks from tiny to large
+    x[5, 17] = 300.0                                                              # the tensor's amax
+    # block amaxes whose scale lands within an ulp of an E4M3 tie: amax / 6 * g (one more rounding) gives another
+    # stored block scale than amax * (g / 6) (found by a search over [4, 8))
+    x[0, 3], x[1, 40], x[2, 60] = float.fromhex("0x1.214924p+2"), float.fromhex("0x1.36b6dcp+2"), \
+        float.fromhex("0x1.972490p+2")
+    got = quantize_reference(x, Quantizer(E2M1, 1, 16, "nvfp4"))
+    f32 = np.float32
+    g = f32(448.0 * 6.0) / f32(x.abs().max().item())
+    block_amax = x.abs().reshape(24, 4, 16).amax(-1).numpy().astype(f32)
+    stored = round_float64(torch.from_numpy(block_amax * (g * f32(1.0 / 6.0))), E4M3)
+    want = torch.from_numpy(stored.float().numpy() * (f32(1.0) / g))
+    assert torch.equal(got.scale, want)
+    assert torch.equal(got.gain, torch.tensor([g]))
+    step = want.repeat_interleave(16, 1) * 6 / 2                     # largest gap of E2M1 (4 -> 6) in units of scale
+    assert ((got.dequantize() - x).abs() <= step / 2 + 1e-30).all()
