@@ -1,10 +1,11 @@
 """Instruction mix of the FP4 block quantize kernel, compiled ahead of time for Hopper (sm_90) on any machine: no GPU
-needed, only Triton's bundled ptxas and cuobjdump. For each format at its default tile (quantize_blocks_triton.FP4_PAIR_TILES) and
-each side (x alone, x^T alone, the pair), the PTX and SASS instructions per element a thread handles, the IEEE
-divisions (PTX div.rn, each a sequence in SASS with a slow-path call) and the most frequent SASS opcodes. `--swap-rules` adds each tile with the other format's scale
-rule, which isolates what NVFP4's E4M3 block scales (two IEEE divisions per block) cost against MXFP4's power-of-two
-ones. Counts are static (unrolled code, the divisions' slow path included), a proxy for the integer/ALU pipe load that bounds these kernels on an
-H200 (Nsight Compute, docs/RESULTS.md); the local Triton may differ from the GPU image's.
+needed, only Triton's bundled ptxas and cuobjdump. For each format at its default tile
+(quantize_blocks_triton.FP4_PAIR_TILES) and each side (x alone, x^T alone, the pair): the PTX and SASS instructions
+per element a thread handles, the IEEE divisions (PTX div.rn, each a sequence in SASS with a slow-path call) and the
+most frequent SASS opcodes. `--swap-rules` adds each tile with the other format's scale rule, which isolates what
+NVFP4's E4M3 block scales cost against MXFP4's power-of-two ones. Counts are static (unrolled code, the divisions'
+slow path included), a proxy for the integer/ALU pipe load that bounds these kernels on an H200 (Nsight Compute,
+docs/RESULTS.md); the local Triton may differ from the GPU image's.
 
     python bench/ptx_mix.py [--swap-rules]
 """
