@@ -66,6 +66,8 @@
 #   bench/device_pending.sh pw_autotune   bf16 / fp8_llama with and without Inductor's pointwise/reduction autotuning
 #   bench/device_pending.sh rowwise_kernels  fp8 rowwise / fp4_llama end to end with lowbit's quantize kernels against
 #                                     Inductor's fusions (the rowwise pairs' amax pass 2x faster since 12-03)
+#   bench/device_pending.sh rowwise_cached   GPU tests, then bf16 / fp8 rowwise with the weight cache / fp4_llama with and
+#                                     without OCC end to end (rowwise ran uncached on 12-03: 1.06x)
 #   bench/device_pending.sh quantize_passes  the rowwise pair's two passes apart and the amax candidates (+1-2 warps)
 #   bench/device_pending.sh fp4_narrow    the FP4 block pair kernel at 1-2 warps per program and wide tiles (bit-exact first;
 #                                     run 12-03: FP4_PAIR_TILES now (16, 128, 1) / (32, 128, 2))
@@ -305,6 +307,16 @@ PY
       --variant "fp4=+exp=fp4_llama $data" \
       --variant "fp4_triton=+exp=fp4_llama precision.quantize_kernels=triton $data" 2>&1 | grep -v Warning \
       | tee "$OUT/rowwise_kernels.log" ;;
+  rowwise_cached)
+    # fp8 rowwise end to end was measured without the weight cache that both presets use (12-03: 1.06x against
+    # tensorwise's 1.25x with it); fp4_llama's ceiling is rowwise's (per-token / per-channel scales, FP8 GEMMs):
+    # rowwise cached, and fp4_llama with and without OCC, next to bf16 after the FP4 and compile GPU tests
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py tests/precision/test_linear.py 2>&1 \
+      | tail -3 | tee "$OUT/rowwise_cached_gpu_tests.log"
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 120 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "rowwise_cached=+exp=bf16_llama precision=fp8_rowwise precision.cache_weights=true $data" \
+      --variant "fp4=+exp=fp4_llama $data" --variant "fp4_no_occ=+exp=fp4_llama precision.occ=false $data" 2>&1 \
+      | grep -v Warning | tee "$OUT/rowwise_cached.log" ;;
   gemm_shapes)
     python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning | tee "$OUT/gemm_shapes.log"
     CUBLASLT_WORKSPACE_SIZE=65536 python3 bench/gemm_shapes.py --tokens 8192 2>&1 | grep -v Warning \
