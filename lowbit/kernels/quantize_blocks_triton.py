@@ -24,8 +24,8 @@ if AVAILABLE:
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from lowbit.kernels.quantize_triton import (FLOOR, quantize_amax, _round_to_grid, _round_to_grid_stochastic,
-                                                _to_grid)
+    from lowbit.kernels.quantize_triton import (FLOOR, _round_to_grid, _round_to_grid_stochastic, _to_grid,
+                                                tensor_amax as tensor_amax_op)
 
     @triton.jit
     def _nvfp4_global(amax, tensor_amax, MAX: tl.constexpr):
@@ -271,9 +271,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
     gain = None                                         # NVFP4's tensor scale G, kept with the operand
     if quantizer.scale_rule == "nvfp4":                 # the FP32 tensor scale needs the tensor amax first
         if tensor_amax is None:
-            # through the custom op: the amax kernel's integer view of its buffer, traced by Dynamo, fails in
-            # Inductor (make_reindexer NYI on DtypeView, H200 2026-12-03)
-            tensor_amax = quantize_amax(x, False, False)[0]
+            tensor_amax = tensor_amax_op(x)                     # a custom op (traced, its kernel failed in Inductor)
         tensor_amax = reduce_amax(tensor_amax, quantizer)       # tensor parallelism: over the whole weight/activation
         check_finite(tensor_amax, "operand")
         gain = torch.empty(1, device=x.device, dtype=torch.float32)     # written by the kernel

@@ -228,6 +228,20 @@ def _(x, per_row, per_col):
         x.new_empty((x.shape[1] if per_col else 1,), dtype=torch.float32)
 
 
+@torch.library.custom_op("lowbit::tensor_amax", mutates_args=())
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over x [R, C], float32 [1] (NaN reads as Inf): NVFP4's tensor statistic. An op, so that torch.compile
+    never traces the amax kernel's integer view of its buffer (Inductor: make_reindexer NYI on DtypeView)."""
+    amax = torch.zeros(1, device=x.device, dtype=torch.float32)
+    launch_amax(x, amax, amax, per_row=False, per_col=False)
+    return amax
+
+
+@tensor_amax.register_fake
+def _(x):
+    return x.new_empty((1,), dtype=torch.float32)
+
+
 @torch.library.custom_op("lowbit::quantize_pair", mutates_args=())
 def quantize_pair_op(x: torch.Tensor, row_amax: torch.Tensor, col_amax: torch.Tensor, code: int, code_t: int,
                      transpose: bool, tensor: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
