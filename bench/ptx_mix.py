@@ -22,9 +22,9 @@ from triton.compiler import ASTSource
 from lowbit.kernels import quantize_blocks_triton as blocks
 
 FORMATS = {"nvfp4": (blocks.RULES["nvfp4"], 16), "mxfp4": (blocks.RULES["pow2"], 32)}   # (scale rule, block)
-POINTERS = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "qt_desc": "*fp8e4nv", "scale_ptr": "*fp32",
-            "scale_t_ptr": "*fp32", "tensor_amax_ptr": "*fp32", "gain_ptr": "*fp32", "noise_ptr": "*fp32",
-            "R": "i32", "C": "i32", "stride_r": "i32"}
+ARGS = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "qt_desc": "*fp8e4nv", "scale_ptr": "*fp32",
+        "scale_t_ptr": "*fp32", "tensor_amax_ptr": "*fp32", "gain_ptr": "*fp32", "noise_ptr": "*fp32",
+        "R": "i32", "C": "i32", "stride_r": "i32"}      # the runtime arguments: pointers and three integers
 
 
 def compile_kernel(rule: int, block: int, tile: tuple[int, int, int], x_side: bool, t_side: bool) -> dict:
@@ -33,10 +33,10 @@ def compile_kernel(rule: int, block: int, tile: tuple[int, int, int], x_side: bo
     constants = dict(BLOCK_R=tile[0], BLOCK_C=tile[1], BR=1, BC=block, BR_T=1, BC_T=block, TRANSPOSE=t_side,
                      RULE=rule, MAX=6.0, MIN_EXP=0, MBITS=1, HW=False, SAME_T=False, X_SIDE=x_side, NOISE=0,
                      TMA_T=False)
-    signature = {**POINTERS, **{name: "constexpr" for name in constants}}
+    signature = {**ARGS, **{name: "constexpr" for name in constants}}
     # the JIT's specialisation at the shapes that matter: 16-byte aligned pointers, R, C and the row stride multiples
     # of 16 (without it the loads are not vectorised and the layout, hence the code, differs)
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTERS if name != "qt_desc"}
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ARGS if name != "qt_desc"}
     source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
                        constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2]}).asm
