@@ -32,7 +32,7 @@ def compile_kernel(rule: int, block: int, tile: tuple[int, int, int], x_side: bo
     kernel = blocks._quantize_blocks_kernel
     constants = dict(BLOCK_R=tile[0], BLOCK_C=tile[1], BR=1, BC=block, BR_T=1, BC_T=block, TRANSPOSE=t_side,
                      RULE=rule, MAX=6.0, MIN_EXP=0, MBITS=1, HW=False, SAME_T=False, X_SIDE=x_side, NOISE=0,
-                     TMA_T=False)
+                     TMA_T=False, GPU_MATH=True)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     # the JIT's specialisation at the shapes that matter: 16-byte aligned pointers, R, C and the row stride multiples
     # of 16 (without it the loads are not vectorised and the layout, hence the code, differs)

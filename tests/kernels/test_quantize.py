@@ -253,6 +253,51 @@ def check_block_kernel_tma_store(device: str = "cpu") -> None:
     print(f"OK tma {len(cases)}")
 
 
+
+def nvfp4_scale_edge_blocks() -> torch.Tensor:
+    """x [R, 128] whose 1 x 16 blocks put amax * G / 6 (G = 1: the tensor amax is 2688 = 448 * 6) on every E4M3
+    grid point and tie and their float32 neighbours, through E4M3's subnormals, below its smallest value and at 448:
+    where the block scale's rounding (the kernel's float8 cast on GPUs, integer steps under the interpreter) can
+    differ from the reference's."""
+    from lowbit.precision.formats import E4M3, grid_values
+    grid = grid_values(E4M3).float()
+    points = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, torch.tensor([2.0 ** -10, 2.0 ** -12, 1e-6])]) * 6
+    around = torch.cat([points, torch.nextafter(points, torch.full_like(points, float("inf"))),
+                        torch.nextafter(points, torch.zeros_like(points))])
+    amax = torch.cat([torch.tensor([2688.0]), around[(around > 0) & (around <= 2688)]])
+    amax = amax.repeat(2)[:amax.numel() + -amax.numel() % 128]       # 128 blocks per 16 rows (x^T's blocks)
+    blocks = torch.rand(amax.numel(), 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    blocks = blocks * amax[:, None] * 0.99
+    blocks[:, 0] = amax
+    return blocks.reshape(-1, 128)
+
+
+def check_nvfp4_scale_edges(device: str = "cpu") -> None:
+    from lowbit.kernels.quantize_blocks_triton import quantize_blocks_triton
+    from lowbit.precision.formats import E2M1
+    from lowbit.precision.scaling import Quantizer, quantize_reference
+
+    x = nvfp4_scale_edge_blocks().to(device)
+    q = Quantizer(E2M1, 1, 16, "nvfp4")
+    got, got_t = quantize_blocks_triton(x, q, q)
+    for a, b in ((got, quantize_reference(x, q)), (got_t, quantize_reference(x.t(), q))):
+        same = a.scale.view(torch.int32) == b.scale.view(torch.int32)
+        assert same.all(), (a.scale[~same][:8], b.scale[~same][:8])
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+    print(f"OK nvfp4 scales {got.scale.numel()}")
+
+
+def test_nvfp4_block_scales_at_e4m3_ties_equal_reference_under_interpreter():
+    run_under_interpreter("check_nvfp4_scale_edges", "OK nvfp4 scales")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nvfp4_block_scales_at_e4m3_ties_on_gpu():
+    """On GPUs the block scale is rounded by the float8 cast and inverted by rcp.rn (quantize_blocks_triton's
+    GPU_MATH): the same bits as the reference's integer rounding and IEEE division."""
+    check_nvfp4_scale_edges("cuda")
+
 @pytest.mark.slow
 def test_block_kernel_tma_store_equals_reference_under_interpreter():
     run_under_interpreter("check_block_kernel_tma_store", "OK tma 6")
