@@ -69,6 +69,7 @@
 #   bench/device_pending.sh rowwise_cached   GPU tests, then bf16 / fp8 rowwise with the weight cache / fp4_llama with and
 #                                     without OCC end to end (rowwise ran uncached on 12-03: 1.06x)
 #   bench/device_pending.sh quantize_passes  the rowwise pair's two passes apart and the amax candidates (+1-2 warps)
+#   bench/device_pending.sh fp4_maxnreg   the FP4 block pairs at capped registers per thread (more programs per SM)
 #   bench/device_pending.sh fp4_narrow    the FP4 block pair kernel at 1-2 warps per program and wide tiles (bit-exact first;
 #                                     run 12-03: FP4_PAIR_TILES now (16, 128, 1) / (32, 128, 2))
 #   bench/device_pending.sh gemm_shapes   each of a llama_1b layer's 21 GEMMs at 8192 tokens, FP8 tensorwise against bf16,
@@ -193,6 +194,13 @@ case "${1:-}" in
       | tee "$OUT/fp4quant_gpu_tests.log"
     python3 bench/quantize.py --skip kernels,sweep,sides,bandwidth,linear,llama,timing --out "$OUT" 2>&1 \
       | grep -v Warning | tee "$OUT/fp4quant_sweep.log" ;;
+  fp4_maxnreg)
+    # the FP4 pairs' registers per thread capped (quantize_blocks_triton.PAIR_MAXNREG): NVFP4's pair takes 167 (12
+    # one-warp programs per SM, `bench/ptx_mix.py --maxnreg 128`), MXFP4's 127; bit-exact first, default tiles
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py 2>&1 | tail -3 \
+      | tee "$OUT/fp4_maxnreg_gpu_tests.log"
+    (cd bench && python3 -c "import quantize; quantize.block_sweep({}, tiles=[], maxnregs=(None, 160, 144, 128, 112, 96))") \
+      2>&1 | grep -v Warning | tee "$OUT/fp4_maxnreg.log" ;;
   quantize_passes)
     python3 bench/quantize_passes.py 2>&1 | grep -v Warning | tee "$OUT/quantize_passes.log" ;;
   fp4_narrow)

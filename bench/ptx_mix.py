@@ -7,13 +7,16 @@ NVFP4's E4M3 block scales cost against MXFP4's power-of-two ones. Counts are sta
 slow path included), a proxy for the integer/ALU pipe load that bounds these kernels on an H200 (Nsight Compute,
 docs/RESULTS.md); the local Triton may differ from the GPU image's.
 
-    python bench/ptx_mix.py [--swap-rules]
+    python bench/ptx_mix.py [--swap-rules] [--maxnreg 144 128]
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -27,8 +30,10 @@ ARGS = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "qt_desc": 
         "R": "i32", "C": "i32", "stride_r": "i32"}      # the runtime arguments: pointers and three integers
 
 
-def compile_kernel(rule: int, block: int, tile: tuple[int, int, int], x_side: bool, t_side: bool) -> dict:
-    """PTX and cubin of the block kernel for 1 x `block` E2M1 blocks on both sides, round to nearest, pointer stores."""
+def compile_kernel(rule: int, block: int, tile: tuple[int, int, int], x_side: bool, t_side: bool,
+                   maxnreg: int | None = None) -> dict:
+    """PTX and cubin of the block kernel for 1 x `block` E2M1 blocks on both sides, round to nearest, pointer stores
+    (registers per thread capped at `maxnreg`, as quantize_blocks_triton.PAIR_MAXNREG does)."""
     kernel = blocks._quantize_blocks_kernel
     constants = dict(BLOCK_R=tile[0], BLOCK_C=tile[1], BR=1, BC=block, BR_T=1, BC_T=block, TRANSPOSE=t_side,
                      RULE=rule, MAX=6.0, MIN_EXP=0, MBITS=1, HW=False, SAME_T=False, X_SIDE=x_side, NOISE=0,
@@ -39,7 +44,8 @@ def compile_kernel(rule: int, block: int, tile: tuple[int, int, int], x_side: bo
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ARGS if name != "qt_desc"}
     source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
                        constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2]}).asm
+    options = {"num_warps": tile[2], **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm
 
 
 def mix(ptx: str) -> collections.Counter:
@@ -52,9 +58,22 @@ def sass_mix(cubin: bytes) -> collections.Counter:
     return collections.Counter(re.findall(r"^\S+\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", get_sass(cubin), re.M))
 
 
+def registers(cubin: bytes) -> str:
+    """Registers per thread and spill stack bytes (cuobjdump -res-usage, bundled with Triton), and the resident
+    warps per SM they allow (65,536 registers, allocated per warp in units of 256)."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([str(cuobjdump), "-res-usage", file.name], capture_output=True, text=True).stdout
+    regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    return f"{regs} registers ({65536 // (-(-regs * 32 // 256) * 256)} warps/SM), stack {stack} B"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--swap-rules", action="store_true", help="also each tile with the other format's scale rule")
+    parser.add_argument("--maxnreg", type=int, nargs="*", default=[], help="also each kernel capped at these registers")
     args = parser.parse_args()
     variants = [(name, name, *FORMATS[name]) for name in FORMATS]
     if args.swap_rules:
@@ -64,14 +83,16 @@ def main() -> None:
     for label, tile_of, rule, block in variants:
         tile = blocks.FP4_PAIR_TILES[FORMATS[tile_of][1]]
         per_thread = tile[0] * tile[1] / (32 * tile[2])
-        for side, (x_side, t_side) in (("x", (True, False)), ("x^T", (False, True)), ("pair", (True, True))):
-            asm = compile_kernel(rule, block, tile, x_side, t_side)
-            ops, sass = mix(asm["ptx"]), sass_mix(asm["cubin"])
-            divisions = sum(n for op, n in ops.items() if op.startswith("div.rn"))
-            top = ", ".join(f"{op} {n}" for op, n in sass.most_common(6))
-            print(f"{label:26} tile {str(tile):14} {side:4} PTX {sum(ops.values()) / per_thread:5.1f} / SASS "
-                  f"{sum(sass.values()) / per_thread:5.1f} per element, div.rn {divisions:4d} | SASS {top}")
-
+        for maxnreg in [None] + args.maxnreg:
+            for side, (x_side, t_side) in (("x", (True, False)), ("x^T", (False, True)), ("pair", (True, True))):
+                asm = compile_kernel(rule, block, tile, x_side, t_side, maxnreg)
+                ops, sass = mix(asm["ptx"]), sass_mix(asm["cubin"])
+                divisions = sum(n for op, n in ops.items() if op.startswith("div.rn"))
+                top = ", ".join(f"{op} {n}" for op, n in sass.most_common(6))
+                cap = f", maxnreg {maxnreg}" if maxnreg else ""
+                print(f"{label + cap:26} tile {str(tile):14} {side:4} PTX {sum(ops.values()) / per_thread:5.1f} / "
+                      f"SASS {sum(sass.values()) / per_thread:5.1f} per element, div.rn {divisions:4d} | "
+                      f"{registers(asm['cubin'])} | SASS {top}")
 
 if __name__ == "__main__":
     main()

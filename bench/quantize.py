@@ -229,10 +229,11 @@ BLOCK_TILES = [(r, c, w) for r, c in ((16, 128), (32, 64), (32, 128), (64, 64), 
                                        (128, 128), (64, 256), (256, 64)) for w in (4, 8)]
 
 
-def block_sweep(results, shapes=((8192, 4096), (8192, 14336)), device="cuda", tiles=None):
+def block_sweep(results, shapes=((8192, 4096), (8192, 14336)), device="cuda", tiles=None, maxnregs=(None,)):
     """Tiles and warps of the FP4 block pair kernel (NVFP4 1 x 16 with its tensor amax pass, MXFP4 1 x 32), one
     launch for both sides and one per side, each checked bit for bit against the PyTorch path first. Ratio: bytes of
-    x read once and x_q, x^T_q written once (4 per element) per second, over the device copy's."""
+    x read once and x_q, x^T_q written once (4 per element) per second, over the device copy's. maxnregs: register
+    caps of the pair launch to try at each tile (quantize_blocks_triton.PAIR_MAXNREG; None: ptxas's choice)."""
     rows = []
     for shape in shapes:
         x = torch.randn(shape, device=device, dtype=torch.bfloat16)
@@ -240,9 +241,9 @@ def block_sweep(results, shapes=((8192, 4096), (8192, 14336)), device="cuda", ti
         copy_gbs = 4 * x.numel() / graph_ms(lambda: out.copy_(x)) / 1e6
         for label, q in (("nvfp4 pair", Quantizer(E2M1, 1, 16, "nvfp4")), ("mxfp4 pair", Quantizer(E2M1, 1, 32, "pow2"))):
             want, want_t = quantize_reference(x, q), quantize_reference(x.t(), q)
-            for split in (True, False):
+            for split, maxnreg in [(split, m) for split in (True, False) for m in maxnregs]:
                 for tile in [None] + (BLOCK_TILES if tiles is None else tiles):
-                    blocks.TILE, blocks.SPLIT_PAIRS = tile, split
+                    blocks.TILE, blocks.SPLIT_PAIRS, blocks.PAIR_MAXNREG = tile, split, maxnreg
                     try:
                         got, got_t = quantize_blocks_triton(x, q, q)
                         exact = all(torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
@@ -253,15 +254,17 @@ def block_sweep(results, shapes=((8192, 4096), (8192, 14336)), device="cuda", ti
                         continue
                     ratio = 4 * x.numel() / ms / 1e6 / copy_gbs
                     rows.append(dict(shape=shape, kernel=label, split=split, tile=tile or "default", graph_ms=ms,
-                                     ratio=ratio, exact=exact))
+                                     ratio=ratio, exact=exact, maxnreg=maxnreg))
                     print(f"{str(shape):>14} {label} {'split' if split else 'one launch':<10} tile "
-                          f"{str(tile or 'default'):<14} {ms:6.3f} ms  ratio {ratio:4.2f}  exact {exact}", flush=True)
+                          f"{str(tile or 'default'):<14} {f'maxnreg {maxnreg} ' if maxnreg else ''}{ms:6.3f} ms  "
+                          f"ratio {ratio:4.2f}  exact {exact}", flush=True)
             best = min((r for r in rows if r["shape"] == shape and r["kernel"] == label and r["exact"]),
                        key=lambda r: r["graph_ms"], default=None)
             if best:
                 print(f"{str(shape):>14} {label} best: {'split' if best['split'] else 'one launch'} tile "
-                      f"{best['tile']} {best['graph_ms']:.3f} ms ratio {best['ratio']:.2f}", flush=True)
-    blocks.TILE, blocks.SPLIT_PAIRS = None, True
+                      f"{best['tile']} maxnreg {best['maxnreg']} {best['graph_ms']:.3f} ms ratio {best['ratio']:.2f}",
+                      flush=True)
+    blocks.TILE, blocks.SPLIT_PAIRS, blocks.PAIR_MAXNREG = None, True, None
     results["block_sweep"] = rows
 
 

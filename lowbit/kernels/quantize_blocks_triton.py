@@ -220,6 +220,10 @@ def use_tma_store(x: torch.Tensor, tile_r: int) -> bool:
 
 TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every launch in place of the defaults below;
                                            # bench/quantize.py's block sweep (a tile must hold whole blocks)
+PAIR_MAXNREG: int | None = None     # registers per thread for the FP4 pair launch (Triton's maxnreg); None: ptxas
+                                    # picks. NVFP4's pair takes 167 (12 one-warp programs per SM), MXFP4's 127
+                                    # (`bench/ptx_mix.py --maxnreg 128`: 128 with one spilled value). A/B on a GPU:
+                                    # bench/device_pending.sh fp4_maxnreg
 
 
 def tile_fits(tile_r: int, tile_c: int, x_side: bool, t_side: bool, br: int, bc: int, br_t: int, bc_t: int) -> bool:
@@ -300,6 +304,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
         launches = [(True, transpose, (block_r, block_c, None))]
     for x_side, t_side, (tile_r, tile_c, warps) in launches:
         warps = warps or (8 if tile_r * tile_c >= 128 * 128 else 4)
+        options = {"maxnreg": PAIR_MAXNREG} if fp4_pair and PAIR_MAXNREG else {}
         if TILE is not None:
             tile_r, tile_c, warps = TILE
             if not tile_fits(tile_r, tile_c, x_side, t_side, br, bc, br_t, bc_t):
@@ -318,7 +323,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
             MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
             HW=hardware_cast(fmt, x.device), SAME_T=same_t, X_SIDE=x_side,
             NOISE=1 if noise is not None else 2 if seed is not None else 0, TMA_T=tma_t,
-            GPU_MATH=hardware_cast(E4M3, x.device), num_warps=warps)
+            GPU_MATH=hardware_cast(E4M3, x.device), num_warps=warps, **options)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer, gain)
     return first, (QTensor(qt, scale_t, quantizer_t, gain) if transpose else None)
