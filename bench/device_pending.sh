@@ -69,7 +69,8 @@
 #   bench/device_pending.sh rowwise_cached   GPU tests, then bf16 / fp8 rowwise with the weight cache / fp4_llama with and
 #                                     without OCC end to end (rowwise ran uncached on 12-03: 1.06x)
 #   bench/device_pending.sh quantize_passes  the rowwise pair's two passes apart and the amax candidates (+1-2 warps)
-#   bench/device_pending.sh fp4_maxnreg   the FP4 block pairs at capped registers per thread (more programs per SM)
+#   bench/device_pending.sh fp4_maxnreg   the FP4 block pairs at capped registers per thread (more programs per SM),
+#                                     then nvfp4 end to end at MAXNREG (default 128) against the default
 #   bench/device_pending.sh fp4_narrow    the FP4 block pair kernel at 1-2 warps per program and wide tiles (bit-exact first;
 #                                     run 12-03: FP4_PAIR_TILES now (16, 128, 1) / (32, 128, 2))
 #   bench/device_pending.sh gemm_shapes   each of a llama_1b layer's 21 GEMMs at 8192 tokens, FP8 tensorwise against bf16,
@@ -200,7 +201,12 @@ case "${1:-}" in
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_quantize.py 2>&1 | tail -3 \
       | tee "$OUT/fp4_maxnreg_gpu_tests.log"
     (cd bench && python3 -c "import quantize; quantize.block_sweep({}, tiles=[], maxnregs=(None, 160, 144, 128, 112, 96))") \
-      2>&1 | grep -v Warning | tee "$OUT/fp4_maxnreg.log" ;;
+      2>&1 | grep -v Warning | tee "$OUT/fp4_maxnreg.log"
+    # end to end at the cap the sweep liked best for NVFP4 (MAXNREG=N; default 128) against the default
+    python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "nvfp4=+exp=bf16_llama precision=nvfp4 $data" \
+      --variant "nvfp4_cap=+exp=bf16_llama precision=nvfp4 $data env:LOWBIT_FP4_PAIR_MAXNREG=${MAXNREG:-128}" \
+      2>&1 | grep -v Warning | tee "$OUT/fp4_maxnreg_e2e.log" ;;
   quantize_passes)
     python3 bench/quantize_passes.py 2>&1 | grep -v Warning | tee "$OUT/quantize_passes.log" ;;
   fp4_narrow)

@@ -220,10 +220,10 @@ def use_tma_store(x: torch.Tensor, tile_r: int) -> bool:
 
 TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every launch in place of the defaults below;
                                            # bench/quantize.py's block sweep (a tile must hold whole blocks)
-PAIR_MAXNREG: int | None = None     # registers per thread for the FP4 pair launch (Triton's maxnreg); None: ptxas
-                                    # picks. NVFP4's pair takes 167 (12 one-warp programs per SM), MXFP4's 127
-                                    # (`bench/ptx_mix.py --maxnreg 128`: 128 with one spilled value). A/B on a GPU:
-                                    # bench/device_pending.sh fp4_maxnreg
+# registers per thread for the FP4 pair launch (Triton's maxnreg; LOWBIT_FP4_PAIR_MAXNREG for whole runs); None:
+# ptxas picks. NVFP4's pair takes 167 (12 one-warp programs per SM), MXFP4's 127 (`bench/ptx_mix.py --maxnreg 128`:
+# 128 with one spilled value). A/B on a GPU: bench/device_pending.sh fp4_maxnreg
+PAIR_MAXNREG: int | None = int(os.environ.get("LOWBIT_FP4_PAIR_MAXNREG", "0")) or None
 
 
 def tile_fits(tile_r: int, tile_c: int, x_side: bool, t_side: bool, br: int, bc: int, br_t: int, bc_t: int) -> bool:
