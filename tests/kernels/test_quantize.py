@@ -253,7 +253,6 @@ def check_block_kernel_tma_store(device: str = "cpu") -> None:
     print(f"OK tma {len(cases)}")
 
 
-
 def nvfp4_scale_edge_blocks() -> torch.Tensor:
     """x [R, 128] whose 1 x 16 blocks put amax * G / 6 (G = 1: the tensor amax is 2688 = 448 * 6) on every E4M3
     grid point and tie and their float32 neighbours, through E4M3's subnormals, below its smallest value and at 448:
@@ -297,6 +296,7 @@ def test_nvfp4_block_scales_at_e4m3_ties_on_gpu():
     """On GPUs the block scale is rounded by the float8 cast and inverted by rcp.rn (quantize_blocks_triton's
     GPU_MATH): the same bits as the reference's integer rounding and IEEE division."""
     check_nvfp4_scale_edges("cuda")
+
 
 @pytest.mark.slow
 def test_block_kernel_tma_store_equals_reference_under_interpreter():
