@@ -64,6 +64,7 @@
 #   bench/device_pending.sh cd_both       the GEMM table below, then bf16 / fp8_llama with and without coordinate-descent
 #                                     tuning in one run
 #   bench/device_pending.sh pw_autotune   bf16 / fp8_llama with and without Inductor's pointwise/reduction autotuning
+#                                     (run 12-04: +0.3-0.5% each, fp8_llama 1.25x either way; not adopted)
 #   bench/device_pending.sh rowwise_kernels  fp8 rowwise / fp4_llama end to end with lowbit's quantize kernels against
 #                                     Inductor's fusions (the rowwise pairs' amax pass 2x faster since 12-03)
 #   bench/device_pending.sh rowwise_cached   GPU tests, then bf16 / fp8 rowwise with the weight cache / fp4_llama with and
@@ -71,6 +72,7 @@
 #   bench/device_pending.sh quantize_passes  the rowwise pair's two passes apart and the amax candidates (+1-2 warps)
 #   bench/device_pending.sh fp4_maxnreg   the FP4 block pairs at capped registers per thread (more programs per SM),
 #                                     then nvfp4 end to end at MAXNREG (default 128) against the default
+#                                     (run 12-04: no cap helps, 128 is 1-2% slower; default stays uncapped)
 #   bench/device_pending.sh fp4_narrow    the FP4 block pair kernel at 1-2 warps per program and wide tiles (bit-exact first;
 #                                     run 12-03: FP4_PAIR_TILES now (16, 128, 1) / (32, 128, 2))
 #   bench/device_pending.sh gemm_shapes   each of a llama_1b layer's 21 GEMMs at 8192 tokens, FP8 tensorwise against bf16,
