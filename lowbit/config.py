@@ -65,11 +65,13 @@ class PrecisionConfig:
     hadamard_size: int = 16         # block size of that transform along the token axis (power of two)
     block_size: int = 128           # fp8_blockwise tile: 1 x block_size activations, block_size^2 weight blocks
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate positive/negative scales for FP4
-    block_gemm: str = "auto"        # nvfp4 / mxfp4 GEMM scheme: dequant (operands dequantized exactly to bf16, then
-                                    # a cuBLAS bf16 GEMM) | prescale (block scales applied to the operand tiles in
-                                    # bf16 inside lowbit's Triton GEMM) | rescale (one FP8 MMA per 16/32-element
-                                    # block, accumulator rescaled) | auto: dequant for nvfp4 / mxfp4 (2.6x faster
-                                    # than prescale on an H200, docs/RESULTS.md), rescale for other recipes
+    block_gemm: str = "auto"        # block-scaled GEMM scheme: dequant (nvfp4 / mxfp4 operands dequantized exactly
+                                    # to bf16, then a cuBLAS bf16 GEMM) | prescale (block scales applied to the
+                                    # operand tiles in bf16 inside lowbit's Triton GEMM) | rescale (lowbit's Triton
+                                    # GEMM: one FP8 MMA per K block, promoted to FP32 with its scales) | cublas
+                                    # (fp8_blockwise: cuBLASLt's 1x128 / 128x128 block-scaled FP8 GEMM on Hopper
+                                    # with CUDA >= 12.9, rescale elsewhere) | auto: dequant for nvfp4 / mxfp4 (2.6x
+                                    # faster than prescale on an H200, docs/RESULTS.md), cublas for other recipes
     high_precision: list[str] = field(default_factory=list)   # GEMMs left in the compute dtype, as nn.Linear runs
                                     # them: any of forward | dgrad | wgrad (e.g. [wgrad]: torchao's rowwise_with_gw_hp)
     stats_every: int = 0            # log per-layer quantization statistics every N steps (0 = off)

@@ -198,6 +198,38 @@ def block_scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
                                             a_gain, b_gain)
 
 
+CUBLAS_BLOCK = 128      # cuBLASLt's block-scaled FP8 GEMM (CUDA >= 12.9, sm_90): 1x128 and 128x128 float32 scales
+
+
+def cublas_block_layout(block_k: int, a_rows: int, b_rows: int, M: int, N: int, K: int) -> bool:
+    """Whether cuBLASLt's DeepSeek-style block-scaled GEMM takes these operands a [M, K], b [N, K] (through
+    torch._scaled_mm): 128-element K blocks, 1x128 or 128x128 scale blocks, not both 128x128, M and N multiples of
+    16 (torch._scaled_mm's rule; a partial last 128-row block is fine) and K / 128 a multiple of 4 (cuBLASLt pads
+    the 128x128 scale rows to 4 K blocks; llama shapes have it)."""
+    return (block_k == CUBLAS_BLOCK and {a_rows, b_rows} <= {1, CUBLAS_BLOCK} and (a_rows, b_rows) != (128, 128)
+            and M % 16 == 0 and N % 16 == 0 and (K // CUBLAS_BLOCK) % 4 == 0)
+
+
+def cublas_block_available(device: torch.device) -> bool:
+    """cuBLASLt's block-scaled FP8 GEMM: Hopper (sm_90) only, CUDA >= 12.9."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    major, minor = (int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return (major, minor) >= (12, 9)
+
+
+def block_scaled_mm_cublas(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, *,
+                           a_rows: int, b_rows: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`block_scaled_mm` with 128-element K blocks by cuBLASLt (torch._scaled_mm's DeepSeek-style scaling; CUDA
+    only, see cublas_block_layout): its FP8 tensor-core GEMM promotes each K block to FP32 with its scales, as the
+    Triton kernel does. Scales as block_scaled_mm takes them: [R, K/128] for 1x128 rows, [R/128, K/128] for
+    128x128 blocks; cuBLASLt wants the first outer-dimension-major and reads b's through b_q^T."""
+    def layout(scale: torch.Tensor, rows: int) -> torch.Tensor:
+        return scale.t().contiguous().t() if rows == 1 else scale.contiguous()
+    return torch._scaled_mm(a_q.contiguous(), b_q.contiguous().t(), scale_a=layout(a_scale, a_rows),
+                            scale_b=layout(b_scale, b_rows).t(), out_dtype=out_dtype)
+
+
 def dequantize_exact_reference(q: torch.Tensor, scale: torch.Tensor, block_k: int, gain: torch.Tensor) -> torch.Tensor:
     """bf16 [R, K] = q * bf16(scale * gain) for block scales [R, K / block_k] made exact in bf16 by `gain` (MXFP4: 1,
     NVFP4: its tensor scale G): the DEQUANT scheme's operand, exact (E2M1 2 significant bits x scale 4 <= bf16's 8)."""

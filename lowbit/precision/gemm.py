@@ -3,8 +3,32 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.gemm import block_scaled_mm, block_scaled_mm_dequant, scaled_mm
+import functools
+import logging
+
+from lowbit.kernels.gemm import (block_scaled_mm, block_scaled_mm_cublas, block_scaled_mm_dequant,
+                                 cublas_block_available, cublas_block_layout, scaled_mm)
 from lowbit.precision.scaling import QTensor
+
+log = logging.getLogger("lowbit")
+
+
+@functools.cache
+def _cublas_blocks_on(device: torch.device) -> bool:
+    available = cublas_block_available(device)
+    if not available and device.type == "cuda":
+        log.info("precision.block_gemm=cublas: %s (CUDA %s) has no cuBLASLt block-scaled FP8 GEMM (Hopper with CUDA >= "
+                 "12.9); fp8_blockwise's GEMMs run on lowbit's Triton kernel (rescale)",
+                 torch.cuda.get_device_name(device), torch.version.cuda)
+    return available
+
+
+def _cublas_blocks(a: QTensor, b: QTensor, block_k: int, a_rows: int, b_rows: int) -> bool:
+    """precision.block_gemm=cublas: whether cuBLASLt takes this pair (E4M3 operands in 128-element K blocks on a
+    Hopper GPU); otherwise the Triton kernel runs it."""
+    e4m3 = a.data.dtype == b.data.dtype == torch.float8_e4m3fn
+    return e4m3 and cublas_block_layout(block_k, a_rows, b_rows, a.data.shape[0], b.data.shape[0],
+                                                         a.data.shape[1]) and _cublas_blocks_on(a.data.device)
 
 
 def _block_scale(q: QTensor, block_k: int) -> tuple[torch.Tensor, int]:
@@ -34,9 +58,9 @@ def prescale_gain(q: QTensor) -> torch.Tensor | None:
 
 def quantized_matmul(a: QTensor, b: QTensor, out_dtype: torch.dtype, block_gemm: str = "rescale") -> torch.Tensor:
     """[M, N] = dequant(a)[M, C] @ dequant(b)[N, C]^T (fp32 accumulation) in out_dtype.
-    block_gemm: the block-scaled GEMM's scheme for FP4 block scales (precision.block_gemm, resolved by the recipe):
-    rescale, prescale or dequant (the nvfp4/mxfp4 default), where both operands carry exact-in-bf16 block scales
-    (nvfp4, mxfp4); otherwise rescale."""
+    block_gemm: the block-scaled GEMM's scheme (precision.block_gemm, resolved by the recipe): cublas (cuBLASLt's
+    block-scaled FP8 GEMM where it takes the operands, else rescale), rescale, prescale or dequant (the nvfp4/mxfp4
+    default), where both operands carry exact-in-bf16 block scales (nvfp4, mxfp4); otherwise rescale."""
     if a.quantizer.blocked or b.quantizer.blocked:
         block_k = a.quantizer.block_cols if a.quantizer.blocked else b.quantizer.block_cols
         a_scale, a_rows = _block_scale(a, block_k)
@@ -45,6 +69,9 @@ def quantized_matmul(a: QTensor, b: QTensor, out_dtype: torch.dtype, block_gemm:
         if block_gemm in ("prescale", "dequant"):
             a_gain, b_gain = prescale_gain(a), prescale_gain(b)
             gains = (a_gain, b_gain) if a_gain is not None and b_gain is not None else None
+        if block_gemm == "cublas" and _cublas_blocks(a, b, block_k, a_rows, b_rows):
+            return block_scaled_mm_cublas(a.data, a_scale, b.data, b_scale, a_rows=a_rows, b_rows=b_rows,
+                                          out_dtype=out_dtype)
         if block_gemm == "dequant" and gains is not None and a_rows == b_rows == 1:
             unit = a.quantizer.scale_rule == b.quantizer.scale_rule == "pow2"      # MXFP4: gains 1, no fp32 output
             return block_scaled_mm_dequant(a.data, a_scale, b.data, b_scale, block_k=block_k,

@@ -47,7 +47,8 @@ class Recipe:
     hadamard: int = 0               # block size of the random Hadamard transform on wgrad inputs (0 = off)
     asymmetric: bool = False        # AFPQ (arXiv 2311.01792): separate scales for W's positive/negative values
     high_precision: tuple[str, ...] = ()    # GEMMs computed unquantized in the compute dtype: forward | dgrad | wgrad
-    block_gemm: str = "rescale"     # FP4 block GEMM scheme: rescale | prescale | dequant (lowbit.kernels.gemm)
+    block_gemm: str = "cublas"      # block GEMM scheme: cublas (fp8_blockwise: cuBLASLt where it takes the operands,
+                                    # else rescale) | rescale | prescale | dequant (lowbit.kernels.gemm)
     outlier_group: Any = field(default=None, compare=False, repr=False)   # TP: x is a shard; OCC's quantile spans the group
 
 
@@ -108,13 +109,19 @@ def build_recipe(cfg) -> Recipe:
         raise ValueError(f"precision.occ_scope=token needs precision.occ_product=dense or fp8 (got "
                          f"{occ_product!r}): the compressed-row residual takes one threshold per tensor")
     block_gemm = cfg.block_gemm
-    if block_gemm not in ("auto", "rescale", "prescale", "dequant"):
+    if block_gemm not in ("auto", "cublas", "rescale", "prescale", "dequant"):
         raise ValueError(f"precision.block_gemm={block_gemm!r} is not supported; use auto (the default: dequant for "
-                         f"nvfp4 / mxfp4, rescale otherwise), rescale, prescale or dequant")
+                         f"nvfp4 / mxfp4, cublas otherwise), cublas, rescale, prescale or dequant")
     if block_gemm == "auto":
         # H200, 2026-12-02 (bench/linear.py, compiled, two runs): fwd+bwd of one nvfp4 / mxfp4 linear 0.65-0.76x /
-        # 0.86-0.93x of bf16 by dequant against 0.27-0.28x / 0.33-0.35x prescaled and 0.14x / 0.24x rescaled
-        block_gemm = "dequant" if name in ("nvfp4", "mxfp4") else "rescale"
+        # 0.86-0.93x of bf16 by dequant against 0.27-0.28x / 0.33-0.35x prescaled and 0.14x / 0.24x rescaled.
+        # fp8_blockwise (H200, 2026-12-04, bench/block_gemm.py --cublas): cuBLASLt's block-scaled GEMM 1,091-1,118
+        # TFLOP/s (1x128 x 128x128) and 904-914 (1x128 x 1x128) against the Triton kernel's 594-717
+        block_gemm = "dequant" if name in ("nvfp4", "mxfp4") else "cublas"
+    if block_gemm == "cublas" and name in ("nvfp4", "mxfp4"):
+        raise ValueError(f"precision.block_gemm=cublas takes 128-element K blocks (cuBLASLt's block scaling on "
+                         f"Hopper); recipe {name} has {NVFP4_BLOCK if name == 'nvfp4' else MXFP4_BLOCK}-element blocks: "
+                         f"use dequant, prescale or rescale")
     if block_gemm in ("prescale", "dequant") and name not in ("nvfp4", "mxfp4"):
         raise ValueError(f"precision.block_gemm={block_gemm} applies the block scales in bf16, exact only for FP4 "
                          f"blocks with E4M3 or power-of-two scales (recipes nvfp4, mxfp4); recipe {name} needs "

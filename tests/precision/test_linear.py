@@ -406,21 +406,24 @@ def test_padding_is_logged_once_outside_the_traced_graph(caplog):
     assert len(messages) == 1 and f"40 tokens, not a multiple of {recipe.token_multiple}" in messages[0]
 
 
-def layer_against_float64(recipe, device: str = "cpu", compiled: bool = False) -> dict[str, float]:
-    """QuantLinear(64 -> 96) forward and backward on `device` (through torch.compile's Inductor if `compiled`): the
-    relative errors of y, dx, dW against the float64 reference of the same quantized math."""
+def layer_against_float64(recipe, device: str = "cpu", compiled: bool = False, features: tuple[int, int] = (64, 96),
+                          batch: tuple[int, int] = (3, 7)) -> dict[str, float]:
+    """QuantLinear(K -> N), (K, N) = `features`, forward and backward of x [*batch, K] on `device` (through
+    torch.compile's Inductor if `compiled`): the relative errors of y, dx, dW against the float64 reference of the
+    same quantized math."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 96)
+    K, N = features
+    linear = torch.nn.Linear(K, N)
     layer = QuantLinear.from_linear(linear, recipe, name="layer", seed=3).to(device)
-    x = (torch.randn(3, 7, 64) * torch.logspace(-2, 1, 64)).to(device).requires_grad_()
+    x = (torch.randn(*batch, K) * torch.logspace(-2, 1, K)).to(device).requires_grad_()
     y = (torch.compile(layer) if compiled else layer)(x)
     dy = torch.randn_like(y)
     y.backward(dy)
     want_y, want_dx, want_dw, _ = reference_forward_backward(x.detach().cpu(), layer.weight.detach().cpu(),
                                                              layer.bias.detach().cpu(), dy.cpu(), recipe,
                                                              layer.hadamard_signs.cpu())
-    return {"y": relative_error(y.detach().cpu().reshape(-1, 96), want_y),
-            "dx": relative_error(x.grad.cpu().reshape(-1, 64), want_dx),
+    return {"y": relative_error(y.detach().cpu().reshape(-1, N), want_y),
+            "dx": relative_error(x.grad.cpu().reshape(-1, K), want_dx),
             "dw": relative_error(layer.weight.grad.cpu(), want_dw)}
 
 
@@ -457,10 +460,35 @@ def test_block_gemm_default_is_dequant_for_fp4_blocks_only():
     """precision.block_gemm=auto (the default) resolves to the dequant scheme for nvfp4 / mxfp4 and to the rescaled
     one for fp8_blockwise, whose scales are not exact in bf16."""
     assert PrecisionConfig().block_gemm == "auto"
-    for name, scheme in (("nvfp4", "dequant"), ("mxfp4", "dequant"), ("fp8_blockwise", "rescale"),
-                         ("fp4_vectorwise", "rescale")):
+    for name, scheme in (("nvfp4", "dequant"), ("mxfp4", "dequant"), ("fp8_blockwise", "cublas"),
+                         ("fp4_vectorwise", "cublas")):
         assert build_recipe(precision_cfg(name)).block_gemm == scheme, name
     assert build_recipe(precision_cfg("nvfp4", block_gemm="rescale")).block_gemm == "rescale"
+    with pytest.raises(ValueError, match="block_gemm=cublas takes 128-element K blocks"):
+        build_recipe(precision_cfg("nvfp4", block_gemm="cublas"))
+
+
+@pytest.mark.parametrize("block_gemm", ["cublas", "rescale"])
+def test_fp8_blockwise_layer_through_cublas_layouts_equals_float64(block_gemm, monkeypatch):
+    """fp8_blockwise with 128-element blocks at block_gemm=cublas: all three GEMMs (x . W, dy . W^T, dy^T . x^T) reach
+    cuBLASLt's block-scaled GEMM, here torch._scaled_mm's CPU stand-in that enforces its scale layouts
+    (tests/kernels/test_gemm.py), and the layer equals float64; block_gemm=rescale never calls it."""
+    from lowbit.kernels import gemm as kernels_gemm
+    from lowbit.precision import gemm as precision_gemm
+    from tests.kernels.test_gemm import fake_scaled_mm
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append((kwargs["a_rows"], kwargs["b_rows"]))
+        return kernels_gemm.block_scaled_mm_cublas(*args, **kwargs)
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    monkeypatch.setattr(precision_gemm, "_cublas_blocks_on", lambda device: True)
+    monkeypatch.setattr(precision_gemm, "block_scaled_mm_cublas", counted)
+    recipe = build_recipe(precision_cfg("fp8_blockwise", block_size=128, block_gemm=block_gemm))
+    errors = layer_against_float64(recipe, features=(512, 512), batch=(4, 128))
+    assert max(errors.values()) < 1e-5, errors
+    assert sorted(calls) == ([(1, 1), (1, 128), (1, 128)] if block_gemm == "cublas" else [])
 
 
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
@@ -504,6 +532,28 @@ def test_recipes_compiled_by_inductor_on_gpu_equal_float64(name, options):
     backward: the Triton kernels traced by Dynamo must lower (NVFP4's tensor amax did not, 2026-12-03)."""
     errors = layer_against_float64(build_recipe(precision_cfg(name, **options)), "cuda", compiled=True)
     assert max(errors.values()) < 1e-3, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="cuBLASLt's block-scaled FP8 GEMM is Hopper-only")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_blockwise_by_cublas_on_gpu_equals_float64(compiled, monkeypatch):
+    """fp8_blockwise (1x128 / 128x128, block_gemm=auto -> cublas) on a Hopper GPU, eager and through Inductor: all
+    three GEMMs run on cuBLASLt's block-scaled GEMM and the layer equals float64 of the same quantized math."""
+    from lowbit.kernels import gemm as kernels_gemm
+    from lowbit.precision import gemm as precision_gemm
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append((kwargs["a_rows"], kwargs["b_rows"]))
+        return kernels_gemm.block_scaled_mm_cublas(*args, **kwargs)
+    monkeypatch.setattr(precision_gemm, "block_scaled_mm_cublas", counted)
+    recipe = build_recipe(precision_cfg("fp8_blockwise", block_size=128, block_gemm="auto"))
+    errors = layer_against_float64(recipe, "cuda", compiled=compiled, features=(512, 512), batch=(4, 128))
+    assert max(errors.values()) < 1e-3, errors
+    assert sorted(set(calls)) == [(1, 1), (1, 128)] and len(calls) >= 3, calls
 
 
 @pytest.mark.gpu
