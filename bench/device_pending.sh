@@ -21,6 +21,10 @@
 #   bench/device_pending.sh e2e_micro bf16 against `+exp=fp8_llama` (tensorwise) end to end at micro-batches 2, 4, 8
 #   bench/device_pending.sh gw_hp     one linear, fp8 rowwise with the weight gradient in bf16 (precision.high_precision)
 #                                     against torchao's rowwise_with_gw_hp and both plain rowwise recipes (issue 3)
+#   bench/device_pending.sh blockwise_cublas  fp8_blockwise's GEMMs by cuBLASLt's block-scaled FP8 GEMM against
+#                                     lowbit's Triton kernel: GPU tests, the GEMMs alone, one linear at the three shapes
+#   bench/device_pending.sh e2e_blockwise  llama_1b end to end: bf16 against fp8_blockwise by cuBLASLt and by the
+#                                     Triton kernel (GPU tests of the cuBLASLt path first)
 #   bench/device_pending.sh fp4default  nvfp4 / mxfp4 by their default GEMM (dequant) against prescale, and fp4
 #                                     vectorwise with DGE, one linear at the three shapes, compiled, after GPU tests
 #   bench/device_pending.sh e2e_blocks  GPU tests of the block quantize kernel and the linear layer (each recipe compiled by
@@ -176,6 +180,24 @@ case "${1:-}" in
     python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear \
       --recipes nvfp4,nvfp4+dequant,mxfp4,mxfp4+dequant --compile-lowbit nvfp4,nvfp4+dequant,mxfp4,mxfp4+dequant \
       --out "$OUT" 2>&1 | tail -40 | tee "$OUT/linear_fp4_prescale.log" ;;
+  blockwise_cublas)
+    # fp8_blockwise's GEMMs on cuBLASLt's block-scaled FP8 GEMM (precision.block_gemm=auto -> cublas) against lowbit's
+    # Triton kernel (+rescale): GPU tests, the GEMMs alone, then one linear fwd+bwd at the three shapes
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py tests/precision/test_linear.py 2>&1 \
+      | tail -4 | tee "$OUT/blockwise_cublas_gpu_tests.log"
+    python3 bench/block_gemm.py --cublas --json "$OUT/block_gemm_cublas.json" 2>&1 | tee "$OUT/block_gemm_cublas.log"
+    python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear --budget-s 420 \
+      --recipes fp8_blockwise,fp8_blockwise+rescale,fp8_rowwise --compile-lowbit fp8_blockwise,fp8_blockwise+rescale \
+      --out "$OUT" 2>&1 | tail -24 | tee "$OUT/linear_blockwise_cublas.log" ;;
+  e2e_blockwise)
+    # the cuBLASLt block-scaled GEMM's GPU tests again, then llama_1b end to end: bf16 against precision=fp8_blockwise
+    # by cuBLASLt (the default) and by lowbit's Triton kernel (block_gemm=rescale), weights cached as fp8_llama does
+    TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py tests/precision/test_linear.py -k \
+      "cublas or blockwise" 2>&1 | tail -3 | tee "$OUT/e2e_blockwise_gpu_tests.log"
+    python3 bench/train_throughput.py --steps ${STEPS:-6} --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "blockwise=+exp=fp8_llama precision=fp8_blockwise precision.cache_weights=true $data" \
+      --variant "blockwise_triton=+exp=fp8_llama precision=fp8_blockwise precision.cache_weights=true precision.block_gemm=rescale $data" \
+      2>&1 | tee "$OUT/e2e_blockwise.log" ;;
   fp4default)
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py tests/precision/test_linear.py 2>&1 \
       | tail -3 | tee "$OUT/fp4default_gpu_tests.log"
