@@ -1,7 +1,8 @@
 """A bar chart of one `bench/linear.py` run: each variant's fwd+bwd speed-up over bf16 `nn.Linear` (CUDA-graph device
 time) at each shape, every bar from the same run as its bf16 baseline. One panel per JSON file given.
 
-    python bench/plot_linear.py docs/bench_h200_2026-12-02c/linear_fp4default.json --plot docs/linear_speedups.png
+    python bench/plot_linear.py docs/bench_h200_2026-12-01h/linear.json docs/bench_h200_2026-12-02c/linear_fp4default.json \
+        docs/bench_h200_2026-12-04e/linear.json --plot docs/linear_speedups.png
     python bench/plot_linear.py A.json B.json --only compiled --plot out.png   (--only: variants containing a word)
 """
 from __future__ import annotations
