@@ -1,21 +1,23 @@
 """One GEMM between two quantized operands, routed to lowbit.kernels.gemm by their scale layout."""
 from __future__ import annotations
 
-import torch
-
-import functools
 import logging
+
+import torch
 
 from lowbit.kernels.gemm import (block_scaled_mm, block_scaled_mm_cublas, block_scaled_mm_dequant,
                                  cublas_block_available, cublas_block_layout, scaled_mm)
 from lowbit.precision.scaling import QTensor
 
 log = logging.getLogger("lowbit")
+_CUBLAS_BLOCKS: dict[torch.device, bool] = {}
 
 
-@functools.cache
+@torch.compiler.assume_constant_result      # run as Python while tracing, its result a constant of the graph
 def _cublas_blocks_on(device: torch.device) -> bool:
-    available = cublas_block_available(device)
+    if device in _CUBLAS_BLOCKS:
+        return _CUBLAS_BLOCKS[device]
+    available = _CUBLAS_BLOCKS[device] = cublas_block_available(device)
     if not available and device.type == "cuda":
         log.info("precision.block_gemm=cublas: %s (CUDA %s) has no cuBLASLt block-scaled FP8 GEMM (Hopper with CUDA >= "
                  "12.9); fp8_blockwise's GEMMs run on lowbit's Triton kernel (rescale)",
@@ -27,8 +29,9 @@ def _cublas_blocks(a: QTensor, b: QTensor, block_k: int, a_rows: int, b_rows: in
     """precision.block_gemm=cublas: whether cuBLASLt takes this pair (E4M3 operands in 128-element K blocks on a
     Hopper GPU); otherwise the Triton kernel runs it."""
     e4m3 = a.data.dtype == b.data.dtype == torch.float8_e4m3fn
-    return e4m3 and cublas_block_layout(block_k, a_rows, b_rows, a.data.shape[0], b.data.shape[0],
-                                                         a.data.shape[1]) and _cublas_blocks_on(a.data.device)
+    rows, cols = a.data.shape
+    return (e4m3 and cublas_block_layout(block_k, a_rows, b_rows, rows, b.data.shape[0], cols)
+            and _cublas_blocks_on(a.data.device))
 
 
 def _block_scale(q: QTensor, block_k: int) -> tuple[torch.Tensor, int]:

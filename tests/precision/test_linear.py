@@ -491,6 +491,18 @@ def test_fp8_blockwise_layer_through_cublas_layouts_equals_float64(block_gemm, m
     assert sorted(calls) == ([(1, 1), (1, 128), (1, 128)] if block_gemm == "cublas" else [])
 
 
+def test_cublas_block_gemm_choice_compiles_in_one_graph():
+    """block_gemm=cublas decides per GEMM whether cuBLASLt takes it (a Python check, its device part evaluated once
+    while tracing): a whole fp8_blockwise layer still compiles without a graph break, and matches eager (CPU: the
+    float32 reference GEMM, whose sums Inductor may order differently)."""
+    recipe = build_recipe(precision_cfg("fp8_blockwise", block_size=128, block_gemm="cublas"))
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(512, 256), recipe, name="layer")
+    x = torch.randn(2, 64, 512)
+    compiled, eager = torch.compile(layer, fullgraph=True)(x), layer(x)
+    assert relative_error(compiled.detach(), eager.detach().double()) < 1e-5
+
+
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
 def test_dequant_block_gemm_layer_equals_float64(name, monkeypatch):
     """precision.block_gemm=dequant: all three GEMMs of a layer go through the dequant scheme with their operands'
