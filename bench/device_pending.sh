@@ -25,6 +25,8 @@
 #                                     lowbit's Triton kernel: GPU tests, the GEMMs alone, one linear at the three shapes
 #   bench/device_pending.sh e2e_blockwise  llama_1b end to end: bf16 against fp8_blockwise by cuBLASLt and by the
 #                                     Triton kernel (GPU tests of the cuBLASLt path first)
+#   bench/device_pending.sh blockwise_kernels  fp8_blockwise end to end, its quantizations by Inductor against lowbit's
+#                                     Triton kernels
 #   bench/device_pending.sh fp4default  nvfp4 / mxfp4 by their default GEMM (dequant) against prescale, and fp4
 #                                     vectorwise with DGE, one linear at the three shapes, compiled, after GPU tests
 #   bench/device_pending.sh e2e_blocks  GPU tests of the block quantize kernel and the linear layer (each recipe compiled by
@@ -198,6 +200,13 @@ case "${1:-}" in
       --variant "blockwise=+exp=fp8_llama precision=fp8_blockwise precision.cache_weights=true $data" \
       --variant "blockwise_triton=+exp=fp8_llama precision=fp8_blockwise precision.cache_weights=true precision.block_gemm=rescale $data" \
       2>&1 | tee "$OUT/e2e_blockwise.log" ;;
+  blockwise_kernels)
+    # fp8_blockwise end to end (cuBLASLt GEMMs) with its 1x128 quantizations fused by Inductor (quantize_kernels=auto
+    # -> torch in compiled layers) against lowbit's Triton pair kernels (quantize_kernels=triton)
+    python3 bench/train_throughput.py --steps ${STEPS:-6} --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "blockwise=+exp=fp8_llama precision=fp8_blockwise $data" \
+      --variant "blockwise_triton_quant=+exp=fp8_llama precision=fp8_blockwise precision.quantize_kernels=triton $data" \
+      2>&1 | tee "$OUT/e2e_blockwise_kernels.log" ;;
   fp4default)
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py tests/precision/test_linear.py 2>&1 \
       | tail -3 | tee "$OUT/fp4default_gpu_tests.log"
