@@ -14,6 +14,7 @@ import torch
 from lowbit.kernels.gemm import (block_scaled_mm, block_scaled_mm_cublas, block_scaled_mm_dequant,
                                  block_scaled_mm_reference, cublas_block_layout, dequantize_exact_reference, scaled_mm,
                                  scaled_mm_reference)
+from tests.kernels.block_products import fake_scaled_mm, float64_block_product
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -33,19 +34,6 @@ def random_fp4_as_e4m3(rows: int, cols: int, gen=None) -> torch.Tensor:
     idx = torch.randint(0, 8, (rows, cols), generator=gen)
     sign = torch.randint(0, 2, (rows, cols), generator=gen) * 2 - 1
     return (E2M1_GRID[idx] * sign).to(E4M3)
-
-
-def float64_block_product(a_q, a_scale, b_q, b_scale, block_k, a_rows, b_rows):
-    """out[m, n] = sum_kb sa[m//a_rows, kb] sb[n//b_rows, kb] sum_{k in kb} a[m,k] b[n,k], in float64 loops over kb."""
-    a, b = a_q.double(), b_q.double()
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
-    rows_a = torch.arange(a.shape[0]) // a_rows
-    rows_b = torch.arange(b.shape[0]) // b_rows
-    for kb in range(a.shape[1] // block_k):
-        ks = slice(kb * block_k, (kb + 1) * block_k)
-        partial = a[:, ks] @ b[:, ks].T
-        out += partial * a_scale.double()[rows_a, kb][:, None] * b_scale.double()[rows_b, kb][None, :]
-    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -286,40 +274,12 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # -------------------------------------------------------------------------------------------------
-# GPU: the CUDA paths against the reference (figures come from bench/linear.py)
-# -------------------------------------------------------------------------------------------------
-
-# -------------------------------------------------------------------------------------------------
 # block_scaled_mm_cublas: the scale layouts cuBLASLt's DeepSeek-style block scaling takes
 # -------------------------------------------------------------------------------------------------
 
 # (M, N, K, a_rows, b_rows): forward / dgrad (1x128 x 128x128, N with a partial last weight block), wgrad
 # (1x128 x 1x128), and a weight-like first operand (128x128 x 1x128)
 CUBLAS_CASES = [(256, 384, 512, 1, 128), (128, 208, 1024, 1, 128), (192, 160, 512, 1, 1), (256, 96, 512, 128, 1)]
-
-
-def scale_kind(t: torch.Tensor, scale: torch.Tensor) -> str:
-    """torch._scaled_mm's reading of a scale for operand t [R, K] (its CUDA checks, aten/src/ATen/native/cuda/Blas.cpp):
-    1x128 = [R, ceil(K/128)] outer-dimension-major, 128x128 = [ceil(R/128), ceil(K/128)] row-major."""
-    rows, blocks = t.shape[0], -(-t.shape[1] // 128)
-    fits = lambda dim, size, stride: scale.shape[dim] == size and (size <= 1 or scale.stride(dim) == stride)
-    if scale.dtype == torch.float32 and scale.dim() == 2:
-        if fits(0, rows, 1) and fits(1, blocks, rows):
-            return "1x128"
-        if fits(0, -(-rows // 128), blocks) and fits(1, blocks, 1):
-            return "128x128"
-    return f"not a block scale: {tuple(scale.shape)} strides {scale.stride()}"
-
-
-def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype, **_):
-    """torch._scaled_mm's block-scaled contract on CPU: the scales must have the layouts its checks accept (a's scale
-    for a [M, K], b's scale transposed for b^T [N, K]), not both 128x128; the product in float64."""
-    kinds = scale_kind(a, scale_a), scale_kind(b.t(), scale_b.t())
-    assert set(kinds) <= {"1x128", "128x128"} and kinds != ("128x128", "128x128"), kinds
-    assert a.is_contiguous() and b.t().is_contiguous(), "a row-major, b column-major"
-    rows = [1 if kind == "1x128" else 128 for kind in kinds]
-    out = float64_block_product(a, scale_a.contiguous(), b.t(), scale_b.t().contiguous(), 128, *rows)
-    return out.to(out_dtype)
 
 
 @pytest.mark.parametrize("case", CUBLAS_CASES, ids=lambda c: "M{}N{}K{}ar{}br{}".format(*c))
@@ -345,6 +305,10 @@ def test_cublas_block_layout_rejects_what_cublaslt_does_not_take():
     assert not cublas_block_layout(128, 1, 128, 128, 128, 384)     # K / 128 = 3: cuBLASLt pads scale rows to 4 blocks
     assert not cublas_block_layout(128, 1, 128, 128, 200, 1024)    # torch._scaled_mm: N a multiple of 16 (H200)
 
+
+# -------------------------------------------------------------------------------------------------
+# GPU: the CUDA paths against the reference (figures come from bench/linear.py)
+# -------------------------------------------------------------------------------------------------
 
 needs_fp8_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9) or os.environ["TRITON_INTERPRET"] == "1",

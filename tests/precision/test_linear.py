@@ -475,7 +475,7 @@ def test_fp8_blockwise_layer_through_cublas_layouts_equals_float64(block_gemm, m
     (tests/kernels/test_gemm.py), and the layer equals float64; block_gemm=rescale never calls it."""
     from lowbit.kernels import gemm as kernels_gemm
     from lowbit.precision import gemm as precision_gemm
-    from tests.kernels.test_gemm import fake_scaled_mm
+    from tests.kernels.block_products import fake_scaled_mm
 
     calls = []
 
