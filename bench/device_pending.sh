@@ -193,12 +193,12 @@ case "${1:-}" in
       --out "$OUT" 2>&1 | tail -24 | tee "$OUT/linear_blockwise_cublas.log" ;;
   e2e_blockwise)
     # the cuBLASLt block-scaled GEMM's GPU tests again, then llama_1b end to end: bf16 against precision=fp8_blockwise
-    # by cuBLASLt (the default) and by lowbit's Triton kernel (block_gemm=rescale), weights cached as fp8_llama does
+    # by cuBLASLt (the default) and by lowbit's Triton kernel (block_gemm=rescale), weights cached (the fp8_llama preset)
     TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py tests/precision/test_linear.py -k \
       "cublas or blockwise" 2>&1 | tail -3 | tee "$OUT/e2e_blockwise_gpu_tests.log"
     python3 bench/train_throughput.py --steps ${STEPS:-6} --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
-      --variant "blockwise=+exp=fp8_llama precision=fp8_blockwise precision.cache_weights=true $data" \
-      --variant "blockwise_triton=+exp=fp8_llama precision=fp8_blockwise precision.cache_weights=true precision.block_gemm=rescale $data" \
+      --variant "blockwise=+exp=fp8_llama precision=fp8_blockwise $data" \
+      --variant "blockwise_triton=+exp=fp8_llama precision=fp8_blockwise precision.block_gemm=rescale $data" \
       2>&1 | tee "$OUT/e2e_blockwise.log" ;;
   blockwise_kernels)
     # fp8_blockwise end to end (cuBLASLt GEMMs) with its 1x128 quantizations fused by Inductor (quantize_kernels=auto

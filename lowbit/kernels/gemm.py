@@ -206,7 +206,7 @@ def cublas_block_layout(block_k: int, a_rows: int, b_rows: int, M: int, N: int, 
     torch._scaled_mm): 128-element K blocks, 1x128 or 128x128 scale blocks, not both 128x128, M and N multiples of
     16 (torch._scaled_mm's rule; a partial last 128-row block is fine) and K / 128 a multiple of 4 (cuBLASLt pads
     the 128x128 scale rows to 4 K blocks; llama shapes have it)."""
-    return (block_k == CUBLAS_BLOCK and {a_rows, b_rows} <= {1, CUBLAS_BLOCK} and (a_rows, b_rows) != (128, 128)
+    return (block_k == CUBLAS_BLOCK and {a_rows, b_rows} <= {1, CUBLAS_BLOCK} and (a_rows, b_rows) != (CUBLAS_BLOCK, CUBLAS_BLOCK)
             and M % 16 == 0 and N % 16 == 0 and (K // CUBLAS_BLOCK) % 4 == 0)
 
 

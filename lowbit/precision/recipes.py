@@ -115,8 +115,8 @@ def build_recipe(cfg) -> Recipe:
     if block_gemm == "auto":
         # H200, 2026-12-02 (bench/linear.py, compiled, two runs): fwd+bwd of one nvfp4 / mxfp4 linear 0.65-0.76x /
         # 0.86-0.93x of bf16 by dequant against 0.27-0.28x / 0.33-0.35x prescaled and 0.14x / 0.24x rescaled.
-        # fp8_blockwise (H200, 2026-12-04, bench/block_gemm.py --cublas): cuBLASLt's block-scaled GEMM 1,091-1,118
-        # TFLOP/s (1x128 x 128x128) and 904-914 (1x128 x 1x128) against the Triton kernel's 594-717
+        # fp8_blockwise (H200, 2026-12-04, bench/block_gemm.py --cublas, two calls): cuBLASLt's block-scaled GEMM
+        # 1,091-1,126 TFLOP/s (1x128 x 128x128) and 876-914 (1x128 x 1x128) against the Triton kernel's 580-717
         block_gemm = "dequant" if name in ("nvfp4", "mxfp4") else "cublas"
     if block_gemm == "cublas" and name in ("nvfp4", "mxfp4"):
         raise ValueError(f"precision.block_gemm=cublas takes 128-element K blocks (cuBLASLt's block scaling on "
