@@ -22,10 +22,11 @@ ROOT=/root/convergence; mkdir -p $ROOT
 MICRO=${MICRO:-$([ "$(nvidia-smi -L | wc -l)" -ge 4 ] && echo 16 || echo 8)}
 export TOKENIZERS_PARALLELISM=true      # the first run tokenizes the corpus once; the others wait on the cache lock
 [ -f /root/train.jsonl ] || xz -dc .carry2/train.jsonl.xz > /root/train.jsonl
+SEQ=${SEQ:-2048}; BATCH=${BATCH:-32}; EVERY=${EVERY:-64}     # tokens per step: BATCH x SEQ
 common="model=smollm2_135m_scratch model.tokenizer=.carry/tokenizer data=gutenberg data.sources=[/root/train.jsonl]
-  data.val_sources=[$PWD/.carry/valid.jsonl.gz] data.seq_len=2048 trainer.max_steps=$STEPS trainer.global_batch_size=32
-  trainer.micro_batch_size=$MICRO trainer.eval_every=64 trainer.eval_batches=0 trainer.save_every=64 trainer.resume=auto
-  trainer.export=false optim.lr=2e-3 optim.warmup_steps=50 model.compile=true"
+  data.val_sources=[$PWD/.carry/valid.jsonl.gz] data.seq_len=$SEQ trainer.max_steps=$STEPS trainer.global_batch_size=$BATCH
+  trainer.micro_batch_size=$MICRO trainer.eval_every=$EVERY trainer.eval_batches=0 trainer.save_every=$EVERY
+  trainer.resume=auto trainer.export=false optim.lr=2e-3 optim.warmup_steps=50 model.compile=true"
 declare -A VARIANTS=(
   [bf16]="precision=bf16"
   [fp8_rowwise]="precision=fp8_rowwise"
@@ -49,6 +50,14 @@ declare -A VARIANTS=(
   [fp4_dge_occ_seed7]="precision=fp4_vectorwise trainer.seed=7"
   # OCC's compensation in FP8 (the residual rounded to E4M3 per row): does the main job's recipe converge as before?
   [fp4_dge_occ_fp8]="precision=fp4_vectorwise precision.occ_product=fp8"
+  # issue 6: AdamA (the paper's second moment, and cross_corrected) against AdamW with the same clipping (none), 4
+  # micro-batches per step: STEPS=1000 SEQ=1024 BATCH=16 MICRO=4 EVERY=100 NAMES="adamw_noclip adama_noclip ..."
+  [adamw_noclip]="precision=bf16 optim.grad_clip=0"
+  [adama_noclip]="precision=bf16 optim=adama optim.grad_clip=0"
+  [adama_cc_noclip]="precision=bf16 optim=adama optim.second_moment=cross_corrected optim.grad_clip=0"
+  [adamw_noclip_lr1e3]="precision=bf16 optim.grad_clip=0 optim.lr=1e-3"        # the same at half the learning rate
+  [adama_noclip_lr1e3]="precision=bf16 optim=adama optim.grad_clip=0 optim.lr=1e-3"
+  [adama_cc_noclip_lr1e3]="precision=bf16 optim=adama optim.second_moment=cross_corrected optim.grad_clip=0 optim.lr=1e-3"
 )
 NAMES=${NAMES:-bf16 fp8_rowwise fp4_dge_occ fp4_plain}   # e.g. NAMES="bf16 fp4_dge fp4_occ_token bf16_lr1e3"
 gpus=$(nvidia-smi -L | wc -l); gpu=0
@@ -111,7 +120,17 @@ for name in $NAMES; do
 done
 # at most 8 files come back: the metrics and logs in one archive, the table and the plot
 (cd $ROOT && tar czf $OUT/runs.tar.gz *.log metrics_*.jsonl)
+SUF=${SUF:-}                        # the AdamA variants' suffix: "" or _lr1e3
+if [[ " $NAMES " == *" adamw_noclip$SUF "* ]]; then    # issue 6: AdamA against AdamW, AdamW the reference
+  runs=(AdamW=$ROOT/adamw_noclip$SUF)
+  [[ " $NAMES " == *" adama_noclip$SUF "* ]] && runs+=("AdamA (paper)=$ROOT/adama_noclip$SUF")
+  [[ " $NAMES " == *" adama_cc_noclip$SUF "* ]] && runs+=("AdamA (cross_corrected)=$ROOT/adama_cc_noclip$SUF")
+  python3 bench/adama_convergence.py "${runs[@]}" --plot $OUT/adama_convergence.png --title "AdamA vs AdamW, \
+SmolLM2-135M architecture from scratch, $STEPS steps of $BATCH x $SEQ tokens in $((BATCH / MICRO)) micro-batches" \
+    2>&1 | tee $OUT/adama_convergence.md
+  exit 0
+fi
 names="bf16 $(printf '%s\n' $NAMES | grep -vx bf16 | tr '\n' ' ')"      # the table's reference first: bf16
 [ -f $ROOT/bf16/metrics.jsonl ] || { echo "no bf16 run in $ROOT: NAMES=\"bf16 ...\" for the table and plot"; exit 0; }
-python3 bench/plot_convergence.py --runs $ROOT --names $names --steps $STEPS --tokens-per-step $((32 * 2048)) \
+python3 bench/plot_convergence.py --runs $ROOT --names $names --steps $STEPS --tokens-per-step $((BATCH * SEQ)) \
   --plot $OUT/convergence.png 2>&1 | tee $OUT/convergence.md

@@ -19,7 +19,10 @@ sum_{i != j} g_i g_j have expectation (1 - 1/N) E[G]^2 when the N micro-batch gr
 step's mean gradient G. Once per step, before the update, v <- v + (1 - beta2)(1 - 1/N) m_hat^2, with the
 bias-corrected first moment m_hat as the estimate of G. Where micro-batch gradients agree, the paper's v is
 up to N times smaller than Adam's and its steps up to sqrt(N) larger; the correction removes that bias at
-the cost of one pass over m and v per step, no extra memory (docs/RESULTS.md, issue 6 convergence).
+the cost of one pass over m and v per step, no extra memory. It matches Adam's v in expectation only: the step's own
+cross terms, which make Adam damp the coordinates where this step's micro-batches agree, need the summed gradient
+AdamA never holds. Over 1,000 steps (docs/RESULTS.md, issue 6 convergence) AdamA ends above AdamW by +2.36% (paper)
+and +1.68% (cross_corrected) on an H200 with the SmolLM2-135M architecture; by +1.3-1.5% and +0.05-0.98% on CPU.
 
 Clipping: the global norm of the accumulated gradient is never available (its pieces are freed as they
 arrive), so `grad_clip_mode=global` cannot be honoured and is refused. What the method allows, and what
