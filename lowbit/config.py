@@ -158,7 +158,7 @@ class OptimConfig:
     grad_clip: float = 1.0          # max gradient norm; 0 = off (what the norm is over: grad_clip_mode)
     grad_clip_mode: str = "global"  # global (norm of the accumulated gradient; adamw) | per_tensor (each parameter's micro-batch gradient, clipped in its hook; adama)
     fused: bool = True              # torch's fused AdamW kernel (CUDA; CPU for unsharded parameters: a non-finite step is skipped on the device, no host sync); AdamA's one-kernel fold (lowbit/kernels/adama_fold_triton.py)
-    second_moment: str = "paper"    # adama: paper (v folds sum_i g_i^2, arXiv 2305.19982) | cross_corrected (adds the estimated cross terms, (1 - 1/N) m_hat^2 per step, so v tracks AdamW's (sum_i g_i)^2)
+    second_moment: str = "paper"    # adama: paper (v folds sum_i g_i^2, arXiv 2305.19982) | cross_corrected (adds the estimated cross terms, (1 - 1/N) m_hat^2 per step, so v tracks AdamW's (sum_i g_i)^2) | summed (the step's summed gradient kept in bfloat16 inside v's words: AdamW's moments and global clipping at AdamA's memory)
 
 
 @dataclass

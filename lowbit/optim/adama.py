@@ -24,6 +24,16 @@ cross terms, which make Adam damp the coordinates where this step's micro-batche
 AdamA never holds. Over 1,000 steps (docs/RESULTS.md, issue 6 convergence) AdamA ends above AdamW by +2.36% (paper)
 and +1.68% (cross_corrected) on an H200 with the SmolLM2-135M architecture; by +1.3-1.5% and +0.05-0.98% on CPU.
 
+`second_moment="summed"` (lowbit's option): Adam's own second moment, (sum_i g_i)^2, at AdamA's memory. During a
+step each float32 word of v holds two bfloat16 halves: v rounded to bfloat16 (high half) and the running sum S of
+the step's micro-batch gradients (low half, each fold adds g_i in float32 and rounds to bfloat16). After the last
+micro-batch, m <- beta1 m + (1 - beta1) S and v <- beta2 v + (1 - beta2) S^2, exactly AdamW's moments of the summed
+gradient up to those two roundings (2^-9 relative), and v is float32 again. m is untouched until then, so a state
+taken mid-step (`state_dict`) is the state before the step with v rounded to bfloat16.
+
+Clipping under second_moment=summed: the step's summed gradient is there at the update, so AdamW's own clipping of
+its global norm is (`clip_global`; optim.grad_clip_mode=global), and `grad_norm` is that norm.
+
 Clipping: the global norm of the accumulated gradient is never available (its pieces are freed as they
 arrive), so `grad_clip_mode=global` cannot be honoured and is refused. What the method allows, and what
 is implemented, is `per_tensor`: each parameter's micro-batch gradient g_i is scaled to norm <= grad_clip
@@ -44,6 +54,7 @@ in `state_dict()` like torch.optim.AdamW, so checkpoints resume bit-exactly.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from collections import defaultdict
 from typing import Iterable
@@ -53,7 +64,8 @@ import torch.distributed as dist
 
 from lowbit.kernels import adama_fold_triton
 
-SECOND_MOMENTS = ("paper", "cross_corrected")
+SECOND_MOMENTS = ("paper", "cross_corrected", "summed")
+LOW, HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)   # bfloat16 halves of a float32 word
 
 
 class AdamA(torch.optim.Optimizer):
@@ -68,16 +80,21 @@ class AdamA(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, clip_per_tensor: float = 0.0,
-                 process_group=None, fused: bool = True, second_moment: str = "paper"):
+                 process_group=None, fused: bool = True, second_moment: str = "paper", clip_global: float = 0.0):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"AdamA betas={tuple(betas)} must lie in [0, 1), e.g. [0.9, 0.95]")
         if second_moment not in SECOND_MOMENTS:
             raise ValueError(f"AdamA second_moment={second_moment!r} is not known; use one of {SECOND_MOMENTS}")
-        if clip_per_tensor < 0:
-            raise ValueError(f"AdamA clip_per_tensor={clip_per_tensor} must be >= 0 (0 = no clipping)")
+        if clip_per_tensor < 0 or clip_global < 0:
+            raise ValueError(f"AdamA clip_per_tensor={clip_per_tensor}, clip_global={clip_global} must be >= 0 "
+                             f"(0 = no clipping)")
+        if clip_global > 0 and second_moment != "summed":
+            raise ValueError(f"AdamA clip_global={clip_global} needs second_moment='summed' (the only state that "
+                             f"holds the step's summed gradient); got second_moment={second_moment!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.clip_per_tensor = clip_per_tensor
+        self.clip_global = clip_global
         self.second_moment = second_moment
         self.process_group = process_group
         self.fused = fused           # the one-kernel fold on CUDA gradients (PyTorch path elsewhere)
@@ -101,10 +118,15 @@ class AdamA(torch.optim.Optimizer):
     # ---- state ---------------------------------------------------------------------------------------
     def _state_of(self, param: torch.Tensor) -> dict:
         state = self.state[param]
+        if not state and self.second_moment == "summed" and type(param.data) is not torch.Tensor:
+            raise ValueError(f"AdamA second_moment='summed' keeps two bfloat16 halves in each float32 word of v, a "
+                             f"view a sharded {type(param.data).__name__} parameter does not give; use "
+                             f"optim.second_moment=paper or cross_corrected with FSDP / tensor parallelism")
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format
+                                                   if self.second_moment != "summed" else torch.contiguous_format)
             state["folded"] = 0          # micro-batches folded into this step so far
         if param not in self._sq_norms:  # (also for state loaded from a checkpoint)
             self._sq_norms[param] = torch.zeros((), dtype=torch.float32, device=param.device)
@@ -112,6 +134,20 @@ class AdamA(torch.optim.Optimizer):
 
     def _group_of(self, param: torch.Tensor) -> dict:
         return self._group_index[id(param)]
+
+    def state_dict(self) -> dict:
+        """As torch.optim's; under second_moment=summed a parameter caught mid-step (folded > 0) is given as it was
+        before the step: its m (untouched until the update) and v from the high bfloat16 halves."""
+        saved = super().state_dict()
+        if self.second_moment != "summed":
+            return saved
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entry in saved["state"].items():
+            if entry.get("folded"):
+                live = self.state[params[index]]["exp_avg_sq"]
+                entry = saved["state"][index] = dict(entry, folded=0)
+                entry["exp_avg_sq"] = word_halves(live)[:, HIGH].float().view_as(live)
+        return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim casts saved moments to the parameter's dtype; AdamA keeps them float32."""
@@ -162,14 +198,26 @@ class AdamA(torch.optim.Optimizer):
         sq_norm = self._sq_norms[param]
         first = state["folded"] == 0      # first micro-batch of the step: decay the moments once
         state["folded"] += 1
+        summed = self.second_moment == "summed"
         if self.fused and grad.is_cuda and adama_fold_triton.supports(grad, state["exp_avg"]):
-            adama_fold_triton.fold(grad, state["exp_avg"], state["exp_avg_sq"], norm, sq_norm, self.clip_per_tensor,
-                                   beta1, beta2, first)
+            if summed:
+                adama_fold_triton.fold_summed(grad, state["exp_avg_sq"], norm, sq_norm, self.clip_per_tensor, first)
+            else:
+                adama_fold_triton.fold(grad, state["exp_avg"], state["exp_avg_sq"], norm, sq_norm,
+                                       self.clip_per_tensor, beta1, beta2, first)
             return
         sq_norm.add_(norm.square())
         grad = grad.float()               # ours alone now (param.grad is None): free to scale in place
         if self.clip_per_tensor > 0:      # per-tensor clipping, the clipping AdamA can honour (module docstring)
             grad.mul_((self.clip_per_tensor / (norm + 1e-6)).clamp(max=1.0))
+        if summed:
+            halves = word_halves(state["exp_avg_sq"])
+            if first:                     # v rounded into the high half; the step's sum starts at g
+                halves[:, HIGH] = state["exp_avg_sq"].view(-1).to(torch.bfloat16)
+                halves[:, LOW] = grad.view(-1).to(torch.bfloat16)
+            else:
+                halves[:, LOW] = (halves[:, LOW].float() + grad.view(-1)).to(torch.bfloat16)
+            return
         if first:
             state["exp_avg"].mul_(beta1)
             state["exp_avg_sq"].mul_(beta2)
@@ -177,12 +225,23 @@ class AdamA(torch.optim.Optimizer):
         state["exp_avg_sq"].addcmul_(grad, grad, value=1 - beta2)
 
     def micro_batch_grad_norm(self) -> float:
-        """sqrt(sum over micro-batches and parameters of ||g||^2) of the current step (before clipping)."""
+        """sqrt(sum over micro-batches and parameters of ||g||^2) of the current step (before clipping); under
+        second_moment=summed, the norm of the step's summed gradient itself, as AdamW's clipping reports it."""
         self.finish_micro_batch()
+        if self.second_moment == "summed":
+            return self._summed_norm().item()
         folded = [self._sq_norms[p] for p, state in self.state.items() if state.get("folded")]
         if not folded:
             return 0.0
         return torch.stack([s.to(folded[0].device) for s in folded]).sum().sqrt().item()
+
+    def _summed_norm(self) -> torch.Tensor:
+        """second_moment=summed: the global norm of the step's summed gradient (its bfloat16 halves), float32 0-d."""
+        sums = [word_halves(state["exp_avg_sq"])[:, LOW] for state in self.state.values() if state.get("folded")]
+        if not sums:
+            return torch.zeros(())
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in sums]
+        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
     # ---- after the last micro-batch ---------------------------------------------------------------------
     @torch.no_grad()
@@ -192,6 +251,10 @@ class AdamA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.finish_micro_batch()
+        # summed + clip_global: AdamW's clipping of the global norm, min(1, clip / (norm + 1e-6)) as
+        # torch.nn.utils.clip_grad_norm_ computes it, applied to the summed gradient as the update reads it
+        coefficient = ((self.clip_global / (self._summed_norm() + 1e-6)).clamp(max=1.0)
+                       if self.clip_global > 0 else None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             buckets: dict[tuple, list] = defaultdict(list)     # one foreach launch per (step, dtype)
@@ -208,13 +271,30 @@ class AdamA(torch.optim.Optimizer):
                 bias2_sqrt = math.sqrt(1 - beta2 ** step)
                 cross = (1 - beta2) * (1 - 1 / folded) / bias1 ** 2 \
                     if self.second_moment == "cross_corrected" and folded > 1 else 0.0
-                if self.fused and all(p.is_cuda and type(p.data) is torch.Tensor       # not DTensor shards
-                                      and adama_fold_triton.supports(p, s["exp_avg"]) for p, s in zip(params, states)):
+                fused = self.fused and all(p.is_cuda and type(p.data) is torch.Tensor     # not DTensor shards
+                                           and adama_fold_triton.supports(p, s["exp_avg"]) for p, s in zip(params, states))
+                if fused and self.second_moment == "summed":
+                    for param, state in zip(params, states):     # one kernel per tensor: read p, m, v, write all three
+                        adama_fold_triton.update_summed(param, state["exp_avg"], state["exp_avg_sq"], beta1=beta1,
+                                                        beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                                                        eps=group["eps"], bias1=bias1, bias2_sqrt=bias2_sqrt,
+                                                        scale=coefficient)
+                    continue
+                if fused:
                     for param, state in zip(params, states):     # one kernel per tensor: read p, m, v, write p
                         adama_fold_triton.update(param, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
                                                  weight_decay=group["weight_decay"], eps=group["eps"], bias1=bias1,
                                                  bias2_sqrt=bias2_sqrt, cross=cross)
                     continue
+                if self.second_moment == "summed":
+                    for state in states:          # Adam's moments of the step's summed gradient; v float32 again
+                        halves = word_halves(state["exp_avg_sq"])
+                        total = halves[:, LOW].float().view_as(state["exp_avg"])
+                        if coefficient is not None:
+                            total.mul_(coefficient.to(total.device))
+                        before = halves[:, HIGH].float().view_as(state["exp_avg"])
+                        state["exp_avg"].mul_(beta1).add_(total, alpha=1 - beta1)
+                        state["exp_avg_sq"].copy_(before.mul_(beta2).addcmul_(total, total, value=1 - beta2))
                 if cross:
                     # v got (1 - beta2) sum_i g_i^2; Adam's v gets (1 - beta2) (sum_i g_i)^2. The cross terms
                     # sum_{i != j} g_i g_j have expectation (1 - 1/N) E[G]^2 (micro-batch gradients i.i.d. around
@@ -265,3 +345,8 @@ class AdamA(torch.optim.Optimizer):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def word_halves(exp_avg_sq: torch.Tensor) -> torch.Tensor:
+    """A contiguous float32 tensor's words as [numel, 2] bfloat16 halves (index HIGH: the high 16 bits)."""
+    return exp_avg_sq.view(-1).view(torch.bfloat16).view(-1, 2)

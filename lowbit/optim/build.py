@@ -58,17 +58,22 @@ def build_adama(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """AdamA (arXiv 2305.19982): refuses what it cannot honour -- global-norm clipping of a gradient it frees."""
     from lowbit.optim.adama import SECOND_MOMENTS, AdamA
 
-    if cfg.grad_clip > 0 and cfg.grad_clip_mode != "per_tensor":
-        raise ValueError(f"optim=adama frees each micro-batch gradient once folded, so the global norm of the "
-                         f"accumulated gradient (optim.grad_clip_mode={cfg.grad_clip_mode!r}) never exists; use "
-                         f"optim.grad_clip_mode=per_tensor (each parameter's micro-batch gradient clipped to "
-                         f"optim.grad_clip) or optim.grad_clip=0")
+    if cfg.grad_clip > 0 and cfg.grad_clip_mode not in ("per_tensor", "global"):
+        raise ValueError(f"optim.grad_clip_mode={cfg.grad_clip_mode!r} is not known; use global or per_tensor")
+    if cfg.grad_clip > 0 and cfg.grad_clip_mode == "global" and cfg.second_moment != "summed":
+        raise ValueError(f"optim=adama with optim.second_moment={cfg.second_moment!r} frees each micro-batch gradient "
+                         f"once folded, so the global norm of the accumulated gradient (optim.grad_clip_mode=global) "
+                         f"never exists; use optim.second_moment=summed (keeps the step's summed gradient in bfloat16 "
+                         f"inside v: global clipping as AdamW's), optim.grad_clip_mode=per_tensor (each parameter's "
+                         f"micro-batch gradient clipped to optim.grad_clip) or optim.grad_clip=0")
     if cfg.second_moment not in SECOND_MOMENTS:
         raise ValueError(f"optim.second_moment={cfg.second_moment!r} is not known; use one of {list(SECOND_MOMENTS)} "
-                         f"(paper: the paper's sum of squares; cross_corrected: plus the expected cross terms)")
+                         f"(paper: the paper's sum of squares; cross_corrected: plus the expected cross terms; "
+                         f"summed: AdamW's moments of the summed gradient, kept in bfloat16 inside v)")
     clip = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
-    return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=clip, fused=cfg.fused,
-                 second_moment=cfg.second_moment)
+    per_tensor = clip if cfg.grad_clip_mode == "per_tensor" else 0.0
+    return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=per_tensor, fused=cfg.fused,
+                 second_moment=cfg.second_moment, clip_global=clip - per_tensor)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

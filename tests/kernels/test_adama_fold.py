@@ -114,14 +114,59 @@ def check_update() -> None:
     print(f"adama update kernel == torch path: {cases} cases")
 
 
+
+def check_summed() -> None:
+    """second_moment=summed: three folds (the step's bfloat16 sum in the low halves of v's words, v rounded into the
+    high halves) equal the PyTorch path word for word, and the update equals AdamA.step's PyTorch path."""
+    from lowbit.kernels import adama_fold_triton
+    from lowbit.optim.adama import AdamA
+    generator = torch.Generator().manual_seed(2)
+    cases = 0
+    for n in (1, 7, 2048, 5000):
+        for dtype in (torch.float32, torch.bfloat16):
+            for clip in (0.0, 0.5):
+                p0 = torch.randn(n, generator=generator).to(dtype)
+                m = torch.randn(n, generator=generator) * 0.1
+                v = torch.rand(n, generator=generator) * 0.01
+                grads = [torch.randn(n, generator=generator).to(dtype) for _ in range(3)]
+                param = torch.nn.Parameter(p0.clone())
+                optimizer = AdamA([param], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, clip_per_tensor=clip,
+                                  fused=False, second_moment="summed", clip_global=0.3 if clip else 0.0)
+                state = optimizer._state_of(param)
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                state["step"].fill_(2)
+                got_m, got_v, got_p = m.clone(), v.clone(), p0.clone()
+                for index, grad in enumerate(grads):
+                    optimizer._fold(param, grad.clone())
+                    norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+                    adama_fold_triton.fold_summed(grad, got_v, norm, torch.zeros(()), clip, index == 0)
+                    assert torch.equal(got_v.view(torch.int32), state["exp_avg_sq"].view(torch.int32)), (n, dtype, index)
+                assert torch.equal(got_m, state["exp_avg"])      # m waits for the update
+                # with clip: global-norm clipping too (the coefficient the optimizer computes, given to the kernel)
+                scale = (0.3 / (optimizer._summed_norm() + 1e-6)).clamp(max=1.0) if clip else None
+                optimizer.step()
+                optimizer.remove_hooks()
+                adama_fold_triton.update_summed(got_p, got_m, got_v, beta1=0.9, beta2=0.95, lr=1e-2, weight_decay=0.1,
+                                                eps=1e-8, bias1=1 - 0.9 ** 3, bias2_sqrt=math.sqrt(1 - 0.95 ** 3),
+                                                scale=scale)
+                torch.testing.assert_close(got_m, state["exp_avg"], rtol=2e-7, atol=6e-8)
+                torch.testing.assert_close(got_v, state["exp_avg_sq"], rtol=2e-7, atol=1e-9)
+                tol = dict(rtol=2e-7, atol=2e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+                torch.testing.assert_close(got_p, param.detach(), **tol)
+                cases += 1
+    print(f"adama summed kernels == torch path: {cases} cases")
+
 def test_fused_fold_kernel_equals_the_pytorch_path_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    code = "from tests.kernels.test_adama_fold import check_kernel, check_update; check_kernel(); check_update()"
+    code = ("from tests.kernels.test_adama_fold import check_kernel, check_summed, check_update; check_kernel(); "
+            "check_update(); check_summed()")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "48 cases" in result.stdout and "update kernel == torch path: 32 cases" in result.stdout
+    assert "summed kernels == torch path: 16 cases" in result.stdout
 
 
 @pytest.mark.gpu
@@ -130,7 +175,7 @@ def test_fused_adama_equals_the_pytorch_path_on_gpu():
     """Compiled fold and update kernels vs AdamA(fused=False): 5 steps x 3 micro-batches of a small MLP, both
     second moments, float32 and bf16 parameters."""
     from lowbit.optim.adama import AdamA
-    for second_moment in ("paper", "cross_corrected"):
+    for second_moment in ("paper", "cross_corrected", "summed"):
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
             base = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 8))

@@ -133,6 +133,119 @@ def test_cross_corrected_second_moment_equals_its_float64_reference():
     assert max((p.double() - q.detach()).abs().max().item() for p, q in zip(model.parameters(), paper)) > 1e-4
 
 
+
+def reference_summed_float64(model, data, lr_at, clip=0.0, clip_global=0.0):
+    """second_moment=summed written out: AdamW's moments of the step's summed gradient in float64, with the two
+    roundings the packed state makes -- the sum kept in bfloat16 after each fold, v rounded to bfloat16 once per
+    step. Gradients from a float32 copy of the model (the optimizer's arithmetic is what is under test)."""
+    params = [p.detach().double().clone() for p in model.parameters()]
+    decays = [WD if p.ndim >= 2 else 0.0 for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    shadow = small_model()
+    for t, step_batches in enumerate(data, start=1):
+        sums = [None] * len(params)
+        for x, y in step_batches:
+            for target, source in zip(shadow.parameters(), params):
+                target.data.copy_(source.float())
+            shadow.zero_grad()
+            micro_loss(shadow, x, y, len(step_batches)).backward()
+            for index, p in enumerate(shadow.parameters()):
+                g = p.grad
+                if clip > 0:    # in float32, as the optimizer scales: a bfloat16 sum rounds an ulp apart otherwise
+                    g = g * (clip / (torch.linalg.vector_norm(g) + 1e-6)).clamp(max=1.0)
+                sums[index] = (g if sums[index] is None else sums[index].float() + g).bfloat16()
+        lr = lr_at(t - 1)
+        norm = math.sqrt(sum(t.double().square().sum().item() for t in sums))
+        coefficient = min(1.0, clip_global / (norm + 1e-6)) if clip_global > 0 else 1.0
+        for index, p in enumerate(params):
+            total = sums[index].double() * coefficient
+            m[index] = BETAS[0] * m[index] + (1 - BETAS[0]) * total
+            v[index] = BETAS[1] * v[index].float().bfloat16().double() + (1 - BETAS[1]) * total * total
+            m_hat = m[index] / (1 - BETAS[0] ** t)
+            v_hat = v[index] / (1 - BETAS[1] ** t)
+            p.mul_(1 - lr * decays[index])
+            p.sub_(lr * m_hat / (v_hat.sqrt() + EPS))
+    return params
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_summed_second_moment_equals_its_float64_reference(clip):
+    """optim.second_moment=summed: AdamW's moments of the summed gradient, carried in v's words as two bfloat16 halves."""
+    model = small_model()
+    expected = reference_summed_float64(model, batches(20, 4), cosine, clip=clip)
+    optimizer = AdamA(groups(model), lr=LR, betas=BETAS, eps=EPS, clip_per_tensor=clip, second_moment="summed")
+    run_adama(model, optimizer, batches(20, 4), cosine)
+    # 1e-6 but where a float32 gradient of the float32 parameters and the reference's float64 ones round to
+    # bfloat16 sums one ulp (2^-9) apart: one bias entry of the clipped run, 6.3e-6 after 20 steps
+    for p, q in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.double(), q, atol=1e-5, rtol=0)
+
+
+def test_summed_second_moment_with_global_clipping_equals_its_float64_reference():
+    """optim.grad_clip_mode=global under summed: the global norm of the step's summed gradient, clipped as AdamW's
+    clip_grad_norm_ clips it (active: the norms here are ~0.1-1)."""
+    model = small_model()
+    expected = reference_summed_float64(model, batches(20, 4), cosine, clip_global=0.05)
+    optimizer = AdamA(groups(model), lr=LR, betas=BETAS, eps=EPS, second_moment="summed", clip_global=0.05)
+    unclipped = reference_summed_float64(small_model(), batches(20, 4), cosine)
+    for step, step_batches in enumerate(batches(20, 4)):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine(step)
+        for x, y in step_batches:
+            micro_loss(model, x, y, 4).backward()
+        norm = optimizer.micro_batch_grad_norm()
+        assert norm > 0.05 and math.isfinite(norm)
+        optimizer.step()
+    for p, q in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.double(), q, atol=1e-5, rtol=0)
+    assert max((p.double() - q).abs().max().item() for p, q in zip(model.parameters(), unclipped)) > 1e-3
+    with pytest.raises(ValueError, match="clip_global=0.05 needs second_moment='summed'"):
+        AdamA(groups(small_model()), second_moment="paper", clip_global=0.05)
+
+
+def test_summed_second_moment_is_adamw_where_micro_batches_agree():
+    """Four identical micro-batches: AdamW's v sees (4 g)^2, the paper's sum of squares 4 g^2 -- so the paper's steps
+    are twice as large -- and summed sees (4 g)^2 up to its bfloat16 roundings."""
+    def identical(steps):
+        return [[step[0]] * 4 for step in batches(steps, 1)]
+    adamw_model = small_model()
+    adamw = torch.optim.AdamW(groups(adamw_model), lr=LR, betas=BETAS, eps=EPS)
+    for step, step_batches in enumerate(identical(20)):
+        for group in adamw.param_groups:
+            group["lr"] = cosine(step)
+        for x, y in step_batches:
+            micro_loss(adamw_model, x, y, 4).backward()
+        adamw.step()
+        adamw.zero_grad()
+    gaps = {}
+    for second_moment in ("paper", "summed"):
+        model = small_model()
+        optimizer = AdamA(groups(model), lr=LR, betas=BETAS, eps=EPS, second_moment=second_moment)
+        run_adama(model, optimizer, identical(20), cosine)
+        gaps[second_moment] = max((p - q).abs().max().item() for p, q in zip(model.parameters(),
+                                                                              adamw_model.parameters()))
+    assert gaps["summed"] < 1e-3 < gaps["paper"], gaps
+
+
+def test_summed_state_taken_mid_step_is_the_state_before_the_step():
+    model = small_model()
+    optimizer = AdamA(groups(model), lr=LR, betas=BETAS, eps=EPS, second_moment="summed")
+    run_adama(model, optimizer, batches(3, 4), cosine)
+    before = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in s.items()}
+              for k, s in optimizer.state_dict()["state"].items()}
+    for x, y in batches(1, 4, seed=5)[0][:2]:          # two of four micro-batches folded
+        micro_loss(model, x, y, 4).backward()
+    mid = optimizer.state_dict()["state"]
+    for index, saved in mid.items():
+        assert saved["folded"] == 0
+        torch.testing.assert_close(saved["exp_avg"], before[index]["exp_avg"], atol=0, rtol=0)
+        torch.testing.assert_close(saved["exp_avg_sq"], before[index]["exp_avg_sq"].bfloat16().float(), atol=0, rtol=0)
+    live = next(iter(optimizer.state.values()))
+    assert live["folded"] == 2                         # the live state goes on with the step
+    fresh = AdamA(groups(small_model()), lr=LR, betas=BETAS, eps=EPS, second_moment="summed")
+    fresh.load_state_dict(optimizer.state_dict())      # and the snapshot loads as a clean state
+
 def test_second_moment_option_is_checked():
     with pytest.raises(ValueError, match="second_moment='exact'"):
         AdamA(groups(small_model()), second_moment="exact")
@@ -199,6 +312,9 @@ def test_build_registers_adama_and_refuses_global_norm_clipping():
     assert isinstance(build(cfg, list(model.parameters())), AdamA)
     with pytest.raises(ValueError, match="grad_clip_mode=per_tensor"):
         build(OptimConfig(name="adama", grad_clip=1.0, grad_clip_mode="global"), list(model.parameters()))
+    summed = build(OptimConfig(name="adama", grad_clip=1.0, grad_clip_mode="global", second_moment="summed"),
+                   list(small_model().parameters()))
+    assert (summed.clip_global, summed.clip_per_tensor) == (1.0, 0.0)
     assert isinstance(build(OptimConfig(name="adama", grad_clip=0.0), list(small_model().parameters())), AdamA)
     with pytest.raises(ValueError, match="adamw or adama"):
         build(OptimConfig(name="sgd"), list(small_model().parameters()))

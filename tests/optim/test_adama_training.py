@@ -17,9 +17,11 @@ def losses(run_dir):
 
 
 @pytest.mark.slow
-def test_optim_adama_trains_and_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("options", [[], ["optim.second_moment=summed", "optim.grad_clip_mode=global"]])
+def test_optim_adama_trains_and_resumes_bit_for_bit(tmp_path, options):
+    """The paper's AdamA, and second_moment=summed with AdamW's global clipping (its grad_norm the summed gradient's)."""
     common = TINY + ["optim=adama", "optim.lr=3e-3", "optim.warmup_steps=2", "trainer.export=false",
-                     "trainer.eval_every=-1", "trainer.eval_at_start=false"]
+                     "trainer.eval_every=-1", "trainer.eval_at_start=false"] + options
     run(compose(common + [f"run_dir={tmp_path / 'whole'}", "trainer.max_steps=6", "trainer.save_every=3"]))
     run(compose(common + [f"run_dir={tmp_path / 'split'}", "trainer.max_steps=3", "trainer.save_every=3"]))
     run(compose(common + [f"run_dir={tmp_path / 'split'}", "trainer.max_steps=6", "trainer.save_every=3",
