@@ -55,6 +55,7 @@ declare -A VARIANTS=(
   [adamw_noclip]="precision=bf16 optim.grad_clip=0"
   [adama_noclip]="precision=bf16 optim=adama optim.grad_clip=0"
   [adama_cc_noclip]="precision=bf16 optim=adama optim.second_moment=cross_corrected optim.grad_clip=0"
+  [adama_summed_noclip]="precision=bf16 optim=adama optim.second_moment=summed optim.grad_clip=0"
   [adamw_noclip_lr1e3]="precision=bf16 optim.grad_clip=0 optim.lr=1e-3"        # the same at half the learning rate
   [adama_noclip_lr1e3]="precision=bf16 optim=adama optim.grad_clip=0 optim.lr=1e-3"
   [adama_cc_noclip_lr1e3]="precision=bf16 optim=adama optim.second_moment=cross_corrected optim.grad_clip=0 optim.lr=1e-3"
@@ -125,6 +126,7 @@ if [[ " $NAMES " == *" adamw_noclip$SUF "* ]]; then    # issue 6: AdamA against 
   runs=(AdamW=$ROOT/adamw_noclip$SUF)
   [[ " $NAMES " == *" adama_noclip$SUF "* ]] && runs+=("AdamA (paper)=$ROOT/adama_noclip$SUF")
   [[ " $NAMES " == *" adama_cc_noclip$SUF "* ]] && runs+=("AdamA (cross_corrected)=$ROOT/adama_cc_noclip$SUF")
+  [[ " $NAMES " == *" adama_summed_noclip$SUF "* ]] && runs+=("AdamA (summed)=$ROOT/adama_summed_noclip$SUF")
   python3 bench/adama_convergence.py "${runs[@]}" --plot $OUT/adama_convergence.png --title "AdamA vs AdamW, \
 SmolLM2-135M architecture from scratch, $STEPS steps of $BATCH x $SEQ tokens in $((BATCH / MICRO)) micro-batches" \
     2>&1 | tee $OUT/adama_convergence.md

@@ -160,6 +160,15 @@ case "${1:-}" in
     # 256-row query tiles: 1.49x SDPA at 32k against 1.58x for 128 rows in one run (2026-12-01, seventh session)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 256 --tma on --launch 8,3 8,4 16,3 \
       2>&1 | tee "$OUT/attention.log" ;;
+  adama_summed)
+    # AdamA second_moment=summed on the GPU (twenty-sixth session: CPU only): its fused kernels against the PyTorch
+    # path, then memory and throughput next to AdamW and the paper's AdamA (llama_1b, seq 4096, 4 micro-batches,
+    # compiled layers); the 1,000-step convergence is `STEPS=1000 SEQ=1024 BATCH=16 MICRO=4 EVERY=100
+    # NAMES="adamw_noclip adama_summed_noclip" bash bench/device_convergence.sh` (carry .carry2 too)
+    TRITON_INTERPRET=0 python3 -m pytest -q tests/kernels/test_adama_fold.py tests/optim/test_adama.py 2>&1 | tail -3 \
+      | tee "$OUT/adama_summed_gpu_tests.log"
+    python3 bench/memory.py --compile --configs "adamw+accum (baseline)" adama "adama (summed)" "adamw+ckpt full" \
+      "adama+ckpt full" "adama (summed)+ckpt full" --repeat 3 --fit-configs 2>&1 | tee "$OUT/memory_summed.log" ;;
   backends)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 --tma on --launch 8,3 8,4 4,3 \
       --json "$OUT/attention_backends.json" 2>&1 | tee "$OUT/attention_backends.log" ;;

@@ -37,6 +37,8 @@ CONFIGS = {
     "adamw+accum (baseline)": ("adamw", {}),
     "adama": ("adama", {}),
     "adama (PyTorch fold)": ("adama_unfused", {}),
+    "adama (summed)": ("adama_summed", {}),             # optim.second_moment=summed, global clipping as AdamW's
+    "adama (summed)+ckpt full": ("adama_summed", {"checkpointing": "full"}),
     "adamw+offload": ("adamw", {"offload": True}),
     "adamw+offload(large, layers 0-7)": ("adamw", {"offload": True, "offload_min_bytes": 32 << 20,
                                                   "offload_layers": ["model.layers.[0-7]"]}),
@@ -74,6 +76,8 @@ def build(model_name: str, optimizer_name: str, memory: dict, max_positions: int
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     if optimizer_name == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
+    elif optimizer_name == "adama_summed":
+        optimizer = AdamA(groups, lr=1e-4, betas=(0.9, 0.95), second_moment="summed", clip_global=1.0)
     else:
         optimizer = AdamA(groups, lr=1e-4, betas=(0.9, 0.95), clip_per_tensor=1.0,
                           fused=optimizer_name != "adama_unfused")
