@@ -332,10 +332,26 @@ class AdamA(torch.optim.Optimizer):
             if chunk:
                 yield key, chunk
 
+    @property
+    def can_discard_step(self) -> bool:
+        """second_moment=summed leaves m alone and keeps v (rounded) in the high halves until the update, so a step
+        whose gradients turned out non-finite can be dropped; the paper's folds have already changed both."""
+        return self.second_moment == "summed"
+
     def discard_step(self) -> None:
-        """Nothing can be undone once folded: a non-finite gradient has reached the moments."""
-        raise RuntimeError("AdamA folded a non-finite gradient into its moments; the step cannot be skipped. "
-                           "Set trainer.on_nan=stop and resume from the last checkpoint with a lower optim.lr")
+        """Drop the step's folds (second_moment=summed: v back from its high halves, m untouched); otherwise nothing
+        can be undone once folded: a non-finite gradient has reached the moments."""
+        if not self.can_discard_step:
+            raise RuntimeError("AdamA folded a non-finite gradient into its moments; the step cannot be skipped. "
+                               "Set trainer.on_nan=stop and resume from the last checkpoint with a lower optim.lr, "
+                               "or use optim.second_moment=summed, whose steps can be skipped")
+        self.finish_micro_batch()
+        for state in self.state.values():
+            if state.get("folded"):
+                before = word_halves(state["exp_avg_sq"])[:, HIGH].float()
+                state["exp_avg_sq"].copy_(before.view_as(state["exp_avg_sq"]))
+                state["folded"] = 0
+        self.reset_grad_norm()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients are already freed by the hooks; drop any that escaped them (e.g. frozen-then-thawed)."""

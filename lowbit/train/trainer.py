@@ -275,9 +275,12 @@ class Trainer:
             message += self.nan_probe.report()
         if self.cfg.on_nan == "skip" and self.state.nan_skips < self.cfg.max_nan_skips:
             if getattr(self.optimizer, "frees_gradients", False):
-                raise NonFiniteLossError(f"{message}; optim=adama has already folded these gradients into its "
-                                         f"moments, so trainer.on_nan=skip cannot skip the step. Resume from the "
-                                         f"last checkpoint (trainer.resume=auto) with a lower optim.lr")
+                if not getattr(self.optimizer, "can_discard_step", False):
+                    raise NonFiniteLossError(f"{message}; optim=adama has already folded these gradients into its "
+                                             f"moments, so trainer.on_nan=skip cannot skip the step. Resume from the "
+                                             f"last checkpoint (trainer.resume=auto) with a lower optim.lr, or use "
+                                             f"optim.second_moment=summed, whose steps can be skipped")
+                self.optimizer.discard_step()       # summed: the step's folds dropped, the moments as before
             self.state.nan_skips += 1
             log.warning("%s; optimizer step skipped (%d/%d skips allowed by trainer.max_nan_skips)",
                         message, self.state.nan_skips, self.cfg.max_nan_skips)

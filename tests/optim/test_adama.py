@@ -204,6 +204,33 @@ def test_summed_second_moment_with_global_clipping_equals_its_float64_reference(
         AdamA(groups(small_model()), second_moment="paper", clip_global=0.05)
 
 
+
+def test_summed_step_with_a_non_finite_gradient_can_be_discarded():
+    """Under summed a NaN reaches only the step's sum: discard_step restores v (bfloat16-rounded) and m is untouched,
+    and the next step runs as if the bad one never happened. The paper's folds cannot be undone."""
+    model = small_model()
+    optimizer = AdamA(groups(model), lr=LR, betas=BETAS, eps=EPS, second_moment="summed")
+    run_adama(model, optimizer, batches(3, 4), cosine)
+    before = [(s["exp_avg"].clone(), s["exp_avg_sq"].clone()) for s in optimizer.state.values()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    for x, y in batches(1, 4, seed=9)[0]:
+        (micro_loss(model, x, y, 4) * float("nan")).backward()
+    assert not math.isfinite(optimizer.micro_batch_grad_norm())
+    assert optimizer.can_discard_step
+    optimizer.discard_step()
+    for (m, v), state in zip(before, optimizer.state.values()):
+        assert state["folded"] == 0
+        torch.testing.assert_close(state["exp_avg"], m, atol=0, rtol=0)
+        torch.testing.assert_close(state["exp_avg_sq"], v.bfloat16().float(), atol=0, rtol=0)
+    assert optimizer.micro_batch_grad_norm() == 0.0
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    run_adama(model, optimizer, batches(1, 4, seed=10), cosine)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    paper = AdamA(groups(small_model()), second_moment="paper")
+    assert not paper.can_discard_step
+    with pytest.raises(RuntimeError, match="second_moment=summed"):
+        paper.discard_step()
+
 def test_summed_second_moment_is_adamw_where_micro_batches_agree():
     """Four identical micro-batches: AdamW's v sees (4 g)^2, the paper's sum of squares 4 g^2 -- so the paper's steps
     are twice as large -- and summed sees (4 g)^2 up to its bfloat16 roundings."""

@@ -1,5 +1,6 @@
 """AdamA in the real pipeline: `optim=adama` trains, resumes bit-exactly, and runs under real DDP (2 gloo procs)."""
 import json
+import math
 
 import pytest
 
@@ -41,6 +42,13 @@ def test_adama_refuses_global_clipping_and_skipping_a_folded_nan(tmp_path):
         run(compose(base + ["optim.grad_clip_mode=global"]))
     with pytest.raises(NonFiniteLossError, match="cannot skip"):
         run(compose(base + ["optim.lr=1e30", "optim.warmup_steps=0", "trainer.on_nan=skip"]))
+    # second_moment=summed can drop a step: the huge step 1 makes step 2's gradients non-finite, a step it skips
+    summed = TINY + [f"run_dir={tmp_path / 'summed'}", "optim=adama", "optim.second_moment=summed",
+                     "trainer.export=false", "trainer.max_steps=2", "trainer.eval_at_start=false",
+                     "trainer.eval_every=-1", "optim.lr=1e30", "optim.warmup_steps=0", "trainer.on_nan=skip"]
+    run(compose(summed))
+    norms = {r["step"]: r["grad_norm"] for r in rows(tmp_path / "summed") if "grad_norm" in r}
+    assert sorted(norms) == [1, 2] and math.isfinite(norms[1]) and not math.isfinite(norms[2]), norms
 
 
 @pytest.mark.slow
