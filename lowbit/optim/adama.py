@@ -95,6 +95,7 @@ class AdamA(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.clip_per_tensor = clip_per_tensor
         self.clip_global = clip_global
+        self._norm_of_sums: torch.Tensor | None = None     # summed: this step's global norm, once computed
         self.second_moment = second_moment
         self.process_group = process_group
         self.fused = fused           # the one-kernel fold on CUDA gradients (PyTorch path elsewhere)
@@ -198,6 +199,7 @@ class AdamA(torch.optim.Optimizer):
         sq_norm = self._sq_norms[param]
         first = state["folded"] == 0      # first micro-batch of the step: decay the moments once
         state["folded"] += 1
+        self._norm_of_sums = None
         summed = self.second_moment == "summed"
         if self.fused and grad.is_cuda and adama_fold_triton.supports(grad, state["exp_avg"]):
             if summed:
@@ -236,12 +238,14 @@ class AdamA(torch.optim.Optimizer):
         return torch.stack([s.to(folded[0].device) for s in folded]).sum().sqrt().item()
 
     def _summed_norm(self) -> torch.Tensor:
-        """second_moment=summed: the global norm of the step's summed gradient (its bfloat16 halves), float32 0-d."""
-        sums = [word_halves(state["exp_avg_sq"])[:, LOW] for state in self.state.values() if state.get("folded")]
-        if not sums:
-            return torch.zeros(())
-        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in sums]
-        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+        """second_moment=summed: the global norm of the step's summed gradient (its bfloat16 halves), float32 0-d;
+        computed once per step (the trainer's grad_norm and the global clip read the same value)."""
+        if self._norm_of_sums is None:
+            sums = [word_halves(state["exp_avg_sq"])[:, LOW] for state in self.state.values() if state.get("folded")]
+            norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in sums]
+            self._norm_of_sums = (torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+                                  if norms else torch.zeros(()))
+        return self._norm_of_sums
 
     # ---- after the last micro-batch ---------------------------------------------------------------------
     @torch.no_grad()
@@ -314,6 +318,7 @@ class AdamA(torch.optim.Optimizer):
 
     def reset_grad_norm(self) -> None:
         """Zero every parameter's running squared norm (after a step, or after a failed micro-batch)."""
+        self._norm_of_sums = None
         if self._sq_norms:
             torch._foreach_zero_(list(self._sq_norms.values()))
 
