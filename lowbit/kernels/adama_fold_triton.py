@@ -80,14 +80,14 @@ if AVAILABLE:
         tl.store(p_ptr + offsets, master.to(p_ptr.dtype.element_ty), mask=mask)
 
 
-
 if AVAILABLE:
     @triton.jit
     def _bfloat16_high(x):
         """x (float32) rounded to bfloat16, to nearest even, as the high 16 bits of an int32 (integer arithmetic: the
         interpreter's float cast truncates)."""
         bits = x.to(tl.int32, bitcast=True)
-        return (bits + 32767 + ((bits >> 16) & 1)) & -65536
+        rounded = (bits + 32767 + ((bits >> 16) & 1)) & -65536
+        return tl.where(x != x, 2143289344, rounded)     # NaN stays NaN (0x7FC00000), whatever its payload
 
     @triton.jit
     def _fold_summed_kernel(g_ptr, v_ptr, norm_ptr, sq_ptr, n, clip, CLIP: tl.constexpr, FIRST: tl.constexpr,
@@ -161,6 +161,7 @@ def update_summed(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
                                                    float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2,
                                                    float(bias2_sqrt), float(eps), 1.0 - lr * weight_decay, -lr / bias1,
                                                    SCALE=scale is not None, BLOCK=BLOCK)
+
 
 def update(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, weight_decay: float,
            eps: float, bias1: float, bias2_sqrt: float, cross: float = 0.0) -> None:
