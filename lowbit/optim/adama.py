@@ -147,7 +147,7 @@ class AdamA(torch.optim.Optimizer):
             if entry.get("folded"):
                 live = self.state[params[index]]["exp_avg_sq"]
                 entry = saved["state"][index] = dict(entry, folded=0)
-                entry["exp_avg_sq"] = word_halves(live)[:, HIGH].float().view_as(live)
+                entry["exp_avg_sq"] = v_before_step(live)
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -296,7 +296,7 @@ class AdamA(torch.optim.Optimizer):
                         total = halves[:, LOW].float().view_as(state["exp_avg"])
                         if coefficient is not None:
                             total.mul_(coefficient.to(total.device))
-                        before = halves[:, HIGH].float().view_as(state["exp_avg"])
+                        before = v_before_step(state["exp_avg_sq"])
                         state["exp_avg"].mul_(beta1).add_(total, alpha=1 - beta1)
                         state["exp_avg_sq"].copy_(before.mul_(beta2).addcmul_(total, total, value=1 - beta2))
                 if cross:
@@ -353,8 +353,7 @@ class AdamA(torch.optim.Optimizer):
         self.finish_micro_batch()
         for state in self.state.values():
             if state.get("folded"):
-                before = word_halves(state["exp_avg_sq"])[:, HIGH].float()
-                state["exp_avg_sq"].copy_(before.view_as(state["exp_avg_sq"]))
+                state["exp_avg_sq"].copy_(v_before_step(state["exp_avg_sq"]))
                 state["folded"] = 0
         self.reset_grad_norm()
 
@@ -371,3 +370,8 @@ class AdamA(torch.optim.Optimizer):
 def word_halves(exp_avg_sq: torch.Tensor) -> torch.Tensor:
     """A contiguous float32 tensor's words as [numel, 2] bfloat16 halves (index HIGH: the high 16 bits)."""
     return exp_avg_sq.view(-1).view(torch.bfloat16).view(-1, 2)
+
+
+def v_before_step(exp_avg_sq: torch.Tensor) -> torch.Tensor:
+    """second_moment=summed, mid-step: v as it was before the step (its bfloat16 high halves), a new float32 tensor."""
+    return word_halves(exp_avg_sq)[:, HIGH].float().view_as(exp_avg_sq)
