@@ -26,25 +26,67 @@ def build(cfg: ObjectiveConfig, model: nn.Module) -> "Objective":
     return _REGISTRY[cfg.name](cfg, model)
 
 
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
     """Summed next-token negative log-likelihood (float32) of `input_ids` [B, S] under `logits` [B, S, V].
 
-    The last position has no target (ignore_index) instead of being sliced off, so [B, S, V] flattens as a view:
-    slicing made a copy of the logits before the float32 cast made another."""
+    The last position has no target (ignore_index). Plain tensors go through ChunkedTokenNLL: float32 math a few
+    hundred MiB of rows at a time, keeping only the logits and one float32 per row for backward, where
+    F.cross_entropy of a float32 copy holds that copy, the log-softmax and then the float32 gradient ([B, S, V] at
+    V = 49,152: 0.75 GiB each per 4,096 tokens). Sharded (DTensor) logits take F.cross_entropy (dense_token_nll)."""
+    if isinstance(logits, DTensor):
+        return dense_token_nll(logits, input_ids)
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
+    return ChunkedTokenNLL.apply(logits.flatten(0, 1), targets.flatten(), chunk_rows)
+
+
+def dense_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """token_nll by F.cross_entropy of the float32 logits; padding the last position instead of slicing it off keeps
+    [B, S, V] a view (slicing made a copy of the logits before the float32 cast made another)."""
     targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=-100)
+
+
+class ChunkedTokenNLL(torch.autograd.Function):
+    """sum over rows with a target (!= -100) of logsumexp(x_r) - x_r[t_r], x = logits [N, V] in float32, computed
+    `chunk_rows` rows at a time (default: 256 MiB of float32). Saved for backward: the logits and each row's
+    logsumexp; the gradient, softmax(x_r) - onehot(t_r), is formed per chunk and written in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None) -> torch.Tensor:
+        rows = chunk_rows or max(1, (256 << 20) // (4 * logits.shape[1]))
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            x, t = logits[start:start + rows].float(), targets[start:start + rows]
+            lse[start:start + rows] = torch.logsumexp(x, dim=-1)
+            picked = x.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+            total += torch.where(t != -100, lse[start:start + rows] - picked, 0.0).sum()
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.rows):
+            t = targets[start:start + ctx.rows]
+            valid = (t != -100)[:, None]
+            g = torch.exp(logits[start:start + ctx.rows].float() - lse[start:start + ctx.rows, None])
+            g.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(g[:, :1]))
+            grad[start:start + ctx.rows] = torch.where(valid, g * grad_total, 0.0)
+        return grad, None, None
 
 
 _compiled_token_nll = None
 
 
 def compiled_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """token_nll under torch.compile (with model.compile): the cast, log-softmax and its backward fused into a few
-    passes over the bf16 logits, no float32 copy of them ([B, S, V] at V = 49,152: 1.6 GB per micro-batch of
-    2 x 4096 tokens)."""
+    """dense_token_nll under torch.compile (with model.compile): the cast, log-softmax and its backward fused into a
+    few passes over the bf16 logits, no float32 copy of them."""
     global _compiled_token_nll
     if _compiled_token_nll is None:
-        _compiled_token_nll = torch.compile(token_nll, dynamic=False)
+        _compiled_token_nll = torch.compile(dense_token_nll, dynamic=False)
     return _compiled_token_nll(logits, input_ids)
 
 
