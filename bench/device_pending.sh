@@ -169,6 +169,14 @@ case "${1:-}" in
       | tee "$OUT/adama_summed_gpu_tests.log"
     python3 bench/memory.py --compile --configs "adamw+accum (baseline)" adama "adama (summed)" "adamw+ckpt full" \
       "adama+ckpt full" "adama (summed)+ckpt full" --repeat 3 --fit-configs 2>&1 | tee "$OUT/memory_summed.log" ;;
+  offload_loss)
+    # bench/memory.py with the trainer's next-token loss (was a sliced float32 cross-entropy of its own), eager
+    # (offload runs Python saved-tensor hooks that compiled layers do not call): baseline, offload (all layers, and
+    # large tensors of layers 0-7) and full checkpointing. Run 12-04 17:59 with F.cross_entropy of float32 logits,
+    # 18:11 with the chunked loss (lowbit.objectives.base.ChunkedTokenNLL: no float32 copy of the logits); both
+    # before the activation peak left out the first micro-batch's gradient buffers (docs/RESULTS.md)
+    python3 bench/memory.py --configs "adamw+accum (baseline)" adamw+offload "adamw+offload(large, layers 0-7)" \
+      "adamw+ckpt full" --repeat 2 --fit-configs 2>&1 | tee "$OUT/memory_offload_loss.log" ;;
   backends)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 --tma on --launch 8,3 8,4 4,3 \
       --json "$OUT/attention_backends.json" 2>&1 | tee "$OUT/attention_backends.log" ;;

@@ -4,7 +4,8 @@ For one model (default llama_1b, fp32 master weights, bf16 autocast, SDPA, eager
 decoder layer compiled) and one batch shape
 (default seq 4096, micro-batch 1, 4 micro-batches per step), each configuration trains a few steps on
 random tokens and reports: peak allocated / reserved GiB over a step, the peak activation memory (peak
-of one micro-batch's forward+backward minus what was allocated before it), tokens/s, and the ratios to
+of one micro-batch's forward+backward minus what was allocated before it, over the micro-batches after the
+first, whose backward also allocates AdamW's gradient buffers), tokens/s, and the ratios to
 the baseline (AdamW with gradient accumulation). Then, per configuration, the largest micro-batch (at
 the given seq) and the largest sequence (at micro-batch 1) that fit, by doubling until out of memory.
 
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lowbit.config import MemoryConfig  # noqa: E402
 from lowbit.memory import apply as apply_memory  # noqa: E402
+from lowbit.objectives.base import next_token_nll  # noqa: E402
 from lowbit.optim.adama import AdamA  # noqa: E402
 
 GIB = 2.0 ** 30
@@ -84,25 +86,30 @@ def build(model_name: str, optimizer_name: str, memory: dict, max_positions: int
     return model, optimizer
 
 
-def train_step(model, optimizer, micro_batch: int, seq: int, micro_batches: int) -> dict:
-    """One optimizer step; peak memory over it and the largest activation peak of one micro-batch."""
+def train_step(model, optimizer, micro_batch: int, seq: int, micro_batches: int, compiled: bool = False) -> dict:
+    """One optimizer step; peak memory over it and the largest activation peak of one micro-batch. The loss is the
+    trainer's (lowbit.objectives.base.next_token_nll; `compiled` as with model.compile: no float32 copy of the
+    logits)."""
     torch.cuda.synchronize()
     step_peak = 0
     activation_peak = 0
     start = time.perf_counter()
-    for _ in range(micro_batches):
+    for index in range(micro_batches):
         input_ids = torch.randint(0, 49152, (micro_batch, seq), device="cuda")
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=input_ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
-        del logits
+            nll, count = next_token_nll(model, input_ids, compiled=compiled)
+        loss = nll / count
         (loss / micro_batches).backward()
         if isinstance(optimizer, AdamA):
             optimizer.finish_micro_batch()
         peak = torch.cuda.max_memory_allocated()
-        activation_peak = max(activation_peak, peak - before)
+        # the first micro-batch of a step also allocates AdamW's gradient buffers (set to None by the last step's
+        # zero_grad) while its backward runs: that is not activation memory, so with several micro-batches the
+        # activation peak comes from the later ones (AdamA frees each gradient in its hook, in every micro-batch)
+        if index > 0 or micro_batches == 1:
+            activation_peak = max(activation_peak, peak - before)
         step_peak = max(step_peak, peak)
     torch.cuda.reset_peak_memory_stats()
     if not isinstance(optimizer, AdamA):
@@ -130,7 +137,8 @@ def measure(args, name: str) -> dict:
     optimizer_name, memory = CONFIGS[name]
     model, optimizer = build(args.model, optimizer_name, memory, args.seq, args.compile)
     torch.cuda.reset_peak_memory_stats()
-    runs = [train_step(model, optimizer, args.micro_batch, args.seq, args.micro_batches) for _ in range(args.steps)]
+    runs = [train_step(model, optimizer, args.micro_batch, args.seq, args.micro_batches, args.compile)
+            for _ in range(args.steps)]
     measured = runs[1:]                                   # the first step allocates optimizer state
     seconds = sorted(r["seconds"] for r in measured)[len(measured) // 2]
     offloader = getattr(model, "_lowbit_offloader", None)
@@ -185,7 +193,7 @@ def profile_step(args, name: str, model, optimizer) -> None:
     """One more step under torch.profiler: where the time goes (GPU kernels, CPU ops) and how busy the GPU is."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        seconds = train_step(model, optimizer, args.micro_batch, args.seq, args.micro_batches)["seconds"]
+        seconds = train_step(model, optimizer, args.micro_batch, args.seq, args.micro_batches, args.compile)["seconds"]
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"profile {name}: step {seconds * 1e3:.1f} ms (profiled), GPU kernels {gpu_us / 1e3:.1f} ms "
@@ -240,7 +248,7 @@ def largest(args, name: str, deadline: float, host_gib_per_token: float) -> dict
                 break
             fitted = True
             try:
-                train_step(model, optimizer, micro_batch, seq, 1)
+                train_step(model, optimizer, micro_batch, seq, 1, args.compile)
             except torch.OutOfMemoryError:
                 fitted = False                       # the traceback (and its tensors) dies here
             if not fitted:
