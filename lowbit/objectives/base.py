@@ -57,9 +57,9 @@ class ChunkedTokenNLL(torch.autograd.Function):
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], rows):
-            x, t = logits[start:start + rows].float(), targets[start:start + rows]
-            lse[start:start + rows] = torch.logsumexp(x, dim=-1)
-            picked = x.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+            x, t = logits[start:start + rows], targets[start:start + rows]
+            lse[start:start + rows] = torch.logsumexp(x.float(), dim=-1)
+            picked = x.gather(1, t.clamp(min=0)[:, None]).squeeze(1).float()
             total += torch.where(t != -100, lse[start:start + rows] - picked, 0.0).sum()
         ctx.save_for_backward(logits, targets, lse)
         ctx.rows = rows
@@ -71,10 +71,11 @@ class ChunkedTokenNLL(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.rows):
             t = targets[start:start + ctx.rows]
-            valid = (t != -100)[:, None]
-            g = torch.exp(logits[start:start + ctx.rows].float() - lse[start:start + ctx.rows, None])
-            g.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(g[:, :1]))
-            grad[start:start + ctx.rows] = torch.where(valid, g * grad_total, 0.0)
+            g = logits[start:start + ctx.rows].float()           # a new float32 tensor: in place from here on
+            g.sub_(lse[start:start + ctx.rows, None]).exp_()
+            g.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(g[:, :1], -1.0))
+            g.mul_((t != -100)[:, None] * grad_total)
+            grad[start:start + ctx.rows] = g
         return grad, None, None
 
 
