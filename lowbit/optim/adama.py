@@ -62,6 +62,7 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from lowbit.kernels import adama_fold_triton
 
@@ -197,6 +198,8 @@ class AdamA(torch.optim.Optimizer):
         state, group = self._state_of(param), self._group_of(param)
         beta1, beta2 = group["betas"]
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        if isinstance(norm, DTensor):     # a tensor-parallel shard's gradient: the whole tensor's norm, all ranks
+            norm = norm.full_tensor()
         sq_norm = self._sq_norms[param]
         first = state["folded"] == 0      # first micro-batch of the step: decay the moments once
         state["folded"] += 1

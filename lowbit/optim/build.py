@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lowbit.config import OptimConfig
+from lowbit.config import OptimConfig, ParallelConfig
 
 
 def parameter_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
@@ -32,7 +32,9 @@ def check_numbers(cfg: OptimConfig) -> None:
             raise ValueError(f"optim.{key}={value!r} is out of range; use {fix}")
 
 
-def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build(cfg: OptimConfig, params: list[nn.Parameter], process_group=None) -> torch.optim.Optimizer:
+    """`process_group`: where AdamA averages each micro-batch gradient (lowbit.parallel.gradient_group; None = every
+    rank)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the objective left no trainable parameters; check objective settings")
@@ -50,11 +52,31 @@ def build(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer
                              f"nothing per micro-batch); remove it or use optim=adama")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
     if cfg.name == "adama":
-        return build_adama(cfg, groups)
+        return build_adama(cfg, groups, process_group)
     raise ValueError(f"optim.name={cfg.name!r} is not known; use adamw or adama")
 
 
-def build_adama(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def check_parallel(cfg: OptimConfig, parallel: ParallelConfig, layout) -> None:
+    """optim=adama under the parallel layout (lowbit.parallel.Layout; None: plain data parallelism): its hooks fold and
+    free each gradient as backward produces it and average it over the data-parallel ranks themselves, which DDP
+    (with or without Ulysses) and tensor parallelism alone allow; FSDP2 and DeepSpeed reduce and own the gradients."""
+    if cfg.name != "adama":
+        return
+    fix = "use optim=adamw, or DDP (parallel.data_parallel=ddp, parallel.dp_shard=1), Ulysses, or TP alone"
+    if parallel.data_parallel == "deepspeed":
+        raise ValueError(f"optim=adama with parallel.data_parallel=deepspeed: the DeepSpeed engine reduces the "
+                         f"gradients and runs the optimizer step itself, after AdamA's hooks have freed them; {fix}")
+    if layout is not None and layout.fsdp:
+        raise ValueError(f"optim=adama with FSDP2 (parallel.dp_shard={parallel.dp_shard}, parallel.tp={parallel.tp} "
+                         f"on {layout.dp * layout.ulysses * layout.tp} ranks): FSDP2 reduce-scatters each gradient "
+                         f"after backward, where AdamA folds it into its moments during backward; {fix}")
+    if layout is not None and layout.tp > 1 and cfg.second_moment == "summed":
+        raise ValueError("optim.second_moment=summed keeps two bfloat16 halves in each float32 word of v, a view "
+                         f"tensor parallelism's DTensor shards (parallel.tp={parallel.tp}) do not give; use "
+                         "optim.second_moment=paper or cross_corrected with TP")
+
+
+def build_adama(cfg: OptimConfig, groups: list[dict], process_group=None) -> torch.optim.Optimizer:
     """AdamA (arXiv 2305.19982): refuses what it cannot honour -- global-norm clipping of a gradient it frees."""
     from lowbit.optim.adama import SECOND_MOMENTS, AdamA
 
@@ -73,7 +95,7 @@ def build_adama(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
     clip = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
     per_tensor = clip if cfg.grad_clip_mode == "per_tensor" else 0.0
     return AdamA(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, clip_per_tensor=per_tensor, fused=cfg.fused,
-                 second_moment=cfg.second_moment, clip_global=clip - per_tensor)
+                 second_moment=cfg.second_moment, clip_global=clip - per_tensor, process_group=process_group)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -113,6 +113,15 @@ def apply(model: nn.Module, world: World, cfg: ParallelConfig) -> nn.Module:
                                    find_unused_parameters=cfg.find_unused_parameters)
 
 
+def gradient_group(world: World):
+    """The process group an optimizer that averages its own gradients (AdamA) reduces over: every rank (None) under
+    DDP, with or without Ulysses, as DDP's own averaging does; the one-rank "dp" group under tensor parallelism
+    alone, whose ranks hold different shards and no replicas."""
+    if world.tensor_parallel and not world.layout.fsdp:
+        return world.mesh["dp"].get_group()
+    return None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain HF model inside DDP, the Ulysses wrapper, a DeepSpeed engine and torch.compile's wrapper."""
     from lowbit.parallel.deepspeed import EngineModel

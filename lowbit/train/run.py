@@ -150,6 +150,7 @@ def run(cfg: DictConfig) -> TrainState:
     if cfg.note:
         log.info("%s", cfg.note)
     check_trainer(cfg.trainer)
+    optim.check_parallel(cfg.optim, cfg.parallel, world.layout)
     grad_accum = check_batch_sizes(cfg, world.dp_size)       # TP and Ulysses ranks share their batches
     run_dir = Path(cfg.run_dir)
     checkpointer = Checkpointer(run_dir, world, keep=cfg.trainer.keep_checkpoints)
@@ -187,7 +188,8 @@ def run(cfg: DictConfig) -> TrainState:
                          f"{cfg.memory.checkpointing}: its frozen model saves no activations to recompute; "
                          f"use memory.checkpointing=none")
     memory.apply(model, cfg.memory)                                                # 6
-    optimizer = optim.build(cfg.optim, objective.trainable(parallel.unwrap(model)))   # 7
+    optimizer = optim.build(cfg.optim, objective.trainable(parallel.unwrap(model)),   # 7
+                            process_group=parallel.gradient_group(world))
     if cfg.parallel.data_parallel == "deepspeed":       # the engine wraps model and optimizer together
         model, optimizer = parallel.deepspeed_engine(model, optimizer, cfg, world, grad_accum)
     data = data_module.build(cfg.data, tokenizer, rank=world.dp_rank, world_size=world.dp_size)  # 8

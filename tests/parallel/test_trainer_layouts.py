@@ -145,3 +145,16 @@ def test_four_rank_meshes_train_as_one_process(objective, tmp_path):
             other = load_file(str(tmp_path / name / "gates/gates.safetensors"))
             for key, value in gates.items():
                 assert (other[key] - value).norm() <= RTOL * value.norm(), (name, key)
+
+
+@pytest.mark.slow
+def test_adama_under_tp_and_ulysses_trains_with_single_process_losses(tmp_path):
+    """optim=adama under TP=2 (DTensor shards: each rank folds its shard, nothing to average) and Ulysses=2 (the
+    gradients averaged over both ranks, as DDP averages them) gives the one-process losses (2 micro-batches per step,
+    float32). Before, both TP ranks all-reduced their DTensor shards over the world and failed."""
+    args = COMMON + ["optim=adama", "trainer.max_steps=3"]
+    torchrun(args + [f"run_dir={tmp_path / 'single'}"], nproc=1)
+    reference = records(tmp_path / "single")
+    for layout in ("tp2", "ulysses2"):
+        torchrun(args + [f"parallel={layout}", f"run_dir={tmp_path / layout}"], nproc=2)
+        assert_same_losses(records(tmp_path / layout), reference, 3, f"adama {layout}")
