@@ -175,8 +175,11 @@ def update(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
 
 
 def supports(grad: torch.Tensor, exp_avg: torch.Tensor) -> bool:
-    """The kernel's cases: contiguous float32/bf16 gradients, float32 moments of the same layout."""
-    return (AVAILABLE and grad.dtype in (torch.float32, torch.bfloat16) and grad.is_contiguous()
+    """The kernel's cases: contiguous float32/bf16 gradients, float32 moments of the same layout, plain tensors (a
+    tensor-parallel DTensor shard takes the PyTorch path)."""
+    from torch.distributed.tensor import DTensor
+    return (AVAILABLE and not isinstance(grad, DTensor) and not isinstance(exp_avg, DTensor)
+            and grad.dtype in (torch.float32, torch.bfloat16) and grad.is_contiguous()
             and exp_avg.is_contiguous() and exp_avg.dtype == torch.float32 and grad.numel() == exp_avg.numel())
 
 
