@@ -121,10 +121,6 @@ class AdamA(torch.optim.Optimizer):
     # ---- state ---------------------------------------------------------------------------------------
     def _state_of(self, param: torch.Tensor) -> dict:
         state = self.state[param]
-        if not state and self.second_moment == "summed" and type(param.data) is not torch.Tensor:
-            raise ValueError(f"AdamA second_moment='summed' keeps two bfloat16 halves in each float32 word of v, a "
-                             f"view a sharded {type(param.data).__name__} parameter does not give; use "
-                             f"optim.second_moment=paper or cross_corrected with FSDP / tensor parallelism")
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
@@ -216,13 +212,16 @@ class AdamA(torch.optim.Optimizer):
         grad = grad.float()               # ours alone now (param.grad is None): free to scale in place
         if self.clip_per_tensor > 0:      # per-tensor clipping, the clipping AdamA can honour (module docstring)
             grad.mul_((self.clip_per_tensor / (norm + 1e-6)).clamp(max=1.0))
-        if summed:
-            halves = word_halves(state["exp_avg_sq"])
+        if summed:                        # on this rank's shard of v and of g (a DTensor's, in v's placements)
+            v = local(state["exp_avg_sq"])
+            if isinstance(grad, DTensor) and grad.placements != state["exp_avg_sq"].placements:
+                grad = grad.redistribute(placements=state["exp_avg_sq"].placements)
+            grad, halves = local(grad), word_halves(v)
             if first:                     # v rounded into the high half; the step's sum starts at g
-                halves[:, HIGH] = state["exp_avg_sq"].view(-1).to(torch.bfloat16)
-                halves[:, LOW] = grad.view(-1).to(torch.bfloat16)
+                halves[:, HIGH] = v.view(-1).to(torch.bfloat16)
+                halves[:, LOW] = grad.reshape(-1).to(torch.bfloat16)
             else:
-                halves[:, LOW] = (halves[:, LOW].float() + grad.view(-1)).to(torch.bfloat16)
+                halves[:, LOW] = (halves[:, LOW].float() + grad.reshape(-1)).to(torch.bfloat16)
             return
         if first:
             state["exp_avg"].mul_(beta1)
@@ -245,8 +244,7 @@ class AdamA(torch.optim.Optimizer):
         """second_moment=summed: the global norm of the step's summed gradient (its bfloat16 halves), float32 0-d;
         computed once per step (the trainer's grad_norm and the global clip read the same value)."""
         if self._norm_of_sums is None:
-            sums = [word_halves(state["exp_avg_sq"])[:, LOW] for state in self.state.values() if state.get("folded")]
-            norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in sums]
+            norms = [summed_gradient_norm(state["exp_avg_sq"]) for state in self.state.values() if state.get("folded")]
             self._norm_of_sums = (torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
                                   if norms else torch.zeros(()))
         return self._norm_of_sums
@@ -296,13 +294,13 @@ class AdamA(torch.optim.Optimizer):
                     continue
                 if self.second_moment == "summed":
                     for state in states:          # Adam's moments of the step's summed gradient; v float32 again
-                        halves = word_halves(state["exp_avg_sq"])
-                        total = halves[:, LOW].float().view_as(state["exp_avg"])
+                        m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
+                        total = word_halves(v)[:, LOW].float().view_as(m)
                         if coefficient is not None:
                             total.mul_(coefficient.to(total.device))
-                        before = v_before_step(state["exp_avg_sq"])
-                        state["exp_avg"].mul_(beta1).add_(total, alpha=1 - beta1)
-                        state["exp_avg_sq"].copy_(before.mul_(beta2).addcmul_(total, total, value=1 - beta2))
+                        before = v_before_step(v)
+                        m.mul_(beta1).add_(total, alpha=1 - beta1)
+                        v.copy_(before.mul_(beta2).addcmul_(total, total, value=1 - beta2))
                 if cross:
                     # v got (1 - beta2) sum_i g_i^2; Adam's v gets (1 - beta2) (sum_i g_i)^2. The cross terms
                     # sum_{i != j} g_i g_j have expectation (1 - 1/N) E[G]^2 (micro-batch gradients i.i.d. around
@@ -371,11 +369,33 @@ class AdamA(torch.optim.Optimizer):
         self._hooks = []
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage: written in place, the DTensor sees it); else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def word_halves(exp_avg_sq: torch.Tensor) -> torch.Tensor:
-    """A contiguous float32 tensor's words as [numel, 2] bfloat16 halves (index HIGH: the high 16 bits)."""
-    return exp_avg_sq.view(-1).view(torch.bfloat16).view(-1, 2)
+    """A contiguous float32 tensor's words (a DTensor's: this rank's) as [numel, 2] bfloat16 halves (index HIGH: the
+    high 16 bits)."""
+    return local(exp_avg_sq).view(-1).view(torch.bfloat16).view(-1, 2)
 
 
 def v_before_step(exp_avg_sq: torch.Tensor) -> torch.Tensor:
-    """second_moment=summed, mid-step: v as it was before the step (its bfloat16 high halves), a new float32 tensor."""
-    return word_halves(exp_avg_sq)[:, HIGH].float().view_as(exp_avg_sq)
+    """second_moment=summed, mid-step: v as it was before the step (its bfloat16 high halves), a new float32 tensor
+    (a DTensor of the same placements for a DTensor)."""
+    before = word_halves(exp_avg_sq)[:, HIGH].float().view_as(local(exp_avg_sq))
+    if isinstance(exp_avg_sq, DTensor):
+        return DTensor.from_local(before, exp_avg_sq.device_mesh, exp_avg_sq.placements, run_check=False,
+                                  shape=exp_avg_sq.shape, stride=exp_avg_sq.stride())
+    return before
+
+
+def summed_gradient_norm(exp_avg_sq: torch.Tensor) -> torch.Tensor:
+    """second_moment=summed, mid-step: the norm of the step's summed gradient (v's low halves), float32 0-d; of the
+    whole tensor for a DTensor (its shards' squares summed over the mesh)."""
+    low = word_halves(exp_avg_sq)[:, LOW]
+    if not isinstance(exp_avg_sq, DTensor):
+        return torch.linalg.vector_norm(low, dtype=torch.float32)
+    total = DTensor.from_local(low.float().view_as(local(exp_avg_sq)), exp_avg_sq.device_mesh, exp_avg_sq.placements,
+                               run_check=False, shape=exp_avg_sq.shape, stride=exp_avg_sq.stride())
+    return torch.linalg.vector_norm(total).full_tensor()

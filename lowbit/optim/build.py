@@ -70,10 +70,6 @@ def check_parallel(cfg: OptimConfig, parallel: ParallelConfig, layout) -> None:
         raise ValueError(f"optim=adama with FSDP2 (parallel.dp_shard={parallel.dp_shard}, parallel.tp={parallel.tp} "
                          f"on {layout.dp * layout.ulysses * layout.tp} ranks): FSDP2 reduce-scatters each gradient "
                          f"after backward, where AdamA folds it into its moments during backward; {fix}")
-    if layout is not None and layout.tp > 1 and cfg.second_moment == "summed":
-        raise ValueError("optim.second_moment=summed keeps two bfloat16 halves in each float32 word of v, a view "
-                         f"tensor parallelism's DTensor shards (parallel.tp={parallel.tp}) do not give; use "
-                         "optim.second_moment=paper or cross_corrected with TP")
 
 
 def build_adama(cfg: OptimConfig, groups: list[dict], process_group=None) -> torch.optim.Optimizer:
