@@ -77,6 +77,10 @@ class PrecisionConfig:
     stats_every: int = 0            # log per-layer quantization statistics every N steps (0 = off)
     cache_weights: bool = False     # quantize each weight once per optimizer step, not once per micro-batch (keeps
                                     # W_q and W^T_q: 2 bytes per parameter for fp8; lowbit/precision/weight_cache.py)
+    scaling: str = "current"        # fp8_tensorwise's activation and gradient scales: current (each tensor's own amax,
+                                    # an amax pass before its cast) | delayed (the largest of an amax history recorded
+                                    # on the first micro-batch of each step; lowbit/precision/delayed.py)
+    amax_history: int = 16          # records kept by precision.scaling=delayed
     quantize_kernels: str = "auto"  # on CUDA: triton (lowbit's fused kernels) | torch (the PyTorch reference, which
                                     # torch.compile fuses with neighbouring ops) | auto (torch when model.compile,
                                     # except for nvfp4 / mxfp4, else triton); CPU always uses torch

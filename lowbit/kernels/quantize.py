@@ -70,13 +70,20 @@ def _triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None
 
 
 def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None = None,
-             what: str = "tensor", stochastic: bool = False, tensor_amax: torch.Tensor | None = None) -> QTensor:
+             what: str = "tensor", stochastic: bool = False, tensor_amax: torch.Tensor | None = None,
+             amax: torch.Tensor | None = None) -> QTensor:
     """x [R, C] (fp32/bf16/fp16) -> QTensor scaled along C. Stochastic rounding by `noise` (uniform [0, 1) float32
     of x's shape: every path rounds with it bit for bit) or by `stochastic`: the block kernel draws its own Philox
     noise from a seed on the device (no float32 noise tensor written and read per gradient), other paths
     torch.rand's. The row kernel has no stochastic rounding: those operands take the PyTorch path.
     tensor_amax: max |x| (float32 [1]) if the caller has it (the Hadamard kernel's): the NVFP4 block kernel then
-    skips its own amax pass; every other path computes it (the same value)."""
+    skips its own amax pass; every other path computes it (the same value).
+    amax: a tensorwise scale's amax given, not reduced from x (delayed scaling): the PyTorch path, whose cast
+    torch.compile fuses into x's producer."""
+    if amax is not None:
+        if stochastic and noise is None:
+            noise = torch.rand(x.shape, device=x.device)
+        return quantize_reference(x, quantizer, noise, what, amax=amax)
     kernel = _triton(x, quantizer, None)
     blocks = kernel is not None and triton_kind(x, quantizer) == "blocks"
     given = dict(tensor_amax=tensor_amax) if blocks and tensor_amax is not None else {}
@@ -92,12 +99,15 @@ def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None =
 
 
 def quantize_pair(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer,
-                  what: str = "tensor") -> tuple[QTensor, QTensor]:
-    """x [R, C] -> (QTensor [R, C] scaled along C, QTensor [C, R] of x^T scaled along R)."""
-    kernel = _triton(x, quantizer, quantizer_t)
+                  what: str = "tensor", amax: torch.Tensor | None = None) -> tuple[QTensor, QTensor]:
+    """x [R, C] -> (QTensor [R, C] scaled along C, QTensor [C, R] of x^T scaled along R).
+    amax: given for a tensorwise pair that shares one scale (delayed scaling; see `quantize`)."""
+    if amax is not None and not shares_scale(quantizer, quantizer_t):
+        raise ValueError(f"{what}: a given amax needs a tensorwise pair sharing one scale")
+    kernel = _triton(x, quantizer, quantizer_t) if amax is None else None
     if kernel is not None:
         return kernel(x, quantizer, quantizer_t)
-    xq = quantize_reference(x, quantizer, what=what)
+    xq = quantize_reference(x, quantizer, what=what, amax=amax)
     if shares_scale(quantizer, quantizer_t):     # x^T's quantization is the transpose of x's, bit for bit
         return xq, QTensor(xq.data.t(), xq.scale, quantizer_t, xq.gain)
     if transposes_blocks(quantizer, quantizer_t):

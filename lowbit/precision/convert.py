@@ -36,4 +36,7 @@ def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
              sorted({n.split(".")[-1] for n, m in model.named_modules() if type(m) is nn.Linear}) or "none")
     if cfg.cache_weights:
         install_weight_caches(model)
+    if getattr(cfg, "scaling", "current") == "delayed":
+        from lowbit.precision.delayed import install as install_delayed
+        install_delayed(model, cfg.amax_history)
     return model

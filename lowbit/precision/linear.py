@@ -74,16 +74,18 @@ def weight_parts(weight: torch.Tensor, asymmetric: bool) -> list[torch.Tensor]:
 
 
 def _quantize_operand(t: torch.Tensor, quantizer, quantizer_t, what: str, direct: bool, transposed: bool,
-                      transform: torch.Tensor | None = None) -> tuple[QTensor | None, QTensor | None]:
+                      transform: torch.Tensor | None = None,
+                      amax: torch.Tensor | None = None) -> tuple[QTensor | None, QTensor | None]:
     """t [R, C] quantized along C and t^T along R (after the Hadamard `transform`, if any), each only where its GEMM is
-    quantized (precision.high_precision); one fused pass when both are wanted."""
+    quantized (precision.high_precision); one fused pass when both are wanted. amax: a tensorwise amax given (delayed
+    scaling: no Hadamard transform)."""
     if direct and transposed and transform is None:
-        return quantize_pair(t, quantizer, quantizer_t, what)
-    tq = quantize(t, quantizer, what=what) if direct else None
+        return quantize_pair(t, quantizer, quantizer_t, what, amax=amax)
+    tq = quantize(t, quantizer, what=what, amax=amax) if direct else None
     if not transposed:
         return tq, None
     tt, tt_amax = (t.t().contiguous(), None) if transform is None else hadamard_transposed(t, transform)
-    return tq, quantize(tt, quantizer_t, what=what + "^T", tensor_amax=tt_amax)
+    return tq, quantize(tt, quantizer_t, what=what + "^T", tensor_amax=tt_amax, amax=amax)
 
 
 def quantize_weight(weight: torch.Tensor, recipe: Recipe, quantized: dict[str, bool]) -> list[tuple]:
@@ -97,8 +99,12 @@ class QuantLinearFunction(torch.autograd.Function):
     the compute dtype, as nn.Linear runs them). x [..., K], W [N, K], b [N] -> y [..., N]."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe: Recipe, hadamard_signs, weight_cache=None, clamped=None, *outliers):
+    def forward(ctx, x, weight, bias, recipe: Recipe, hadamard_signs, weight_cache=None, amax=None, sink=None,
+                scaling="current", clamped=None, *outliers):
         """weight_cache: a refreshed WeightCache of `weight` (precision.cache_weights) or None (quantize W here).
+        amax, sink, scaling: delayed scaling of x and dy (lowbit/precision/delayed.py; tensorwise): `amax` [2] the
+        (x, dy) amaxes to scale by when scaling="delayed"; "record" scales by the tensors' own amaxes, as "current"
+        does, and returns them as the gradient of `sink` [2].
         clamped, outliers: OCC's clamp(x) [tokens, K] and residual (Outliers.tensors() or DenseResidual.tensors()),
         computed by quant_linear outside this function."""
         device = x.device.type
@@ -110,8 +116,11 @@ class QuantLinearFunction(torch.autograd.Function):
             x2 = pad_rows(x2, recipe.token_multiple)
             residual = residual_from(outliers) if clamped is not None else None
             transform = hadamard_matrix(recipe.hadamard, hadamard_signs) if recipe.hadamard else None
+            x_amax = None           # current scaling: reduced inside quantize
+            if sink is not None:    # delayed scaling: given, or reduced here to be recorded
+                x_amax = amax[0] if scaling == "delayed" else x2.float().abs().amax()
             xq, xtq = _quantize_operand(x2, recipe.x, recipe.x_t, "activation", quantized["forward"],
-                                        quantized["wgrad"], transform)
+                                        quantized["wgrad"], transform, amax=x_amax)
             pairs = weight_cache.pairs if weight_cache is not None else quantize_weight(weight, recipe, quantized)
             # x in the compute dtype, for an unquantized forward or wgrad GEMM (cast once for both)
             x_plain = None if quantized["forward"] and quantized["wgrad"] else x2.to(out_dtype)
@@ -147,7 +156,9 @@ class QuantLinearFunction(torch.autograd.Function):
         ctx.occ_inputs = 0 if clamped is None else 1 + len(outliers)
         ctx.residual_fp8 = residual_fp8             # R^T saved quantized (occ_product=fp8) instead of R
         ctx.residual_tensors, ctx.weight_scales, ctx.wt_saved = len(residual_saved), len(weight_scales), len(wt_saved)
-        ctx.save_for_backward(weight, *x_saved, *wt_saved, *weight_scales, *residual_saved,
+        ctx.scaling = scaling if sink is not None else "current"
+        delayed_saved = (amax if scaling == "delayed" else None, x_amax if scaling == "record" else None)
+        ctx.save_for_backward(weight, *x_saved, *wt_saved, *weight_scales, *residual_saved, *delayed_saved,
                               transform if transform is not None else None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -159,6 +170,7 @@ class QuantLinearFunction(torch.autograd.Function):
         n_wt, n_scales = ctx.wt_saved, ctx.weight_scales
         wt_saved, weight_scales = rest[:n_wt], rest[n_wt:n_wt + n_scales]
         outliers, transform = rest[n_wt + n_scales:n_wt + n_scales + ctx.residual_tensors], rest[-1]
+        given_amax, recorded_x_amax = rest[-3:-1]
         residual = residual_from(outliers) if ctx.occ_inputs and not ctx.residual_fp8 else None
         rtq = QTensor(*outliers, occ_residual_quantizer(recipe.x_t)) if ctx.residual_fp8 else None
         cd = ctx.compute_dtype
@@ -166,15 +178,20 @@ class QuantLinearFunction(torch.autograd.Function):
         want_dx, want_dw = ctx.needs_input_grad[:2]
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple)
+            dy_amax = None          # current scaling: reduced inside quantize
+            if ctx.scaling == "delayed":
+                dy_amax = given_amax[1]
+            elif ctx.scaling == "record":
+                dy_amax = dy2.float().abs().amax()
             quantize_dy, quantize_dyt = want_dx and quantized["dgrad"], want_dw and quantized["wgrad"]
             stochastic = recipe.stochastic_rounding      # each quantization of dy draws its own uniform noise
             dyq = dytq = None
             if not stochastic and transform is None and quantize_dy and quantize_dyt:
-                dyq, dytq = quantize_pair(dy2, recipe.dy, recipe.dy_t, "output gradient")   # one fused pass
+                dyq, dytq = quantize_pair(dy2, recipe.dy, recipe.dy_t, "output gradient", amax=dy_amax)   # one pass
             if want_dx and quantized["dgrad"]:
                 wtqs = [QTensor(*wt_saved[3 * i:3 * i + 2], recipe.w_t, wt_saved[3 * i + 2]) for i in range(ctx.parts)]
                 dyq = dyq if dyq is not None else quantize(dy2, recipe.dy, stochastic=stochastic,
-                                                           what="output gradient")
+                                                           what="output gradient", amax=dy_amax)
                 dx = _sum_matmuls(dyq, wtqs, cd, recipe.block_gemm)[:ctx.tokens]
             elif want_dx:
                 dx = dy2[:ctx.tokens].to(cd) @ weight.to(cd)
@@ -184,7 +201,7 @@ class QuantLinearFunction(torch.autograd.Function):
                 dyt, dyt_amax = ((dy2.t().contiguous(), None) if transform is None
                                  else hadamard_transposed(dy2, transform))
                 dytq = quantize(dyt, recipe.dy_t, stochastic=stochastic, what="output gradient^T",
-                                tensor_amax=dyt_amax)
+                                tensor_amax=dyt_amax, amax=dy_amax)
             if want_dw:
                 if quantized["wgrad"]:
                     # float32 master weights: straight from the GEMM's float32 accumulator (no rounding to cd and no
@@ -208,11 +225,13 @@ class QuantLinearFunction(torch.autograd.Function):
             if NAN_PROBE:
                 probe("backward", tuple(weight.shape), dy=dy2, dy_scale=None if dyq is None else dyq.scale,
                       dyt_scale=None if dytq is None else dytq.scale, dx=dx, dw=dw)
-        return (dx, dw, db, None, None, None) + (None,) * ctx.occ_inputs
+        # delayed scaling's record: the (x, dy) amaxes leave as the gradient of `sink` (summed into its leaf)
+        dsink = torch.stack([recorded_x_amax, dy_amax]) if ctx.scaling == "record" else None
+        return (dx, dw, db, None, None, None, None, dsink, None) + (None,) * ctx.occ_inputs
 
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, hadamard_signs,
-                 weight_cache=None) -> torch.Tensor:
+                 weight_cache=None, delayed: tuple = (None, None, "current")) -> torch.Tensor:
     """QuantLinearFunction; with OCC, its clamp and residual are computed first (lowbit.precision.methods).
     recipe.occ_product="dense" (the default): the residual is a full matrix and its products GEMMs, static shapes,
     so torch.compile keeps the layer in one graph; "fp8": the same, its products in FP8 (the residual rounded to E4M3
@@ -222,7 +241,7 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, ha
     scheduler on the H200 end to end (torch 2.11, 2026-12-01, docs/bench_h200_2026-12-01/e2e_call3_traced_failed.log)."""
     note_padding(x.shape[:-1].numel(), recipe.token_multiple)
     if not recipe.occ:
-        return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, weight_cache)
+        return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, weight_cache, *delayed)
     if recipe.occ_product in ("dense", "fp8"):
         return occ_linear(x, weight, bias, recipe, hadamard_signs, weight_cache)
     return _occ_linear_eager(x, weight, bias, recipe, hadamard_signs, weight_cache)
@@ -232,8 +251,8 @@ def occ_linear(x, weight, bias, recipe: Recipe, hadamard_signs, weight_cache=Non
     product = "dense" if recipe.occ_product == "fp8" else recipe.occ_product      # fp8: a full residual matrix too
     clamped, residual = clamp_outliers(x.detach().reshape(-1, x.shape[-1]), recipe.occ_quantile, recipe.outlier_group,
                                        product=product, scope=recipe.occ_scope)
-    return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, weight_cache, clamped,
-                                     *residual.tensors())
+    return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, weight_cache, None, None, "current",
+                                     clamped, *residual.tensors())
 
 
 _occ_linear_eager = torch.compiler.disable(occ_linear)
@@ -274,6 +293,8 @@ class QuantLinear(nn.Linear):
         self.shard_recipe: Recipe | None = None      # set under tensor parallelism (prepare_tensor_parallel),
         self.shard_layout = ""                       # with its layout: colwise | rowwise
         self.weight_cache = None                     # a WeightCache under precision.cache_weights (weight_cache.py)
+        self.delayed = None                          # a DelayedScaling under precision.scaling=delayed (delayed.py),
+        self.delayed_amax = self.delayed_sink = None     # and this layer's tensors in it
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe, name: str = "", seed: int = 0) -> "QuantLinear":
@@ -293,7 +314,10 @@ class QuantLinear(nn.Linear):
             from lowbit.precision.stats import record
             record(self, x, self.weight, self.recipe)
         cache = self.weight_cache if self.weight_cache is not None and self.weight_cache.pairs is not None else None
-        return quant_linear(x, self.weight, self.bias, self.recipe, self.hadamard_signs, cache)
+        if self.delayed is None:
+            return quant_linear(x, self.weight, self.bias, self.recipe, self.hadamard_signs, cache)
+        return quant_linear(x, self.weight, self.bias, self.recipe, self.hadamard_signs, cache,
+                            self.delayed.operands(self))
 
     # ---- tensor parallelism (DTensor weights from parallelize_module) -----------------------------------
     def prepare_tensor_parallel(self) -> None:

@@ -167,15 +167,19 @@ def scales_from_amax(amax: torch.Tensor, quantizer: Quantizer,
 
 
 def quantize_reference(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None = None,
-                       what: str = "tensor") -> QTensor:
+                       what: str = "tensor", amax: torch.Tensor | None = None) -> QTensor:
     """Quantize x [R, C] (fp32/bf16/fp16) along its columns per `quantizer` -> QTensor (pure PyTorch).
 
     noise: uniform [0, 1) fp32 [R, C] for stochastic rounding, else round-to-nearest-even.
+    amax: a tensorwise quantizer's amax given instead of reduced from x (delayed scaling, lowbit/precision/delayed.py);
+    values beyond it saturate at the format's largest magnitude.
     """
     if x.dim() != 2:
         raise ValueError(f"{what}: expected a 2-D [rows, contraction] tensor, got shape {tuple(x.shape)}")
     quantizer.check_columns(x.shape[1], what)
-    amax = block_amax(x, quantizer)
+    if amax is not None and not quantizer.tensorwise:
+        raise ValueError(f"{what}: a given amax needs a tensorwise quantizer (one scale), not {quantizer}")
+    amax = block_amax(x, quantizer) if amax is None else amax
     tensor_amax = None
     if quantizer.blocked:       # block scales are local to a shard; NVFP4's FP32 tensor scale is not
         if quantizer.scale_rule == "nvfp4":

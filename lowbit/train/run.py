@@ -19,6 +19,8 @@ from lowbit.config import LowbitConfig
 from lowbit.models.attention import use_causal_sdpa
 from lowbit.models.flops import flops_per_token, peak_flops
 from lowbit.models.load import load as load_model
+from lowbit.precision.delayed import check_parallel as check_delayed_scaling
+from lowbit.precision.delayed import find as find_delayed_scaling
 from lowbit.precision.weight_cache import check_parallel as check_weight_cache
 from lowbit.train.checkpoint import Checkpointer, CheckpointError
 from lowbit.train.loggers import Loggers
@@ -161,6 +163,7 @@ def run(cfg: DictConfig) -> TrainState:
         make_deterministic()
     check_compile_mode(cfg.model.compile_mode)
     check_weight_cache(cfg.precision, cfg.parallel)
+    check_delayed_scaling(cfg.precision, cfg.parallel)
 
     model, tokenizer = load_model(cfg.model, seed=cfg.trainer.seed)              # 2
     parallel.check_model(model.config, cfg.parallel, cfg.data.seq_len)   # degrees vs heads/hidden/seq_len, before stage 5's collectives
@@ -200,6 +203,12 @@ def run(cfg: DictConfig) -> TrainState:
         parallel.load_engine(model, resume_from)       # DeepSpeed's partitioned states (no-op otherwise)
         state = TrainState(step=int(stored["step"]), tokens_seen=int(stored["tokens_seen"]),
                            nan_skips=int(stored["nan_skips"]))
+        delayed = find_delayed_scaling(parallel.unwrap(model))
+        if delayed is not None and "amax_history" in stored:
+            delayed.load_state_dict(stored["amax_history"])
+        elif delayed is not None:
+            log.info("precision.scaling=delayed: %s has no amax history (saved with current scaling); recording anew",
+                     resume_from)
         log.info("resumed from %s at step %d", resume_from, state.step)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if world.is_main:

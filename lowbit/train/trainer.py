@@ -324,7 +324,11 @@ class Trainer:
 
     def save(self) -> None:
         from lowbit.parallel import checkpoint_views, save_engine, unwrap
+        from lowbit.precision.delayed import find as find_delayed_scaling
         state = {"tokens_seen": self.state.tokens_seen, "nan_skips": self.state.nan_skips}
+        delayed = find_delayed_scaling(unwrap(self.model))
+        if delayed is not None:         # precision.scaling=delayed: its amax history, so a resume scales alike
+            state["amax_history"] = delayed.state_dict()
         model, optimizer = checkpoint_views(self.model, unwrap(self.model), self.optimizer)   # full tensors if sharded
         saved = self.checkpointer.save(self.state.step, model, optimizer, state, self.config_yaml)
         save_engine(self.model, saved)      # DeepSpeed: its partitioned states, beside lowbit's files (no-op otherwise)

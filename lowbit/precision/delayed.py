@@ -1,0 +1,165 @@
+"""Delayed scaling of fp8 tensorwise activations and output gradients (`precision.scaling=delayed`).
+
+Tensorwise current scaling must reduce a tensor's amax before it can cast it, so under torch.compile every
+quantized producer (RMSNorm, SwiGLU, the residual stream's gradient, ...) is read twice: once for the amax, once
+for the cast fused into it. With the scale known beforehand the cast is one pass. `bench/amax_ceiling.py` measured
+what that is worth at most (H200, llama_1b, sequence 4096, 2026-12-04): `+exp=fp8_llama` 1.26x -> 1.33x bf16.
+
+The scheme is TransformerEngine's DelayedScaling (an amax history per tensor, scale = format max / the history's
+largest amax), observed once per optimizer step instead of at every GEMM:
+- The first training micro-batch after each optimizer step *records*: its linears scale x and dy by their own
+  amaxes, exactly as current scaling does, and keep those amaxes.
+- Every later micro-batch scales x and dy by the largest amax of the layer's last `history` records (this step's
+  included): no amax pass. A value beyond that amax saturates at +-448 x scale (E4M3's saturating cast), as it does in
+  TransformerEngine between its history updates.
+- A record leaves the compiled backward as the gradient of the layer's own `sink` tensor [2] (autograd
+  accumulates it into the sink's .grad). The model's forward pre-hook folds them into the history before the next forward;
+  under data parallelism the fold takes the maximum over ranks (one all-reduce per step), so all ranks scale alike.
+  A non-finite record (an overflowed step, which the trainer's NaN guard skips) is not folded in.
+Weights keep current scaling (precision.cache_weights quantizes them once per step). So with one micro-batch per
+step every micro-batch records, which is current scaling; the saving grows with gradient accumulation (1 of 8
+micro-batches records in `+exp=fp8_llama`). Evaluation before the first record scales by the current amax.
+The history is part of the trainer's checkpoint (`state_dict`), so a resumed run scales exactly as an unbroken one.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from lowbit.precision.linear import QuantLinear
+
+log = logging.getLogger("lowbit")
+SCALINGS = ("current", "delayed")
+
+
+class DelayedScaling:
+    """The amax histories of `layers` (each QuantLinear gets `.delayed = self`).
+
+    history [layers, 2, length]: recorded amaxes of (x, dy), a ring; amax [layers, 2]: their maxima, what delayed
+    micro-batches scale by (layer i reads the view amax[i]); sinks[i] [2] (a leaf that requires grad): where layer i's
+    backward leaves a record's amaxes. Per-layer tensors rather than an index: compiled decoder layers share one
+    graph, which an integer index per layer would specialise (a recompilation per layer).
+    `mode`, read by every layer's forward: record | delayed | current (before the first record)."""
+
+    def __init__(self, layers: list[QuantLinear], length: int):
+        if length < 1:
+            raise ValueError(f"precision.amax_history={length}: the history needs at least one record; use e.g. 16")
+        self.layers, self.length = layers, length
+        self.history = self.amax = self.sinks = None     # allocated on the layers' device at the first forward
+        self.slot = 0               # records folded in so far (the ring's next slot is slot % length)
+        self.stepped = True         # an optimizer step happened since the last training forward (or none yet)
+        self.mode = "current"
+        for layer in layers:
+            layer.delayed = self
+        self._hook = register_optimizer_step_post_hook(self._after_step)
+
+    def _after_step(self, *_) -> None:
+        self.stepped = True
+
+    def _allocate(self, device: torch.device) -> None:
+        rows = len(self.layers)
+        self.history = torch.zeros(rows, 2, self.length, device=device)
+        self.amax = torch.zeros(rows, 2, device=device)
+        self.sinks = [torch.zeros(2, device=device, requires_grad=True) for _ in range(rows)]
+        for index, layer in enumerate(self.layers):
+            layer.delayed_amax, layer.delayed_sink = self.amax[index], self.sinks[index]
+
+    def operands(self, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """What `layer` passes to QuantLinearFunction: its (x, dy) amaxes, its sink, the mode."""
+        return layer.delayed_amax, layer.delayed_sink, self.mode
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Move a pending record (the sink's gradient) into the history (max over ranks) and update `amax`."""
+        if self.sinks is None or all(sink.grad is None for sink in self.sinks):
+            return
+        zero = torch.zeros(2, device=self.amax.device)        # a layer that ran no recorded backward records 0
+        record = torch.stack([zero if sink.grad is None else sink.grad for sink in self.sinks])
+        for sink in self.sinks:
+            sink.grad = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            record = torch.where(torch.isnan(record), torch.full_like(record, float("inf")), record)
+            dist.all_reduce(record, op=dist.ReduceOp.MAX)
+        finite = torch.isfinite(record).all(dim=1, keepdim=True)      # an overflowed step's layer keeps its history
+        previous = self.history[:, :, (self.slot - 1) % self.length] if self.slot else self.amax
+        self.history[:, :, self.slot % self.length] = torch.where(finite, record, previous)
+        self.slot += 1
+        self.amax.copy_(self.history.amax(dim=2))
+
+    def __call__(self, module: nn.Module, _args) -> None:
+        """Forward pre-hook of the model: fold a pending record, then set the mode of this forward."""
+        if self.sinks is None:
+            self._allocate(self.layers[0].weight.device)
+        self.fold()
+        if module.training and torch.is_grad_enabled():
+            self.mode = "record" if self.stepped or not self.slot else "delayed"
+            self.stepped = False
+        else:
+            self.mode = "delayed" if self.slot else "current"
+
+    def state_dict(self) -> dict:
+        self.fold()
+        return {"history": None if self.history is None else self.history.cpu(), "slot": self.slot}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["history"] is None:
+            return
+        history = state["history"]
+        if self.history is None:
+            self._allocate(self.layers[0].weight.device)
+        if history.shape != self.history.shape:
+            raise ValueError(f"the checkpoint's amax history has shape {tuple(history.shape)} (layers, 2, "
+                             f"precision.amax_history), this model's {tuple(self.history.shape)}; resume with the "
+                             f"checkpoint's precision.amax_history and precision.include/exclude")
+        with torch.no_grad():
+            self.history.copy_(history)
+            self.amax.copy_(self.history.amax(dim=2))
+        self.slot = int(state["slot"])
+
+
+def install(model: nn.Module, length: int) -> DelayedScaling:
+    """Give every QuantLinear of `model` delayed scaling (its recipe must be fp8 tensorwise)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    wrong = sorted({layer.recipe.name for layer in layers if layer.recipe.name != "fp8_tensorwise"})
+    if wrong:
+        raise ValueError(f"precision.scaling=delayed works with precision=fp8_tensorwise (one scale per tensor), not "
+                         f"{', '.join(wrong)}; use precision.scaling=current with that recipe")
+    bad = sorted({layer.layer_name for layer in layers if layer.recipe.hadamard or layer.recipe.occ})[:3]
+    if bad:
+        raise ValueError(f"precision.scaling=delayed does not support the Hadamard transform or OCC ({bad}); set "
+                         f"precision.hadamard=false and precision.occ=false, or precision.scaling=current")
+    delayed = DelayedScaling(layers, length)
+    model.register_forward_pre_hook(delayed)
+    log.info("precision.scaling=delayed: %d layers scale activations and gradients by a %d-record amax history, "
+             "recorded on the first micro-batch of each step", len(layers), length)
+    return delayed
+
+
+def find(model: nn.Module) -> DelayedScaling | None:
+    """The model's DelayedScaling, if precision.scaling=delayed installed one."""
+    return next((m.delayed for m in model.modules() if isinstance(m, QuantLinear) and m.delayed is not None), None)
+
+
+def check_parallel(precision_cfg, parallel_cfg) -> None:
+    """Before the model loads: refuse an unknown `precision.scaling`; fall back to current scaling, with one warning,
+    where delayed scaling does not apply -- recipes whose scales are not one per tensor (rowwise and block scales are
+    reduced in the cast's own pass), and layouts that shard linears or their weights (tensor parallelism, FSDP2,
+    DeepSpeed: a tensorwise scale there spans shards) -- so a preset that uses it (`+exp=fp8_llama`) still runs with
+    `precision=fp8_rowwise` or `parallel=tp2`, as precision.cache_weights does."""
+    scaling = getattr(precision_cfg, "scaling", "current")
+    if scaling not in SCALINGS:
+        raise ValueError(f"precision.scaling={scaling!r}: use one of {list(SCALINGS)}")
+    if scaling != "delayed":
+        return
+    reasons = [f"precision={precision_cfg.recipe} (delayed scaling is for fp8_tensorwise's one scale per tensor)"] \
+        if precision_cfg.recipe != "fp8_tensorwise" else []
+    sharded = {"parallel.tp": parallel_cfg.tp > 1, "parallel.dp_shard": parallel_cfg.dp_shard > 1,
+               "parallel.data_parallel=deepspeed": parallel_cfg.data_parallel == "deepspeed"}
+    reasons += [f"{key} (not supported there; DDP and Ulysses are)" for key, on in sharded.items() if on]
+    if reasons:
+        log.warning("precision.scaling=delayed is switched to current scaling: %s", "; ".join(reasons))
+        precision_cfg.scaling = "current"
