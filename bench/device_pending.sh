@@ -46,6 +46,9 @@
 #                                     tokens/s
 #   bench/device_pending.sh microbatch    bf16 / fp8_llama at micro-batch 2 (the presets) and 4 (same global batch):
 #                                     what fewer launches per token buy the host-bound fp8 step
+#   bench/device_pending.sh amax_ceiling  bf16 / fp8_llama / fp8_llama with every scale known before its cast (a
+#                                     ceiling of delayed scaling fused into the producers, bench/amax_ceiling.py)
+#   bench/device_pending.sh delayed   bf16 / fp8_llama / fp8_llama with precision.scaling=delayed end to end
 #   bench/device_pending.sh breakdown     bf16 / fp8_llama / fp4_llama, one profiled step each: kernel time by kind and
 #                                     the GPU's idle gaps (bench/trace_breakdown.py over the Chrome traces)
 #   bench/device_pending.sh cache_graph   the weight cache's refresh as one CUDA graph: GPU test (== eager bit for
@@ -169,6 +172,22 @@ case "${1:-}" in
       | tee "$OUT/adama_summed_gpu_tests.log"
     python3 bench/memory.py --compile --configs "adamw+accum (baseline)" adama "adama (summed)" "adamw+ckpt full" \
       "adama+ckpt full" "adama (summed)+ckpt full" --repeat 3 --fit-configs 2>&1 | tee "$OUT/memory_summed.log" ;;
+  amax_ceiling)
+    # The ceiling of delayed scaling fused into the producers (bench/amax_ceiling.py): fp8_llama with every tensorwise
+    # activation / output-gradient scale from the tensor's first row, so Inductor casts in one pass; bf16 and the
+    # exact preset in the same call. Only the step time of the ceiling runs means anything (their values saturate).
+    python3 bench/train_throughput.py --steps 8 --warmup 3 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "fp8=+exp=fp8_llama $data" \
+      --variant "fp8_ceiling_all=+exp=fp8_llama $data entry:bench/amax_ceiling.py env:AMAX_CEILING=all" \
+      --variant "fp8_ceiling_act=+exp=fp8_llama $data entry:bench/amax_ceiling.py env:AMAX_CEILING=act" 2>&1 \
+      | grep -v Warning | tee "$OUT/amax_ceiling.log" ;;
+  delayed)
+    # precision.scaling=delayed (lowbit/precision/delayed.py): fp8_llama's activation and gradient scales from an amax
+    # history recorded on the first micro-batch of each step, so Inductor fuses each cast into its producer (the
+    # ceiling of that, amax_ceiling: 1.33x); bf16 and the preset (current scaling) in the same call
+    python3 bench/train_throughput.py --steps 8 --warmup 3 --timeout 240 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "fp8=+exp=fp8_llama $data" --variant "fp8_delayed=+exp=fp8_llama $data precision.scaling=delayed" \
+      2>&1 | grep -v Warning | tee "$OUT/delayed.log" ;;
   offload_loss)
     # bench/memory.py with the trainer's next-token loss (was a sliced float32 cross-entropy of its own), eager
     # (offload runs Python saved-tensor hooks that compiled layers do not call): baseline, offload (all layers, and
