@@ -380,22 +380,25 @@ def word_halves(exp_avg_sq: torch.Tensor) -> torch.Tensor:
     return local(exp_avg_sq).view(-1).view(torch.bfloat16).view(-1, 2)
 
 
+def _half_as(exp_avg_sq: torch.Tensor, half: int) -> torch.Tensor:
+    """One bfloat16 half (HIGH: v before the step; LOW: the step's sum) of each word of v, as float32 of v's shape; a
+    DTensor of v's placements when v is one."""
+    values = word_halves(exp_avg_sq)[:, half].float().view_as(local(exp_avg_sq))
+    if isinstance(exp_avg_sq, DTensor):
+        return DTensor.from_local(values, exp_avg_sq.device_mesh, exp_avg_sq.placements, run_check=False,
+                                  shape=exp_avg_sq.shape, stride=exp_avg_sq.stride())
+    return values
+
+
 def v_before_step(exp_avg_sq: torch.Tensor) -> torch.Tensor:
     """second_moment=summed, mid-step: v as it was before the step (its bfloat16 high halves), a new float32 tensor
     (a DTensor of the same placements for a DTensor)."""
-    before = word_halves(exp_avg_sq)[:, HIGH].float().view_as(local(exp_avg_sq))
-    if isinstance(exp_avg_sq, DTensor):
-        return DTensor.from_local(before, exp_avg_sq.device_mesh, exp_avg_sq.placements, run_check=False,
-                                  shape=exp_avg_sq.shape, stride=exp_avg_sq.stride())
-    return before
+    return _half_as(exp_avg_sq, HIGH)
 
 
 def summed_gradient_norm(exp_avg_sq: torch.Tensor) -> torch.Tensor:
     """second_moment=summed, mid-step: the norm of the step's summed gradient (v's low halves), float32 0-d; of the
     whole tensor for a DTensor (its shards' squares summed over the mesh)."""
-    low = word_halves(exp_avg_sq)[:, LOW]
     if not isinstance(exp_avg_sq, DTensor):
-        return torch.linalg.vector_norm(low, dtype=torch.float32)
-    total = DTensor.from_local(low.float().view_as(local(exp_avg_sq)), exp_avg_sq.device_mesh, exp_avg_sq.placements,
-                               run_check=False, shape=exp_avg_sq.shape, stride=exp_avg_sq.stride())
-    return torch.linalg.vector_norm(total).full_tensor()
+        return torch.linalg.vector_norm(word_halves(exp_avg_sq)[:, LOW], dtype=torch.float32)
+    return torch.linalg.vector_norm(_half_as(exp_avg_sq, LOW)).full_tensor()
