@@ -81,6 +81,7 @@ class PrecisionConfig:
                                     # an amax pass before its cast) | delayed (the largest of an amax history recorded
                                     # on the first micro-batch of each step; lowbit/precision/delayed.py)
     amax_history: int = 16          # records kept by precision.scaling=delayed
+    amax_margin: int = 0            # delayed scaling scales by the history's amax x 2^margin (TransformerEngine's margin)
     quantize_kernels: str = "auto"  # on CUDA: triton (lowbit's fused kernels) | torch (the PyTorch reference, which
                                     # torch.compile fuses with neighbouring ops) | auto (torch when model.compile,
                                     # except for nvfp4 / mxfp4, else triton); CPU always uses torch

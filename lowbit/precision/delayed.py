@@ -16,6 +16,7 @@ largest amax), observed once per optimizer step instead of at every GEMM:
   accumulates it into the sink's .grad). The model's forward pre-hook folds them into the history before the next forward;
   under data parallelism the fold takes the maximum over ranks (one all-reduce per step), so all ranks scale alike.
   A non-finite record (an overflowed step, which the trainer's NaN guard skips) is not folded in.
+`precision.amax_margin` scales by the history's amax x 2^margin (TransformerEngine's margin; default 0).
 Weights keep current scaling (precision.cache_weights quantizes them once per step). So with one micro-batch per
 step every micro-batch records, which is current scaling; the saving grows with gradient accumulation (1 of 8
 micro-batches records in `+exp=fp8_llama`). Evaluation before the first record scales by the current amax.
@@ -45,10 +46,12 @@ class DelayedScaling:
     graph, which an integer index per layer would specialise (a recompilation per layer).
     `mode`, read by every layer's forward: record | delayed | current (before the first record)."""
 
-    def __init__(self, layers: list[QuantLinear], length: int):
+    def __init__(self, layers: list[QuantLinear], length: int, margin: int = 0):
         if length < 1:
             raise ValueError(f"precision.amax_history={length}: the history needs at least one record; use e.g. 16")
-        self.layers, self.length = layers, length
+        if margin < 0:
+            raise ValueError(f"precision.amax_margin={margin}: a margin is a power of two of headroom, >= 0; use 0 or 1")
+        self.layers, self.length, self.margin = layers, length, margin
         self.history = self.amax = self.sinks = None     # allocated on the layers' device at the first forward
         self.slot = 0               # records folded in so far (the ring's next slot is slot % length)
         self.stepped = True         # an optimizer step happened since the last training forward (or none yet)
@@ -88,7 +91,7 @@ class DelayedScaling:
         previous = self.history[:, :, (self.slot - 1) % self.length] if self.slot else self.amax
         self.history[:, :, self.slot % self.length] = torch.where(finite, record, previous)
         self.slot += 1
-        self.amax.copy_(self.history.amax(dim=2))
+        self.amax.copy_(self.history.amax(dim=2) * 2.0 ** self.margin)
 
     def __call__(self, module: nn.Module, _args) -> None:
         """Forward pre-hook of the model: fold a pending record, then set the mode of this forward."""
@@ -117,11 +120,11 @@ class DelayedScaling:
                              f"checkpoint's precision.amax_history and precision.include/exclude")
         with torch.no_grad():
             self.history.copy_(history)
-            self.amax.copy_(self.history.amax(dim=2))
+            self.amax.copy_(self.history.amax(dim=2) * 2.0 ** self.margin)
         self.slot = int(state["slot"])
 
 
-def install(model: nn.Module, length: int) -> DelayedScaling:
+def install(model: nn.Module, length: int, margin: int = 0) -> DelayedScaling:
     """Give every QuantLinear of `model` delayed scaling (its recipe must be fp8 tensorwise)."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     wrong = sorted({layer.recipe.name for layer in layers if layer.recipe.name != "fp8_tensorwise"})
@@ -132,10 +135,10 @@ def install(model: nn.Module, length: int) -> DelayedScaling:
     if bad:
         raise ValueError(f"precision.scaling=delayed does not support the Hadamard transform or OCC ({bad}); set "
                          f"precision.hadamard=false and precision.occ=false, or precision.scaling=current")
-    delayed = DelayedScaling(layers, length)
+    delayed = DelayedScaling(layers, length, margin)
     model.register_forward_pre_hook(delayed)
-    log.info("precision.scaling=delayed: %d layers scale activations and gradients by a %d-record amax history, "
-             "recorded on the first micro-batch of each step", len(layers), length)
+    log.info("precision.scaling=delayed: %d layers scale activations and gradients by a %d-record amax history "
+             "(x 2^%d), recorded on the first micro-batch of each step", len(layers), length, margin)
     return delayed
 
 

@@ -56,6 +56,22 @@ def test_recording_micro_batch_is_current_scaling_and_records_the_true_amaxes():
     assert torch.equal(state.amax, state.history[:, :, 0])
 
 
+def test_replaying_the_recorded_micro_batch_delayed_equals_current_scaling_bit_for_bit():
+    """Each layer's recorded (x, dy) amaxes reach that layer's own x and dy: a delayed replay of the recorded
+    micro-batch scales exactly as current scaling does."""
+    current, delayed = two_layers(), two_layers()
+    state = install(delayed, length=4)
+    x = torch.randn(20, 48, generator=torch.Generator().manual_seed(3))
+    step(delayed, x)
+    for p in delayed.parameters():
+        p.grad = None
+    got = step(delayed, x)
+    assert state.mode == "delayed"
+    assert torch.equal(got, step(current, x))
+    for p, q in zip(current.parameters(), delayed.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
 def test_delayed_micro_batch_scales_by_the_history_maximum_as_float64_says():
     model = two_layers()
     state = install(model, length=3)
@@ -108,6 +124,16 @@ def test_an_optimizer_step_makes_the_next_training_forward_record_and_eval_uses_
     assert state.mode == "delayed" and state.slot == 3
     assert torch.equal(state.amax, state.history.amax(dim=2))     # a ring of 2: the last two records
     assert torch.equal(state.history[:, :, 0], state.history[:, :, 2 % 2])
+
+
+def test_a_margin_scales_by_a_power_of_two_more_headroom():
+    model = two_layers()
+    state = install(model, length=2, margin=1)
+    step(model, torch.randn(8, 48))
+    state.fold()
+    assert torch.equal(state.amax, 2 * state.history[:, :, 0])
+    with pytest.raises(ValueError, match=r"precision.amax_margin=-1"):
+        install(two_layers(), 2, margin=-1)
 
 
 def test_a_non_finite_record_keeps_the_layers_last_amax():
