@@ -80,11 +80,7 @@ def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None =
     skips its own amax pass; every other path computes it (the same value).
     amax: a tensorwise scale's amax given, not reduced from x (delayed scaling): the PyTorch path, whose cast
     torch.compile fuses into x's producer."""
-    if amax is not None:
-        if stochastic and noise is None:
-            noise = torch.rand(x.shape, device=x.device)
-        return quantize_reference(x, quantizer, noise, what, amax=amax)
-    kernel = _triton(x, quantizer, None)
+    kernel = _triton(x, quantizer, None) if amax is None else None
     blocks = kernel is not None and triton_kind(x, quantizer) == "blocks"
     given = dict(tensor_amax=tensor_amax) if blocks and tensor_amax is not None else {}
     if stochastic and noise is None:
@@ -95,7 +91,7 @@ def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None =
         return kernel(x, quantizer, None, noise, **given)[0]
     if kernel is not None and noise is None:
         return kernel(x, quantizer, None)[0]
-    return quantize_reference(x, quantizer, noise, what)
+    return quantize_reference(x, quantizer, noise, what, amax=amax)
 
 
 def quantize_pair(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer,
