@@ -14,7 +14,9 @@ largest amax), observed once per optimizer step instead of at every GEMM:
   TransformerEngine between its history updates.
 - A record leaves the compiled backward as the gradient of the layer's own `sink` tensor [2] (autograd
   accumulates it into the sink's .grad). The model's forward pre-hook folds them into the history before the next forward;
-  under data parallelism the fold takes the maximum over ranks (one all-reduce per step), so all ranks scale alike.
+  under data, sequence or tensor parallelism the fold takes the maximum over all ranks (one all-reduce per step), so
+  all ranks scale alike; a record under tensor parallelism is the maximum over the layer's shards, as current
+  scaling's amax is.
   A non-finite record (an overflowed step, which the trainer's NaN guard skips) is not folded in.
 `precision.amax_margin` scales by the history's amax x 2^margin (TransformerEngine's margin; default 0).
 Weights keep current scaling (precision.cache_weights quantizes them once per step). So with one micro-batch per
@@ -150,9 +152,10 @@ def find(model: nn.Module) -> DelayedScaling | None:
 def check_parallel(precision_cfg, parallel_cfg) -> None:
     """Before the model loads: refuse an unknown `precision.scaling`; fall back to current scaling, with one warning,
     where delayed scaling does not apply -- recipes whose scales are not one per tensor (rowwise and block scales are
-    reduced in the cast's own pass), and layouts that shard linears or their weights (tensor parallelism, FSDP2,
-    DeepSpeed: a tensorwise scale there spans shards) -- so a preset that uses it (`+exp=fp8_llama`) still runs with
-    `precision=fp8_rowwise` or `parallel=tp2`, as precision.cache_weights does."""
+    reduced in the cast's own pass) and DeepSpeed (its engine runs the backward and the optimizer step) -- so a preset
+    that uses it (`+exp=fp8_llama`) still runs with `precision=fp8_rowwise` or `parallel=zero2`, as
+    precision.cache_weights does. DDP, FSDP2, Ulysses and tensor parallelism keep it: a record takes the maximum over
+    a layer's TP shards as current scaling does, and the fold the maximum over all ranks."""
     scaling = getattr(precision_cfg, "scaling", "current")
     if scaling not in SCALINGS:
         raise ValueError(f"precision.scaling={scaling!r}: use one of {list(SCALINGS)}")
@@ -160,9 +163,8 @@ def check_parallel(precision_cfg, parallel_cfg) -> None:
         return
     reasons = [f"precision={precision_cfg.recipe} (delayed scaling is for fp8_tensorwise's one scale per tensor)"] \
         if precision_cfg.recipe != "fp8_tensorwise" else []
-    sharded = {"parallel.tp": parallel_cfg.tp > 1, "parallel.dp_shard": parallel_cfg.dp_shard > 1,
-               "parallel.data_parallel=deepspeed": parallel_cfg.data_parallel == "deepspeed"}
-    reasons += [f"{key} (not supported there; DDP and Ulysses are)" for key, on in sharded.items() if on]
+    if parallel_cfg.data_parallel == "deepspeed":
+        reasons.append("parallel.data_parallel=deepspeed (not supported there; DDP, FSDP2, Ulysses and TP are)")
     if reasons:
         log.warning("precision.scaling=delayed is switched to current scaling: %s", "; ".join(reasons))
         precision_cfg.scaling = "current"

@@ -21,7 +21,7 @@ from lowbit.precision.gemm import quantized_matmul
 from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_matrix, hadamard_transposed, residual_from
 from lowbit.precision.recipes import GEMMS, Recipe, occ_residual_quantizer
 from lowbit.precision.sharded import shard_recipe, tensor_parallel_layout
-from lowbit.precision.scaling import QTensor, expand_scale
+from lowbit.precision.scaling import QTensor, expand_scale, reduce_amax
 
 log = logging.getLogger("lowbit")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -117,8 +117,8 @@ class QuantLinearFunction(torch.autograd.Function):
             residual = residual_from(outliers) if clamped is not None else None
             transform = hadamard_matrix(recipe.hadamard, hadamard_signs) if recipe.hadamard else None
             x_amax = None           # current scaling: reduced inside quantize
-            if sink is not None:    # delayed scaling: given, or reduced here to be recorded
-                x_amax = amax[0] if scaling == "delayed" else x2.float().abs().amax()
+            if sink is not None:    # delayed scaling: given, or reduced here (over TP shards too) to be recorded
+                x_amax = amax[0] if scaling == "delayed" else reduce_amax(x2.float().abs().amax(), recipe.x)
             xq, xtq = _quantize_operand(x2, recipe.x, recipe.x_t, "activation", quantized["forward"],
                                         quantized["wgrad"], transform, amax=x_amax)
             pairs = weight_cache.pairs if weight_cache is not None else quantize_weight(weight, recipe, quantized)
@@ -182,7 +182,7 @@ class QuantLinearFunction(torch.autograd.Function):
             if ctx.scaling == "delayed":
                 dy_amax = given_amax[1]
             elif ctx.scaling == "record":
-                dy_amax = dy2.float().abs().amax()
+                dy_amax = reduce_amax(dy2.float().abs().amax(), recipe.dy)
             quantize_dy, quantize_dyt = want_dx and quantized["dgrad"], want_dw and quantized["wgrad"]
             stochastic = recipe.stochastic_rounding      # each quantization of dy draws its own uniform noise
             dyq = dytq = None
@@ -346,7 +346,8 @@ class QuantLinear(nn.Linear):
         if self.stats_armed and self.training:
             from lowbit.precision.stats import record
             record(self, x_local, weight, self.shard_recipe)
-        y = quant_linear(x_local, weight, bias, self.shard_recipe, self.hadamard_signs)
+        delayed = () if self.delayed is None else (self.delayed.operands(self),)
+        y = quant_linear(x_local, weight, bias, self.shard_recipe, self.hadamard_signs, None, *delayed)
         mesh = self.weight.device_mesh
         if layout == "colwise":
             return DTensor.from_local(y, mesh, (Shard(y.dim() - 1),), run_check=False)

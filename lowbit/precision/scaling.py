@@ -171,20 +171,22 @@ def quantize_reference(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tenso
     """Quantize x [R, C] (fp32/bf16/fp16) along its columns per `quantizer` -> QTensor (pure PyTorch).
 
     noise: uniform [0, 1) fp32 [R, C] for stochastic rounding, else round-to-nearest-even.
-    amax: a tensorwise quantizer's amax given instead of reduced from x (delayed scaling, lowbit/precision/delayed.py);
-    values beyond it saturate at the format's largest magnitude.
+    amax: a tensorwise quantizer's amax given instead of reduced from x (delayed scaling, lowbit/precision/delayed.py):
+    the whole tensor's, already reduced over `quantizer.amax_group` (tensor-parallel shards); values beyond it
+    saturate at the format's largest magnitude.
     """
     if x.dim() != 2:
         raise ValueError(f"{what}: expected a 2-D [rows, contraction] tensor, got shape {tuple(x.shape)}")
     quantizer.check_columns(x.shape[1], what)
     if amax is not None and not quantizer.tensorwise:
         raise ValueError(f"{what}: a given amax needs a tensorwise quantizer (one scale), not {quantizer}")
-    amax = block_amax(x, quantizer) if amax is None else amax
+    given = amax is not None
+    amax = amax if given else block_amax(x, quantizer)
     tensor_amax = None
     if quantizer.blocked:       # block scales are local to a shard; NVFP4's FP32 tensor scale is not
         if quantizer.scale_rule == "nvfp4":
             tensor_amax = reduce_amax(amax.amax(), quantizer)
-    else:
+    elif not given:
         amax = reduce_amax(amax, quantizer)
     check_finite(amax, what)
     scale, inv = scales_from_amax(amax, quantizer, tensor_amax)

@@ -1,7 +1,7 @@
 """Run under `torchrun --nproc_per_node=2`: a tiny HF Llama sharded by one layout vs the same model in
 one process. Prints one JSON line per check on rank 0; exits non-zero on a mismatch.
 
-usage: equivalence_worker.py MODE[,MODE...] [seq_len]     MODE: LAYOUT[@RECIPE[+dge][+occ][+token]]
+usage: equivalence_worker.py MODE[,MODE...] [seq_len]     MODE: LAYOUT[@RECIPE[+dge][+occ][+token][+delayed]]
   LAYOUT: tp | tp_sp | ulysses | ulysses_nll (the loss from each rank's shard) | linear;  RECIPE: a precision recipe (fp8_rowwise, nvfp4, ...): both models
   get lowbit's quantized linears, and the sharded one must quantize exactly as the single process does.
   `linear` checks one QuantLinear, column- and row-parallel, on the very same input: every quantized
@@ -83,42 +83,58 @@ def main() -> None:
 
 def compare_linear(recipe: str) -> str:
     """One QuantLinear [128 x 64], column- and row-parallel, vs the same layer in one process: output, dx,
-    dW and db on the same random input (32 tokens, a few outliers for OCC to clamp)."""
+    dW and db on the same random input (32 tokens, a few outliers for OCC to clamp).
+    '+delayed' (fp8_tensorwise, precision.scaling=delayed): two passes, one recording, one delayed on a larger
+    input (some values saturate); each pass's output, the accumulated gradients, and the recorded amax history
+    (exactly: a record under TP is the maximum over the layer's shards, the fold the maximum over ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     from lowbit.precision import apply
+    from lowbit.precision.delayed import install
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = precision_config(recipe, include=["*"], exclude=[])
+    name, *options = recipe.split("+")
+    delayed = "delayed" in options
+    cfg = precision_config("+".join([name] + [o for o in options if o != "delayed"]), include=["*"], exclude=[])
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     failures = []
     for layout, style in (("colwise", ColwiseParallel(use_local_output=False)),
                           ("rowwise", RowwiseParallel(use_local_output=False))):
         torch.manual_seed(2)
         reference = apply(torch.nn.Sequential(torch.nn.Linear(64, 128, bias=layout == "colwise")), cfg)
-        x = torch.randn(32, 64)
-        x[torch.randint(0, 32, (6,)), torch.randint(0, 64, (6,))] *= 40.0        # outliers
-        dy = torch.randn(32, 128)
-        x_ref = x.clone().requires_grad_()
-        reference(x_ref).backward(dy)
         sharded = parallelize_module(copy.deepcopy(reference), mesh, {"0": style})
         sharded[0].prepare_tensor_parallel()
+        if delayed:
+            states = install(reference, 16), install(sharded, 16)
         shard = 64 // world
+        x = torch.randn(32, 64)
+        x[torch.randint(0, 32, (6,)), torch.randint(0, 64, (6,))] *= 40.0        # outliers
+        x_ref = x.clone().requires_grad_()
         x_in = (x if layout == "colwise" else x[:, rank * shard:(rank + 1) * shard]).clone().requires_grad_()
-        y = sharded(x_in)
-        y.backward(DTensor.from_local(dy, mesh, (Replicate(),)).redistribute(mesh, y.placements))
+        errors = {}
+        for index, factor in enumerate((1.0, 1.5) if delayed else (1.0,)):        # record, then delayed
+            dy = torch.randn(32, 128) * factor
+            y_ref = reference(x_ref * factor)
+            y_ref.backward(dy)
+            y = sharded(x_in * factor)
+            y.backward(DTensor.from_local(dy, mesh, (Replicate(),)).redistribute(mesh, y.placements))
+            errors[f"y{index}" if delayed else "y"] = relative_error(y.full_tensor().detach(), y_ref.detach())
         dx = x_in.grad if layout == "colwise" else DTensor.from_local(x_in.grad, mesh, (Shard(1),)).full_tensor()
-        errors = {"y": relative_error(y.full_tensor().detach(), reference(x).detach()),
-                  "dx": relative_error(dx, x_ref.grad),
-                  "dW": relative_error(sharded[0].weight.grad.full_tensor(), reference[0].weight.grad)}
+        errors.update({"dx": relative_error(dx, x_ref.grad),
+                       "dW": relative_error(sharded[0].weight.grad.full_tensor(), reference[0].weight.grad)})
         if reference[0].bias is not None:
             errors["db"] = relative_error(sharded[0].bias.grad.full_tensor(), reference[0].bias.grad)
+        if delayed:
+            for state in states:
+                state.fold()
+            assert states[0].slot == states[1].slot == 1 and states[1].mode == "delayed", [s.slot for s in states]
+            errors["history"] = relative_error(states[1].history, states[0].history)
         row = {"mode": f"linear@{recipe}", "layout": layout, **errors}
         if rank == 0:
             print(json.dumps(row), flush=True)
-        if max(errors.values()) > RTOL:
+        if max(errors.values()) > RTOL or (delayed and errors["history"] != 0.0):
             failures.append(f"linear@{recipe} {layout}: mismatch beyond {RTOL}: {row}")
     return "\n".join(failures)
 

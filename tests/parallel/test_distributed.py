@@ -13,7 +13,7 @@ RTOL = 1e-5
 QUANT_RTOL = 1e-3     # worst gradient of a whole quantized model (see equivalence_worker.py)
 QUANTIZED = ["tp@fp8_rowwise", "tp_sp@fp8_tensorwise", "tp@fp8_blockwise", "tp_sp@nvfp4", "tp@fp4_vectorwise+dge"]
 LINEAR = [f"linear@{r}" for r in ("fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "nvfp4", "mxfp4",
-                                  "fp4_vectorwise+dge+occ", "fp4_vectorwise+dge+occ+token")]
+                                  "fp4_vectorwise+dge+occ", "fp4_vectorwise+dge+occ+token", "fp8_tensorwise+delayed")]
 MODES = ["tp", "tp_sp", "ulysses", "ulysses_nll", *QUANTIZED, *LINEAR]
 
 
@@ -26,7 +26,8 @@ def test_tp_sp_and_ulysses_match_one_process_logits_loss_and_gradients():
     assert sum(r["mode"].startswith("linear@") for r in rows) == 2 * len(LINEAR)      # both layouts each
     for row in rows:
         quantized_model = "@" in row["mode"] and not row["mode"].startswith("linear@")
-        for key in ("logits", "loss", "grad_median", "y", "dx", "dW", "db"):
+        for key in ("logits", "loss", "grad_median", "y", "y0", "y1", "dx", "dW", "db"):
             assert row.get(key, 0.0) <= RTOL, row
+        assert row.get("history", 0.0) == 0.0, row          # delayed scaling's amaxes: the maxima, exact
         # one operand value carried across a rounding boundary by the all-reduce's order (equivalence_worker.py)
         assert row.get("grad", 0.0) <= (QUANT_RTOL if quantized_model else RTOL), row
