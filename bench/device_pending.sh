@@ -48,7 +48,8 @@
 #                                     what fewer launches per token buy the host-bound fp8 step
 #   bench/device_pending.sh amax_ceiling  bf16 / fp8_llama / fp8_llama with every scale known before its cast (a
 #                                     ceiling of delayed scaling fused into the producers, bench/amax_ceiling.py)
-#   bench/device_pending.sh delayed   bf16 / fp8_llama / fp8_llama with precision.scaling=delayed end to end
+#   bench/device_pending.sh delayed   bf16 / fp8_llama with current scaling / fp8_llama (delayed scaling) end to end
+#   bench/device_pending.sh delayed_fsdp2   the same on 2 GPUs under FSDP2 (kind nvidia-h200-x2)
 #   bench/device_pending.sh breakdown     bf16 / fp8_llama / fp4_llama, one profiled step each: kernel time by kind and
 #                                     the GPU's idle gaps (bench/trace_breakdown.py over the Chrome traces)
 #   bench/device_pending.sh cache_graph   the weight cache's refresh as one CUDA graph: GPU test (== eager bit for
@@ -186,8 +187,16 @@ case "${1:-}" in
     # history recorded on the first micro-batch of each step, so Inductor fuses each cast into its producer (the
     # ceiling of that, amax_ceiling: 1.33x); bf16 and the preset (current scaling) in the same call
     python3 bench/train_throughput.py --steps 8 --warmup 3 --timeout 240 --variant "bf16=+exp=bf16_llama $data" \
-      --variant "fp8=+exp=fp8_llama $data" --variant "fp8_delayed=+exp=fp8_llama $data precision.scaling=delayed" \
+      --variant "fp8=+exp=fp8_llama $data precision.scaling=current" --variant "fp8_delayed=+exp=fp8_llama $data" \
       2>&1 | grep -v Warning | tee "$OUT/delayed.log" ;;
+  delayed_fsdp2)
+    # kind nvidia-h200-x2: delayed scaling under FSDP2 (dp_shard=2; kept there since 2026-12-05, the weight cache is
+    # not), against bf16 and current scaling under the same layout; global batch 2 x 8 micro-batches of 2 x 4096
+    python3 bench/train_throughput.py --steps 8 --warmup 3 --timeout 400 \
+      --variant "bf16=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=bf16_llama $data parallel=fsdp2 trainer.global_batch_size=32" \
+      --variant "fp8=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=fp8_llama $data parallel=fsdp2 trainer.global_batch_size=32 precision.scaling=current" \
+      --variant "fp8_delayed=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=fp8_llama $data parallel=fsdp2 trainer.global_batch_size=32" \
+      2>&1 | grep -v Warning | tee "$OUT/delayed_fsdp2.log" ;;
   offload_loss)
     # bench/memory.py with the trainer's next-token loss (was a sliced float32 cross-entropy of its own), eager
     # (offload runs Python saved-tensor hooks that compiled layers do not call): baseline, offload (all layers, and

@@ -4,7 +4,8 @@ Each variant runs the real trainer (`python train.py +exp=... overrides`) for a 
 process; the median tokens/s and MFU over the steps after warm-up (compilation, autotuning) come
 from its metrics.jsonl. Ratios are against the first variant. An override `env:NAME=VALUE` sets an environment
 variable of that variant's process instead; `entry:PATH` runs PATH (a script that wraps train.py, e.g.
-bench/amax_ceiling.py) instead of train.py.
+bench/amax_ceiling.py) instead of train.py; `nproc:N` launches it on N local GPUs with torchrun (tokens/s are the
+whole job's, as rank 0 logs them).
 
     python bench/train_throughput.py --steps 12 --out docs/RESULTS.md \
         --variant "bf16=+exp=bf16_llama" --variant "fp8_rowwise=+exp=fp8_llama precision=fp8_rowwise"
@@ -36,13 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_variant(overrides: list[str], steps: int, warmup: int, run_dir: Path, timeout: int,
                 profile: int = -1, profile_steps: int = 1) -> dict:
     entry = next((o[6:] for o in overrides if o.startswith("entry:")), "train.py")
-    command = [sys.executable, str(ROOT / entry), *overrides, f"trainer.max_steps={steps}",
+    nproc = next((int(o[6:]) for o in overrides if o.startswith("nproc:")), 1)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={nproc}"]
+    command = [*launcher, str(ROOT / entry), *overrides, f"trainer.max_steps={steps}",
                "trainer.eval_every=-1", "trainer.eval_at_start=false", "trainer.save_every=-1",
                "trainer.export=false", "logger.backends=[jsonl]", f"run_dir={run_dir}"]
     if profile >= 0:
         command += [f"trainer.profile_step={profile}", f"trainer.profile_steps={profile_steps}"]
     env = dict(os.environ, **dict(o[4:].split("=", 1) for o in overrides if o.startswith("env:")))
-    command = [o for o in command if not o.startswith(("env:", "entry:"))]
+    command = [o for o in command if not o.startswith(("env:", "entry:", "nproc:"))]
     try:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
