@@ -82,6 +82,8 @@ class PrecisionConfig:
                                     # on the first micro-batch of each step; lowbit/precision/delayed.py)
     amax_history: int = 16          # records kept by precision.scaling=delayed
     amax_margin: int = 0            # delayed scaling scales by the history's amax x 2^margin (TransformerEngine's margin)
+    delayed_operands: list[str] = field(default_factory=lambda: ["x", "dy"])   # what delayed scaling scales by the
+                                    # history: x (activations), dy (output gradients); the others: current scaling
     quantize_kernels: str = "auto"  # on CUDA: triton (lowbit's fused kernels) | torch (the PyTorch reference, which
                                     # torch.compile fuses with neighbouring ops) | auto (torch when model.compile,
                                     # except for nvfp4 / mxfp4, else triton); CPU always uses torch

@@ -38,5 +38,6 @@ def apply(model: nn.Module, cfg, compiled: bool = False) -> nn.Module:
         install_weight_caches(model)
     if getattr(cfg, "scaling", "current") == "delayed":
         from lowbit.precision.delayed import install as install_delayed
-        install_delayed(model, cfg.amax_history, getattr(cfg, "amax_margin", 0))
+        install_delayed(model, cfg.amax_history, getattr(cfg, "amax_margin", 0),
+                        tuple(getattr(cfg, "delayed_operands", ("x", "dy"))))
     return model

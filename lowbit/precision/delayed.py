@@ -19,6 +19,8 @@ largest amax), observed once per optimizer step instead of at every GEMM:
   scaling's amax is.
   A non-finite record (an overflowed step, which the trainer's NaN guard skips) is not folded in.
 `precision.amax_margin` scales by the history's amax x 2^margin (TransformerEngine's margin; default 0).
+`precision.delayed_operands` picks which operands delayed micro-batches scale by the history (default [x, dy]); the
+others keep current scaling there (an amax pass before their cast). Records always hold both.
 Weights keep current scaling (precision.cache_weights quantizes them once per step). So with one micro-batch per
 step every micro-batch records, which is current scaling; the saving grows with gradient accumulation (1 of 8
 micro-batches records in `+exp=fp8_llama`). Evaluation before the first record scales by the current amax.
@@ -37,6 +39,14 @@ from lowbit.precision.linear import QuantLinear
 
 log = logging.getLogger("lowbit")
 SCALINGS = ("current", "delayed")
+OPERANDS = ("x", "dy")
+
+
+def check_operands(delayed_operands) -> None:
+    wrong = [o for o in delayed_operands if o not in OPERANDS]
+    if wrong or not delayed_operands:
+        raise ValueError(f"precision.delayed_operands={list(delayed_operands)}: name one or both of {list(OPERANDS)} "
+                         f"(the activation x, the output gradient dy); use [x, dy] or precision.scaling=current")
 
 
 class DelayedScaling:
@@ -46,14 +56,18 @@ class DelayedScaling:
     micro-batches scale by (layer i reads the view amax[i]); sinks[i] [2] (a leaf that requires grad): where layer i's
     backward leaves a record's amaxes. Per-layer tensors rather than an index: compiled decoder layers share one
     graph, which an integer index per layer would specialise (a recompilation per layer).
-    `mode`, read by every layer's forward: record | delayed | current (before the first record)."""
+    `mode`, read by every layer's forward: record | delayed | current (before the first record); `delayed_operands`:
+    those of x, dy that a delayed micro-batch scales by the history (the others by their own amax)."""
 
-    def __init__(self, layers: list[QuantLinear], length: int, margin: int = 0):
+    def __init__(self, layers: list[QuantLinear], length: int, margin: int = 0,
+                 delayed_operands: tuple[str, ...] = OPERANDS):
+        check_operands(delayed_operands)
         if length < 1:
             raise ValueError(f"precision.amax_history={length}: the history needs at least one record; use e.g. 16")
         if margin < 0:
             raise ValueError(f"precision.amax_margin={margin}: a margin is a power of two of headroom, >= 0; use 0 or 1")
         self.layers, self.length, self.margin = layers, length, margin
+        self.delayed_modes = tuple("delayed" if o in delayed_operands else "current" for o in OPERANDS)
         self.history = self.amax = self.sinks = None     # allocated on the layers' device at the first forward
         self.slot = 0               # records folded in so far (the ring's next slot is slot % length)
         self.stepped = True         # an optimizer step happened since the last training forward (or none yet)
@@ -73,9 +87,10 @@ class DelayedScaling:
         for index, layer in enumerate(self.layers):
             layer.delayed_amax, layer.delayed_sink = self.amax[index], self.sinks[index]
 
-    def operands(self, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """What `layer` passes to QuantLinearFunction: its (x, dy) amaxes, its sink, the mode."""
-        return layer.delayed_amax, layer.delayed_sink, self.mode
+    def operands(self, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, tuple[str, str]]:
+        """What `layer` passes to QuantLinearFunction: its (x, dy) amaxes, its sink, the (x, dy) modes."""
+        modes = self.delayed_modes if self.mode == "delayed" else (self.mode, self.mode)
+        return layer.delayed_amax, layer.delayed_sink, modes
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -126,7 +141,7 @@ class DelayedScaling:
         self.slot = int(state["slot"])
 
 
-def install(model: nn.Module, length: int, margin: int = 0) -> DelayedScaling:
+def install(model: nn.Module, length: int, margin: int = 0, delayed_operands=OPERANDS) -> DelayedScaling:
     """Give every QuantLinear of `model` delayed scaling (its recipe must be fp8 tensorwise)."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     wrong = sorted({layer.recipe.name for layer in layers if layer.recipe.name != "fp8_tensorwise"})
@@ -137,10 +152,10 @@ def install(model: nn.Module, length: int, margin: int = 0) -> DelayedScaling:
     if bad:
         raise ValueError(f"precision.scaling=delayed does not support the Hadamard transform or OCC ({bad}); set "
                          f"precision.hadamard=false and precision.occ=false, or precision.scaling=current")
-    delayed = DelayedScaling(layers, length, margin)
+    delayed = DelayedScaling(layers, length, margin, tuple(delayed_operands))
     model.register_forward_pre_hook(delayed)
-    log.info("precision.scaling=delayed: %d layers scale activations and gradients by a %d-record amax history "
-             "(x 2^%d), recorded on the first micro-batch of each step", len(layers), length, margin)
+    log.info("precision.scaling=delayed: %d layers scale %s by a %d-record amax history (x 2^%d), recorded on the "
+             "first micro-batch of each step", len(layers), " and ".join(delayed_operands), length, margin)
     return delayed
 
 
@@ -161,6 +176,7 @@ def check_parallel(precision_cfg, parallel_cfg) -> None:
         raise ValueError(f"precision.scaling={scaling!r}: use one of {list(SCALINGS)}")
     if scaling != "delayed":
         return
+    check_operands(list(getattr(precision_cfg, "delayed_operands", OPERANDS)))
     reasons = [f"precision={precision_cfg.recipe} (delayed scaling is for fp8_tensorwise's one scale per tensor)"] \
         if precision_cfg.recipe != "fp8_tensorwise" else []
     if parallel_cfg.data_parallel == "deepspeed":

@@ -100,11 +100,11 @@ class QuantLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe: Recipe, hadamard_signs, weight_cache=None, amax=None, sink=None,
-                scaling="current", clamped=None, *outliers):
+                scaling=("current", "current"), clamped=None, *outliers):
         """weight_cache: a refreshed WeightCache of `weight` (precision.cache_weights) or None (quantize W here).
-        amax, sink, scaling: delayed scaling of x and dy (lowbit/precision/delayed.py; tensorwise): `amax` [2] the
-        (x, dy) amaxes to scale by when scaling="delayed"; "record" scales by the tensors' own amaxes, as "current"
-        does, and returns them as the gradient of `sink` [2].
+        amax, sink, scaling: delayed scaling of x and dy (lowbit/precision/delayed.py; tensorwise): `scaling` is the
+        (x, dy) pair of modes; an operand in mode "delayed" is scaled by its entry of `amax` [2]; ("record", "record")
+        scales both by their own amaxes, as "current" does, and returns those as the gradient of `sink` [2].
         clamped, outliers: OCC's clamp(x) [tokens, K] and residual (Outliers.tensors() or DenseResidual.tensors()),
         computed by quant_linear outside this function."""
         device = x.device.type
@@ -116,9 +116,12 @@ class QuantLinearFunction(torch.autograd.Function):
             x2 = pad_rows(x2, recipe.token_multiple)
             residual = residual_from(outliers) if clamped is not None else None
             transform = hadamard_matrix(recipe.hadamard, hadamard_signs) if recipe.hadamard else None
+            x_mode, dy_mode = scaling if sink is not None else ("current", "current")
             x_amax = None           # current scaling: reduced inside quantize
-            if sink is not None:    # delayed scaling: given, or reduced here (over TP shards too) to be recorded
-                x_amax = amax[0] if scaling == "delayed" else reduce_amax(x2.float().abs().amax(), recipe.x)
+            if x_mode == "delayed":
+                x_amax = amax[0]
+            elif x_mode == "record":    # reduced here (over TP shards too), to be recorded
+                x_amax = reduce_amax(x2.float().abs().amax(), recipe.x)
             xq, xtq = _quantize_operand(x2, recipe.x, recipe.x_t, "activation", quantized["forward"],
                                         quantized["wgrad"], transform, amax=x_amax)
             pairs = weight_cache.pairs if weight_cache is not None else quantize_weight(weight, recipe, quantized)
@@ -156,8 +159,8 @@ class QuantLinearFunction(torch.autograd.Function):
         ctx.occ_inputs = 0 if clamped is None else 1 + len(outliers)
         ctx.residual_fp8 = residual_fp8             # R^T saved quantized (occ_product=fp8) instead of R
         ctx.residual_tensors, ctx.weight_scales, ctx.wt_saved = len(residual_saved), len(weight_scales), len(wt_saved)
-        ctx.scaling = scaling if sink is not None else "current"
-        delayed_saved = (amax if scaling == "delayed" else None, x_amax if scaling == "record" else None)
+        ctx.dy_mode = dy_mode
+        delayed_saved = (amax if dy_mode == "delayed" else None, x_amax if x_mode == "record" else None)
         ctx.save_for_backward(weight, *x_saved, *wt_saved, *weight_scales, *residual_saved, *delayed_saved,
                               transform if transform is not None else None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -179,9 +182,9 @@ class QuantLinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = pad_rows(dy.reshape(-1, dy.shape[-1]), recipe.token_multiple)
             dy_amax = None          # current scaling: reduced inside quantize
-            if ctx.scaling == "delayed":
+            if ctx.dy_mode == "delayed":
                 dy_amax = given_amax[1]
-            elif ctx.scaling == "record":
+            elif ctx.dy_mode == "record":
                 dy_amax = reduce_amax(dy2.float().abs().amax(), recipe.dy)
             quantize_dy, quantize_dyt = want_dx and quantized["dgrad"], want_dw and quantized["wgrad"]
             stochastic = recipe.stochastic_rounding      # each quantization of dy draws its own uniform noise
@@ -226,12 +229,12 @@ class QuantLinearFunction(torch.autograd.Function):
                 probe("backward", tuple(weight.shape), dy=dy2, dy_scale=None if dyq is None else dyq.scale,
                       dyt_scale=None if dytq is None else dytq.scale, dx=dx, dw=dw)
         # delayed scaling's record: the (x, dy) amaxes leave as the gradient of `sink` (summed into its leaf)
-        dsink = torch.stack([recorded_x_amax, dy_amax]) if ctx.scaling == "record" else None
+        dsink = torch.stack([recorded_x_amax, dy_amax]) if ctx.dy_mode == "record" else None
         return (dx, dw, db, None, None, None, None, dsink, None) + (None,) * ctx.occ_inputs
 
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias, recipe: Recipe, hadamard_signs,
-                 weight_cache=None, delayed: tuple = (None, None, "current")) -> torch.Tensor:
+                 weight_cache=None, delayed: tuple = (None, None, ("current", "current"))) -> torch.Tensor:
     """QuantLinearFunction; with OCC, its clamp and residual are computed first (lowbit.precision.methods).
     recipe.occ_product="dense" (the default): the residual is a full matrix and its products GEMMs, static shapes,
     so torch.compile keeps the layer in one graph; "fp8": the same, its products in FP8 (the residual rounded to E4M3
@@ -251,8 +254,8 @@ def occ_linear(x, weight, bias, recipe: Recipe, hadamard_signs, weight_cache=Non
     product = "dense" if recipe.occ_product == "fp8" else recipe.occ_product      # fp8: a full residual matrix too
     clamped, residual = clamp_outliers(x.detach().reshape(-1, x.shape[-1]), recipe.occ_quantile, recipe.outlier_group,
                                        product=product, scope=recipe.occ_scope)
-    return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, weight_cache, None, None, "current",
-                                     clamped, *residual.tensors())
+    return QuantLinearFunction.apply(x, weight, bias, recipe, hadamard_signs, weight_cache, None, None,
+                                     ("current", "current"), clamped, *residual.tensors())
 
 
 _occ_linear_eager = torch.compiler.disable(occ_linear)

@@ -72,9 +72,11 @@ def test_replaying_the_recorded_micro_batch_delayed_equals_current_scaling_bit_f
         assert torch.equal(p.grad, q.grad)
 
 
-def test_delayed_micro_batch_scales_by_the_history_maximum_as_float64_says():
+@pytest.mark.parametrize("operands", [("x", "dy"), ("x",), ("dy",)])
+def test_delayed_micro_batch_scales_by_the_history_maximum_as_float64_says(operands):
+    """precision.delayed_operands: the operands named scale by the history's amax, the others by their own."""
     model = two_layers()
-    state = install(model, length=3)
+    state = install(model, length=3, delayed_operands=operands)
     generator = torch.Generator().manual_seed(2)
     step(model, torch.randn(20, 48, generator=generator))           # records
     step(model, 3 * torch.randn(20, 48, generator=generator))       # delayed (no optimizer step between)
@@ -91,9 +93,11 @@ def test_delayed_micro_batch_scales_by_the_history_maximum_as_float64_says():
     dy = torch.randn_like(y)
     y.backward(dy)
     w64 = fake_quantize64(layer.weight.detach(), layer.weight.detach().abs().amax())
-    x64 = fake_quantize64(x.detach(), amax[0])
-    assert (x.detach().abs() * (E4M3.max / amax[0]) > E4M3.max).any()       # some inputs saturate
-    dy64 = fake_quantize64(dy, amax[1])
+    x_amax = amax[0] if "x" in operands else x.detach().abs().amax()
+    dy_amax = amax[1] if "dy" in operands else dy.abs().amax()
+    x64 = fake_quantize64(x.detach(), x_amax)
+    assert (x.detach().abs() * (E4M3.max / amax[0]) > E4M3.max).any()       # some inputs would saturate
+    dy64 = fake_quantize64(dy, dy_amax)
     want_y = x64 @ w64.t() + layer.bias.double()
     torch.testing.assert_close(y.double(), want_y, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(x.grad.double(), dy64 @ w64, rtol=1e-3, atol=1e-4)
@@ -171,6 +175,8 @@ def test_bad_settings_are_refused_or_fall_back_with_a_warning(caplog):
         install(rowwise, 16)
     with pytest.raises(ValueError, match=r"precision.amax_history=0"):
         install(two_layers(), 0)
+    with pytest.raises(ValueError, match=r"precision.delayed_operands=\['w'\]: name one or both of \['x', 'dy'\]"):
+        install(two_layers(), 16, delayed_operands=("w",))
     assert find(two_layers()) is None
 
 
