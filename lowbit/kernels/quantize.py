@@ -78,8 +78,8 @@ def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None =
     torch.rand's. The row kernel has no stochastic rounding: those operands take the PyTorch path.
     tensor_amax: max |x| (float32 [1]) if the caller has it (the Hadamard kernel's): the NVFP4 block kernel then
     skips its own amax pass; every other path computes it (the same value).
-    amax: a tensorwise scale's amax given, not reduced from x (delayed scaling): the PyTorch path, whose cast
-    torch.compile fuses into x's producer."""
+    amax: a tensorwise scale's amax given, not reduced from x (delayed scaling): the whole tensor's, already reduced
+    over tensor-parallel shards; the PyTorch path, whose cast torch.compile fuses into x's producer."""
     kernel = _triton(x, quantizer, None) if amax is None else None
     blocks = kernel is not None and triton_kind(x, quantizer) == "blocks"
     given = dict(tensor_amax=tensor_amax) if blocks and tensor_amax is not None else {}
