@@ -19,7 +19,9 @@ RUNS = {"bf16": "bf16", "fp8_rowwise": "fp8 rowwise", "fp4_dge_occ": "fp4 vector
         "fp8_tensorwise_fwd": "fp8 tensorwise, forward GEMM only",
         "fp8_tensorwise_bwd": "fp8 tensorwise, backward GEMMs only", "bf16_seed7": "bf16, seed 7",
         "fp8_tensorwise_seed7": "fp8 tensorwise, seed 7", "fp4_dge_occ_seed7": "fp4 vectorwise + DGE + OCC, seed 7",
-        "fp4_dge_occ_fp8": "fp4 vectorwise + DGE + OCC, FP8 compensation"}
+        "fp4_dge_occ_fp8": "fp4 vectorwise + DGE + OCC, FP8 compensation",
+        "fp8_tensorwise_delayed": "fp8 tensorwise, delayed scaling (x, dy)",
+        "fp8_tensorwise_delayed_dy": "fp8 tensorwise, delayed scaling (dy only)"}
 BARS = {"fp8_rowwise": 0.01, "fp4_dge_occ": 0.03}
 
 
