@@ -74,7 +74,8 @@ class PrecisionConfig:
                                     # faster than prescale on an H200, docs/RESULTS.md), cublas for other recipes
     high_precision: list[str] = field(default_factory=list)   # GEMMs left in the compute dtype, as nn.Linear runs
                                     # them: any of forward | dgrad | wgrad (e.g. [wgrad]: torchao's rowwise_with_gw_hp)
-    stats_every: int = 0            # log per-layer quantization statistics every N steps (0 = off)
+    stats_every: int = 0            # log per-layer quantization statistics every N steps (0 = off); with
+                                    # delayed scaling also the amax overshoot (lowbit/precision/delayed.py)
     cache_weights: bool = False     # quantize each weight once per optimizer step, not once per micro-batch (keeps
                                     # W_q and W^T_q: 2 bytes per parameter for fp8; lowbit/precision/weight_cache.py)
     scaling: str = "current"        # fp8_tensorwise's activation and gradient scales: current (each tensor's own amax,

@@ -25,6 +25,8 @@ Weights keep current scaling (precision.cache_weights quantizes them once per st
 step every micro-batch records, which is current scaling; the saving grows with gradient accumulation (1 of 8
 micro-batches records in `+exp=fp8_llama`). Evaluation before the first record scales by the current amax.
 The history is part of the trainer's checkpoint (`state_dict`), so a resumed run scales exactly as an unbroken one.
+With `precision.stats_every=N` the trainer also logs how often a record went past the amax that the micro-batches
+before it scaled by (`overshoot`): such a record means those casts saturated.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class DelayedScaling:
         self.layers, self.length, self.margin = layers, length, margin
         self.delayed_modes = tuple("delayed" if o in delayed_operands else "current" for o in OPERANDS)
         self.history = self.amax = self.sinks = None     # allocated on the layers' device at the first forward
+        self.over = None            # since the last overshoot(): [3, 2] records compared, records above, largest ratio
         self.slot = 0               # records folded in so far (the ring's next slot is slot % length)
         self.stepped = True         # an optimizer step happened since the last training forward (or none yet)
         self.mode = "current"
@@ -82,6 +85,7 @@ class DelayedScaling:
     def _allocate(self, device: torch.device) -> None:
         rows = len(self.layers)
         self.history = torch.zeros(rows, 2, self.length, device=device)
+        self.over = torch.zeros(3, 2, device=device)
         self.amax = torch.zeros(rows, 2, device=device)
         self.sinks = [torch.zeros(2, device=device, requires_grad=True) for _ in range(rows)]
         for index, layer in enumerate(self.layers):
@@ -105,10 +109,38 @@ class DelayedScaling:
             record = torch.where(torch.isnan(record), torch.full_like(record, float("inf")), record)
             dist.all_reduce(record, op=dist.ReduceOp.MAX)
         finite = torch.isfinite(record).all(dim=1, keepdim=True)      # an overflowed step's layer keeps its history
+        if self.slot:
+            self._compare(record, finite)
         previous = self.history[:, :, (self.slot - 1) % self.length] if self.slot else self.amax
         self.history[:, :, self.slot % self.length] = torch.where(finite, record, previous)
         self.slot += 1
         self.amax.copy_(self.history.amax(dim=2) * 2.0 ** self.margin)
+
+    def _compare(self, record: torch.Tensor, finite: torch.Tensor) -> None:
+        """Add a record [layers, 2] to the overshoot tally: each finite record against the amax it joins (what the
+        delayed micro-batches before it scaled by, the margin included); on the device, no host sync."""
+        ratio = record / self.amax.clamp_min(torch.finfo(torch.float32).tiny)
+        valid = finite & (self.amax > 0)
+        self.over[0] += valid.sum(dim=0)
+        self.over[1] += (valid & (ratio > 1)).sum(dim=0)
+        self.over[2] = torch.maximum(self.over[2], torch.where(valid, ratio, 0).amax(dim=0))
+
+    def overshoot(self) -> dict[str, float]:
+        """Since the last call, per operand (x, dy): `overshoot_share`, the share of records above the amax that the
+        delayed micro-batches before them had scaled by, and `overshoot_max`, the largest record / that amax. A
+        record is the first micro-batch of a step, drawn as the others are, so the share estimates how many delayed
+        casts saturate and the ratio by how much (E4M3 clips values beyond 448 x scale). Reads the device: call it
+        at a logging interval. Resets the tally."""
+        if self.over is None or not self.over[0].any():
+            return {}
+        compared, above, largest = self.over.tolist()
+        self.over.zero_()
+        out = {}
+        for index, name in enumerate(OPERANDS):
+            if compared[index]:
+                out[f"delayed/{name}/overshoot_share"] = above[index] / compared[index]
+                out[f"delayed/{name}/overshoot_max"] = largest[index]
+        return out
 
     def __call__(self, module: nn.Module, _args) -> None:
         """Forward pre-hook of the model: fold a pending record, then set the mode of this forward."""

@@ -43,11 +43,16 @@ def record(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, recipe) -> N
 
 
 def collect(model: nn.Module) -> dict[str, float]:
-    """{'quant/<layer>/<x|w>/<stat>': value} of every QuantLinear; re-arms them for the next forward."""
+    """{'quant/<layer>/<x|w>/<stat>': value} of every QuantLinear, and under delayed scaling
+    {'quant/delayed/<x|dy>/overshoot_<share|max>': value} since the last call; re-arms the layers for the next forward."""
+    from lowbit.precision.delayed import find
     from lowbit.precision.linear import QuantLinear
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             out.update({f"quant/{module.layer_name or name}/{k}": v for k, v in module.last_stats.items()})
             module.stats_armed = True
+    delayed = find(model)
+    if delayed is not None:
+        out.update({f"quant/{k}": v for k, v in delayed.overshoot().items()})
     return out

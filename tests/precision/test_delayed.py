@@ -152,6 +152,33 @@ def test_a_non_finite_record_keeps_the_layers_last_amax():
     assert torch.equal(state.history[0, :, 1], torch.tensor([2.0, 3.0]))
 
 
+def test_overshoot_counts_records_above_the_amax_the_delayed_micro_batches_used():
+    """Steps at one input, then one at 3x it: each record is compared with the amax it joins, in float64."""
+    model = two_layers()
+    state = install(model, length=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)        # weights fixed: equal inputs record equal amaxes
+    x = torch.randn(16, 48, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):
+        step(model, x)                           # records
+        step(model, x)                           # delayed (its pre-hook folds the record)
+        optimizer.step()
+        optimizer.zero_grad()
+    flat = {f"delayed/{name}/overshoot_{stat}": value for name in ("x", "dy")
+            for stat, value in (("share", 0.0), ("max", 1.0))}
+    assert state.overshoot() == flat             # the second record equals the first; the first had nothing before it
+    step(model, 3 * x)
+    used = state.amax.double().clone()
+    record = torch.stack([sink.grad for sink in state.sinks]).double()
+    step(model, 3 * x)
+    got = state.overshoot()
+    ratio = record / used
+    for index, name in enumerate(("x", "dy")):
+        assert got[f"delayed/{name}/overshoot_share"] == (ratio[:, index] > 1).double().mean().item()
+        assert abs(got[f"delayed/{name}/overshoot_max"] - ratio[:, index].max().item()) < 1e-6
+    assert got["delayed/x/overshoot_share"] == 1.0 and abs(got["delayed/x/overshoot_max"] - 3.0) < 1e-6
+    assert state.overshoot() == {}               # read and reset
+
+
 def test_bad_settings_are_refused_or_fall_back_with_a_warning(caplog):
     with pytest.raises(ValueError, match=r"precision.scaling='sometimes': use one of \['current', 'delayed'\]"):
         check_parallel(PrecisionConfig(scaling="sometimes"), ParallelConfig())
@@ -223,7 +250,8 @@ def test_two_process_ddp_folds_the_maximum_over_ranks_and_trains(tmp_path):
 
     common = TINY + ["precision=fp8_tensorwise", "precision.scaling=delayed", "trainer.max_steps=4",
                      "trainer.global_batch_size=8",         # 2 micro-batches per rank: one records, one is delayed
-                     "trainer.export=false", "trainer.save_every=0", "trainer.eval_batches=0"]
+                     "trainer.export=false", "trainer.save_every=0", "trainer.eval_batches=0",
+                     "precision.stats_every=2"]
     torchrun(common + [f"run_dir={tmp_path / 'ddp'}"], nproc=2)
     torchrun(common + [f"run_dir={tmp_path / 'single'}"], nproc=1)
     ddp, single = losses(tmp_path / "ddp"), losses(tmp_path / "single")
@@ -231,6 +259,11 @@ def test_two_process_ddp_folds_the_maximum_over_ranks_and_trains(tmp_path):
     assert all(abs(ddp[s] - single[s]) < 0.02 * single[s] for s in ddp), (ddp, single)
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
     assert state["amax_history"]["slot"] == 4 and bool((state["amax_history"]["history"][:, :, :4] > 0).all())
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "quant/delayed/dy/overshoot_share" in r]     # the statistics' interval: steps 2, 4
+    assert [r["step"] for r in logged] == [2, 4], rows
+    assert all(0 <= r[f"quant/delayed/{o}/overshoot_share"] <= 1 and r[f"quant/delayed/{o}/overshoot_max"] > 0
+               for r in logged for o in ("x", "dy"))
 
 
 @pytest.mark.slow
