@@ -51,6 +51,8 @@
 #   bench/device_pending.sh delayed   bf16 / fp8_llama with current scaling / fp8_llama (delayed scaling) end to end
 #   bench/device_pending.sh delayed_fsdp2   the same on 2 GPUs under FSDP2 (kind nvidia-h200-x2)
 #   bench/device_pending.sh delayed_dy      and with precision.delayed_operands=[dy] (output gradients only)
+#   bench/device_pending.sh overshoot       delayed scaling's overshoot statistic (precision.stats_every) on the GPU
+#                                     convergence protocol: SmolLM2-135M architecture, 4 micro-batches of 8 x 2048, 120 steps
 #   bench/device_pending.sh breakdown     bf16 / fp8_llama / fp4_llama, one profiled step each: kernel time by kind and
 #                                     the GPU's idle gaps (bench/trace_breakdown.py over the Chrome traces)
 #   bench/device_pending.sh cache_graph   the weight cache's refresh as one CUDA graph: GPU test (== eager bit for
@@ -197,6 +199,19 @@ case "${1:-}" in
       --variant "fp8=+exp=fp8_llama $data precision.scaling=current" --variant "fp8_delayed=+exp=fp8_llama $data" \
       --variant "fp8_delayed_dy=+exp=fp8_llama $data precision.delayed_operands=[dy]" \
       2>&1 | grep -v Warning | tee "$OUT/delayed_dy.log" ;;
+  overshoot)
+    # how often, and by how much, a record exceeds the amax that the delayed micro-batches before it scaled by, with
+    # micro-batches of 16,384 tokens (on CPU's 1,024- and 4,096-token ones: activations 6-49% of records, by <= 8%
+    # after step 30; gradients 0.4-21%, by up to 2-6x); eager, so the statistics' extra forward pass needs no recompile
+    timeout 400 python3 train.py model=smollm2_135m_scratch $data data.seq_len=2048 trainer.global_batch_size=32 \
+      trainer.micro_batch_size=8 trainer.max_steps=120 trainer.eval_every=-1 trainer.eval_at_start=false \
+      precision=fp8_tensorwise precision.scaling=delayed precision.stats_every=10 optim.lr=2e-3 optim.warmup_steps=50 \
+      model.compile=false trainer.save_every=-1 trainer.export=false run_dir=$OUT/overshoot > "$OUT/overshoot.log" 2>&1
+    python3 -c "
+import json
+for r in map(json.loads, open('$OUT/overshoot/metrics.jsonl')):
+    if 'quant/delayed/x/overshoot_share' in r:
+        print(r['step'], {k[14:]: round(v, 3) for k, v in r.items() if 'overshoot' in k})" | tee "$OUT/overshoot.txt" ;;
   delayed_fsdp2)
     # kind nvidia-h200-x2: delayed scaling under FSDP2 (dp_shard=2; kept there since 2026-12-05, the weight cache is
     # not), against bf16 and current scaling under the same layout; global batch 2 x 8 micro-batches of 2 x 4096
