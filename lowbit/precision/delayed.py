@@ -199,20 +199,19 @@ def find(model: nn.Module) -> DelayedScaling | None:
 def check_parallel(precision_cfg, parallel_cfg) -> None:
     """Before the model loads: refuse an unknown `precision.scaling`; fall back to current scaling, with one warning,
     where delayed scaling does not apply -- recipes whose scales are not one per tensor (rowwise and block scales are
-    reduced in the cast's own pass) and DeepSpeed (its engine runs the backward and the optimizer step) -- so a preset
-    that uses it (`+exp=fp8_llama`) still runs with `precision=fp8_rowwise` or `parallel=zero2`, as
-    precision.cache_weights does. DDP, FSDP2, Ulysses and tensor parallelism keep it: a record takes the maximum over
-    a layer's TP shards as current scaling does, and the fold the maximum over all ranks."""
+    reduced in the cast's own pass) -- so a preset that uses it (`+exp=fp8_llama`) still runs with
+    `precision=fp8_rowwise`, as precision.cache_weights does. DDP, FSDP2, Ulysses, tensor parallelism and DeepSpeed
+    ZeRO keep it: a record takes the maximum over a layer's TP shards as current scaling does, and the fold the
+    maximum over all ranks. Under DeepSpeed the engine steps the wrapped torch optimizer at the accumulation
+    boundary, whose step hook marks the next micro-batch as a recording one, as without it. (`parallel_cfg`: the
+    signature of the other layout checks, lowbit.precision.weight_cache.check_parallel; every layout keeps it.)"""
     scaling = getattr(precision_cfg, "scaling", "current")
     if scaling not in SCALINGS:
         raise ValueError(f"precision.scaling={scaling!r}: use one of {list(SCALINGS)}")
     if scaling != "delayed":
         return
     check_operands(list(getattr(precision_cfg, "delayed_operands", OPERANDS)))
-    reasons = [f"precision={precision_cfg.recipe} (delayed scaling is for fp8_tensorwise's one scale per tensor)"] \
-        if precision_cfg.recipe != "fp8_tensorwise" else []
-    if parallel_cfg.data_parallel == "deepspeed":
-        reasons.append("parallel.data_parallel=deepspeed (not supported there; DDP, FSDP2, Ulysses and TP are)")
-    if reasons:
-        log.warning("precision.scaling=delayed is switched to current scaling: %s", "; ".join(reasons))
+    if precision_cfg.recipe != "fp8_tensorwise":
+        log.warning("precision.scaling=delayed is switched to current scaling: precision=%s (delayed scaling is for "
+                    "fp8_tensorwise's one scale per tensor)", precision_cfg.recipe)
         precision_cfg.scaling = "current"

@@ -184,18 +184,14 @@ def test_bad_settings_are_refused_or_fall_back_with_a_warning(caplog):
         check_parallel(PrecisionConfig(scaling="sometimes"), ParallelConfig())
     cfg = PrecisionConfig(recipe="fp8_tensorwise", scaling="delayed")
     for parallel in (ParallelConfig(), ParallelConfig(tp=2, sp=True), ParallelConfig(dp_shard=2),
-                     ParallelConfig(ulysses=2)):      # one process, DDP, TP, FSDP2, Ulysses: kept
-        check_parallel(cfg, parallel)
+                     ParallelConfig(ulysses=2), ParallelConfig(data_parallel="deepspeed", zero_stage=3)):
+        check_parallel(cfg, parallel)       # one process, DDP, TP, FSDP2, Ulysses, DeepSpeed: kept
         assert cfg.scaling == "delayed"
-    for precision, parallel, key in (
-            ("fp8_tensorwise", ParallelConfig(data_parallel="deepspeed"), "parallel.data_parallel=deepspeed"),
-            ("fp8_rowwise", ParallelConfig(), "precision=fp8_rowwise")):
-        cfg = PrecisionConfig(recipe=precision, scaling="delayed")
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="lowbit"):
-            check_parallel(cfg, parallel)
-        assert cfg.scaling == "current"
-        assert f"precision.scaling=delayed is switched to current scaling: {key}" in caplog.text
+    cfg = PrecisionConfig(recipe="fp8_rowwise", scaling="delayed")
+    with caplog.at_level("WARNING", logger="lowbit"):
+        check_parallel(cfg, ParallelConfig())
+    assert cfg.scaling == "current"
+    assert "precision.scaling=delayed is switched to current scaling: precision=fp8_rowwise" in caplog.text
     recipe = build_recipe(PrecisionConfig(recipe="fp8_rowwise"))
     rowwise = nn.Sequential(QuantLinear.from_linear(nn.Linear(32, 32), recipe, name="l"))
     with pytest.raises(ValueError, match=r"works with precision=fp8_tensorwise .* not fp8_rowwise"):
@@ -242,10 +238,11 @@ def test_trainer_trains_compiles_once_per_mode_and_resumes_bit_for_bit(tiny_over
 
 
 @pytest.mark.slow
-def test_two_process_ddp_folds_the_maximum_over_ranks_and_trains(tmp_path):
+def test_two_process_ddp_and_deepspeed_fold_the_maximum_over_ranks_and_train(tmp_path):
     """Under DDP every rank records its own micro-batch and the fold takes the maximum over ranks (one all-reduce per
     step): the run trains like one process (not bit for bit: the recorded micro-batches differ) and saves the
-    history."""
+    history. DeepSpeed ZeRO-2 and ZeRO-3 alike: the engine's optimizer step marks the next micro-batch as recording,
+    so 4 steps fold exactly 4 records (a hook that never fired would fold 1, one firing per micro-batch 8)."""
     from tests.conftest import TINY, torchrun
 
     common = TINY + ["precision=fp8_tensorwise", "precision.scaling=delayed", "trainer.max_steps=4",
@@ -264,6 +261,15 @@ def test_two_process_ddp_folds_the_maximum_over_ranks_and_trains(tmp_path):
     assert [r["step"] for r in logged] == [2, 4], rows
     assert all(0 <= r[f"quant/delayed/{o}/overshoot_share"] <= 1 and r[f"quant/delayed/{o}/overshoot_max"] > 0
                for r in logged for o in ("x", "dy"))
+    pytest.importorskip("deepspeed")
+    for stage in ("zero2", "zero3"):
+        result = torchrun(common + [f"parallel={stage}", f"run_dir={tmp_path / stage}"], nproc=2)
+        assert "switched to current scaling" not in result.stdout + result.stderr
+        engine = losses(tmp_path / stage)
+        assert sorted(engine) == [1, 2, 3, 4]
+        assert all(abs(engine[s] - single[s]) < 0.02 * single[s] for s in engine), (stage, engine, single)
+        state = torch.load(tmp_path / stage / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
+        assert state["amax_history"]["slot"] == 4, stage
 
 
 @pytest.mark.slow
