@@ -201,8 +201,8 @@ case "${1:-}" in
       2>&1 | grep -v Warning | tee "$OUT/delayed_dy.log" ;;
   overshoot)
     # how often, and by how much, a record exceeds the amax that the delayed micro-batches before it scaled by, with
-    # micro-batches of 16,384 tokens (on CPU's 1,024- and 4,096-token ones: activations 6-49% of records, by <= 8%
-    # after step 30; gradients 0.4-21%, by up to 2-6x); eager, so the statistics' extra forward pass needs no recompile
+    # micro-batches of 16,384 tokens (on CPU's 1,024- and 4,096-token ones: activations 6-49% of records, by <= 16%
+    # from step 30 on; gradients 0.4-21%, by up to 2-6x); eager, so the statistics' extra forward pass needs no recompile
     timeout 400 python3 train.py model=smollm2_135m_scratch $data data.seq_len=2048 trainer.global_batch_size=32 \
       trainer.micro_batch_size=8 trainer.max_steps=120 trainer.eval_every=-1 trainer.eval_at_start=false \
       precision=fp8_tensorwise precision.scaling=delayed precision.stats_every=10 optim.lr=2e-3 optim.warmup_steps=50 \
