@@ -253,7 +253,7 @@ def test_two_process_ddp_and_deepspeed_fold_the_maximum_over_ranks_and_train(tmp
     torchrun(common + [f"run_dir={tmp_path / 'single'}"], nproc=1)
     ddp, single = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     assert sorted(ddp) == sorted(single) == [1, 2, 3, 4]
-    assert all(abs(ddp[s] - single[s]) < 0.02 * single[s] for s in ddp), (ddp, single)
+    assert all(abs(ddp[s] - single[s]) < 1e-3 * single[s] for s in ddp), (ddp, single)     # measured: 1.2e-4
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
     assert state["amax_history"]["slot"] == 4 and bool((state["amax_history"]["history"][:, :, :4] > 0).all())
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
@@ -267,7 +267,7 @@ def test_two_process_ddp_and_deepspeed_fold_the_maximum_over_ranks_and_train(tmp
         assert "switched to current scaling" not in result.stdout + result.stderr
         engine = losses(tmp_path / stage)
         assert sorted(engine) == [1, 2, 3, 4]
-        assert all(abs(engine[s] - single[s]) < 0.02 * single[s] for s in engine), (stage, engine, single)
+        assert all(abs(engine[s] - single[s]) < 1e-3 * single[s] for s in engine), (stage, engine, single)
         state = torch.load(tmp_path / stage / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
         assert state["amax_history"]["slot"] == 4, stage
 
