@@ -590,3 +590,69 @@ def test_fp4_block_recipes_with_hadamard_on_gpu_equal_float64(name, size):
     recipe = build_recipe(precision_cfg(name, hadamard=True, hadamard_size=size))
     errors = layer_against_float64(recipe, "cuda")
     assert max(errors.values()) < 1e-3, errors
+
+
+@pytest.mark.parametrize("name,overrides", [("fp8_tensorwise", {}), ("fp4_vectorwise", {"dge": True, "occ": True})])
+def test_compiled_linears_that_share_an_input_quantize_it_once(name, overrides):
+    """q, k and v read the same normalised hidden states. Compiled as the trainer compiles a decoder layer (AOTAutograd
+    with Inductor's partitioner, whose common-subexpression pass merges identical nodes), the input's amaxes, and with
+    OCC its quantile (a top-k), are computed as often for the three layers as for q alone, and the result equals eager
+    bit for bit. The weights keep one amax each."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    recipe = build_recipe(precision_cfg(name, **overrides))
+
+    class Projections(torch.nn.Module):
+        def __init__(self, names):
+            super().__init__()
+            torch.manual_seed(0)
+            self.names = names
+            for p, n in (("q", 64), ("k", 32), ("v", 32))[:len(names)]:
+                setattr(self, p, QuantLinear.from_linear(torch.nn.Linear(64, n), recipe, name=p))
+
+        def forward(self, h):
+            h = torch.nn.functional.rms_norm(h, (64,))
+            return sum(getattr(self, p)(h).square().sum() for p in self.names)
+
+    def placeholders(node, seen):
+        """The graph inputs a node is computed from."""
+        if node.op == "placeholder":
+            return {node}
+        out = set()
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                out |= placeholders(arg, seen)
+        return out
+
+    def counts(names):
+        """(amaxes of the input in the compiled forward, amaxes and top-ks in forward and backward together);
+        checks compiled == eager."""
+        found = []
+
+        def backend(gm, inputs):
+            def keep(graph_module, _):
+                found.append(graph_module.graph)
+                return graph_module
+            return aot_module_simplified(gm, inputs, fw_compiler=keep, bw_compiler=keep,
+                                         partition_fn=min_cut_rematerialization_partition)
+
+        module = Projections(names)
+        h = torch.randn(2, 20, 64) * torch.logspace(-1, 1, 64)
+        module(h).backward()
+        eager_grads = [p.grad.clone() for p in module.parameters()]
+        module.zero_grad()
+        torch._dynamo.reset()
+        torch.compile(module, backend=backend)(h).backward()
+        assert all(torch.equal(p.grad, g) for p, g in zip(module.parameters(), eager_grads))
+        forward, backward = ([n for n in graph.nodes if n.op == "call_function"] for graph in found)
+        x_input = [n for n in found[0].nodes if n.op == "placeholder" and tuple(n.meta["val"].shape) == (2, 20, 64)][0]
+        from_x = sum(n.target == torch.ops.aten.amax.default and x_input in placeholders(n, set()) for n in forward)
+        return (from_x, sum(n.target == torch.ops.aten.amax.default for n in forward + backward),
+                sum(n.target == torch.ops.aten.topk.default for n in forward + backward))
+
+    (x_amaxes, amaxes, topks), three = counts("q"), counts("qkv")
+    assert x_amaxes >= 1 and topks == (1 if recipe.occ else 0)
+    # k and v add their weights' and output gradients' amaxes, and nothing for the input they share with q
+    assert three[1:] == (3 * amaxes - 2 * x_amaxes, topks), ((x_amaxes, amaxes, topks), three)
