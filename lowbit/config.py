@@ -187,6 +187,9 @@ class ParallelConfig:
     sp: bool = False                # Megatron sequence parallelism for norms/residuals between TP regions (needs tp>1)
     ulysses: int = 1                # DeepSpeed-Ulysses degree: sequence shards, all-to-all to head shards around attention
     dp_shard: int = 1               # >1: FSDP2 (fully_shard) over this many data-parallel ranks (= world / (tp x ulysses)), and their Ulysses ranks; with tp>1 FSDP2 is used whenever there are other ranks
+    fsdp_param_dtype: str = "float32"   # FSDP2: dtype parameters are all-gathered in and layers compute with (float32 | bfloat16: half the all-gather bytes and unsharded memory; master weights, optimizer state and checkpoints stay float32)
+    fsdp_reduce_dtype: str = "float32"  # FSDP2: dtype gradients are reduce-scattered in (float32 | bfloat16)
+    fsdp_reshard_after_forward: bool = True   # FSDP2: free each layer's gathered parameters after its forward and gather them again for its backward (false: keep them, one all-gather less per layer and micro-batch, more memory)
     zero_stage: int = 2             # DeepSpeed ZeRO stage 1 | 2 | 3 (data_parallel=deepspeed)
     offload_optimizer: bool = False # DeepSpeed: optimizer states and step on the CPU
     deepspeed_config: str = ""      # path to a user DeepSpeed JSON; replaces the config generated from these fields

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -27,10 +27,21 @@ def synchronize_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
             dist.broadcast(tensor.to_local() if isinstance(tensor, DTensor) else tensor.data, src=source, group=group)
 
 
-def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
+def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float32", reduce_dtype: str = "float32",
+                reshard_after_forward: bool = True) -> nn.Module:
     """Shard `model` in place over the 1-D `dp_mesh` (its replicas first made equal); returns the same
-    (now FSDP) module."""
+    (now FSDP) module.
+
+    param_dtype / reduce_dtype (parallel.fsdp_param_dtype / fsdp_reduce_dtype): FSDP2's mixed precision. With
+    bfloat16 parameters each unit all-gathers its shards cast to bfloat16 and computes with them (also casting its
+    floating-point inputs), as torchtitan's default does; the sharded float32 parameters, their gradients (reduced in
+    reduce_dtype, accumulated in float32) and the optimizer never leave float32. float32 for both (the default) is
+    the plain FSDP2 of one process's math."""
     synchronize_replicas(model, dp_mesh)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    options = {"reshard_after_forward": reshard_after_forward}
+    if (param_dtype, reduce_dtype) != ("float32", "float32"):
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtypes[param_dtype], reduce_dtype=dtypes[reduce_dtype])
     # Modules trained by a loss that bypasses the model's output (SeerAttention gates) average their own
     # gradients: FSDP2 reduces a unit's gradients in a hook on the unit's forward inputs, which their
     # backward never reaches (measured: their gradients stayed None and the gates never moved).
@@ -42,6 +53,6 @@ def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     layers = getattr(getattr(inner, "model", None), "layers", None)
     if layers is not None:
         for layer in layers:
-            fully_shard(layer, mesh=dp_mesh, ignored_params=ignored)
-    fully_shard(model, mesh=dp_mesh, ignored_params=ignored)
+            fully_shard(layer, mesh=dp_mesh, ignored_params=ignored, **options)
+    fully_shard(model, mesh=dp_mesh, ignored_params=ignored, **options)
     return model

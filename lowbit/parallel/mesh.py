@@ -63,7 +63,25 @@ def layout_for(cfg: ParallelConfig, world_size: int) -> Layout:
             raise ValueError(f"parallel.data_parallel=deepspeed runs ZeRO over all ranks; set parallel.tp=1, "
                              f"parallel.ulysses=1 and parallel.dp_shard=1 (got {cfg.tp}, {cfg.ulysses}, {cfg.dp_shard})")
     fsdp = cfg.dp_shard > 1 or (cfg.tp > 1 and dp * cfg.ulysses > 1)
+    check_fsdp_options(cfg, fsdp)
     return Layout(dp=dp, ulysses=cfg.ulysses, tp=cfg.tp, fsdp=fsdp)
+
+
+FSDP_DTYPES = ("float32", "bfloat16")
+FSDP_DEFAULTS = {"fsdp_param_dtype": "float32", "fsdp_reduce_dtype": "float32", "fsdp_reshard_after_forward": True}
+
+
+def check_fsdp_options(cfg: ParallelConfig, fsdp: bool) -> None:
+    """The FSDP2 options: known dtypes, and set only where FSDP2 runs (elsewhere they would do nothing)."""
+    for key in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+        if getattr(cfg, key) not in FSDP_DTYPES:
+            raise ValueError(f"parallel.{key}={getattr(cfg, key)!r} is not supported; use one of {list(FSDP_DTYPES)}")
+    changed = [f"parallel.{key}={getattr(cfg, key)}" for key, default in FSDP_DEFAULTS.items()
+               if getattr(cfg, key) != default]
+    if changed and not fsdp:
+        raise ValueError(f"{', '.join(changed)}: options of FSDP2, which this layout does not use (FSDP2 runs with "
+                         f"parallel.dp_shard>1, or parallel.tp>1 beside other ranks); set parallel.dp_shard to the "
+                         f"data-parallel degree or drop the option")
 
 
 def check_model(model_config, cfg: ParallelConfig, seq_len: int) -> None:

@@ -33,10 +33,23 @@ def test_layout_splits_world_into_dp_ulysses_tp():
     (ParallelConfig(dp_shard=4), 2, "set parallel.dp_shard=2"),
     (ParallelConfig(sp=True), 2, "needs parallel.tp>1"),
     (ParallelConfig(data_parallel="zero"), 2, "'zero' is not known"),
+    (ParallelConfig(dp_shard=2, fsdp_param_dtype="float16"), 2, r"fsdp_param_dtype='float16' is not supported; use "
+                                                                r"one of \['float32', 'bfloat16'\]"),
+    (ParallelConfig(dp_shard=2, fsdp_reduce_dtype="fp32"), 2, "fsdp_reduce_dtype='fp32' is not supported"),
+    # FSDP2's options where FSDP2 does not run (DDP, one process) would do nothing: refused, not ignored
+    (ParallelConfig(fsdp_param_dtype="bfloat16"), 2, "parallel.fsdp_param_dtype=bfloat16: options of FSDP2, which this "
+                                                    "layout does not use .* set parallel.dp_shard"),
+    (ParallelConfig(fsdp_reshard_after_forward=False), 1, "fsdp_reshard_after_forward=False: options of FSDP2"),
 ])
 def test_bad_mesh_is_refused(cfg, world, message):
     with pytest.raises(ValueError, match=message):
         layout_for(cfg, world)
+
+
+def test_fsdp2_options_pass_where_fsdp2_runs():
+    assert layout_for(ParallelConfig(dp_shard=2, fsdp_param_dtype="bfloat16", fsdp_reduce_dtype="bfloat16",
+                                     fsdp_reshard_after_forward=False), world_size=2).fsdp
+    assert layout_for(ParallelConfig(tp=2, fsdp_param_dtype="bfloat16"), world_size=4).fsdp    # TP x FSDP2
 
 
 def test_deepspeed_missing_is_refused(monkeypatch):
