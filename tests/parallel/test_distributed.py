@@ -31,3 +31,19 @@ def test_tp_sp_and_ulysses_match_one_process_logits_loss_and_gradients():
         assert row.get("history", 0.0) == 0.0, row          # delayed scaling's amaxes: the maxima, exact
         # one operand value carried across a rounding boundary by the all-reduce's order (equivalence_worker.py)
         assert row.get("grad", 0.0) <= (QUANT_RTOL if quantized_model else RTOL), row
+
+
+@pytest.mark.slow
+def test_fsdp2_mixed_precision_equals_one_process_with_rounded_weights_and_gradients():
+    """parallel.fsdp_param_dtype / fsdp_reduce_dtype / fsdp_reshard_after_forward (fsdp_precision_worker.py): each
+    rank's loss and every float32 gradient equal one process's rounded-weights, rounded-gradients computation to 1e-6
+    (measured: exactly), the layers compute in the parameter dtype, and masters and gradients stay float32."""
+    cases = ["bfloat16/float32", "bfloat16/bfloat16", "bfloat16/float32/keep", "float32/float32"]
+    result = run_gloo_workers(ROOT / "tests/parallel/fsdp_precision_worker.py", [",".join(cases)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == cases
+    for row in rows:
+        assert row["loss"] <= 1e-6 and row["gradient"] <= 1e-6, row
+        assert row["compute"] == ["torch." + row["case"].split("/")[0]] and row["master"] == row["grad"] == [
+            "torch.float32"], row
