@@ -6,6 +6,9 @@ TP: the parameters are then 2-D DTensors sharded over ("dp", "tp").
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,7 +31,7 @@ def synchronize_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float32", reduce_dtype: str = "float32",
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, reduce_every_micro_batch: bool = True) -> nn.Module:
     """Shard `model` in place over the 1-D `dp_mesh` (its replicas first made equal); returns the same
     (now FSDP) module.
 
@@ -36,7 +39,11 @@ def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float
     bfloat16 parameters each unit all-gathers its shards cast to bfloat16 and computes with them (also casting its
     floating-point inputs), as torchtitan's default does; the sharded float32 parameters, their gradients (reduced in
     reduce_dtype, accumulated in float32) and the optimizer never leave float32. float32 for both (the default) is
-    the plain FSDP2 of one process's math."""
+    the plain FSDP2 of one process's math.
+
+    reduce_every_micro_batch=False (parallel.fsdp_reduce_every_micro_batch): the model gets DDP's `no_sync()`
+    context, in which FSDP2 accumulates gradients unsharded instead of reduce-scattering them; the trainer runs every
+    micro-batch but the last in it (as it does for DDP)."""
     synchronize_replicas(model, dp_mesh)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     options = {"reshard_after_forward": reshard_after_forward}
@@ -55,4 +62,16 @@ def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float
         for layer in layers:
             fully_shard(layer, mesh=dp_mesh, ignored_params=ignored, **options)
     fully_shard(model, mesh=dp_mesh, ignored_params=ignored, **options)
+    if not reduce_every_micro_batch:
+        model.no_sync = functools.partial(_without_gradient_sync, model)
     return model
+
+
+@contextlib.contextmanager
+def _without_gradient_sync(model):
+    """FSDP2's counterpart of DDP.no_sync: backward passes inside accumulate unsharded gradients."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

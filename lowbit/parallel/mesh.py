@@ -68,7 +68,8 @@ def layout_for(cfg: ParallelConfig, world_size: int) -> Layout:
 
 
 FSDP_DTYPES = ("float32", "bfloat16")
-FSDP_DEFAULTS = {"fsdp_param_dtype": "float32", "fsdp_reduce_dtype": "float32", "fsdp_reshard_after_forward": True}
+FSDP_DEFAULTS = {"fsdp_param_dtype": "float32", "fsdp_reduce_dtype": "float32", "fsdp_reshard_after_forward": True,
+                 "fsdp_reduce_every_micro_batch": True}
 
 
 def check_fsdp_options(cfg: ParallelConfig, fsdp: bool) -> None:

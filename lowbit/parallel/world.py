@@ -106,7 +106,8 @@ def apply(model: nn.Module, world: World, cfg: ParallelConfig) -> nn.Module:
         # Ulysses ranks hold the same parameters as their dp replicas: FSDP2 shards over both axes
         replicas = world.mesh["dp"] if layout.ulysses == 1 else world.mesh["dp", "ulysses"]._flatten("dp_ulysses")
         return apply_fsdp2(model, replicas, param_dtype=cfg.fsdp_param_dtype, reduce_dtype=cfg.fsdp_reduce_dtype,
-                           reshard_after_forward=cfg.fsdp_reshard_after_forward)
+                           reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                           reduce_every_micro_batch=cfg.fsdp_reduce_every_micro_batch)
     if layout is not None and layout.tp > 1:
         return model     # TP alone: no other ranks (with any, layout.fsdp is set)
     device_ids = [world.device.index] if world.device.type == "cuda" else None
