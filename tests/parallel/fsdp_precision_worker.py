@@ -1,16 +1,22 @@
-"""Run under `torchrun --nproc_per_node=2`: FSDP2 with mixed precision (parallel.fsdp_param_dtype /
-fsdp_reduce_dtype / fsdp_reshard_after_forward, lowbit.parallel.fsdp.apply_fsdp2) against one process that does by
-hand what the policy promises: each rank's half of the batch through a copy of the model whose parameters are rounded
-to the parameter dtype (buffers, such as RoPE's frequencies, untouched), its gradients rounded to the reduce dtype,
-summed and halved there, then stored as float32. Prints one JSON line per case on rank 0; exits non-zero on a mismatch.
+"""Run under `torchrun --nproc_per_node=2`: FSDP2 with mixed precision and its other options (parallel.fsdp_param_dtype
+/ fsdp_reduce_dtype / fsdp_reshard_after_forward / fsdp_reduce_every_micro_batch, lowbit.parallel.fsdp.apply_fsdp2)
+against one process that does by hand what the options promise. Each rank takes half of a batch in two micro-batches
+(loss / 2 each, as the trainer scales them); the reference runs every (rank, micro-batch) through a copy of the model
+whose parameters are rounded to the parameter dtype (buffers, such as RoPE's frequencies, untouched), rounds each
+gradient to the reduce dtype, and averages over the ranks there: per micro-batch, summed in float32 (the default), or
+once per step after summing the micro-batches (`accumulate`: no reduce-scatter before the step's last backward).
+Prints one JSON line per case on rank 0; exits non-zero on a mismatch.
 
-usage: fsdp_precision_worker.py CASE[,CASE...]     CASE: PARAM_DTYPE/REDUCE_DTYPE[/keep]   (keep: no reshard after
-forward), e.g. bfloat16/float32,bfloat16/bfloat16/keep,float32/float32
+usage: fsdp_precision_worker.py CASE[,CASE...]     CASE: PARAM_DTYPE/REDUCE_DTYPE[/keep][/accumulate]   (keep: no
+reshard after forward), e.g. bfloat16/float32,bfloat16/bfloat16/keep,float32/float32/accumulate
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
+import operator
 import sys
 
 import torch
@@ -22,19 +28,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RTOL = 1e-6
 
 
-def reference(model, halves, param_dtype, reduce_dtype) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """(each half's loss, the float32 mean gradient of every parameter) computed in one process."""
+def rank_gradients(model, micro_batches, param_dtype, reduce_dtype) -> tuple[list[float], list[dict]]:
+    """One rank's micro-batches in one process: (their losses, each one's gradients in the reduce dtype)."""
     losses, grads = [], []
-    for ids in halves:
-        copy_ = copy.deepcopy(model)
-        for p in copy_.parameters():
+    for ids in micro_batches:
+        rounded = copy.deepcopy(model)
+        for p in rounded.parameters():
             p.data = p.data.to(param_dtype)
-        loss = mean_nll(copy_(input_ids=ids).logits, ids)
-        loss.backward()
+        loss = mean_nll(rounded(input_ids=ids).logits, ids)
+        (loss / len(micro_batches)).backward()
         losses.append(loss.item())
-        grads.append({n: p.grad.to(reduce_dtype) for n, p in copy_.named_parameters()})
-    mean = {n: ((grads[0][n] + grads[1][n]) / 2).float() for n in grads[0]}
-    return losses, mean
+        grads.append({n: p.grad.to(reduce_dtype) for n, p in rounded.named_parameters()})
+    return losses, grads
+
+
+def reference(model, per_rank, param_dtype, reduce_dtype, accumulate: bool) -> tuple[list[float], dict]:
+    """(every rank's micro-batch losses, the float32 gradient FSDP2 should leave on the sharded parameters)."""
+    runs = [rank_gradients(model, micro_batches, param_dtype, reduce_dtype) for micro_batches in per_rank]
+    losses = [loss for rank_losses, _ in runs for loss in rank_losses]
+    names = runs[0][1][0].keys()
+    if accumulate:      # each rank sums its micro-batches (in the reduce dtype), one average over the ranks
+        sums = [{n: functools.reduce(operator.add, [g[n] for g in rank_grads]) for n in names} for _, rank_grads in runs]
+        return losses, {n: ((sums[0][n] + sums[1][n]) / 2).float() for n in names}
+    micro = range(len(runs[0][1]))     # one average over the ranks per micro-batch, summed in float32
+    means = [{n: ((runs[0][1][j][n] + runs[1][1][j][n]) / 2).float() for n in names} for j in micro]
+    return losses, {n: functools.reduce(operator.add, [m[n] for m in means]) for n in names}
 
 
 def check(case: str) -> str:
@@ -42,36 +60,45 @@ def check(case: str) -> str:
 
     from lowbit.parallel.fsdp import apply_fsdp2
 
-    param_name, reduce_name, *keep = case.split("/")
+    param_name, reduce_name, *flags = case.split("/")
+    accumulate = "accumulate" in flags
     rank = dist.get_rank()
     model = tiny_llama()
     torch.manual_seed(1)
-    batch = torch.randint(0, 96, (4, 16))
-    halves = batch[:2], batch[2:]
-    want_losses, want_grads = reference(model, halves, DTYPES[param_name], DTYPES[reduce_name])
+    batch = torch.randint(0, 96, (8, 16))
+    per_rank = [[batch[0:2], batch[2:4]], [batch[4:6], batch[6:8]]]
+    want_losses, want_grads = reference(model, per_rank, DTYPES[param_name], DTYPES[reduce_name], accumulate)
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
     sharded = apply_fsdp2(copy.deepcopy(model), mesh, param_dtype=param_name, reduce_dtype=reduce_name,
-                          reshard_after_forward=not keep)
+                          reshard_after_forward="keep" not in flags, reduce_every_micro_batch=not accumulate)
     seen = set()
     sharded.model.layers[0].register_forward_pre_hook(
         lambda module, args: seen.update({p.dtype for p in module.parameters()} | {args[0].dtype}))
-    loss = mean_nll(sharded(input_ids=halves[rank]).logits, halves[rank])
-    loss.backward()
-    losses = [torch.zeros(()) for _ in range(2)]
-    dist.all_gather(losses, loss.detach())
-    errors = {"loss": max(abs(got.item() - want) / abs(want) for got, want in zip(losses, want_losses))}
+    losses, reduced_early = [], None
+    for index, ids in enumerate(per_rank[rank]):
+        last = index == len(per_rank[rank]) - 1
+        no_sync = getattr(sharded, "no_sync", None)          # as the trainer runs it
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            loss = mean_nll(sharded(input_ids=ids).logits, ids)
+            (loss / len(per_rank[rank])).backward()
+        losses.append(loss.detach())
+        if index == 0:      # reduced after the first micro-batch: a gradient on the sharded parameters already
+            reduced_early = all(p.grad is not None for p in sharded.parameters())
+    gathered = [torch.zeros(len(losses)) for _ in range(2)]
+    dist.all_gather(gathered, torch.stack(losses))
+    got_losses = torch.cat(gathered).tolist()
+    errors = {"loss": max(abs(got - want) / abs(want) for got, want in zip(got_losses, want_losses))}
     errors["gradient"] = max(relative_error(p.grad.full_tensor(), want_grads[n]) for n, p in sharded.named_parameters())
     dtypes = {"compute": sorted(str(d) for d in seen),
               "master": sorted({str(p.dtype) for p in sharded.parameters()}),
               "grad": sorted({str(p.grad.dtype) for p in sharded.parameters()})}
-    row = {"case": case, **errors, **dtypes}
+    row = {"case": case, **errors, **dtypes, "reduced_after_first_micro_batch": reduced_early}
     if rank == 0:
         print(json.dumps(row), flush=True)
-    wrong_dtypes = dtypes != {"compute": [str(DTYPES[param_name])], "master": ["torch.float32"],
-                              "grad": ["torch.float32"]}
-    if max(errors.values()) > RTOL or wrong_dtypes:
-        return f"{case}: beyond {RTOL} or unexpected dtypes: {row}"
+    wrong = dtypes != {"compute": [str(DTYPES[param_name])], "master": ["torch.float32"], "grad": ["torch.float32"]}
+    if max(errors.values()) > RTOL or wrong or reduced_early == accumulate:
+        return f"{case}: beyond {RTOL}, unexpected dtypes or reduce-scatter timing: {row}"
     return ""
 
 

@@ -35,10 +35,13 @@ def test_tp_sp_and_ulysses_match_one_process_logits_loss_and_gradients():
 
 @pytest.mark.slow
 def test_fsdp2_mixed_precision_equals_one_process_with_rounded_weights_and_gradients():
-    """parallel.fsdp_param_dtype / fsdp_reduce_dtype / fsdp_reshard_after_forward (fsdp_precision_worker.py): each
-    rank's loss and every float32 gradient equal one process's rounded-weights, rounded-gradients computation to 1e-6
-    (measured: exactly), the layers compute in the parameter dtype, and masters and gradients stay float32."""
-    cases = ["bfloat16/float32", "bfloat16/bfloat16", "bfloat16/float32/keep", "float32/float32"]
+    """parallel.fsdp_param_dtype / fsdp_reduce_dtype / fsdp_reshard_after_forward / fsdp_reduce_every_micro_batch
+    (fsdp_precision_worker.py, two micro-batches per rank): each micro-batch's loss and every float32 gradient equal
+    one process's rounded-weights, rounded-gradients computation to 1e-6 (measured: exactly), the layers compute in
+    the parameter dtype, masters and gradients stay float32, and with `accumulate` nothing is reduced before the
+    step's last micro-batch."""
+    cases = ["bfloat16/float32", "bfloat16/bfloat16", "bfloat16/float32/keep", "float32/float32",
+             "float32/float32/accumulate", "bfloat16/float32/accumulate", "bfloat16/bfloat16/keep/accumulate"]
     result = run_gloo_workers(ROOT / "tests/parallel/fsdp_precision_worker.py", [",".join(cases)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -47,3 +50,4 @@ def test_fsdp2_mixed_precision_equals_one_process_with_rounded_weights_and_gradi
         assert row["loss"] <= 1e-6 and row["gradient"] <= 1e-6, row
         assert row["compute"] == ["torch." + row["case"].split("/")[0]] and row["master"] == row["grad"] == [
             "torch.float32"], row
+        assert row["reduced_after_first_micro_batch"] == ("accumulate" not in row["case"]), row

@@ -40,6 +40,7 @@ def test_layout_splits_world_into_dp_ulysses_tp():
     (ParallelConfig(fsdp_param_dtype="bfloat16"), 2, "parallel.fsdp_param_dtype=bfloat16: options of FSDP2, which this "
                                                     "layout does not use .* set parallel.dp_shard"),
     (ParallelConfig(fsdp_reshard_after_forward=False), 1, "fsdp_reshard_after_forward=False: options of FSDP2"),
+    (ParallelConfig(fsdp_reduce_every_micro_batch=False), 2, "fsdp_reduce_every_micro_batch=False: options of FSDP2"),
 ])
 def test_bad_mesh_is_refused(cfg, world, message):
     with pytest.raises(ValueError, match=message):
@@ -48,7 +49,8 @@ def test_bad_mesh_is_refused(cfg, world, message):
 
 def test_fsdp2_options_pass_where_fsdp2_runs():
     assert layout_for(ParallelConfig(dp_shard=2, fsdp_param_dtype="bfloat16", fsdp_reduce_dtype="bfloat16",
-                                     fsdp_reshard_after_forward=False), world_size=2).fsdp
+                                     fsdp_reshard_after_forward=False, fsdp_reduce_every_micro_batch=False),
+                      world_size=2).fsdp
     assert layout_for(ParallelConfig(tp=2, fsdp_param_dtype="bfloat16"), world_size=4).fsdp    # TP x FSDP2
 
 

@@ -99,6 +99,17 @@ def test_fsdp2_in_bfloat16_trains_saves_resumes_and_exports_in_float32(single_pr
 
 
 @pytest.mark.slow
+def test_fsdp2_reducing_once_per_step_trains_as_one_process(tmp_path):
+    """parallel.fsdp_reduce_every_micro_batch=false: two micro-batches per rank, the first inside the model's
+    no_sync() (FSDP2 accumulates it unsharded), the last reduce-scatters both: the one-process losses to 1e-5."""
+    args = COMMON + ["trainer.global_batch_size=8", "trainer.max_steps=3"]
+    torchrun(args + [f"run_dir={tmp_path / 'single'}"], nproc=1)
+    torchrun(args + ["parallel=fsdp2", "parallel.fsdp_reduce_every_micro_batch=false", f"run_dir={tmp_path / 'fsdp2'}"],
+             nproc=2)
+    assert_same_losses(records(tmp_path / "fsdp2"), records(tmp_path / "single"), 3, "fsdp2, one reduce per step")
+
+
+@pytest.mark.slow
 def test_tp_with_fp8_linears_trains_with_single_process_losses(tmp_path):
     """FP8 rowwise QuantLinears sharded by TP=2 (amaxes reduced over the TP group) train as in one process.
 
