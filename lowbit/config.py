@@ -189,6 +189,7 @@ class ParallelConfig:
     dp_shard: int = 1               # >1: FSDP2 (fully_shard) over this many data-parallel ranks (= world / (tp x ulysses)), and their Ulysses ranks; with tp>1 FSDP2 is used whenever there are other ranks
     fsdp_param_dtype: str = "float32"   # FSDP2: dtype parameters are all-gathered in and layers compute with (float32 | bfloat16: half the all-gather bytes and unsharded memory; master weights, optimizer state and checkpoints stay float32)
     fsdp_reduce_dtype: str = "float32"  # FSDP2: dtype gradients are reduce-scattered in (float32 | bfloat16)
+    fsdp_fp8_all_gather: bool = False   # FSDP2 with precision=fp8_tensorwise: all-gather those linears' weights in E4M3 (1 byte per parameter, cast on the shards at the whole weight's scale: the same bits as quantizing after the gather)
     fsdp_reduce_every_micro_batch: bool = True   # FSDP2 under gradient accumulation: reduce-scatter each micro-batch's gradients (false: accumulate them unsharded and reduce-scatter once per step, as DDP's no_sync does; fewer collectives, float32 gradients of the whole model held until the step's last backward)
     fsdp_reshard_after_forward: bool = True   # FSDP2: free each layer's gathered parameters after its forward and gather them again for its backward (false: keep them, one all-gather less per layer and micro-batch, more memory)
     zero_stage: int = 2             # DeepSpeed ZeRO stage 1 | 2 | 3 (data_parallel=deepspeed)

@@ -31,7 +31,8 @@ def synchronize_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float32", reduce_dtype: str = "float32",
-                reshard_after_forward: bool = True, reduce_every_micro_batch: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, reduce_every_micro_batch: bool = True,
+                fp8_all_gather: bool = False) -> nn.Module:
     """Shard `model` in place over the 1-D `dp_mesh` (its replicas first made equal); returns the same
     (now FSDP) module.
 
@@ -43,8 +44,14 @@ def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float
 
     reduce_every_micro_batch=False (parallel.fsdp_reduce_every_micro_batch): the model gets DDP's `no_sync()`
     context, in which FSDP2 accumulates gradients unsharded instead of reduce-scattering them; the trainer runs every
-    micro-batch but the last in it (as it does for DDP)."""
+    micro-batch but the last in it (as it does for DDP).
+
+    fp8_all_gather (parallel.fsdp_fp8_all_gather): the fp8 tensorwise QuantLinears' weights are all-gathered in E4M3
+    (lowbit.precision.fp8_gather); a model without such a layer is refused."""
     synchronize_replicas(model, dp_mesh)
+    if fp8_all_gather:
+        from lowbit.precision.fp8_gather import wrap_fp8_weights
+        wrap_fp8_weights(model)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     options = {"reshard_after_forward": reshard_after_forward}
     if (param_dtype, reduce_dtype) != ("float32", "float32"):

@@ -11,9 +11,17 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lowbit.precision.fp8_gather import ShardedFP8Weight
+
 
 def _full(value):
-    return value.full_tensor() if isinstance(value, DTensor) else value
+    return plain(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """The float32 tensor inside an FSDP2 shard that all-gathers in FP8 (lowbit.precision.fp8_gather), else `tensor`:
+    a wrapper subclass has no storage of its own (data_ptr 0), and safetensors takes plain tensors only."""
+    return tensor._inner if isinstance(tensor, ShardedFP8Weight) else tensor
 
 
 def _like(full: torch.Tensor, live) -> torch.Tensor:
@@ -32,7 +40,7 @@ class FullStateView(nn.Module):
         object.__setattr__(self, "inner", module)      # not a registered child: no second copy of the names
         copies, self._state = {}, {}
         for name, tensor in module.state_dict().items():
-            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor   # a DTensor's own data_ptr is 0
+            local = plain(tensor.to_local() if isinstance(tensor, DTensor) else tensor)   # a DTensor's data_ptr is 0
             key = (local.data_ptr(), tuple(tensor.shape), tensor.dtype)
             if key not in copies:
                 copies[key] = _full(tensor).detach().clone()

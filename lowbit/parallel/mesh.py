@@ -69,7 +69,7 @@ def layout_for(cfg: ParallelConfig, world_size: int) -> Layout:
 
 FSDP_DTYPES = ("float32", "bfloat16")
 FSDP_DEFAULTS = {"fsdp_param_dtype": "float32", "fsdp_reduce_dtype": "float32", "fsdp_reshard_after_forward": True,
-                 "fsdp_reduce_every_micro_batch": True}
+                 "fsdp_reduce_every_micro_batch": True, "fsdp_fp8_all_gather": False}
 
 
 def check_fsdp_options(cfg: ParallelConfig, fsdp: bool) -> None:
@@ -83,6 +83,10 @@ def check_fsdp_options(cfg: ParallelConfig, fsdp: bool) -> None:
         raise ValueError(f"{', '.join(changed)}: options of FSDP2, which this layout does not use (FSDP2 runs with "
                          f"parallel.dp_shard>1, or parallel.tp>1 beside other ranks); set parallel.dp_shard to the "
                          f"data-parallel degree or drop the option")
+    if cfg.fsdp_fp8_all_gather and cfg.tp > 1:
+        raise ValueError(f"parallel.fsdp_fp8_all_gather=true gathers whole weights over the data-parallel ranks and "
+                         f"does not combine with tensor parallelism (parallel.tp={cfg.tp}); set parallel.tp=1 or "
+                         f"parallel.fsdp_fp8_all_gather=false")
 
 
 def check_model(model_config, cfg: ParallelConfig, seq_len: int) -> None:

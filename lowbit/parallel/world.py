@@ -107,7 +107,8 @@ def apply(model: nn.Module, world: World, cfg: ParallelConfig) -> nn.Module:
         replicas = world.mesh["dp"] if layout.ulysses == 1 else world.mesh["dp", "ulysses"]._flatten("dp_ulysses")
         return apply_fsdp2(model, replicas, param_dtype=cfg.fsdp_param_dtype, reduce_dtype=cfg.fsdp_reduce_dtype,
                            reshard_after_forward=cfg.fsdp_reshard_after_forward,
-                           reduce_every_micro_batch=cfg.fsdp_reduce_every_micro_batch)
+                           reduce_every_micro_batch=cfg.fsdp_reduce_every_micro_batch,
+                           fp8_all_gather=cfg.fsdp_fp8_all_gather)
     if layout is not None and layout.tp > 1:
         return model     # TP alone: no other ranks (with any, layout.fsdp is set)
     device_ids = [world.device.index] if world.device.type == "cuda" else None

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 
 from lowbit.kernels.dge_triton import dge_weight_gradient_triton
 from lowbit.kernels.quantize import quantize, quantize_pair
+from lowbit.precision.fp8_gather import GatheredFP8Weight, GatheredPairs
 from lowbit.precision.gemm import quantized_matmul
 from lowbit.precision.methods import clamp_outliers, dge_derivative, hadamard_matrix, hadamard_transposed, residual_from
 from lowbit.precision.recipes import GEMMS, Recipe, occ_residual_quantizer
@@ -317,6 +318,10 @@ class QuantLinear(nn.Linear):
             from lowbit.precision.stats import record
             record(self, x, self.weight, self.recipe)
         cache = self.weight_cache if self.weight_cache is not None and self.weight_cache.pairs is not None else None
+        if isinstance(self.weight, GatheredFP8Weight):      # FSDP2 gathered it in E4M3 (parallel.fsdp_fp8_all_gather)
+            weight = self.weight        # its E4M3 bytes and scale (inner tensors; a method call would break the graph)
+            cache = GatheredPairs([(QTensor(weight._data, weight._scale, self.recipe.w),
+                                    QTensor(weight._data.t(), weight._scale, self.recipe.w_t))])
         if self.delayed is None:
             return quant_linear(x, self.weight, self.bias, self.recipe, self.hadamard_signs, cache)
         return quant_linear(x, self.weight, self.bias, self.recipe, self.hadamard_signs, cache,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.precision.fp8_gather import GatheredFP8Weight
 from lowbit.precision.methods import clamp_outliers
 from lowbit.precision.scaling import expand_scale, quantize_reference
 
@@ -36,8 +37,9 @@ def record(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, recipe) -> N
     clamped = clamp_outliers(x2, recipe.occ_quantile, recipe.outlier_group, product="dense",
                              scope=recipe.occ_scope)[0] if recipe.occ else x2
     stats = {f"x/{k}": v for k, v in operand_stats(x2, quantize_reference(clamped, recipe.x)).items()}
-    weight = weight.detach().float()
-    stats.update({f"w/{k}": v for k, v in operand_stats(weight, quantize_reference(weight, recipe.w)).items()})
+    if not isinstance(weight, GatheredFP8Weight):      # gathered in E4M3 (FSDP2): no high-precision weight to compare
+        weight = weight.detach().float()
+        stats.update({f"w/{k}": v for k, v in operand_stats(weight, quantize_reference(weight, recipe.w)).items()})
     layer.last_stats = stats
     layer.stats_armed = False
 
