@@ -8,7 +8,8 @@ once per step after summing the micro-batches (`accumulate`: no reduce-scatter b
 Prints one JSON line per case on rank 0; exits non-zero on a mismatch.
 
 usage: fsdp_precision_worker.py CASE[,CASE...]     CASE: PARAM_DTYPE/REDUCE_DTYPE[/keep][/accumulate]   (keep: no
-reshard after forward), e.g. bfloat16/float32,bfloat16/bfloat16/keep,float32/float32/accumulate
+reshard after forward), e.g. bfloat16/float32,bfloat16/bfloat16/keep,float32/float32/accumulate; or fp8[/compiled]
+[/bfloat16]: parallel.fsdp_fp8_all_gather (check_fp8_all_gather)
 """
 from __future__ import annotations
 
@@ -102,9 +103,75 @@ def check(case: str) -> str:
     return ""
 
 
+def check_fp8_all_gather(case: str) -> str:
+    """`fp8[/compiled][/bfloat16]`: a 2-layer Llama with fp8 tensorwise linears under FSDP2, three AdamW steps with
+    parallel.fsdp_fp8_all_gather against the same without it: losses, gradients and parameters bit for bit (eager,
+    or each decoder layer compiled with aot_eager). The all-gather input of each linear weight is its shard in E4M3,
+    one byte per parameter, and the linears see the gathered E4M3 weight. `bfloat16`: with
+    parallel.fsdp_param_dtype=bfloat16 the weights are still quantized from their float32 shards, so the runs differ
+    by bfloat16's rounding elsewhere; held to 1e-2 of the loss."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lowbit.precision.fp8_gather import GatheredFP8Weight, ShardedFP8Weight
+    from lowbit.parallel.fsdp import apply_fsdp2
+
+    flags = case.split("/")[1:]
+    rank = dist.get_rank()
+    base = tiny_llama("fp8_tensorwise")
+    torch.manual_seed(1)
+    batch = torch.randint(0, 96, (4, 16))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
+    runs = {}
+    for fp8 in (False, True):
+        torch._dynamo.reset()
+        model = apply_fsdp2(copy.deepcopy(base), mesh, fp8_all_gather=fp8,
+                            param_dtype="bfloat16" if fp8 and "bfloat16" in flags else "float32")
+        if "compiled" in flags:
+            for layer in model.model.layers:
+                layer.compile(backend="aot_eager", dynamic=False)
+        seen = []
+        model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(type(m.weight)))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses, grads = [], []
+        for _ in range(3):
+            ids = batch[2 * rank:2 * rank + 2]
+            loss = mean_nll(model(input_ids=ids).logits, ids)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+            optimizer.step()
+            optimizer.zero_grad()
+        params = {n: p.full_tensor() for n, p in model.named_parameters()}
+        runs[fp8] = torch.stack(losses), grads, params, seen
+        if fp8:
+            local = model.model.layers[0].mlp.down_proj.weight.to_local()
+            inputs, _ = local.fsdp_pre_all_gather(mesh, None, None, None, None)
+            gather = {"wrapped": isinstance(local, ShardedFP8Weight), "input_dtype": str(inputs[0].dtype),
+                      "bytes_per_parameter": inputs[0].numel() * inputs[0].element_size() / local.numel(),
+                      "linear_sees": sorted({t.__name__ for t in seen})}
+    (want_losses, want_grads, want_params, _), (got_losses, got_grads, got_params, _) = runs[False], runs[True]
+    if "bfloat16" in flags:
+        errors = {"loss": (got_losses - want_losses).abs().max().item() / want_losses.abs().max().item()}
+        tolerance = 1e-2
+    else:
+        errors = {"loss": relative_error(got_losses, want_losses),
+                  "gradient": max(relative_error(g[n], w[n]) for g, w in zip(got_grads, want_grads) for n in w),
+                  "parameter": max(relative_error(got_params[n], want_params[n]) for n in want_params)}
+        tolerance = 0.0
+    row = {"case": case, **errors, **gather}
+    if rank == 0:
+        print(json.dumps(row), flush=True)
+    if max(errors.values()) > tolerance or gather != {"wrapped": True, "input_dtype": "torch.uint8",
+                                                      "bytes_per_parameter": 1.0,
+                                                      "linear_sees": [GatheredFP8Weight.__name__]}:
+        return f"{case}: beyond {tolerance} or not gathered in E4M3: {row}"
+    return ""
+
+
 def main() -> None:
     dist.init_process_group("gloo")
-    failures = [f for f in map(check, sys.argv[1].split(",")) if f]
+    failures = [f for f in (check_fp8_all_gather(c) if c.startswith("fp8") else check(c)
+                            for c in sys.argv[1].split(",")) if f]
     dist.destroy_process_group()
     if failures:
         sys.exit("\n".join(failures))

@@ -41,6 +41,8 @@ def test_layout_splits_world_into_dp_ulysses_tp():
                                                     "layout does not use .* set parallel.dp_shard"),
     (ParallelConfig(fsdp_reshard_after_forward=False), 1, "fsdp_reshard_after_forward=False: options of FSDP2"),
     (ParallelConfig(fsdp_reduce_every_micro_batch=False), 2, "fsdp_reduce_every_micro_batch=False: options of FSDP2"),
+    (ParallelConfig(fsdp_fp8_all_gather=True), 2, "fsdp_fp8_all_gather=True: options of FSDP2"),
+    (ParallelConfig(tp=2, fsdp_fp8_all_gather=True), 4, "does not combine with tensor parallelism .*parallel.tp=2"),
 ])
 def test_bad_mesh_is_refused(cfg, world, message):
     with pytest.raises(ValueError, match=message):

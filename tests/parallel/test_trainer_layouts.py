@@ -110,6 +110,25 @@ def test_fsdp2_reducing_once_per_step_trains_as_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_fp8_all_gather_trains_saves_resumes_and_exports_as_without_it(tmp_path):
+    """parallel.fsdp_fp8_all_gather=true with precision=fp8_tensorwise through the trainer: 2 steps, save, resume to 3
+    and export give the losses of FSDP2 without it, and the same float32 checkpoint and export, bit for bit (a wrapper
+    shard has no storage of its own: gathered by its plain tensor, not collapsed into one "tied" tensor)."""
+    args = COMMON + ["precision=fp8_tensorwise", "parallel=fsdp2", "trainer.global_batch_size=8"]
+    torchrun(args + ["trainer.max_steps=3", "trainer.save_every=3", "trainer.export=true",
+                     f"run_dir={tmp_path / 'plain'}"], nproc=2)
+    fp8 = args + ["parallel.fsdp_fp8_all_gather=true", "trainer.save_every=2", f"run_dir={tmp_path / 'fp8'}"]
+    torchrun(fp8 + ["trainer.max_steps=2"], nproc=2)
+    torchrun(fp8 + ["trainer.max_steps=3", "trainer.resume=auto", "trainer.export=true"], nproc=2)
+    got, want = records(tmp_path / "fp8"), records(tmp_path / "plain")     # got also evaluates at its step-2 save
+    assert want.keys() <= got.keys() and all(got[k] == want[k] for k in want), (got, want)
+    from safetensors.torch import load_file
+    for path in ("checkpoints/step_00000003/model.safetensors", "export/model.safetensors"):
+        want, got = load_file(str(tmp_path / "plain" / path)), load_file(str(tmp_path / "fp8" / path))
+        assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want), path
+
+
+@pytest.mark.slow
 def test_tp_with_fp8_linears_trains_with_single_process_losses(tmp_path):
     """FP8 rowwise QuantLinears sharded by TP=2 (amaxes reduced over the TP group) train as in one process.
 
