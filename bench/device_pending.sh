@@ -53,7 +53,7 @@
 #   bench/device_pending.sh delayed_dy      and with precision.delayed_operands=[dy] (output gradients only)
 #   bench/device_pending.sh overshoot       delayed scaling's overshoot statistic (precision.stats_every) on the GPU
 #                                     convergence protocol: SmolLM2-135M architecture, 4 micro-batches of 8 x 2048, 120 steps
-#   bench/device_pending.sh fsdp2_precision  FSDP2 with bf16 all-gathers and without resharding, bf16 and fp8_llama (kind nvidia-h200-x2)
+#   bench/device_pending.sh fsdp2_precision  FSDP2 with bf16 / FP8 all-gathers, without resharding, one reduce per step (kind nvidia-h200-x2)
 #   bench/device_pending.sh breakdown     bf16 / fp8_llama / fp4_llama, one profiled step each: kernel time by kind and
 #                                     the GPU's idle gaps (bench/trace_breakdown.py over the Chrome traces)
 #   bench/device_pending.sh cache_graph   the weight cache's refresh as one CUDA graph: GPU test (== eager bit for
@@ -222,14 +222,17 @@ for r in map(json.loads, open('$OUT/overshoot/metrics.jsonl')):
       --variant "fp8_delayed=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=fp8_llama $data parallel=fsdp2 trainer.global_batch_size=32" \
       2>&1 | grep -v Warning | tee "$OUT/delayed_fsdp2.log" ;;
   fsdp2_precision)
-    # kind nvidia-h200-x2: FSDP2 with bf16 all-gathers (parallel.fsdp_param_dtype=bfloat16, 2026-12-05; CPU-tested
-    # exact against rounding by hand) against float32 ones, and without resharding after forward; bf16 and fp8_llama
+    # kind nvidia-h200-x2: FSDP2 with bf16 all-gathers (parallel.fsdp_param_dtype=bfloat16) and FP8 ones
+    # (parallel.fsdp_fp8_all_gather), without resharding after forward, one reduce per step (all 2026-12-05, CPU-tested
+    # exact) against plain FSDP2; bf16 and fp8_llama
     python3 bench/train_throughput.py --steps 8 --warmup 3 --timeout 400 \
       --variant "bf16=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=bf16_llama $data parallel=fsdp2 trainer.global_batch_size=32" \
       --variant "bf16_p16=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=bf16_llama $data parallel=fsdp2 trainer.global_batch_size=32 parallel.fsdp_param_dtype=bfloat16" \
       --variant "bf16_p16_keep=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=bf16_llama $data parallel=fsdp2 trainer.global_batch_size=32 parallel.fsdp_param_dtype=bfloat16 parallel.fsdp_reshard_after_forward=false" \
       --variant "fp8=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=fp8_llama $data parallel=fsdp2 trainer.global_batch_size=32" \
       --variant "fp8_p16=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=fp8_llama $data parallel=fsdp2 trainer.global_batch_size=32 parallel.fsdp_param_dtype=bfloat16" \
+      --variant "fp8_gather8=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=fp8_llama $data parallel=fsdp2 trainer.global_batch_size=32 parallel.fsdp_fp8_all_gather=true" \
+      --variant "fp8_once=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=fp8_llama $data parallel=fsdp2 trainer.global_batch_size=32 parallel.fsdp_fp8_all_gather=true parallel.fsdp_reduce_every_micro_batch=false" \
       2>&1 | grep -v Warning | tee "$OUT/fsdp2_precision.log" ;;
   offload_loss)
     # bench/memory.py with the trainer's next-token loss (was a sliced float32 cross-entropy of its own), eager
