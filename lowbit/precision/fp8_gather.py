@@ -21,8 +21,17 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 aten = torch.ops.aten
+QUANTIZED_SHARDS = [0]      # shards quantized so far in this process (a test's count)
+_optimizer_steps = 0        # torch optimizer steps so far: fused optimizers write weights without a version bump
+_hook = None
+
+
+def _count_step(*_) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
 # the ops FSDP2 shards, pads and copies a parameter with keep the wrapper; every other op (the optimizer's, a norm, a
 # checkpoint's gather) returns plain tensors
 _PRESERVE = {aten.empty_like.default, aten.new_zeros.default, aten.slice.Tensor, aten.copy_.default, aten.view.default,
@@ -65,16 +74,22 @@ class ShardedFP8Weight(torch.Tensor):
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         """The shard in E4M3 at the whole weight's scale (its amax: the maximum over the shards, NaN as Inf), by the
-        quantizer that QuantLinear would run on the gathered weight: the same bits."""
+        quantizer that QuantLinear would run on the gathered weight: the same bits. Quantized once per change of
+        the weight (an optimizer step, an in-place write): the other gathers of the step (every micro-batch's forward
+        and backward) reuse it, with no all-reduce."""
         from lowbit.kernels.quantize import quantize
 
         shard = self._inner.detach()
-        amax = shard.float().abs().amax()
-        amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
-        if mesh.size() > 1:
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
-        wq = quantize(shard, self._layer.recipe.w, what=f"{self._layer.layer_name} weight", amax=amax)
-        return (wq.data.view(torch.uint8),), wq.scale
+        key = (shard.data_ptr(), self._inner._version, _optimizer_steps)
+        if getattr(self, "_cached", None) is None or self._cached[0] != key:
+            amax = shard.float().abs().amax()
+            amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
+            if mesh.size() > 1:
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+            wq = quantize(shard, self._layer.recipe.w, what=f"{self._layer.layer_name} weight", amax=amax)
+            self._cached = key, wq.data.view(torch.uint8), wq.scale
+            QUANTIZED_SHARDS[0] += 1
+        return (self._cached[1],), self._cached[2]
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         (data,), scale = outputs, metadata
@@ -147,6 +162,9 @@ def wrap_fp8_weights(model: nn.Module) -> int:
         raise ValueError(f"parallel.fsdp_fp8_all_gather=true needs linears in fp8 tensorwise (precision=fp8_tensorwise, "
                          f"as +exp=fp8_llama), E4M3 weights, no AFPQ/DGE and quantized forward and input-gradient GEMMs; "
                          f"this model has {found}. Set precision=fp8_tensorwise or parallel.fsdp_fp8_all_gather=false")
+    global _hook
+    if _hook is None:
+        _hook = register_optimizer_step_post_hook(_count_step)
     for module in chosen:
         module.weight = nn.Parameter(ShardedFP8Weight(module.weight.data, module),
                                      requires_grad=module.weight.requires_grad)
