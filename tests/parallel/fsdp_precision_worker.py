@@ -105,14 +105,15 @@ def check(case: str) -> str:
 
 def check_fp8_all_gather(case: str) -> str:
     """`fp8[/compiled][/bfloat16]`: a 2-layer Llama with fp8 tensorwise linears under FSDP2, three AdamW steps with
-    parallel.fsdp_fp8_all_gather against the same without it: losses, gradients and parameters bit for bit (eager,
-    or each decoder layer compiled with aot_eager). The all-gather input of each linear weight is its shard in E4M3,
-    one byte per parameter, and the linears see the gathered E4M3 weight. `bfloat16`: with
+    parallel.fsdp_fp8_all_gather against the same without it, two micro-batches per step: losses, gradients and
+    parameters bit for bit (eager, or each decoder layer compiled with aot_eager). The all-gather input of each linear
+    weight is its shard in E4M3, one byte per parameter, quantized once per step for its four gathers, and the
+    linears see the gathered E4M3 weight. `bfloat16`: with
     parallel.fsdp_param_dtype=bfloat16 the weights are still quantized from their float32 shards, so the runs differ
     by bfloat16's rounding elsewhere; held to 1e-2 of the loss."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lowbit.precision.fp8_gather import GatheredFP8Weight, ShardedFP8Weight
+    from lowbit.precision.fp8_gather import QUANTIZED_SHARDS, GatheredFP8Weight, ShardedFP8Weight
     from lowbit.parallel.fsdp import apply_fsdp2
 
     flags = case.split("/")[1:]
@@ -133,22 +134,27 @@ def check_fp8_all_gather(case: str) -> str:
         model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(type(m.weight)))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses, grads = [], []
+        quantized_before = QUANTIZED_SHARDS[0]
         for _ in range(3):
-            ids = batch[2 * rank:2 * rank + 2]
-            loss = mean_nll(model(input_ids=ids).logits, ids)
-            loss.backward()
-            losses.append(loss.detach())
+            for ids in batch[2 * rank:2 * rank + 1], batch[2 * rank + 1:2 * rank + 2]:     # two micro-batches
+                loss = mean_nll(model(input_ids=ids).logits, ids)
+                (loss / 2).backward()
+                losses.append(loss.detach())
             grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
             optimizer.step()
             optimizer.zero_grad()
         params = {n: p.full_tensor() for n, p in model.named_parameters()}
         runs[fp8] = torch.stack(losses), grads, params, seen
         if fp8:
+            wrapped = sum(isinstance(p.to_local(), ShardedFP8Weight) for p in model.parameters())
+            quantized = QUANTIZED_SHARDS[0] - quantized_before
             local = model.model.layers[0].mlp.down_proj.weight.to_local()
             inputs, _ = local.fsdp_pre_all_gather(mesh, None, None, None, None)
             gather = {"wrapped": isinstance(local, ShardedFP8Weight), "input_dtype": str(inputs[0].dtype),
                       "bytes_per_parameter": inputs[0].numel() * inputs[0].element_size() / local.numel(),
-                      "linear_sees": sorted({t.__name__ for t in seen})}
+                      "linear_sees": sorted({t.__name__ for t in seen}),
+                      # 4 gathers per weight and step (2 micro-batches x forward, backward), 1 quantization
+                      "quantized_per_weight_and_step": quantized / (3 * wrapped)}
     (want_losses, want_grads, want_params, _), (got_losses, got_grads, got_params, _) = runs[False], runs[True]
     if "bfloat16" in flags:
         errors = {"loss": (got_losses - want_losses).abs().max().item() / want_losses.abs().max().item()}
@@ -163,7 +169,8 @@ def check_fp8_all_gather(case: str) -> str:
         print(json.dumps(row), flush=True)
     if max(errors.values()) > tolerance or gather != {"wrapped": True, "input_dtype": "torch.uint8",
                                                       "bytes_per_parameter": 1.0,
-                                                      "linear_sees": [GatheredFP8Weight.__name__]}:
+                                                      "linear_sees": [GatheredFP8Weight.__name__],
+                                                      "quantized_per_weight_and_step": 1.0}:
         return f"{case}: beyond {tolerance} or not gathered in E4M3: {row}"
     return ""
 

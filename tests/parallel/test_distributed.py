@@ -56,8 +56,9 @@ def test_fsdp2_mixed_precision_equals_one_process_with_rounded_weights_and_gradi
 @pytest.mark.slow
 def test_fsdp2_fp8_all_gather_is_bit_for_bit_the_quantized_gather():
     """parallel.fsdp_fp8_all_gather (lowbit/precision/fp8_gather.py, fsdp_precision_worker.py): fp8 tensorwise linears
-    under FSDP2 gather their weights as E4M3 bytes (1 byte per parameter) and train three AdamW steps to exactly the
-    losses, gradients and parameters of FSDP2 gathering float32 and quantizing after, eager and compiled."""
+    under FSDP2 gather their weights as E4M3 bytes (1 byte per parameter, quantized once per optimizer step) and train
+    three AdamW steps of two micro-batches to exactly the losses, gradients and parameters of FSDP2 gathering float32
+    and quantizing after, eager and compiled."""
     cases = ["fp8", "fp8/compiled", "fp8/bfloat16"]
     result = run_gloo_workers(ROOT / "tests/parallel/fsdp_precision_worker.py", [",".join(cases)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -68,4 +69,4 @@ def test_fsdp2_fp8_all_gather_is_bit_for_bit_the_quantized_gather():
     assert rows["fp8/bfloat16"]["loss"] <= 1e-2, rows      # bfloat16 elsewhere; weights still from float32 shards
     for row in rows.values():
         assert row["input_dtype"] == "torch.uint8" and row["bytes_per_parameter"] == 1.0, row
-        assert row["linear_sees"] == ["GatheredFP8Weight"], row
+        assert row["linear_sees"] == ["GatheredFP8Weight"] and row["quantized_per_weight_and_step"] == 1.0, row
