@@ -224,7 +224,10 @@ for r in map(json.loads, open('$OUT/overshoot/metrics.jsonl')):
   fsdp2_precision)
     # kind nvidia-h200-x2: FSDP2 with bf16 all-gathers (parallel.fsdp_param_dtype=bfloat16) and FP8 ones
     # (parallel.fsdp_fp8_all_gather), without resharding after forward, one reduce per step (all 2026-12-05, CPU-tested
-    # exact) against plain FSDP2; bf16 and fp8_llama
+    # exact) against plain FSDP2; bf16 and fp8_llama. First the CPU tests' exactness checks on the two GPUs (NCCL)
+    WORKER_DEVICE=cuda PYTHONPATH=. timeout 300 torchrun --standalone --nproc_per_node=2 tests/parallel/fsdp_precision_worker.py \
+      bfloat16/float32,bfloat16/bfloat16/keep,float32/float32/accumulate,fp8,fp8/compiled,fp8/bfloat16 \
+      2>&1 | grep -v Warning | tee "$OUT/fsdp2_precision_checks.log"
     python3 bench/train_throughput.py --steps 8 --warmup 3 --timeout 400 \
       --variant "bf16=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=bf16_llama $data parallel=fsdp2 trainer.global_batch_size=32" \
       --variant "bf16_p16=nproc:2 env:CUDA_VISIBLE_DEVICES=0,1 +exp=bf16_llama $data parallel=fsdp2 trainer.global_batch_size=32 parallel.fsdp_param_dtype=bfloat16" \

@@ -9,7 +9,8 @@ Prints one JSON line per case on rank 0; exits non-zero on a mismatch.
 
 usage: fsdp_precision_worker.py CASE[,CASE...]     CASE: PARAM_DTYPE/REDUCE_DTYPE[/keep][/accumulate]   (keep: no
 reshard after forward), e.g. bfloat16/float32,bfloat16/bfloat16/keep,float32/float32/accumulate; or fp8[/compiled]
-[/bfloat16]: parallel.fsdp_fp8_all_gather (check_fp8_all_gather)
+[/bfloat16]: parallel.fsdp_fp8_all_gather (check_fp8_all_gather). WORKER_DEVICE=cuda: on two GPUs with NCCL (the
+quantize kernels and FP8 GEMMs on the GPU), as bench/device_pending.sh fsdp2_precision runs it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import copy
 import functools
 import json
 import operator
+import os
 import sys
 
 import torch
@@ -27,6 +29,7 @@ from tests.parallel.equivalence_worker import mean_nll, relative_error, tiny_lla
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RTOL = 1e-6
+DEVICE = os.environ.get("WORKER_DEVICE", "cpu")     # cuda: NCCL, one GPU per rank (bench/device_pending.sh)
 
 
 def rank_gradients(model, micro_batches, param_dtype, reduce_dtype) -> tuple[list[float], list[dict]]:
@@ -64,13 +67,13 @@ def check(case: str) -> str:
     param_name, reduce_name, *flags = case.split("/")
     accumulate = "accumulate" in flags
     rank = dist.get_rank()
-    model = tiny_llama()
+    model = tiny_llama().to(DEVICE)
     torch.manual_seed(1)
-    batch = torch.randint(0, 96, (8, 16))
+    batch = torch.randint(0, 96, (8, 16)).to(DEVICE)
     per_rank = [[batch[0:2], batch[2:4]], [batch[4:6], batch[6:8]]]
     want_losses, want_grads = reference(model, per_rank, DTYPES[param_name], DTYPES[reduce_name], accumulate)
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
+    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),), mesh_dim_names=("dp",))
     sharded = apply_fsdp2(copy.deepcopy(model), mesh, param_dtype=param_name, reduce_dtype=reduce_name,
                           reshard_after_forward="keep" not in flags, reduce_every_micro_batch=not accumulate)
     seen = set()
@@ -86,7 +89,7 @@ def check(case: str) -> str:
         losses.append(loss.detach())
         if index == 0:      # reduced after the first micro-batch: a gradient on the sharded parameters already
             reduced_early = all(p.grad is not None for p in sharded.parameters())
-    gathered = [torch.zeros(len(losses)) for _ in range(2)]
+    gathered = [torch.zeros(len(losses), device=DEVICE) for _ in range(2)]
     dist.all_gather(gathered, torch.stack(losses))
     got_losses = torch.cat(gathered).tolist()
     errors = {"loss": max(abs(got - want) / abs(want) for got, want in zip(got_losses, want_losses))}
@@ -118,10 +121,10 @@ def check_fp8_all_gather(case: str) -> str:
 
     flags = case.split("/")[1:]
     rank = dist.get_rank()
-    base = tiny_llama("fp8_tensorwise")
+    base = tiny_llama("fp8_tensorwise").to(DEVICE)
     torch.manual_seed(1)
-    batch = torch.randint(0, 96, (4, 16))
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
+    batch = torch.randint(0, 96, (4, 16)).to(DEVICE)
+    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),), mesh_dim_names=("dp",))
     runs = {}
     for fp8 in (False, True):
         torch._dynamo.reset()
@@ -176,7 +179,9 @@ def check_fp8_all_gather(case: str) -> str:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     failures = [f for f in (check_fp8_all_gather(c) if c.startswith("fp8") else check(c)
                             for c in sys.argv[1].split(",")) if f]
     dist.destroy_process_group()
