@@ -102,3 +102,15 @@ def test_tp_with_ulysses_needs_whole_heads_and_sequence_shards_per_rank():
     with pytest.raises(ValueError, match="data.seq_len=66 is not divisible by parallel.ulysses x parallel.tp"):
         check_model(config, ParallelConfig(tp=2, ulysses=2, sp=True), 66)
 
+
+
+@pytest.mark.parametrize("recipe, found", [("", "no quantized linears"), ("fp8_rowwise", r"\['fp8_rowwise'\]")])
+def test_fp8_all_gather_without_an_fp8_tensorwise_linear_is_refused(recipe, found):
+    """parallel.fsdp_fp8_all_gather on a model with nothing to gather in FP8 fails before sharding, naming what the
+    model has and the fix."""
+    from lowbit.precision.fp8_gather import wrap_fp8_weights
+    from tests.parallel.equivalence_worker import tiny_llama
+
+    with pytest.raises(ValueError, match=f"needs linears in fp8 tensorwise .* this model has {found}. Set "
+                                         f"precision=fp8_tensorwise or parallel.fsdp_fp8_all_gather=false"):
+        wrap_fp8_weights(tiny_llama(recipe))
