@@ -16,6 +16,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from lowbit.precision.fp8_gather import wrap_fp8_weights
+
 
 def synchronize_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
     """Broadcast every parameter and buffer (the local shard of a TP DTensor) from the mesh's first rank.
@@ -50,7 +52,6 @@ def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float
     (lowbit.precision.fp8_gather); a model without such a layer is refused."""
     synchronize_replicas(model, dp_mesh)
     if fp8_all_gather:
-        from lowbit.precision.fp8_gather import wrap_fp8_weights
         wrap_fp8_weights(model)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     options = {"reshard_after_forward": reshard_after_forward}

@@ -32,6 +32,8 @@ _hook = None
 def _count_step(*_) -> None:
     global _optimizer_steps
     _optimizer_steps += 1
+
+
 # the ops FSDP2 shards, pads and copies a parameter with keep the wrapper; every other op (the optimizer's, a norm, a
 # checkpoint's gather) returns plain tensors
 _PRESERVE = {aten.empty_like.default, aten.new_zeros.default, aten.slice.Tensor, aten.copy_.default, aten.view.default,
