@@ -3,8 +3,9 @@ to E4M3 on their shards, before FSDP2 gathers them, so each all-gather moves 1 b
 `parallel.fsdp_param_dtype=bfloat16`), and the gathered weight is already the forward GEMM's operand.
 
 Tensorwise quantization is element-wise once the scale is known, and the scale needs only the amax of the whole
-weight: the maximum of the shards' amaxes (one all-reduce, over every such weight of the FSDP unit at once). So the
-gathered E4M3 weight is, bit for bit, what quantizing the gathered float32 weight would give. torchao's float8
+weight: the maximum of the shards' amaxes (one small all-reduce per weight, once per optimizer step: the cast shard
+serves every gather until the weight changes). So the gathered E4M3 weight is, bit for bit, what quantizing the
+gathered float32 weight would give. torchao's float8
 training does the same with its `enable_fsdp_float8_all_gather`; this is lowbit's own, for its QuantLinear.
 
 Two tensor subclasses carry it through FSDP2's all-gather extension (`fsdp_pre_all_gather` / `fsdp_post_all_gather`):
@@ -21,17 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 aten = torch.ops.aten
 QUANTIZED_SHARDS = [0]      # shards quantized so far in this process (a test's count)
-_optimizer_steps = 0        # torch optimizer steps so far: fused optimizers write weights without a version bump
-_hook = None
-
-
-def _count_step(*_) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
 
 
 # the ops FSDP2 shards, pads and copies a parameter with keep the wrapper; every other op (the optimizer's, a norm, a
@@ -80,9 +73,10 @@ class ShardedFP8Weight(torch.Tensor):
         the weight (an optimizer step, an in-place write): the other gathers of the step (every micro-batch's forward
         and backward) reuse it, with no all-reduce."""
         from lowbit.kernels.quantize import quantize
+        from lowbit.precision.weight_cache import generation    # fused optimizers write without a version bump
 
         shard = self._inner.detach()
-        key = (shard.data_ptr(), self._inner._version, _optimizer_steps)
+        key = (shard.data_ptr(), self._inner._version, generation())
         if getattr(self, "_cached", None) is None or self._cached[0] != key:
             amax = shard.float().abs().amax()
             amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
@@ -156,6 +150,7 @@ def wrap_fp8_weights(model: nn.Module) -> int:
     """Give every fp8 tensorwise QuantLinear of `model` a ShardedFP8Weight (before fully_shard); returns how many.
     Raises when there is none: the option would do nothing."""
     from lowbit.precision.linear import QuantLinear
+    from lowbit.precision.weight_cache import watch_optimizer_steps
 
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     chosen = [m for m in layers if fp8_gather_supported(m)]
@@ -164,9 +159,7 @@ def wrap_fp8_weights(model: nn.Module) -> int:
         raise ValueError(f"parallel.fsdp_fp8_all_gather=true needs linears in fp8 tensorwise (precision=fp8_tensorwise, "
                          f"as +exp=fp8_llama), E4M3 weights, no AFPQ/DGE and quantized forward and input-gradient GEMMs; "
                          f"this model has {found}. Set precision=fp8_tensorwise or parallel.fsdp_fp8_all_gather=false")
-    global _hook
-    if _hook is None:
-        _hook = register_optimizer_step_post_hook(_count_step)
+    watch_optimizer_steps()
     for module in chosen:
         module.weight = nn.Parameter(ShardedFP8Weight(module.weight.data, module),
                                      requires_grad=module.weight.requires_grad)

@@ -42,7 +42,7 @@ _hook = None
 
 def invalidate_weight_caches(*_) -> None:
     """Mark every cached weight stale: the next forward quantizes the weights again. Runs after each optimizer
-    step (a global torch.optim step post-hook, registered by `install`)."""
+    step (a global torch.optim step post-hook, registered by `watch_optimizer_steps`)."""
     global _generation
     _generation += 1
 
@@ -157,12 +157,23 @@ def check_parallel(precision_cfg, parallel_cfg) -> None:
         precision_cfg.cache_weights = False
 
 
-def install(model: nn.Module) -> int:
-    """Give every QuantLinear of `model` a WeightCache and refresh them all before each forward of `model`; returns
-    how many layers cache their weight."""
+def watch_optimizer_steps() -> None:
+    """Bump `generation()` after every torch optimizer step from now on (one global hook, registered once)."""
     global _hook
     if _hook is None:
         _hook = register_optimizer_step_post_hook(invalidate_weight_caches)
+
+
+def generation() -> int:
+    """Optimizer steps and `invalidate_weight_caches()` calls so far (once `watch_optimizer_steps` has run): what
+    quantized copies of the weights key on, with each weight's storage and version."""
+    return _generation
+
+
+def install(model: nn.Module) -> int:
+    """Give every QuantLinear of `model` a WeightCache and refresh them all before each forward of `model`; returns
+    how many layers cache their weight."""
+    watch_optimizer_steps()
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     refresher = CacheRefresher(layers)          # first: it checks LOWBIT_WEIGHT_CACHE_GRAPH
     for layer in layers:
