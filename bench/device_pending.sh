@@ -174,9 +174,11 @@ case "${1:-}" in
   exp_fma)
     # the softmax's exponentials half or all by a cubic on the FMA pipe (FlashAttention-4's trick) against all on
     # the MUFU, and each key tile's row maxima stored by inline PTX from the MMA layout (no shared-memory round
-    # trip between barriers) against tl.store; 128- and 256-row tiles; then Nsight Compute on the 8k kernel
+    # trip between barriers) against tl.store, and q k^T with q in registers; 128- and 256-row tiles; NCU=1: then
+    # Nsight Compute on the 8k kernel
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 256 --block-n 64 --tma on \
-      --launch 8,3 8,4 --exp-fma 0 1 2 --asm-store 0 1 2>&1 | tee "$OUT/attention_exp_fma.log"
+      --launch 8,3 8,4 --exp-fma 0 1 --asm-store 0 1 --q-regs 0 1 2>&1 | tee "$OUT/attention_exp_fma.log"
+    [ "${NCU:-0}" = 1 ] || exit 0
     NCU=$(which ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
     for e in 0,False 1,True; do
       $NCU --kernel-name attention_target_kernel --launch-skip 2 --launch-count 1 --section ComputeWorkloadAnalysis \

@@ -95,7 +95,8 @@ def attention_target_kernel(Q, K, V, K_desc, V_desc, Out, Target, RowMax, scale_
                             sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot,
                             BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                             HEAD_DIM: tl.constexpr, POOL: tl.constexpr, TMA: tl.constexpr,
-                            EXP_FMA: tl.constexpr = 0, ASM_STORE: tl.constexpr = False):
+                            EXP_FMA: tl.constexpr = 0, ASM_STORE: tl.constexpr = False,
+                            Q_REGS: tl.constexpr = False):
     slot = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -113,6 +114,8 @@ def attention_target_kernel(Q, K, V, K_desc, V_desc, Out, Target, RowMax, scale_
         row_ok = offs_m < seq
         q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
+        if Q_REGS:      # an op on q (x + 0 is not folded: -0 + 0 = +0) makes q k^T take q from registers
+            q = q + 0.0
         k_base = K + b * sk_b + kv_h * sk_h
         v_base = V + b * sk_b + kv_h * sk_h
         kv_row = b * (q_heads // groups) + kv_h        # this head's plane of the [batch x kv_heads, seq, d] view

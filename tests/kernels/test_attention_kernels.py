@@ -92,13 +92,14 @@ def test_target_kernel_tiles_of_several_query_blocks_and_shared_scratch(seq, blo
         attention_block_target_triton(q, k, v, 16, block_m=32, block_n=40)
 
 
-@pytest.mark.parametrize("exp_fma", [1, 2])
-def test_target_kernel_with_exponentials_on_the_fma_pipe_equals_float64(exp_fma):
-    """The softmax's exp2 half (every other column) or all by the cubic of `_exp2_fma` (relative error 7.7e-5):
-    still float64's output and target to the same tolerance, masked scores included (GQA, a partial last tile)."""
+@pytest.mark.parametrize("exp_fma,q_regs", [(1, False), (2, False), (0, True)])
+def test_target_kernel_loop_variants_equal_float64(exp_fma, q_regs):
+    """The softmax's exp2 half (every other column) or all by the cubic of `_exp2_fma` (relative error 7.7e-5),
+    and q k^T with q in registers: still float64's output and target to the same tolerance, masked scores included
+    (GQA, a partial last tile). (asm_store, inline PTX, runs on CUDA only: bench/attention.py checks it there.)"""
     q, k, v = random_qkv(1, 4, 2, 75, 32, seed=exp_fma)
     out64, target64 = naive_float64(q, k, v, 16)
-    out, target = on_device(attention_block_target_triton)(q, k, v, 16, block_m=32, exp_fma=exp_fma)
+    out, target = on_device(attention_block_target_triton)(q, k, v, 16, block_m=32, exp_fma=exp_fma, q_regs=q_regs)
     torch.testing.assert_close(target.double(), target64, atol=TRITON_TOL, rtol=0)
     torch.testing.assert_close(out.double(), out64, atol=TRITON_TOL, rtol=0)
 
