@@ -25,7 +25,7 @@ def _store_in_place(ptrs, values, ASM: tl.constexpr):
     store it alike). The asm is declared pure, so that Triton puts no barrier before it, and its result (0) is
     added to `values` so that it is kept. ASM=False (the interpreter) is tl.store."""
     if ASM:
-        zero = tl.inline_asm_elementwise("st.global.f32 [$1], $2;\n\tmov.b32 $0, 0;", "=f,l,f", [ptrs, values],
+        zero = tl.inline_asm_elementwise("st.global.f32 [$1], $2;\n\tmov.b32 $0, 0;", "=f,l,f", [ptrs.to(tl.int64), values],
                                          dtype=tl.float32, is_pure=True, pack=1)
         return values + zero
     else:
