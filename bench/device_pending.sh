@@ -178,6 +178,10 @@ case "${1:-}" in
     # Nsight Compute on the 8k kernel
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 256 --block-n 64 --tma on \
       --launch 8,3 8,4 --exp-fma 0 1 --asm-store 0 1 --q-regs 0 1 2>&1 | tee "$OUT/attention_exp_fma.log"
+    # one warpgroup per program, two programs per SM (64-row tiles, 4 warps, 2-3 stages): no barrier ties the two
+    # programs' softmax and MMAs together, as the CTA-wide barriers of Triton's pipeline do for two warpgroups
+    python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 64 --block-n 64 --tma on \
+      --launch 4,2 4,3 --asm-store 1 --q-regs 0 1 2>&1 | tee "$OUT/attention_one_warpgroup.log"
     [ "${NCU:-0}" = 1 ] || exit 0
     NCU=$(which ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
     for e in 0,False 1,True; do
