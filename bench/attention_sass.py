@@ -1,0 +1,103 @@
+"""The fused target kernel's main loop as Hopper machine code, without a GPU: each variant is compiled for sm_90 by
+Triton's own ptxas and its key-tile loops are counted (instructions per warp and per tile, CTA-wide barriers,
+special-function (MUFU) and FMA instructions, shared-memory and global stores, spills). What a timing on the GPU
+cannot show: why a variant is faster or not (issue 4; docs/RESULTS.md).
+
+    python bench/attention_sass.py                       # every variant at 128 rows x 64 keys, 8 warps, 3 stages
+    python bench/attention_sass.py --block-m 64 --warps 4 --stages 2
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowbit.kernels.attention_target_triton import attention_target_kernel  # noqa: E402
+
+POINTERS = ("Q", "K", "V", "K_desc", "V_desc", "Out")
+
+
+def compile_sm90(block_m: int, block_n: int, head_dim: int, tma: bool, warps: int, stages: int, **variant):
+    """The kernel compiled for sm_90 (bf16 inputs, B=64): its SASS text and resource use."""
+    names = attention_target_kernel.arg_names
+    signature = {name: "i32" for name in names}
+    signature.update({name: "*bf16" for name in POINTERS})
+    signature.update(Target="*fp32", RowMax="*fp32", scale_log2="fp32")
+    if tma:
+        signature["K_desc"] = signature["V_desc"] = f"tensordesc<bf16[1,{block_n},{head_dim}]>"
+    constants = dict(BLOCK_M=block_m, BLOCK=64, BLOCK_N=block_n, HEAD_DIM=head_dim, POOL=16, TMA=tma, **variant)
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(fn=attention_target_kernel, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constants.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 64),
+                            options=dict(num_warps=warps, num_stages=stages))
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([tools / "cuobjdump", "--dump-sass", cubin.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin.name], capture_output=True,
+                               text=True).stdout
+    registers = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return sass, {"registers": int(registers.group(1)) if registers else None,
+                  "spill_stack_bytes": int(stack.group(1)) if stack else None, "shared_bytes": kernel.metadata.shared}
+
+
+def key_tile_loops(sass: str) -> list[dict]:
+    """Each loop that issues a tensor-core MMA (a backward branch around an HGMMA): its instruction mix per warp."""
+    instructions = [(int(m.group(1), 16), m.group(2).strip()) for m in
+                    (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if not branch or int(branch.group(1), 16) >= address or not text.startswith("@"):
+            continue
+        body = [t for a, t in instructions if int(branch.group(1), 16) <= a <= address]
+        if not any("HGMMA" in t for t in body):
+            continue
+        ops = [(t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0] for t in body]
+        count = {op: ops.count(op) for op in ("BAR", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "HGMMA", "STS",
+                                              "LDS", "STG", "STL", "LDL")}
+        loops.append({"instructions": len(body), **count})
+    return loops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--block-m", type=int, default=128)
+    parser.add_argument("--block-n", type=int, default=64)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--warps", type=int, default=8)
+    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--tma", type=int, default=1, choices=[0, 1])
+    args = parser.parse_args()
+    print(f"Triton {triton.__version__}, sm_90, {args.block_m} rows x {args.block_n} keys, head dim {args.head_dim}, "
+          f"{args.warps} warps, {args.stages} stages, K/V by {'TMA' if args.tma else 'pointers'}")
+    print("| exp_fma | asm_store | q_regs | registers | spill stack B | shared KiB | loop | instructions / warp "
+          "| BAR | MUFU | FFMA | FMUL | FMNMX+FADD | STS+LDS | STG | STL+LDL | q k^T A operand |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for exp_fma, asm_store, q_regs in [(0, False, False), (0, True, False), (0, False, True), (0, True, True),
+                                       (1, True, True), (2, True, True)]:
+        sass, use = compile_sm90(args.block_m, args.block_n, args.head_dim, bool(args.tma), args.warps, args.stages,
+                                 EXP_FMA=exp_fma, ASM_STORE=asm_store, Q_REGS=q_regs)
+        a_operand = "registers" if re.search(r"HGMMA\.64x\d+x16\.F32\.BF16 R\d+, R\d+, gdesc\[UR\d+\], ", sass) \
+            else "shared"
+        for name, loop in zip(("unmasked", "diagonal"), key_tile_loops(sass)):
+            print(f"| {exp_fma} | {asm_store} | {q_regs} | {use['registers']} | {use['spill_stack_bytes']} | "
+                  f"{use['shared_bytes'] / 1024:.0f} | {name} | {loop['instructions']} | {loop['BAR']} | "
+                  f"{loop['MUFU']} | {loop['FFMA']} | {loop['FMUL']} | {loop['FMNMX'] + loop['FADD']} | "
+                  f"{loop['STS'] + loop['LDS']} | {loop['STG']} | {loop['STL'] + loop['LDL']} | {a_operand} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
