@@ -175,7 +175,9 @@ case "${1:-}" in
     # the softmax's exponentials half or all by a cubic on the FMA pipe (FlashAttention-4's trick) against all on
     # the MUFU, and each key tile's row maxima stored by inline PTX from the MMA layout (no shared-memory round
     # trip between barriers) against tl.store, and q k^T with q in registers; 128- and 256-row tiles; NCU=1: then
-    # Nsight Compute on the 8k kernel
+    # Nsight Compute on the 8k kernel. First the kernel tests on the GPU (asm_store == tl.store bit for bit among them)
+    TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q tests/kernels/test_attention_kernels.py 2>&1 | tail -3 \
+      | tee "$OUT/attention_gpu_tests.log"
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 256 --block-n 64 --tma on \
       --launch 8,3 8,4 --exp-fma 0 1 --asm-store 0 1 --q-regs 0 1 2>&1 | tee "$OUT/attention_exp_fma.log"
     # one warpgroup per program, two programs per SM (64-row tiles, 4 warps, 2-3 stages): no barrier ties the two
