@@ -33,10 +33,6 @@ SPARSE_LAUNCH = [(4, 3), (8, 3), (8, 4)]     # the block-sparse kernel's sweep, 
 TMA = [True, False]          # K/V tiles by tensor descriptors or by pointers
 PER_SM = [2]                 # persistent programs per SM
 TILES_M: list[int] = []      # query rows per tile (empty: B and 128)
-TILES_N: list[int] = []      # keys per tile (empty: B and 128)
-ASM_STORE = [False]          # row maxima stored by inline PTX from the MMA layout
-Q_REGS = [False]             # q k^T with q in registers
-EXP_FMA = [0]                # exponentials on the MUFU (0), half (1) or all (2) by a cubic on the FMA pipe
 
 
 def timed(fn, reps: int = 10) -> float:
@@ -64,11 +60,9 @@ def check_correctness(block: int) -> dict:
     out_ref, target_ref = attention_block_target_torch(q, k, v, block)
     target_err = out_err = 0.0
     for block_m in TILES_M or [0]:                          # every tile the timing sweep tries (0: the default)
-        for block_n, exp_fma, asm, q_regs in [(n, e, a, r) for n in TILES_N or sorted({block, max(block, 128)})
-                                              for e in EXP_FMA for a in ASM_STORE for r in Q_REGS]:
+        for block_n in sorted({block, max(block, 128)}):
             try:
-                out, target = attention_block_target_triton(q, k, v, block, block_m=block_m, block_n=block_n,
-                                                            exp_fma=exp_fma, asm_store=asm, q_regs=q_regs)
+                out, target = attention_block_target_triton(q, k, v, block, block_m=block_m, block_n=block_n)
             except Exception as error:                      # a tile that does not fit is skipped by the sweep too
                 print(f"  correctness block_m={block_m} block_n={block_n}: {type(error).__name__}", flush=True)
                 continue
@@ -102,29 +96,27 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
     sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
     backends = sdpa_backend_ms(q, k, v, gqa)
     target_runs = []
-    # launch = (warps, stages, query rows per tile, keys per tile, K/V by descriptors, programs per SM, exp_fma)
-    sweep = [(m, n, t, p, e, a, r) for m in TILES_M or sorted({block, max(block, 128)})
-             for n in TILES_N or sorted({block, max(block, 128)}) for t in TMA for p in PER_SM for e in EXP_FMA
-             for a in ASM_STORE for r in Q_REGS]
-    for block_m, block_n, tma, per_sm, exp_fma, asm, q_regs in sweep:
-        best = best_launch(lambda w, s: attention_block_target_triton(
-            q, k, v, block, num_warps=w, num_stages=s, block_m=block_m, block_n=block_n, tma=tma,
-            programs_per_sm=per_sm, exp_fma=exp_fma, asm_store=asm, q_regs=q_regs))
-        if best is None:                # e.g. 256 x 128 tiles: out of shared memory at every launch
-            continue
-        ms, launch = best
-        target_runs.append((ms, (*launch, block_m, block_n, tma, per_sm, exp_fma, asm, q_regs)))
-        print(f"  target S={seq} block_m={block_m} block_n={block_n} tma={tma} programs/SM={per_sm} "
-              f"exp_fma={exp_fma} asm_store={asm} q_regs={q_regs}: {ms:.3f} ms {launch} = {ms / sdpa_ms:.3f}x SDPA",
-              flush=True)
+    # launch = (warps, stages, query rows per tile, keys per tile, K/V by descriptors, programs per SM)
+    for block_m in TILES_M or sorted({block, max(block, 128)}):
+        for block_n in sorted({block, max(block, 128)}):
+            for tma in TMA:
+                for per_sm in PER_SM:
+                    best = best_launch(lambda w, s: attention_block_target_triton(
+                        q, k, v, block, num_warps=w, num_stages=s, block_m=block_m, block_n=block_n, tma=tma,
+                        programs_per_sm=per_sm))
+                    if best is None:                # e.g. 256 x 128 tiles: out of shared memory at every launch
+                        continue
+                    ms, launch = best
+                    target_runs.append((ms, (*launch, block_m, block_n, tma, per_sm)))
+                    print(f"  target S={seq} block_m={block_m} block_n={block_n} tma={tma} programs/SM={per_sm}: "
+                          f"{ms:.3f} ms {launch}", flush=True)
     target_ms, target_launch = min(target_runs)
-    warps, stages, block_m, block_n, tma, per_sm, exp_fma, asm, q_regs = target_launch
+    warps, stages, block_m, block_n, tma, per_sm = target_launch
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()          # the best setting once more, alone: its extra memory
     attention_block_target_triton(q, k, v, block, num_warps=warps, num_stages=stages, block_m=block_m,
-                                  block_n=block_n, tma=tma, programs_per_sm=per_sm, exp_fma=exp_fma, asm_store=asm,
-                                  q_regs=q_regs)
+                                  block_n=block_n, tma=tma, programs_per_sm=per_sm)
     extra_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     n = math.ceil(seq / block)
     mask = topk_mask(torch.rand(1, kv_heads, n, n, device="cuda"), density)
@@ -199,23 +191,12 @@ def main() -> None:
     parser.add_argument("--tma", default="both", choices=["both", "on", "off"], help="K/V tile loads swept")
     parser.add_argument("--per-sm", type=int, nargs="+", default=[2], help="persistent programs per SM swept")
     parser.add_argument("--block-m", type=int, nargs="*", default=[], help="query rows per tile swept")
-    parser.add_argument("--block-n", type=int, nargs="*", default=[], help="keys per tile swept")
-    parser.add_argument("--exp-fma", type=int, nargs="+", default=[0], choices=[0, 1, 2],
-                        help="softmax exponentials swept: MUFU (0), half (1) or all (2) by a cubic on the FMA pipe")
-    parser.add_argument("--asm-store", type=int, nargs="+", default=[0], choices=[0, 1],
-                        help="row maxima stored by tl.store (0) or inline PTX from the MMA layout (1), swept")
-    parser.add_argument("--q-regs", type=int, nargs="+", default=[0], choices=[0, 1],
-                        help="q k^T with q from shared memory (0) or registers (1), swept")
     parser.add_argument("--gate-smoke", action="store_true", help="also run the gate pipeline on a random Llama")
     args = parser.parse_args()
     LAUNCH[:] = [tuple(int(n) for n in setting.split(",")) for setting in args.launch]
     TMA[:] = {"both": [True, False], "on": [True], "off": [False]}[args.tma]
     PER_SM[:] = args.per_sm
     TILES_M[:] = args.block_m
-    TILES_N[:] = args.block_n
-    EXP_FMA[:] = args.exp_fma
-    ASM_STORE[:] = [bool(a) for a in args.asm_store]
-    Q_REGS[:] = [bool(r) for r in args.q_regs]
     device = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"device {device}, torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC", flush=True)

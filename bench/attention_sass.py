@@ -1,10 +1,11 @@
-"""The fused target kernel's main loop as Hopper machine code, without a GPU: each variant is compiled for sm_90 by
+"""The fused target kernel's main loop as Hopper machine code, without a GPU: the kernel is compiled for sm_90 by
 Triton's own ptxas and its key-tile loops are counted (instructions per warp and per tile, CTA-wide barriers,
 special-function (MUFU) and FMA instructions, shared-memory and global stores, spills). What a timing on the GPU
-cannot show: why a variant is faster or not (issue 4; docs/RESULTS.md).
+cannot show: why a variant of the loop is faster or not (issue 4; docs/RESULTS.md, thirty-second session).
 
-    python bench/attention_sass.py                       # every variant at 128 rows x 64 keys, 8 warps, 3 stages
+    python bench/attention_sass.py                       # 128 rows x 64 keys, 8 warps, 3 stages, K/V by TMA
     python bench/attention_sass.py --block-m 64 --warps 4 --stages 2
+    python bench/attention_sass.py --constexpr EXP_FMA=1 # a patched kernel's extra compile-time switches
 """
 from __future__ import annotations
 
@@ -79,24 +80,23 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=8)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--tma", type=int, default=1, choices=[0, 1])
+    parser.add_argument("--constexpr", nargs="*", default=[], metavar="NAME=INT",
+                        help="more compile-time arguments of the kernel (e.g. a patched variant's switches)")
     args = parser.parse_args()
+    extra = {name: int(value) for name, value in (item.split("=") for item in args.constexpr)}
+    sass, use = compile_sm90(args.block_m, args.block_n, args.head_dim, bool(args.tma), args.warps, args.stages,
+                             **extra)
+    a_operand = "registers" if re.search(r"HGMMA\.64x\d+x16\.F32\.BF16 R\d+, R\d+, gdesc\[UR\d+\], ", sass) else "shared"
     print(f"Triton {triton.__version__}, sm_90, {args.block_m} rows x {args.block_n} keys, head dim {args.head_dim}, "
-          f"{args.warps} warps, {args.stages} stages, K/V by {'TMA' if args.tma else 'pointers'}")
-    print("| exp_fma | asm_store | q_regs | registers | spill stack B | shared KiB | loop | instructions / warp "
-          "| BAR | MUFU | FFMA | FMUL | FMNMX+FADD | STS+LDS | STG | STL+LDL | q k^T A operand |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for exp_fma, asm_store, q_regs in [(0, False, False), (0, True, False), (0, False, True), (0, True, True),
-                                       (1, True, True), (2, True, True)]:
-        sass, use = compile_sm90(args.block_m, args.block_n, args.head_dim, bool(args.tma), args.warps, args.stages,
-                                 EXP_FMA=exp_fma, ASM_STORE=asm_store, Q_REGS=q_regs)
-        a_operand = "registers" if re.search(r"HGMMA\.64x\d+x16\.F32\.BF16 R\d+, R\d+, gdesc\[UR\d+\], ", sass) \
-            else "shared"
-        for name, loop in zip(("unmasked", "diagonal"), key_tile_loops(sass)):
-            print(f"| {exp_fma} | {asm_store} | {q_regs} | {use['registers']} | {use['spill_stack_bytes']} | "
-                  f"{use['shared_bytes'] / 1024:.0f} | {name} | {loop['instructions']} | {loop['BAR']} | "
-                  f"{loop['MUFU']} | {loop['FFMA']} | {loop['FMUL']} | {loop['FMNMX'] + loop['FADD']} | "
-                  f"{loop['STS'] + loop['LDS']} | {loop['STG']} | {loop['STL'] + loop['LDL']} | {a_operand} |",
-                  flush=True)
+          f"{args.warps} warps, {args.stages} stages, K/V by {'TMA' if args.tma else 'pointers'} {extra or ''}: "
+          f"{use['registers']} registers, {use['spill_stack_bytes']} B spill stack, "
+          f"{use['shared_bytes'] / 1024:.0f} KiB shared, q k^T's A operand from {a_operand}")
+    print("| loop | instructions / warp | BAR | MUFU | FFMA | FMUL | FMNMX+FADD | HGMMA | STS+LDS | STG | STL+LDL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, loop in zip(("unmasked", "diagonal"), key_tile_loops(sass)):
+        print(f"| {name} | {loop['instructions']} | {loop['BAR']} | {loop['MUFU']} | {loop['FFMA']} | {loop['FMUL']} | "
+              f"{loop['FMNMX'] + loop['FADD']} | {loop['HGMMA']} | {loop['STS'] + loop['LDS']} | {loop['STG']} | "
+              f"{loop['STL'] + loop['LDL']} |")
 
 
 if __name__ == "__main__":

@@ -53,9 +53,6 @@
 #   bench/device_pending.sh delayed_dy      and with precision.delayed_operands=[dy] (output gradients only)
 #   bench/device_pending.sh overshoot       delayed scaling's overshoot statistic (precision.stats_every) on the GPU
 #                                     convergence protocol: SmolLM2-135M architecture, 4 micro-batches of 8 x 2048, 120 steps
-#   bench/device_pending.sh exp_fma         the fused target kernel with half / all of the softmax's exponentials by a
-#                                     cubic on the FMA pipe (FlashAttention-4) against the MUFU, row maxima stored
-#                                     by inline PTX against tl.store; ncu pipe use (issue 4)
 #   bench/device_pending.sh fsdp2_precision  FSDP2 with bf16 / FP8 all-gathers, without resharding, one reduce per step (kind nvidia-h200-x2)
 #   bench/device_pending.sh breakdown     bf16 / fp8_llama / fp4_llama, one profiled step each: kernel time by kind and
 #                                     the GPU's idle gaps (bench/trace_breakdown.py over the Chrome traces)
@@ -171,29 +168,6 @@ case "${1:-}" in
     # 256-row query tiles: 1.49x SDPA at 32k against 1.58x for 128 rows in one run (2026-12-01, seventh session)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 256 --tma on --launch 8,3 8,4 16,3 \
       2>&1 | tee "$OUT/attention.log" ;;
-  exp_fma)
-    # the softmax's exponentials half or all by a cubic on the FMA pipe (FlashAttention-4's trick) against all on
-    # the MUFU, and each key tile's row maxima stored by inline PTX from the MMA layout (no shared-memory round
-    # trip between barriers) against tl.store, and q k^T with q in registers; 128- and 256-row tiles; NCU=1: then
-    # Nsight Compute on the 8k kernel. First the kernel tests on the GPU (asm_store == tl.store bit for bit among them)
-    TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q tests/kernels/test_attention_kernels.py 2>&1 | tail -3 \
-      | tee "$OUT/attention_gpu_tests.log"
-    python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 256 --block-n 64 --tma on \
-      --launch 8,3 8,4 --exp-fma 0 1 --asm-store 0 1 --q-regs 0 1 2>&1 | tee "$OUT/attention_exp_fma.log"
-    # one warpgroup per program, two programs per SM (64-row tiles, 4 warps, 2-3 stages): no barrier ties the two
-    # programs' softmax and MMAs together, as the CTA-wide barriers of Triton's pipeline do for two warpgroups
-    python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 64 --block-n 64 --tma on \
-      --launch 4,2 4,3 --asm-store 1 --q-regs 0 1 2>&1 | tee "$OUT/attention_one_warpgroup.log"
-    [ "${NCU:-0}" = 1 ] || exit 0
-    NCU=$(which ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
-    for e in 0,False 1,True; do
-      $NCU --kernel-name attention_target_kernel --launch-skip 2 --launch-count 1 --section ComputeWorkloadAnalysis \
-        --section InstructionStats --section WarpStateStats --section SpeedOfLight python3 -c "
-import torch; from lowbit.kernels.attention_target import attention_block_target_triton as f
-q = torch.randn(1, 32, 8192, 128, device='cuda', dtype=torch.bfloat16); k, v = torch.randn_like(q), torch.randn_like(q)
-for _ in range(3): f(q, k, v, 64, num_warps=8, num_stages=3, exp_fma=${e%,*}, asm_store=${e#*,})
-torch.cuda.synchronize()" > "$OUT/ncu_exp_fma_${e%,*}_asm_${e#*,}.txt" 2>&1
-    done ;;
   adama_summed)
     # AdamA second_moment=summed on the GPU (twenty-sixth session: CPU only): its fused kernels against the PyTorch
     # path, then memory and throughput next to AdamW and the paper's AdamA (llama_1b, seq 4096, 4 micro-batches,

@@ -130,17 +130,12 @@ def use_tma(k: torch.Tensor) -> bool:
 
 def attention_block_target_triton(q, k, v, block_size: int, scale: float | None = None, num_warps: int = 0,
                                   num_stages: int = 0, block_m: int = 0, block_n: int = 0, tma: bool | None = None,
-                                  programs_per_sm: int = 2, exp_fma: int = 0,
-                                  asm_store: bool = False, q_regs: bool = False):
+                                  programs_per_sm: int = 2):
     """Triton path (CUDA, or CPU with TRITON_INTERPRET=1); same contract as the torch path.
 
     Tiles: `block_m` query rows and `block_n` keys (default: one gate block, `block_size`; a multiple of it
     makes fewer, larger MMAs, each storing one row maximum per gate block it spans). `tma`: K/V tiles by
-    tensor descriptors (default: on Hopper and newer; the interpreter runs either path). `exp_fma`: the softmax's
-    exponentials all on the special-function unit (0), every other column (1) or all (2) by a cubic on the FMA pipe.
-    `asm_store` (CUDA only): each key tile's row maxima stored by inline PTX from the MMA's layout, without the
-    round trip through shared memory (and its barriers) that tl.store makes. `q_regs`: q k^T with q in registers
-    (wgmma's register-A form) in place of shared memory, which halves the MMA's shared-memory reads.
+    tensor descriptors (default: on Hopper and newer; the interpreter runs either path).
     Extra memory beside out and target: one [ceil(S/B), block_m] float32 scratch of row maxima per
     persistent program (2 per SM), O(S) in all -- independent of the number of heads and of S^2.
     """
@@ -173,7 +168,7 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), target.stride(0), target.stride(1), target.stride(2),
         row_max.stride(0), BLOCK_M=block_m, BLOCK=block_size, BLOCK_N=block_n, HEAD_DIM=head_dim, POOL=16,
-        TMA=tma, EXP_FMA=exp_fma, ASM_STORE=asm_store and q.is_cuda, Q_REGS=q_regs, **extra)
+        TMA=tma, **extra)
     return out, target / target.sum(-1, keepdim=True)
 
 

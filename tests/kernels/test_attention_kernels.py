@@ -92,30 +92,6 @@ def test_target_kernel_tiles_of_several_query_blocks_and_shared_scratch(seq, blo
         attention_block_target_triton(q, k, v, 16, block_m=32, block_n=40)
 
 
-@pytest.mark.parametrize("exp_fma,q_regs", [(1, False), (2, False), (0, True)])
-def test_target_kernel_loop_variants_equal_float64(exp_fma, q_regs):
-    """The softmax's exp2 half (every other column) or all by the cubic of `_exp2_fma` (relative error 7.7e-5),
-    and q k^T with q in registers: still float64's output and target to the same tolerance, masked scores included
-    (GQA, a partial last tile). (asm_store, inline PTX, runs on CUDA only: bench/attention.py checks it there.)"""
-    q, k, v = random_qkv(1, 4, 2, 75, 32, seed=exp_fma)
-    out64, target64 = naive_float64(q, k, v, 16)
-    out, target = on_device(attention_block_target_triton)(q, k, v, 16, block_m=32, exp_fma=exp_fma, q_regs=q_regs)
-    torch.testing.assert_close(target.double(), target64, atol=TRITON_TOL, rtol=0)
-    torch.testing.assert_close(out.double(), out64, atol=TRITON_TOL, rtol=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX: CUDA only (the interpreter runs tl.store)")
-def test_target_kernel_row_maxima_by_inline_ptx_equal_tl_store_bit_for_bit():
-    """asm_store: each key tile's row maxima stored by st.global from the MMA layout, the same bits as tl.store's,
-    with one gate block per key tile and 128- or 256-row tiles, q from shared memory or registers."""
-    q, k, v = (t.cuda().to(torch.bfloat16) for t in random_qkv(1, 8, 2, 1000, 128))
-    for block_m, q_regs in ((128, False), (128, True), (256, False)):
-        ref = attention_block_target_triton(q, k, v, 64, block_m=block_m, q_regs=q_regs)
-        out = attention_block_target_triton(q, k, v, 64, block_m=block_m, q_regs=q_regs, asm_store=True)
-        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
-
-
 def test_torch_target_chunking_does_not_change_the_result():
     q, k, v = random_qkv(1, 2, 1, 100, 16, seed=3)
     a = attention_block_target_torch(q, k, v, 16, query_chunk_blocks=1)
