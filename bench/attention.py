@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowbit.kernels.attention_target import (attention_block_target_torch,  # noqa: E402
-                                             attention_block_target_triton)
+from lowbit.kernels.attention_target import (attention_block_target_gluon,  # noqa: E402
+                                             attention_block_target_torch, attention_block_target_triton,
+                                             gluon_supported)
 from lowbit.kernels.block_sparse_attention import (block_sparse_attention_torch,  # noqa: E402
                                                    block_sparse_attention_triton)
 from lowbit.objectives.seer_select import sparsity, topk_mask  # noqa: E402
@@ -33,6 +34,7 @@ SPARSE_LAUNCH = [(4, 3), (8, 3), (8, 4)]     # the block-sparse kernel's sweep, 
 TMA = [True, False]          # K/V tiles by tensor descriptors or by pointers
 PER_SM = [2]                 # persistent programs per SM
 TILES_M: list[int] = []      # query rows per tile (empty: B and 128)
+GLUON: list[tuple[int, int]] = []   # (K/V ring depth, keys per K/V tile) of the Hopper (Gluon) kernel, swept too
 
 
 def timed(fn, reps: int = 10) -> float:
@@ -68,11 +70,23 @@ def check_correctness(block: int) -> dict:
                 continue
             target_err = max(target_err, (target - target_ref).abs().max().item())
             out_err = max(out_err, (out.float() - out_ref.float()).abs().max().item())
+    errors = {}
+    if GLUON and gluon_supported(q, k, block):
+        for stages, tile_n in GLUON:
+            for shape in ((1, 8, 1000, 2), (2, 4, 200, 4), (1, 2, 64, 1), (1, 4, 2048, 1)):
+                batch, heads, seq, kv = shape
+                qs = torch.randn(batch, heads, seq, 128, device="cuda", dtype=torch.bfloat16)
+                ks = torch.randn(batch, kv, seq, 128, device="cuda", dtype=torch.bfloat16)
+                vs = torch.randn(batch, kv, seq, 128, device="cuda", dtype=torch.bfloat16)
+                o_ref, t_ref = attention_block_target_torch(qs, ks, vs, block)
+                o, t = attention_block_target_gluon(qs, ks, vs, block, stages=stages, tile_n=tile_n)
+                errors[f"gluon_{stages}x{tile_n}_{batch}x{heads}x{seq}_kv{kv}"] = (
+                    (t - t_ref).abs().max().item(), (o.float() - o_ref.float()).abs().max().item())
     n = target.shape[-1]
     mask = topk_mask(torch.rand(1, 2, n, n, device="cuda"), 0.3)
     sparse_ref = block_sparse_attention_torch(q, k, v, mask, block)
     sparse = block_sparse_attention_triton(q, k, v, mask, block)
-    return {"target_max_abs_err": target_err, "target_out_max_abs_err": out_err,
+    return {"target_max_abs_err": target_err, "target_out_max_abs_err": out_err, "gluon_target_out_err": errors,
             "sparse_max_abs_err": (sparse.float() - sparse_ref.float()).abs().max().item()}
 
 
@@ -95,8 +109,8 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
     gqa = heads != kv_heads
     sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
     backends = sdpa_backend_ms(q, k, v, gqa)
-    target_runs = []
-    # launch = (warps, stages, query rows per tile, keys per tile, K/V by descriptors, programs per SM)
+    target_runs = []      # (ms, setting, the call)
+    # setting = (warps, stages, query rows per tile, keys per tile, K/V by descriptors, programs per SM)
     for block_m in TILES_M or sorted({block, max(block, 128)}):
         for block_n in sorted({block, max(block, 128)}):
             for tma in TMA:
@@ -106,17 +120,25 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
                         programs_per_sm=per_sm))
                     if best is None:                # e.g. 256 x 128 tiles: out of shared memory at every launch
                         continue
-                    ms, launch = best
-                    target_runs.append((ms, (*launch, block_m, block_n, tma, per_sm)))
+                    ms, (warps, stages) = best
+                    setting = (warps, stages, block_m, block_n, tma, per_sm)
+                    target_runs.append((ms, setting, lambda setting=setting: attention_block_target_triton(
+                        q, k, v, block, num_warps=setting[0], num_stages=setting[1], block_m=setting[2],
+                        block_n=setting[3], tma=setting[4], programs_per_sm=setting[5])))
                     print(f"  target S={seq} block_m={block_m} block_n={block_n} tma={tma} programs/SM={per_sm}: "
-                          f"{ms:.3f} ms {launch}", flush=True)
-    target_ms, target_launch = min(target_runs)
-    warps, stages, block_m, block_n, tma, per_sm = target_launch
+                          f"{ms:.3f} ms {(warps, stages)}", flush=True)
+    for stages, tile_n in GLUON if gluon_supported(q, k, block) else []:
+        call = (lambda stages=stages, tile_n=tile_n: attention_block_target_gluon(q, k, v, block, stages=stages,
+                                                                                  tile_n=tile_n))
+        ms = timed(call)
+        target_runs.append((ms, ("gluon", stages, tile_n), call))
+        print(f"  target S={seq} gluon (warp-specialised, 128 rows) stages={stages} keys/tile={tile_n}: "
+              f"{ms:.3f} ms", flush=True)
+    target_ms, target_launch, target_call = min(target_runs, key=lambda run: run[0])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()          # the best setting once more, alone: its extra memory
-    attention_block_target_triton(q, k, v, block, num_warps=warps, num_stages=stages, block_m=block_m,
-                                  block_n=block_n, tma=tma, programs_per_sm=per_sm)
+    target_call()
     extra_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     n = math.ceil(seq / block)
     mask = topk_mask(torch.rand(1, kv_heads, n, n, device="cuda"), density)
@@ -191,12 +213,15 @@ def main() -> None:
     parser.add_argument("--tma", default="both", choices=["both", "on", "off"], help="K/V tile loads swept")
     parser.add_argument("--per-sm", type=int, nargs="+", default=[2], help="persistent programs per SM swept")
     parser.add_argument("--block-m", type=int, nargs="*", default=[], help="query rows per tile swept")
+    parser.add_argument("--gluon", nargs="*", default=[], metavar="STAGES,KEYS",
+                        help="also time the Hopper (Gluon) kernel: K/V ring depth, keys per tile, e.g. 2,64 2,128")
     parser.add_argument("--gate-smoke", action="store_true", help="also run the gate pipeline on a random Llama")
     args = parser.parse_args()
     LAUNCH[:] = [tuple(int(n) for n in setting.split(",")) for setting in args.launch]
     TMA[:] = {"both": [True, False], "on": [True], "off": [False]}[args.tma]
     PER_SM[:] = args.per_sm
     TILES_M[:] = args.block_m
+    GLUON[:] = [tuple(int(n) for n in setting.split(",")) for setting in args.gluon]
     device = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"device {device}, torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC", flush=True)

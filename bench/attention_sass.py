@@ -6,6 +6,7 @@ cannot show: why a variant of the loop is faster or not (issue 4; docs/RESULTS.m
     python bench/attention_sass.py                       # 128 rows x 64 keys, 8 warps, 3 stages, K/V by TMA
     python bench/attention_sass.py --block-m 64 --warps 4 --stages 2
     python bench/attention_sass.py --constexpr EXP_FMA=1 # a patched kernel's extra compile-time switches
+    python bench/attention_sass.py --gluon --stages 2     # the Hopper (Gluon, warp-specialised) kernel instead
 """
 from __future__ import annotations
 
@@ -82,7 +83,18 @@ def main() -> None:
     parser.add_argument("--tma", type=int, default=1, choices=[0, 1])
     parser.add_argument("--constexpr", nargs="*", default=[], metavar="NAME=INT",
                         help="more compile-time arguments of the kernel (e.g. a patched variant's switches)")
+    parser.add_argument("--gluon", action="store_true", help="the Gluon kernel (attention_target_gluon) instead")
     args = parser.parse_args()
+    if args.gluon:
+        from lowbit.kernels.attention_target_gluon import hopper_binary
+        binary = hopper_binary(args.head_dim, args.stages)
+        print(f"Triton {triton.__version__}, sm_90, Gluon kernel, 2 x 64 rows x 64 keys, head dim {args.head_dim}, "
+              f"{args.stages} K/V stages: {binary['registers']} registers at launch, {binary['spill_bytes']} B spill "
+              f"stack, {binary['shared_bytes'] / 1024:.0f} KiB shared")
+        # every loop around an HGMMA, in code order: the consumers' key-tile loops (their masked branch included)
+        # and the work-item loops around them
+        print_loops(binary["sass"], tuple(f"loop {i}" for i in range(1, 9)))
+        return
     extra = {name: int(value) for name, value in (item.split("=") for item in args.constexpr)}
     sass, use = compile_sm90(args.block_m, args.block_n, args.head_dim, bool(args.tma), args.warps, args.stages,
                              **extra)
@@ -91,9 +103,14 @@ def main() -> None:
           f"{args.warps} warps, {args.stages} stages, K/V by {'TMA' if args.tma else 'pointers'} {extra or ''}: "
           f"{use['registers']} registers, {use['spill_stack_bytes']} B spill stack, "
           f"{use['shared_bytes'] / 1024:.0f} KiB shared, q k^T's A operand from {a_operand}")
+    print_loops(sass, ("unmasked", "diagonal"))
+
+
+def print_loops(sass: str, names: tuple[str, ...]) -> None:
+    """The key-tile loops' instruction mix as a Markdown table."""
     print("| loop | instructions / warp | BAR | MUFU | FFMA | FMUL | FMNMX+FADD | HGMMA | STS+LDS | STG | STL+LDL |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, loop in zip(("unmasked", "diagonal"), key_tile_loops(sass)):
+    for name, loop in zip(names, key_tile_loops(sass)):
         print(f"| {name} | {loop['instructions']} | {loop['BAR']} | {loop['MUFU']} | {loop['FFMA']} | {loop['FMUL']} | "
               f"{loop['FMNMX'] + loop['FADD']} | {loop['HGMMA']} | {loop['STS'] + loop['LDS']} | {loop['STG']} | "
               f"{loop['STL'] + loop['LDL']} |")

@@ -172,9 +172,73 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
     return out, target / target.sum(-1, keepdim=True)
 
 
+GLUON_HEAD_DIMS = (64, 128)
+# LOWBIT_SEER_KERNEL=gluon: the Gluon kernel where it applies (sm_90, 64-token blocks), else the Triton kernel.
+# Opt-in until its GPU numerics and timings are measured (docs/RESULTS.md).
+HOPPER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "triton") == "gluon"
+
+
+def gluon_supported(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
+    """Whether the Hopper (Gluon) kernel takes these inputs: an sm_90 GPU, bf16/fp16, 64-token gate blocks,
+    head dim 64 or 128, rows 16-byte aligned for TMA, and a Triton with Gluon's Hopper API."""
+    if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or block_size != 64 or q.shape[-1] not in GLUON_HEAD_DIMS:
+        return False
+    try:
+        from lowbit.kernels import attention_target_gluon  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None = None, stages: int = 2,
+                                 tile_n: int = 64, consumer_regs: int = 240):
+    """Hopper path (lowbit.kernels.attention_target_gluon: warp-specialised, FlashAttention-3's schedule); same
+    contract, scratch and numerics as attention_block_target_triton with 128-row query tiles. One persistent
+    program per SM; K/V tiles of `tile_n` keys (64 or 128), `stages` of them in flight."""
+    check_attention_inputs(q, k, v, block_size)
+    if tile_n not in (64, 128):
+        raise ValueError(f"tile_n={tile_n}: the Gluon kernel takes K/V tiles of 64 or 128 keys")
+    if not gluon_supported(q, k, block_size):
+        raise ValueError(f"the Gluon attention kernel needs an sm_90 GPU, bf16/fp16, block_size=64 and head_dim in "
+                         f"{GLUON_HEAD_DIMS}; got {q.device}, {q.dtype}, block_size={block_size}, "
+                         f"head_dim={q.shape[-1]} (attention_block_target_triton takes the rest)")
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from lowbit.kernels.attention_target_gluon import BLOCK_M, attention_target_fa3_kernel
+
+    batch, q_heads, seq, head_dim = q.shape
+    scale = head_dim ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    n_blocks = math.ceil(seq / block_size)
+    n_m_tiles = math.ceil(seq / BLOCK_M.value)
+    out = torch.empty_like(q)
+    target = torch.zeros((batch, q_heads, n_blocks, n_blocks), device=q.device, dtype=torch.float32)
+    slots = _program_slots(q.device, n_m_tiles * batch * q_heads, 1)
+    # one row more than gate blocks: a 128-key tile's second block may lie past the sequence end
+    row_max = torch.empty((slots, n_blocks + 1, BLOCK_M.value), device=q.device, dtype=torch.float32)
+    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def descriptor(t: torch.Tensor, rows: int):
+        block = [1, rows, head_dim]
+        return TensorDescriptor.from_tensor(t.view(-1, seq, head_dim), block,
+                                            gl.NVMMASharedLayout.get_default_for(block, element))
+    q_desc, k_desc, v_desc = descriptor(q, block_size), descriptor(k, tile_n), descriptor(v, tile_n)
+    attention_target_fa3_kernel[(slots,)](
+        q_desc, k_desc, v_desc, out, target, row_max, scale * 1.4426950408889634, seq, n_blocks, q_heads,
+        q_heads // k.shape[1], batch * q_heads, n_m_tiles, out.stride(0), out.stride(1), out.stride(2),
+        target.stride(0), target.stride(1), target.stride(2), row_max.stride(0),
+        STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=24, num_warps=4)
+    return out, target / target.sum(-1, keepdim=True)
+
+
 @torch.library.custom_op("lowbit::seer_attention_target", mutates_args=())
 def _attention_target_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, scale: float,
                          triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if triton and HOPPER_KERNEL and gluon_supported(q, k, block_size):
+        return attention_block_target_gluon(q, k, v, block_size, scale)
     if triton:
         return attention_block_target_triton(q, k, v, block_size, scale)
     return attention_block_target_torch(q, k, v, block_size, scale)

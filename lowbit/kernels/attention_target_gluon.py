@@ -1,0 +1,326 @@
+"""Hopper kernel of lowbit.kernels.attention_target in Gluon (Triton's explicit-layout language): the same
+one-pass causal flash attention and block-target pooling as attention_target_triton, scheduled as FlashAttention-3
+schedules its forward pass (Shah et al., arXiv 2407.08608), which Triton's compiler does not do by itself:
+
+- warp specialisation: one loader warp fills a ring of K and V tiles by TMA; two consumer warpgroups, each owning
+  64 of the tile's 128 query rows, take tiles from the ring through mbarriers and never wait on each other (no
+  CTA-wide barrier in the loop), so one warpgroup's softmax can run while the other's MMAs do;
+- inside each warpgroup, key tile j's q k^T is issued before P_(j-1) V_(j-1) and waited for alone (a wgmma wait
+  that leaves the P V groups in flight), so tile j's softmax runs while the tensor cores multiply the previous tile.
+
+Contract, scratch and numerics are those of the Triton kernel (fp32 accumulation, exp2 with the scale folded in,
+row maxima of each gate block kept in a per-program scratch and pooled against the final log-sum-exp). Gate blocks
+are 64 tokens, K/V tiles 64 or 128 keys (one or two gate blocks, each its own MMAs), query tiles 128 rows, head dim
+64 or 128. Gluon has no interpreter: on CPU the kernel is compiled for sm_90 (tests/kernels/test_attention_kernels.py,
+bench/attention_sass.py --gluon); its numerics are checked on a GPU against the Triton kernel and the PyTorch path.
+"""
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+HALF_M = gl.constexpr(64)       # query rows per consumer warpgroup (one gate block)
+BLOCK_M = gl.constexpr(128)     # query rows per program tile (two warpgroups)
+BLOCK_N = gl.constexpr(64)      # keys per gate block; K/V tiles hold one or two (64 or 128 keys)
+POOL = gl.constexpr(16)         # key blocks per step of the pooling epilogue
+# Gluon's API between Triton 3.6 (the GPU image) and 3.7+ (the CPU build here): a barrier among one partition's
+# warps, and the TMA load into shared memory
+_partition_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _work_item(work, batch_heads, q_heads, n_m_tiles, BLOCK_M: gl.constexpr):
+    """(first query row, batch, head) of a persistent work item, heaviest (last) query tiles first."""
+    m_tile = n_m_tiles - 1 - work // batch_heads
+    bh = work % batch_heads
+    return m_tile * BLOCK_M, bh // q_heads, bh % q_heads
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+            seq, q_heads, groups, batch_heads, n_m_tiles):
+    """One warp: Q of each work item (both halves, double-buffered so that the next item's loads start while the
+    consumers finish this one), then its K and V tiles into the ring, each slot once both consumers released it."""
+    STAGES: gl.constexpr = k_smem.shape[0]
+    TILE_N: gl.constexpr = k_smem.shape[2]
+    counter = 0
+    item = 0
+    for work in range(gl.program_id(0), n_m_tiles * batch_heads, gl.num_programs(0)):
+        m0, b, h = _work_item(work, batch_heads, q_heads, n_m_tiles, BLOCK_M)
+        kv_row = b * (q_heads // groups) + h // groups
+        q_slot = item % 2
+        mbarrier.wait(q_empty.index(q_slot), ((item // 2) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(q_slot), 2 * q_desc.block_type.nbytes)
+        _tma_load(q_desc, [b * q_heads + h, m0, 0], q_ready.index(q_slot), q_smem.index(2 * q_slot))
+        _tma_load(q_desc, [b * q_heads + h, m0 + HALF_M, 0], q_ready.index(q_slot), q_smem.index(2 * q_slot + 1))
+        n_tiles = gl.cdiv(gl.minimum(m0 + BLOCK_M, seq), TILE_N)
+        for j in range(n_tiles):
+            slot = counter % STAGES
+            phase = (counter // STAGES) & 1
+            mbarrier.wait(k_empty.index(slot), phase ^ 1)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [kv_row, j * TILE_N, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), phase ^ 1)
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [kv_row, j * TILE_N, 0], v_ready.index(slot), v_smem.index(slot))
+            counter += 1
+        item += 1
+
+
+@gluon.jit
+def _masked(s, rows, cols, seq):
+    """Scores of keys after the query row or past the sequence end -> -inf."""
+    keep = (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1)) & gl.expand_dims(cols < seq, 0)
+    return gl.where(keep, s, float("-inf"))
+
+
+@gluon.jit
+def _tile_scores(q, k_smem, slot, zeros_s, SUB: gl.constexpr):
+    """Issues q k^T for 64-key sub-block SUB of the K tile in `slot` (asynchronous: a wgmma group)."""
+    TILE_N: gl.constexpr = k_smem.shape[2]
+    HEAD_DIM: gl.constexpr = k_smem.shape[3]
+    k = k_smem.index(slot).reshape([TILE_N, HEAD_DIM]).slice(SUB * BLOCK_N, BLOCK_N, dim=0).permute((1, 0))
+    return warpgroup_mma(q, k, zeros_s, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _tile_pv(p_op, v_smem, slot, acc, SUB: gl.constexpr):
+    """Issues acc += P V for 64-key sub-block SUB of the V tile in `slot` (asynchronous)."""
+    TILE_N: gl.constexpr = v_smem.shape[2]
+    HEAD_DIM: gl.constexpr = v_smem.shape[3]
+    v = v_smem.index(slot).reshape([TILE_N, HEAD_DIM]).slice(SUB * BLOCK_N, BLOCK_N, dim=0)
+    return warpgroup_mma(p_op, v, acc, is_async=True)
+
+
+@gluon.jit
+def _block_softmax(s, rows, cols, seq, row_max_ptr, scale_log2, MASKED):
+    """One 64-key block's scores -> (scores, masked; the block's row maxima in log2 units, stored to the scratch)."""
+    if MASKED:
+        s = _masked(s, rows, cols, seq)
+    block_max = gl.max(s, 1) * scale_log2
+    gl.store(row_max_ptr, block_max)
+    return s, block_max
+
+
+@gluon.jit
+def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+              Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles,
+              so_b, so_h, so_s, st_b, st_h, st_q, sr_slot):
+    """One warpgroup: query rows [HALF * 64, HALF * 64 + 64) of each work item's tile, K/V tiles of TILE_N = 64 or
+    128 keys (one or two gate blocks, each its own q k^T and P V MMAs: one row maximum per gate block)."""
+    STAGES: gl.constexpr = k_smem.shape[0]
+    TILE_N: gl.constexpr = k_smem.shape[2]
+    HEAD_DIM: gl.constexpr = k_smem.shape[3]
+    SPLIT: gl.constexpr = TILE_N // BLOCK_N
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    pool_layout: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [4, 1], [1, 0])
+    offs_r = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    offs_ro = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, o_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    pool_kb = gl.arange(0, POOL, layout=gl.SliceLayout(1, pool_layout))
+    pool_r = gl.arange(0, HALF_M, layout=gl.SliceLayout(0, pool_layout))
+    scratch = RowMax + gl.program_id(0) * sr_slot + HALF * HALF_M      # this half's columns of the row-max scratch
+    row_max_base = scratch + offs_r
+    zeros_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+    counter = 0
+    item = 0
+    for work in range(gl.program_id(0), n_m_tiles * batch_heads, gl.num_programs(0)):
+        m0, b, h = _work_item(work, batch_heads, q_heads, n_m_tiles, BLOCK_M)
+        rows = m0 + HALF * HALF_M + offs_r
+        n_tiles = gl.cdiv(gl.minimum(m0 + BLOCK_M, seq), TILE_N)
+        full_tiles = m0 // TILE_N                       # key tiles left of the diagonal: no mask
+        q_slot = item % 2
+        mbarrier.wait(q_ready.index(q_slot), (item // 2) & 1)
+        q = q_smem.index(2 * q_slot + HALF).reshape([HALF_M, HEAD_DIM])
+
+        # key tile 0 (masked: right for every tile), no P V yet
+        slot = counter % STAGES
+        phase = (counter // STAGES) & 1
+        mbarrier.wait(k_ready.index(slot), phase)
+        s = _tile_scores(q, k_smem, slot, zeros_s, 0)
+        if SPLIT == 2:
+            s_b = _tile_scores(q, k_smem, slot, zeros_s, 1)
+            s, s_b = warpgroup_mma_wait(0, deps=[s, s_b])
+        else:
+            s = warpgroup_mma_wait(0, deps=[s])
+        mbarrier.arrive(k_empty.index(slot))
+        s, m_i = _block_softmax(s, rows, offs_n, seq, row_max_base, scale_log2, True)
+        if SPLIT == 2:
+            s_b, max_b = _block_softmax(s_b, rows, BLOCK_N + offs_n, seq, row_max_base + BLOCK_M, scale_log2, True)
+            m_i = gl.maximum(m_i, max_b)
+        p = gl.exp2(s * scale_log2 - gl.expand_dims(m_i, 1))
+        l_i = gl.sum(p, 1)
+        p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+        p_op_b = p_op
+        if SPLIT == 2:
+            p_b = gl.exp2(s_b * scale_log2 - gl.expand_dims(m_i, 1))
+            l_i += gl.sum(p_b, 1)
+            p_op_b = gl.convert_layout(p_b.to(v_smem.dtype), p_layout)
+        acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
+        prev_slot = slot
+        prev_phase = phase
+        counter += 1
+        for j in range(1, n_tiles):
+            slot = counter % STAGES
+            phase = (counter // STAGES) & 1
+            mbarrier.wait(k_ready.index(slot), phase)
+            s = _tile_scores(q, k_smem, slot, zeros_s, 0)                         # S_j
+            if SPLIT == 2:
+                s_b = _tile_scores(q, k_smem, slot, zeros_s, 1)
+            mbarrier.wait(v_ready.index(prev_slot), prev_phase)
+            acc = _tile_pv(p_op, v_smem, prev_slot, acc, 0)                       # O += P_(j-1) V_(j-1)
+            if SPLIT == 2:
+                acc = _tile_pv(p_op_b, v_smem, prev_slot, acc, 1)
+                s, s_b = warpgroup_mma_wait(2, deps=[s, s_b])                     # S_j alone
+            else:
+                s = warpgroup_mma_wait(1, deps=[s])
+            mbarrier.arrive(k_empty.index(slot))
+            masked = j >= full_tiles
+            s, tile_max = _block_softmax(s, rows, j * TILE_N + offs_n, seq,
+                                         row_max_base + j * SPLIT * BLOCK_M, scale_log2, masked)
+            if SPLIT == 2:
+                s_b, max_b = _block_softmax(s_b, rows, j * TILE_N + BLOCK_N + offs_n, seq,
+                                            row_max_base + (j * SPLIT + 1) * BLOCK_M, scale_log2, masked)
+                tile_max = gl.maximum(tile_max, max_b)
+            m_new = gl.maximum(m_i, tile_max)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            if SPLIT == 2:
+                p_b = gl.exp2(s_b * scale_log2 - gl.expand_dims(m_new, 1))
+                l_i += gl.sum(p_b, 1)
+            m_i = m_new
+            acc, p_op, p_op_b = warpgroup_mma_wait(0, deps=[acc, p_op, p_op_b])
+            mbarrier.arrive(v_empty.index(prev_slot))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+            if SPLIT == 2:
+                p_op_b = gl.convert_layout(p_b.to(v_smem.dtype), p_layout)
+            prev_slot = slot
+            prev_phase = phase
+            counter += 1
+        mbarrier.wait(v_ready.index(prev_slot), prev_phase)
+        acc = _tile_pv(p_op, v_smem, prev_slot, acc, 0)
+        if SPLIT == 2:
+            acc = _tile_pv(p_op_b, v_smem, prev_slot, acc, 1)
+        acc, p_op, p_op_b = warpgroup_mma_wait(0, deps=[acc, p_op, p_op_b])
+        mbarrier.arrive(v_empty.index(prev_slot))
+        mbarrier.arrive(q_empty.index(q_slot))
+
+        rows_o = m0 + HALF * HALF_M + offs_ro
+        row_ok = rows_o < seq
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        l_o = gl.where(row_ok, l_o, 1.0)
+        out = (acc / gl.expand_dims(l_o, 1)).to(Out.dtype.element_ty)
+        gl.store(Out + b * so_b + h * so_h + gl.expand_dims(rows_o, 1) * so_s + gl.expand_dims(offs_d, 0), out,
+                 mask=gl.expand_dims(row_ok, 1))
+
+        # Pool: target[query block, key block] = max over the block's rows of exp2(row max - lse)
+        l_safe = gl.where(rows < seq, l_i, 1.0)
+        lse = gl.where(rows < seq, m_i + gl.log2(l_safe), float("inf"))      # padded rows pool exp2(-inf) = 0
+        lse = gl.convert_layout(lse, gl.SliceLayout(0, pool_layout))
+        _partition_barrier()             # this warpgroup's scratch rows are visible to all its threads
+        key_blocks = gl.cdiv(gl.minimum(m0 + BLOCK_M, seq), BLOCK_N)
+        q_block = (m0 + HALF * HALF_M) // HALF_M
+        t_base = Target + b * st_b + h * st_h + q_block * st_q
+        for kb0 in range(0, key_blocks, POOL):
+            kbs = kb0 + pool_kb
+            written = kbs < key_blocks
+            row_max = gl.load(scratch + gl.expand_dims(kbs, 1) * BLOCK_M + gl.expand_dims(pool_r, 0),
+                              mask=gl.expand_dims(written, 1), other=float("-inf"))
+            pooled = gl.max(gl.exp2(row_max - gl.expand_dims(lse, 0)), 1)
+            gl.store(t_base + kbs, pooled, mask=written & (q_block < n_blocks))
+        _partition_barrier()             # all reads of the scratch are done before the next item rewrites it
+        item += 1
+
+
+@gluon.jit
+def _consumer_low(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Target, RowMax,
+                  scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q,
+                  sr_slot):
+    _consumer(0, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Target, RowMax,
+              scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
+
+
+@gluon.jit
+def _consumer_high(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Target, RowMax,
+                   scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q,
+                   sr_slot):
+    _consumer(1, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Target, RowMax,
+              scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
+
+
+@gluon.jit
+def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads,
+                                groups, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot,
+                                STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape, q_desc.layout)  # 2 items x 2 halves
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)    # both consumer warpgroups release Q
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2)
+    barriers = (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
+    consumer_args = barriers + (Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles,
+                                so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
+    gl.warp_specialize([(_consumer_low, consumer_args), (_consumer_high, consumer_args),
+                        (_loader, (q_desc, k_desc, v_desc) + barriers + (seq, q_heads, groups, batch_heads,
+                                                                         n_m_tiles))],
+                       [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", tile_n: int = 64,
+                  consumer_regs: int = 240) -> dict:
+    """The kernel compiled for sm_90 without a GPU (Triton's own ptxas): {"sass", "registers", "spill_bytes",
+    "shared_bytes"}. For the CPU test and bench/attention_sass.py; cuobjdump ships with Triton."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    element = {"bf16": (torch.bfloat16, gl.bfloat16), "fp16": (torch.float16, gl.float16)}[dtype]
+    def desc_type(rows: int) -> str:
+        block = [1, rows, head_dim]
+        layout = gl.NVMMASharedLayout.get_default_for(block, element[1])
+        return mangle_type(TensorDescriptor.from_tensor(torch.empty(1, 128, head_dim, dtype=element[0]), block,
+                                                        layout))
+    names = attention_target_fa3_kernel.arg_names
+    signature = {name: "i32" for name in names}
+    signature.update(q_desc=desc_type(int(HALF_M)), k_desc=desc_type(tile_n), v_desc=desc_type(tile_n), Out=f"*{dtype}", Target="*fp32",
+                     RowMax="*fp32", scale_log2="fp32")
+    constants = dict(STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=24)
+    signature.update({name: "constexpr" for name in constants})
+    source = GluonASTSource(fn=attention_target_fa3_kernel, signature=signature,
+                            constexprs={(names.index(name),): value for name, value in constants.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([cuobjdump, "--dump-sass", cubin.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    return {"sass": sass, "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "spill_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)), "shared_bytes": kernel.metadata.shared}
