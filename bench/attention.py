@@ -34,7 +34,7 @@ SPARSE_LAUNCH = [(4, 3), (8, 3), (8, 4)]     # the block-sparse kernel's sweep, 
 TMA = [True, False]          # K/V tiles by tensor descriptors or by pointers
 PER_SM = [2]                 # persistent programs per SM
 TILES_M: list[int] = []      # query rows per tile (empty: B and 128)
-GLUON: list[tuple[int, int]] = []   # (K/V ring depth, keys per K/V tile) of the Hopper (Gluon) kernel, swept too
+GLUON: list[tuple[int, ...]] = []   # (K/V ring depth, keys per K/V tile, ping-pong 0/1) of the Gluon kernel, swept too
 
 
 def timed(fn, reps: int = 10) -> float:
@@ -72,15 +72,16 @@ def check_correctness(block: int) -> dict:
             out_err = max(out_err, (out.float() - out_ref.float()).abs().max().item())
     errors = {}
     if GLUON and gluon_supported(q, k, block):
-        for stages, tile_n in GLUON:
+        for stages, tile_n, pingpong in GLUON:
             for shape in ((1, 8, 1000, 2), (2, 4, 200, 4), (1, 2, 64, 1), (1, 4, 2048, 1)):
                 batch, heads, seq, kv = shape
                 qs = torch.randn(batch, heads, seq, 128, device="cuda", dtype=torch.bfloat16)
                 ks = torch.randn(batch, kv, seq, 128, device="cuda", dtype=torch.bfloat16)
                 vs = torch.randn(batch, kv, seq, 128, device="cuda", dtype=torch.bfloat16)
                 o_ref, t_ref = attention_block_target_torch(qs, ks, vs, block)
-                o, t = attention_block_target_gluon(qs, ks, vs, block, stages=stages, tile_n=tile_n)
-                errors[f"gluon_{stages}x{tile_n}_{batch}x{heads}x{seq}_kv{kv}"] = (
+                o, t = attention_block_target_gluon(qs, ks, vs, block, stages=stages, tile_n=tile_n,
+                                                    pingpong=bool(pingpong))
+                errors[f"gluon_{stages}x{tile_n}{'_pingpong' * pingpong}_{batch}x{heads}x{seq}_kv{kv}"] = (
                     (t - t_ref).abs().max().item(), (o.float() - o_ref.float()).abs().max().item())
     n = target.shape[-1]
     mask = topk_mask(torch.rand(1, 2, n, n, device="cuda"), 0.3)
@@ -127,13 +128,13 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
                         block_n=setting[3], tma=setting[4], programs_per_sm=setting[5])))
                     print(f"  target S={seq} block_m={block_m} block_n={block_n} tma={tma} programs/SM={per_sm}: "
                           f"{ms:.3f} ms {(warps, stages)}", flush=True)
-    for stages, tile_n in GLUON if gluon_supported(q, k, block) else []:
-        call = (lambda stages=stages, tile_n=tile_n: attention_block_target_gluon(q, k, v, block, stages=stages,
-                                                                                  tile_n=tile_n))
+    for stages, tile_n, pingpong in GLUON if gluon_supported(q, k, block) else []:
+        call = (lambda stages=stages, tile_n=tile_n, pingpong=pingpong: attention_block_target_gluon(
+            q, k, v, block, stages=stages, tile_n=tile_n, pingpong=bool(pingpong)))
         ms = timed(call)
-        target_runs.append((ms, ("gluon", stages, tile_n), call))
-        print(f"  target S={seq} gluon (warp-specialised, 128 rows) stages={stages} keys/tile={tile_n}: "
-              f"{ms:.3f} ms", flush=True)
+        target_runs.append((ms, ("gluon", stages, tile_n, pingpong), call))
+        print(f"  target S={seq} gluon (warp-specialised, 128 rows) stages={stages} keys/tile={tile_n} "
+              f"ping-pong={pingpong}: {ms:.3f} ms", flush=True)
     target_ms, target_launch, target_call = min(target_runs, key=lambda run: run[0])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -213,15 +214,16 @@ def main() -> None:
     parser.add_argument("--tma", default="both", choices=["both", "on", "off"], help="K/V tile loads swept")
     parser.add_argument("--per-sm", type=int, nargs="+", default=[2], help="persistent programs per SM swept")
     parser.add_argument("--block-m", type=int, nargs="*", default=[], help="query rows per tile swept")
-    parser.add_argument("--gluon", nargs="*", default=[], metavar="STAGES,KEYS",
-                        help="also time the Hopper (Gluon) kernel: K/V ring depth, keys per tile, e.g. 2,64 2,128")
+    parser.add_argument("--gluon", nargs="*", default=[], metavar="STAGES,KEYS[,PINGPONG]",
+                        help="also time the Hopper (Gluon) kernel: K/V ring depth, keys per tile, ping-pong (0/1), "
+                             "e.g. 2,64 2,128 2,128,1")
     parser.add_argument("--gate-smoke", action="store_true", help="also run the gate pipeline on a random Llama")
     args = parser.parse_args()
     LAUNCH[:] = [tuple(int(n) for n in setting.split(",")) for setting in args.launch]
     TMA[:] = {"both": [True, False], "on": [True], "off": [False]}[args.tma]
     PER_SM[:] = args.per_sm
     TILES_M[:] = args.block_m
-    GLUON[:] = [tuple(int(n) for n in setting.split(",")) for setting in args.gluon]
+    GLUON[:] = [(*(int(n) for n in setting.split(",")), 0)[:3] for setting in args.gluon]
     device = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"device {device}, torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC", flush=True)

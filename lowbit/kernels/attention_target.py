@@ -173,9 +173,10 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
 
 
 GLUON_HEAD_DIMS = (64, 128)
-# LOWBIT_SEER_KERNEL=gluon: the Gluon kernel where it applies (sm_90, 64-token blocks), else the Triton kernel.
-# Opt-in until its GPU numerics and timings are measured (docs/RESULTS.md).
-HOPPER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "triton") == "gluon"
+# The Gluon kernel where it applies (sm_90, 64-token blocks), else the Triton kernel: 9-14% faster than the best
+# Triton tiles at S = 8k-32k on an H100 (docs/RESULTS.md, thirty-third session). LOWBIT_SEER_KERNEL=triton keeps the
+# Triton kernel everywhere.
+HOPPER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "auto") != "triton"
 
 
 def gluon_supported(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
@@ -193,10 +194,11 @@ def gluon_supported(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
 
 
 def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None = None, stages: int = 2,
-                                 tile_n: int = 64, consumer_regs: int = 240):
+                                 tile_n: int = 128, pingpong: bool = False, consumer_regs: int = 240):
     """Hopper path (lowbit.kernels.attention_target_gluon: warp-specialised, FlashAttention-3's schedule); same
     contract, scratch and numerics as attention_block_target_triton with 128-row query tiles. One persistent
-    program per SM; K/V tiles of `tile_n` keys (64 or 128), `stages` of them in flight."""
+    program per SM; K/V tiles of `tile_n` keys (64 or 128), `stages` of them in flight; `pingpong`: the two
+    consumer warpgroups issue their MMAs in turns."""
     check_attention_inputs(q, k, v, block_size)
     if tile_n not in (64, 128):
         raise ValueError(f"tile_n={tile_n}: the Gluon kernel takes K/V tiles of 64 or 128 keys")
@@ -230,7 +232,7 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
         q_desc, k_desc, v_desc, out, target, row_max, scale * 1.4426950408889634, seq, n_blocks, q_heads,
         q_heads // k.shape[1], batch * q_heads, n_m_tiles, out.stride(0), out.stride(1), out.stride(2),
         target.stride(0), target.stride(1), target.stride(2), row_max.stride(0),
-        STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=24, num_warps=4)
+        STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, LOADER_REGS=24, num_warps=4)
     return out, target / target.sum(-1, keepdim=True)
 
 

@@ -94,6 +94,22 @@ def _tile_pv(p_op, v_smem, slot, acc, SUB: gl.constexpr):
 
 
 @gluon.jit
+def _await_turn(turn, turns, HALF: gl.constexpr):
+    """Ping-pong (`turn` holds two barriers): wait until the other warpgroup has issued its MMAs of the step before.
+    `turns`: this warpgroup's MMA-issuing steps so far (one per key tile plus one per work item: tiles consumed +
+    items done, no counter of its own)."""
+    if turn.shape[0] == 2:
+        mbarrier.wait(turn.index(HALF), (turns & 1) ^ (1 - HALF))     # warpgroup 0 goes first
+
+
+@gluon.jit
+def _pass_turn(turn, HALF: gl.constexpr):
+    """Ping-pong: my MMAs are issued; the other warpgroup may issue its own (while I run my softmax)."""
+    if turn.shape[0] == 2:
+        mbarrier.arrive(turn.index(1 - HALF))
+
+
+@gluon.jit
 def _block_softmax(s, rows, cols, seq, row_max_ptr, scale_log2, MASKED):
     """One 64-key block's scores -> (scores, masked; the block's row maxima in log2 units, stored to the scratch)."""
     if MASKED:
@@ -104,7 +120,7 @@ def _block_softmax(s, rows, cols, seq, row_max_ptr, scale_log2, MASKED):
 
 
 @gluon.jit
-def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
               Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles,
               so_b, so_h, so_s, st_b, st_h, st_q, sr_slot):
     """One warpgroup: query rows [HALF * 64, HALF * 64 + 64) of each work item's tile, K/V tiles of TILE_N = 64 or
@@ -143,9 +159,12 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
         slot = counter % STAGES
         phase = (counter // STAGES) & 1
         mbarrier.wait(k_ready.index(slot), phase)
+        _await_turn(turn, counter + item, HALF)
         s = _tile_scores(q, k_smem, slot, zeros_s, 0)
         if SPLIT == 2:
             s_b = _tile_scores(q, k_smem, slot, zeros_s, 1)
+        _pass_turn(turn, HALF)
+        if SPLIT == 2:
             s, s_b = warpgroup_mma_wait(0, deps=[s, s_b])
         else:
             s = warpgroup_mma_wait(0, deps=[s])
@@ -170,6 +189,7 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
             slot = counter % STAGES
             phase = (counter // STAGES) & 1
             mbarrier.wait(k_ready.index(slot), phase)
+            _await_turn(turn, counter + item, HALF)
             s = _tile_scores(q, k_smem, slot, zeros_s, 0)                         # S_j
             if SPLIT == 2:
                 s_b = _tile_scores(q, k_smem, slot, zeros_s, 1)
@@ -177,6 +197,8 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
             acc = _tile_pv(p_op, v_smem, prev_slot, acc, 0)                       # O += P_(j-1) V_(j-1)
             if SPLIT == 2:
                 acc = _tile_pv(p_op_b, v_smem, prev_slot, acc, 1)
+            _pass_turn(turn, HALF)
+            if SPLIT == 2:
                 s, s_b = warpgroup_mma_wait(2, deps=[s, s_b])                     # S_j alone
             else:
                 s = warpgroup_mma_wait(1, deps=[s])
@@ -206,9 +228,11 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
             prev_phase = phase
             counter += 1
         mbarrier.wait(v_ready.index(prev_slot), prev_phase)
+        _await_turn(turn, counter + item, HALF)
         acc = _tile_pv(p_op, v_smem, prev_slot, acc, 0)
         if SPLIT == 2:
             acc = _tile_pv(p_op_b, v_smem, prev_slot, acc, 1)
+        _pass_turn(turn, HALF)
         acc, p_op, p_op_b = warpgroup_mma_wait(0, deps=[acc, p_op, p_op_b])
         mbarrier.arrive(v_empty.index(prev_slot))
         mbarrier.arrive(q_empty.index(q_slot))
@@ -241,25 +265,27 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
 
 
 @gluon.jit
-def _consumer_low(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Target, RowMax,
-                  scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q,
+def _consumer_low(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, Out, Target,
+                  RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q,
                   sr_slot):
-    _consumer(0, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Target, RowMax,
+    _consumer(0, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, Out, Target, RowMax,
               scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
 
 
 @gluon.jit
-def _consumer_high(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Target, RowMax,
-                   scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q,
+def _consumer_high(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, Out, Target,
+                   RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q,
                    sr_slot):
-    _consumer(1, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Target, RowMax,
+    _consumer(1, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, Out, Target, RowMax,
               scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["scale_log2", "seq", "n_blocks", "q_heads", "groups", "batch_heads", "n_m_tiles",
+                               "so_b", "so_h", "so_s", "st_b", "st_h", "st_q", "sr_slot"])   # a 1 would be a constant,
 def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads,
                                 groups, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot,
-                                STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                                STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                LOADER_REGS: gl.constexpr):
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape, q_desc.layout)  # 2 items x 2 halves
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
@@ -269,6 +295,11 @@ def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, sca
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # PINGPONG: the consumers issue their MMAs in turns, each while the other runs its softmax (FlashAttention-3's
+    # inter-warpgroup schedule); the partitions read the switch from the number of turn barriers (2, or 1 unused)
+    turn = gl.allocate_shared_memory(gl.int64, [2 if PINGPONG else 1, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2 if PINGPONG else 1):
+        mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)    # both consumer warpgroups release Q
@@ -278,7 +309,7 @@ def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, sca
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=2)
     barriers = (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
-    consumer_args = barriers + (Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles,
+    consumer_args = barriers + (turn, Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles,
                                 so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
     gl.warp_specialize([(_consumer_low, consumer_args), (_consumer_high, consumer_args),
                         (_loader, (q_desc, k_desc, v_desc) + barriers + (seq, q_heads, groups, batch_heads,
@@ -287,7 +318,7 @@ def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, sca
 
 
 def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", tile_n: int = 64,
-                  consumer_regs: int = 240) -> dict:
+                  consumer_regs: int = 240, pingpong: bool = False) -> dict:
     """The kernel compiled for sm_90 without a GPU (Triton's own ptxas): {"sass", "registers", "spill_bytes",
     "shared_bytes"}. For the CPU test and bench/attention_sass.py; cuobjdump ships with Triton."""
     import re
@@ -311,7 +342,7 @@ def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", til
     signature = {name: "i32" for name in names}
     signature.update(q_desc=desc_type(int(HALF_M)), k_desc=desc_type(tile_n), v_desc=desc_type(tile_n), Out=f"*{dtype}", Target="*fp32",
                      RowMax="*fp32", scale_log2="fp32")
-    constants = dict(STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=24)
+    constants = dict(STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, LOADER_REGS=24)
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=attention_target_fa3_kernel, signature=signature,
                             constexprs={(names.index(name),): value for name, value in constants.items()})

@@ -113,8 +113,9 @@ def test_hopper_kernel_compiles_for_sm90_with_each_score_mma_waited_for_alone():
     spills, and q k^T of tile j is waited for while P_(j-1) V_(j-1) is still in flight (a wgmma wait that leaves
     the P V groups outstanding), the overlap Triton's own compiler does not make. Its numerics: the GPU test below."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    for head_dim, stages, dtype, tile_n in ((128, 2, "bf16", 64), (64, 3, "fp16", 64), (128, 2, "bf16", 128)):
-        binary = hopper_binary_in_fresh_process(head_dim, stages, dtype, tile_n)
+    for head_dim, stages, dtype, tile_n, pingpong in ((128, 2, "bf16", 64, False), (64, 3, "fp16", 64, False),
+                                                      (128, 2, "bf16", 128, False), (128, 2, "bf16", 128, True)):
+        binary = hopper_binary_in_fresh_process(head_dim, stages, dtype, tile_n, 240, pingpong)
         assert binary["spill_bytes"] == 0, binary["spill_bytes"]
         outstanding = tile_n // 64      # the P V MMAs (one per 64-key block) still running while S_j is waited for
         assert f"WARPGROUP.DEPBAR.LE gsb0, {hex(outstanding)}" in binary["sass"]
@@ -133,8 +134,8 @@ def test_hopper_kernel_equals_torch_path_and_triton_kernel(batch, q_heads, kv_he
     q, k, v = (t.cuda() for t in random_qkv(batch, q_heads, kv_heads, seq, head_dim, seed=seq, dtype=dtype))
     out_ref, target_ref = attention_block_target_torch(q, k, v, 64)
     out_triton, target_triton = attention_block_target_triton(q, k, v, 64)
-    for stages, tile_n in ((2, 64), (3, 64), (2, 128)):
-        out, target = attention_block_target_gluon(q, k, v, 64, stages=stages, tile_n=tile_n)
+    for stages, tile_n, pingpong in ((2, 64, False), (3, 64, False), (2, 128, False), (2, 128, True)):
+        out, target = attention_block_target_gluon(q, k, v, 64, stages=stages, tile_n=tile_n, pingpong=pingpong)
         torch.testing.assert_close(target, target_ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(out.float(), out_ref.float(), atol=2e-2, rtol=0)
         torch.testing.assert_close(target, target_triton, atol=1e-5, rtol=0)
