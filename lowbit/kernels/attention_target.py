@@ -173,7 +173,7 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
 
 
 GLUON_HEAD_DIMS = (64, 128)
-# The Gluon kernel where it applies (sm_90, 64-token blocks), else the Triton kernel: 9-14% faster than the best
+# The Gluon kernel where it applies (sm_90, 64-token blocks), else the Triton kernel: 9-15% less time than the best
 # Triton tiles at S = 8k-32k on an H100 (docs/RESULTS.md, thirty-third session). LOWBIT_SEER_KERNEL=triton keeps the
 # Triton kernel everywhere.
 HOPPER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "auto") != "triton"
