@@ -298,8 +298,9 @@ def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, sca
     # PINGPONG: the consumers issue their MMAs in turns, each while the other runs its softmax (FlashAttention-3's
     # inter-warpgroup schedule); the partitions read the switch from the number of turn barriers (2, or 1 unused)
     turn = gl.allocate_shared_memory(gl.int64, [2 if PINGPONG else 1, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2 if PINGPONG else 1):
-        mbarrier.init(turn.index(i), count=1)
+    if PINGPONG:
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)    # both consumer warpgroups release Q
