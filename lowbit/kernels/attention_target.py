@@ -181,7 +181,7 @@ HOPPER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "auto") != "triton"
 
 def gluon_supported(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
     """Whether the Hopper (Gluon) kernel takes these inputs: an sm_90 GPU, bf16/fp16, 64-token gate blocks,
-    head dim 64 or 128, rows 16-byte aligned for TMA, and a Triton with Gluon's Hopper API."""
+    head dim 64 or 128 (rows of 128 or 256 bytes, as TMA needs), and a Triton with Gluon's Hopper API."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or block_size != 64 or q.shape[-1] not in GLUON_HEAD_DIMS:
@@ -213,7 +213,8 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
 
     batch, q_heads, seq, head_dim = q.shape
     scale = head_dim ** -0.5 if scale is None else scale
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # contiguous, and at a 16-byte aligned address for TMA (a view into a larger tensor may start anywhere)
+    q, k, v = (t if t.data_ptr() % 16 == 0 else t.clone() for t in (q.contiguous(), k.contiguous(), v.contiguous()))
     n_blocks = math.ceil(seq / block_size)
     n_m_tiles = math.ceil(seq / BLOCK_M.value)
     out = torch.empty_like(q)
