@@ -128,13 +128,20 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
                         block_n=setting[3], tma=setting[4], programs_per_sm=setting[5])))
                     print(f"  target S={seq} block_m={block_m} block_n={block_n} tma={tma} programs/SM={per_sm}: "
                           f"{ms:.3f} ms {(warps, stages)}", flush=True)
+    gluon_err = {}
+    reference = attention_block_target_triton(q, k, v, block) if GLUON else None
     for stages, tile_n, pingpong in GLUON if gluon_supported(q, k, block) else []:
         call = (lambda stages=stages, tile_n=tile_n, pingpong=pingpong: attention_block_target_gluon(
             q, k, v, block, stages=stages, tile_n=tile_n, pingpong=bool(pingpong)))
+        out, target = call()        # the timed size, many work items per program: against the Triton kernel
+        gluon_err[f"{stages}x{tile_n}{'_pingpong' * pingpong}"] = (
+            (target - reference[1]).abs().max().item(), (out.float() - reference[0].float()).abs().max().item())
         ms = timed(call)
         target_runs.append((ms, ("gluon", stages, tile_n, pingpong), call))
         print(f"  target S={seq} gluon (warp-specialised, 128 rows) stages={stages} keys/tile={tile_n} "
-              f"ping-pong={pingpong}: {ms:.3f} ms", flush=True)
+              f"ping-pong={pingpong}: {ms:.3f} ms; target / output max abs diff to the Triton kernel "
+              f"{gluon_err[list(gluon_err)[-1]]}", flush=True)
+    del reference
     target_ms, target_launch, target_call = min(target_runs, key=lambda run: run[0])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -153,7 +160,7 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
     flops = 4 * seq * seq / 2 * head_dim * heads
     return {"seq": seq, "heads": heads, "kv_heads": kv_heads, "sdpa_ms": sdpa_ms,
             "sdpa_tflops": flops / sdpa_ms / 1e9, "target_ms": target_ms, "target_launch": target_launch,
-            "target_over_sdpa": target_ms / sdpa_ms, "target_extra_mib": extra_mib,
+            "target_over_sdpa": target_ms / sdpa_ms, "target_extra_mib": extra_mib, "gluon_vs_triton_err": gluon_err,
             "target_map_mib": heads * n * n * 4 / 2 ** 20, "seer_buffer_mib": heads * seq * n * 4 / 2 ** 20,
             "sparse_sparsity": measured, "sparse_ms": sparse_ms, "sparse_launch": sparse_launch,
             "sparse_speedup_over_sdpa": sdpa_ms / sparse_ms, "dense_blocksparse_ms": full_ms,

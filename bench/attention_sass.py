@@ -6,7 +6,7 @@ cannot show: why a variant of the loop is faster or not (issue 4; docs/RESULTS.m
     python bench/attention_sass.py                       # 128 rows x 64 keys, 8 warps, 3 stages, K/V by TMA
     python bench/attention_sass.py --block-m 64 --warps 4 --stages 2
     python bench/attention_sass.py --constexpr EXP_FMA=1 # a patched kernel's extra compile-time switches
-    python bench/attention_sass.py --gluon --stages 2     # the Hopper (Gluon, warp-specialised) kernel instead
+    python bench/attention_sass.py --gluon --stages 2 --block-n 128   # the Hopper (Gluon) kernel instead
 """
 from __future__ import annotations
 
@@ -87,8 +87,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.gluon:
         from lowbit.kernels.attention_target_gluon import hopper_binary
-        binary = hopper_binary(args.head_dim, args.stages)
-        print(f"Triton {triton.__version__}, sm_90, Gluon kernel, 2 x 64 rows x 64 keys, head dim {args.head_dim}, "
+        binary = hopper_binary(args.head_dim, args.stages, tile_n=args.block_n)
+        print(f"Triton {triton.__version__}, sm_90, Gluon kernel, 2 x 64 rows x {args.block_n} keys, "
+              f"head dim {args.head_dim}, "
               f"{args.stages} K/V stages: {binary['registers']} registers at launch, {binary['spill_bytes']} B spill "
               f"stack, {binary['shared_bytes'] / 1024:.0f} KiB shared")
         # every loop around an HGMMA, in code order: the consumers' key-tile loops (their masked branch included)

@@ -173,10 +173,21 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
 
 
 GLUON_HEAD_DIMS = (64, 128)
-# The Gluon kernel where it applies (sm_90, 64-token blocks), else the Triton kernel: 9-15% less time than the best
-# Triton tiles at S = 8k-32k on an H100 (docs/RESULTS.md, thirty-third session). LOWBIT_SEER_KERNEL=triton keeps the
-# Triton kernel everywhere.
-HOPPER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "auto") != "triton"
+# LOWBIT_SEER_KERNEL=gluon: the Gluon kernel where it applies (sm_90, 64-token blocks), else the Triton kernel. It took
+# 9-15% less time than the best Triton tiles at S = 8k-32k on an H100 (docs/RESULTS.md, thirty-third session), but
+# stays opt-in until its GPU test with several work items per program (buffers and barrier phases carried from one
+# item to the next) has run.
+HOPPER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "triton") == "gluon"
+
+
+@functools.cache
+def _gluon_importable() -> bool:
+    """A Triton with Gluon's Hopper API (checked once)."""
+    try:
+        from lowbit.kernels import attention_target_gluon  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def gluon_supported(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
@@ -186,19 +197,15 @@ def gluon_supported(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or block_size != 64 or q.shape[-1] not in GLUON_HEAD_DIMS:
         return False
-    try:
-        from lowbit.kernels import attention_target_gluon  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _gluon_importable()
 
 
 def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None = None, stages: int = 2,
-                                 tile_n: int = 128, pingpong: bool = False, consumer_regs: int = 240):
+                                 tile_n: int = 128, pingpong: bool = False, programs: int = 0):
     """Hopper path (lowbit.kernels.attention_target_gluon: warp-specialised, FlashAttention-3's schedule); same
-    contract, scratch and numerics as attention_block_target_triton with 128-row query tiles. One persistent
-    program per SM; K/V tiles of `tile_n` keys (64 or 128), `stages` of them in flight; `pingpong`: the two
-    consumer warpgroups issue their MMAs in turns."""
+    contract, scratch and numerics as attention_block_target_triton with 128-row query tiles. Persistent programs,
+    one per SM (`programs`: fewer, e.g. for a test that gives each several work items); K/V tiles of `tile_n` keys
+    (64 or 128), `stages` of them in flight; `pingpong`: the two consumer warpgroups issue their MMAs in turns."""
     check_attention_inputs(q, k, v, block_size)
     if tile_n not in (64, 128):
         raise ValueError(f"tile_n={tile_n}: the Gluon kernel takes K/V tiles of 64 or 128 keys")
@@ -209,7 +216,8 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from lowbit.kernels.attention_target_gluon import BLOCK_M, attention_target_fa3_kernel
+    from lowbit.kernels.attention_target_gluon import (BLOCK_M, CONSUMER_REGS, LOADER_REGS,
+                                                       attention_target_fa3_kernel)
 
     batch, q_heads, seq, head_dim = q.shape
     scale = head_dim ** -0.5 if scale is None else scale
@@ -220,6 +228,7 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
     out = torch.empty_like(q)
     target = torch.zeros((batch, q_heads, n_blocks, n_blocks), device=q.device, dtype=torch.float32)
     slots = _program_slots(q.device, n_m_tiles * batch * q_heads, 1)
+    slots = min(slots, programs) if programs > 0 else slots
     # one row more than gate blocks: a 128-key tile's second block may lie past the sequence end
     row_max = torch.empty((slots, n_blocks + 1, BLOCK_M.value), device=q.device, dtype=torch.float32)
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -233,7 +242,7 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
         q_desc, k_desc, v_desc, out, target, row_max, scale * 1.4426950408889634, seq, n_blocks, q_heads,
         q_heads // k.shape[1], batch * q_heads, n_m_tiles, out.stride(0), out.stride(1), out.stride(2),
         target.stride(0), target.stride(1), target.stride(2), row_max.stride(0),
-        STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, LOADER_REGS=24, num_warps=4)
+        STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4)
     return out, target / target.sum(-1, keepdim=True)
 
 

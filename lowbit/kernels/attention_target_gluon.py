@@ -23,6 +23,8 @@ HALF_M = gl.constexpr(64)       # query rows per consumer warpgroup (one gate bl
 BLOCK_M = gl.constexpr(128)     # query rows per program tile (two warpgroups)
 BLOCK_N = gl.constexpr(64)      # keys per gate block; K/V tiles hold one or two (64 or 128 keys)
 POOL = gl.constexpr(16)         # key blocks per step of the pooling epilogue
+CONSUMER_REGS = 240             # registers per thread of the second consumer warpgroup (setmaxnreg; the first, the
+LOADER_REGS = 24                # default partition, takes 256): 2 x 128 x 256-or-240 + 32 x 24 <= 64K per SM
 # Gluon's API between Triton 3.6 (the GPU image) and 3.7+ (the CPU build here): a barrier among one partition's
 # warps, and the TMA load into shared memory
 _partition_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -319,7 +321,7 @@ def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, sca
 
 
 def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", tile_n: int = 64,
-                  consumer_regs: int = 240, pingpong: bool = False) -> dict:
+                  consumer_regs: int = CONSUMER_REGS, pingpong: bool = False) -> dict:
     """The kernel compiled for sm_90 without a GPU (Triton's own ptxas): {"sass", "registers", "spill_bytes",
     "shared_bytes"}. For the CPU test and bench/attention_sass.py; cuobjdump ships with Triton."""
     import re
@@ -343,7 +345,7 @@ def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", til
     signature = {name: "i32" for name in names}
     signature.update(q_desc=desc_type(int(HALF_M)), k_desc=desc_type(tile_n), v_desc=desc_type(tile_n), Out=f"*{dtype}", Target="*fp32",
                      RowMax="*fp32", scale_log2="fp32")
-    constants = dict(STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, LOADER_REGS=24)
+    constants = dict(STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, LOADER_REGS=LOADER_REGS)
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=attention_target_fa3_kernel, signature=signature,
                             constexprs={(names.index(name),): value for name, value in constants.items()})

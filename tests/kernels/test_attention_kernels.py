@@ -5,6 +5,7 @@ small odd shapes; each is compared with its PyTorch path, and both with float64 
 machine they run on the GPU instead (fp32 dots there use TF32, hence the looser tolerance), and the
 interpreter is left off so that other modules' kernels are compiled for the GPU.
 """
+import itertools
 import json
 import math
 import os
@@ -96,12 +97,12 @@ def test_target_kernel_tiles_of_several_query_blocks_and_shared_scratch(seq, blo
         attention_block_target_triton(q, k, v, 16, block_m=32, block_n=40)
 
 
-def hopper_binary_in_fresh_process(*args) -> dict:
-    """attention_target_gluon.hopper_binary(*args) in a new interpreter: Gluon functions decorated while
+def hopper_binary_in_fresh_process(*args, **kwargs) -> dict:
+    """attention_target_gluon.hopper_binary(*args, **kwargs) in a new interpreter: Gluon functions decorated while
     TRITON_INTERPRET=1 (on for this module's other tests) cannot be compiled."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     code = ("import json, sys; from lowbit.kernels.attention_target_gluon import hopper_binary; "
-            f"print(json.dumps(hopper_binary(*{args!r})))")
+            f"print(json.dumps(hopper_binary(*{args!r}, **{kwargs!r})))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[2], timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -115,7 +116,7 @@ def test_hopper_kernel_compiles_for_sm90_with_each_score_mma_waited_for_alone():
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     for head_dim, stages, dtype, tile_n, pingpong in ((128, 2, "bf16", 64, False), (64, 3, "fp16", 64, False),
                                                       (128, 2, "bf16", 128, False), (128, 2, "bf16", 128, True)):
-        binary = hopper_binary_in_fresh_process(head_dim, stages, dtype, tile_n, 240, pingpong)
+        binary = hopper_binary_in_fresh_process(head_dim, stages, dtype, tile_n, pingpong=pingpong)
         assert binary["spill_bytes"] == 0, binary["spill_bytes"]
         outstanding = tile_n // 64      # the P V MMAs (one per 64-key block) still running while S_j is waited for
         assert f"WARPGROUP.DEPBAR.LE gsb0, {hex(outstanding)}" in binary["sass"]
@@ -128,14 +129,17 @@ def test_hopper_kernel_compiles_for_sm90_with_each_score_mma_waited_for_alone():
     (1, 8, 2, 1000, 128, torch.bfloat16), (2, 4, 4, 200, 128, torch.bfloat16), (1, 2, 1, 64, 128, torch.float16),
     (1, 3, 1, 2049, 64, torch.bfloat16), (3, 2, 2, 130, 64, torch.float16)])
 def test_hopper_kernel_equals_torch_path_and_triton_kernel(batch, q_heads, kv_heads, seq, head_dim, dtype):
-    """More work items than programs for the long shapes (ring and Q buffers reused across items), partial last
-    query tiles, GQA, both head dims and half types, against the PyTorch path and the Triton kernel."""
+    """Partial last query tiles, GQA, both head dims and half types, against the PyTorch path and the Triton kernel;
+    with one program per SM (one work item each at these sizes) and with 3 programs (several items each: the K/V
+    ring, the Q double buffer and every barrier phase carried from one item to the next)."""
     from lowbit.kernels.attention_target import attention_block_target_gluon
     q, k, v = (t.cuda() for t in random_qkv(batch, q_heads, kv_heads, seq, head_dim, seed=seq, dtype=dtype))
     out_ref, target_ref = attention_block_target_torch(q, k, v, 64)
     out_triton, target_triton = attention_block_target_triton(q, k, v, 64)
-    for stages, tile_n, pingpong in ((2, 64, False), (3, 64, False), (2, 128, False), (2, 128, True)):
-        out, target = attention_block_target_gluon(q, k, v, 64, stages=stages, tile_n=tile_n, pingpong=pingpong)
+    for (stages, tile_n, pingpong), programs in itertools.product(
+            ((2, 64, False), (3, 64, False), (2, 128, False), (2, 128, True)), (0, 3)):
+        out, target = attention_block_target_gluon(q, k, v, 64, stages=stages, tile_n=tile_n, pingpong=pingpong,
+                                                   programs=programs)
         torch.testing.assert_close(target, target_ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(out.float(), out_ref.float(), atol=2e-2, rtol=0)
         torch.testing.assert_close(target, target_triton, atol=1e-5, rtol=0)
