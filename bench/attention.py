@@ -34,7 +34,7 @@ SPARSE_LAUNCH = [(4, 3), (8, 3), (8, 4)]     # the block-sparse kernel's sweep, 
 TMA = [True, False]          # K/V tiles by tensor descriptors or by pointers
 PER_SM = [2]                 # persistent programs per SM
 TILES_M: list[int] = []      # query rows per tile (empty: B and 128)
-GLUON: list[tuple[int, ...]] = []   # (K/V ring depth, keys per K/V tile, ping-pong 0/1) of the Gluon kernel, swept too
+GLUON: list[tuple[int, ...]] = []   # Gluon kernel: ring depth, keys per tile, ping-pong, head group, dynamic
 
 
 def timed(fn, reps: int = 10) -> float:
@@ -72,7 +72,7 @@ def check_correctness(block: int) -> dict:
             out_err = max(out_err, (out.float() - out_ref.float()).abs().max().item())
     errors = {}
     if GLUON and gluon_supported(q, k, block):
-        for stages, tile_n, pingpong in GLUON:
+        for stages, tile_n, pingpong, head_group, dynamic in GLUON:
             for shape in ((1, 8, 1000, 2), (2, 4, 200, 4), (1, 2, 64, 1), (1, 4, 2048, 1)):
                 batch, heads, seq, kv = shape
                 qs = torch.randn(batch, heads, seq, 128, device="cuda", dtype=torch.bfloat16)
@@ -80,8 +80,10 @@ def check_correctness(block: int) -> dict:
                 vs = torch.randn(batch, kv, seq, 128, device="cuda", dtype=torch.bfloat16)
                 o_ref, t_ref = attention_block_target_torch(qs, ks, vs, block)
                 o, t = attention_block_target_gluon(qs, ks, vs, block, stages=stages, tile_n=tile_n,
-                                                    pingpong=bool(pingpong))
-                errors[f"gluon_{stages}x{tile_n}{'_pingpong' * pingpong}_{batch}x{heads}x{seq}_kv{kv}"] = (
+                                                    pingpong=bool(pingpong), head_group=head_group,
+                                                    dynamic=bool(dynamic))
+                name = gluon_name(stages, tile_n, pingpong, head_group, dynamic)
+                errors[f"gluon_{name}_{batch}x{heads}x{seq}_kv{kv}"] = (
                     (t - t_ref).abs().max().item(), (o.float() - o_ref.float()).abs().max().item())
     n = target.shape[-1]
     mask = topk_mask(torch.rand(1, 2, n, n, device="cuda"), 0.3)
@@ -89,6 +91,11 @@ def check_correctness(block: int) -> dict:
     sparse = block_sparse_attention_triton(q, k, v, mask, block)
     return {"target_max_abs_err": target_err, "target_out_max_abs_err": out_err, "gluon_target_out_err": errors,
             "sparse_max_abs_err": (sparse.float() - sparse_ref.float()).abs().max().item()}
+
+
+def gluon_name(stages: int, tile_n: int, pingpong: int, head_group: int, dynamic: int) -> str:
+    heads = f"_heads{head_group}" if head_group else ""
+    return f"{stages}x{tile_n}{'_pingpong' * pingpong}{heads}{'_static' * (1 - dynamic)}"
 
 
 def best_launch(fn, launches=None) -> tuple[float, tuple[int, int]] | None:
@@ -130,16 +137,18 @@ def bench_seq(seq: int, heads: int, kv_heads: int, head_dim: int, block: int, de
                           f"{ms:.3f} ms {(warps, stages)}", flush=True)
     gluon_err = {}
     reference = attention_block_target_triton(q, k, v, block) if GLUON else None
-    for stages, tile_n, pingpong in GLUON if gluon_supported(q, k, block) else []:
-        call = (lambda stages=stages, tile_n=tile_n, pingpong=pingpong: attention_block_target_gluon(
-            q, k, v, block, stages=stages, tile_n=tile_n, pingpong=bool(pingpong)))
+    for stages, tile_n, pingpong, head_group, dynamic in GLUON if gluon_supported(q, k, block) else []:
+        call = (lambda stages=stages, tile_n=tile_n, pingpong=pingpong, head_group=head_group, dynamic=dynamic:
+                attention_block_target_gluon(q, k, v, block, stages=stages, tile_n=tile_n, pingpong=bool(pingpong),
+                                             head_group=head_group, dynamic=bool(dynamic)))
         out, target = call()        # the timed size, many work items per program: against the Triton kernel
-        gluon_err[f"{stages}x{tile_n}{'_pingpong' * pingpong}"] = (
+        gluon_err[gluon_name(stages, tile_n, pingpong, head_group, dynamic)] = (
             (target - reference[1]).abs().max().item(), (out.float() - reference[0].float()).abs().max().item())
         ms = timed(call)
-        target_runs.append((ms, ("gluon", stages, tile_n, pingpong), call))
+        target_runs.append((ms, ("gluon", stages, tile_n, pingpong, head_group, dynamic), call))
         print(f"  target S={seq} gluon (warp-specialised, 128 rows) stages={stages} keys/tile={tile_n} "
-              f"ping-pong={pingpong}: {ms:.3f} ms; target / output max abs diff to the Triton kernel "
+              f"ping-pong={pingpong} head group={head_group or 'auto'} dynamic={dynamic}: {ms:.3f} ms; "
+              f"target / output max abs diff to the Triton kernel "
               f"{gluon_err[list(gluon_err)[-1]]}", flush=True)
     del reference
     target_ms, target_launch, target_call = min(target_runs, key=lambda run: run[0])
@@ -221,16 +230,19 @@ def main() -> None:
     parser.add_argument("--tma", default="both", choices=["both", "on", "off"], help="K/V tile loads swept")
     parser.add_argument("--per-sm", type=int, nargs="+", default=[2], help="persistent programs per SM swept")
     parser.add_argument("--block-m", type=int, nargs="*", default=[], help="query rows per tile swept")
-    parser.add_argument("--gluon", nargs="*", default=[], metavar="STAGES,KEYS[,PINGPONG]",
+    parser.add_argument("--gluon", nargs="*", default=[], metavar="STAGES,KEYS[,PINGPONG[,HEADS[,DYNAMIC]]]",
                         help="also time the Hopper (Gluon) kernel: K/V ring depth, keys per tile, ping-pong (0/1), "
-                             "e.g. 2,64 2,128 2,128,1")
+                             "query heads per group of work items (0: sized to the L2 cache; 1000: all heads in "
+                             "one group), dynamic scheduler (1, the default, or 0: static), e.g. 2,64 2,128 2,128,1 "
+                             "2,128,0,1000,0")
     parser.add_argument("--gate-smoke", action="store_true", help="also run the gate pipeline on a random Llama")
     args = parser.parse_args()
     LAUNCH[:] = [tuple(int(n) for n in setting.split(",")) for setting in args.launch]
     TMA[:] = {"both": [True, False], "on": [True], "off": [False]}[args.tma]
     PER_SM[:] = args.per_sm
     TILES_M[:] = args.block_m
-    GLUON[:] = [(*(int(n) for n in setting.split(",")), 0)[:3] for setting in args.gluon]
+    GLUON[:] = [(*(int(n) for n in setting.split(",")), *(0, 0, 1)[setting.count(",") - 1:])[:5]
+                for setting in args.gluon]
     device = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"device {device}, torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC", flush=True)

@@ -68,7 +68,7 @@ def key_tile_loops(sass: str) -> list[dict]:
             continue
         ops = [(t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0] for t in body]
         count = {op: ops.count(op) for op in ("BAR", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "HGMMA", "STS",
-                                              "LDS", "STG", "STL", "LDL")}
+                                              "LDS", "STG", "STL", "LDL", "R2UR")}
         loops.append({"instructions": len(body), **count})
     return loops
 
@@ -109,12 +109,13 @@ def main() -> None:
 
 def print_loops(sass: str, names: tuple[str, ...]) -> None:
     """The key-tile loops' instruction mix as a Markdown table."""
-    print("| loop | instructions / warp | BAR | MUFU | FFMA | FMUL | FMNMX+FADD | HGMMA | STS+LDS | STG | STL+LDL |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| loop | instructions / warp | BAR | MUFU | FFMA | FMUL | FMNMX+FADD | HGMMA | STS+LDS | STG | STL+LDL "
+          "| R2UR |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, loop in zip(names, key_tile_loops(sass)):
         print(f"| {name} | {loop['instructions']} | {loop['BAR']} | {loop['MUFU']} | {loop['FFMA']} | {loop['FMUL']} | "
               f"{loop['FMNMX'] + loop['FADD']} | {loop['HGMMA']} | {loop['STS'] + loop['LDS']} | {loop['STG']} | "
-              f"{loop['STL'] + loop['LDL']} |")
+              f"{loop['STL'] + loop['LDL']} | {loop['R2UR']} |")
 
 
 if __name__ == "__main__":

@@ -173,11 +173,15 @@ def attention_block_target_triton(q, k, v, block_size: int, scale: float | None 
 
 
 GLUON_HEAD_DIMS = (64, 128)
-# LOWBIT_SEER_KERNEL=gluon: the Gluon kernel where it applies (sm_90, 64-token blocks), else the Triton kernel. It took
-# 9-15% less time than the best Triton tiles at S = 8k-32k on an H100 (docs/RESULTS.md, thirty-third session), but
-# stays opt-in until its GPU test with several work items per program (buffers and barrier phases carried from one
-# item to the next) has run.
-HOPPER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "triton") == "gluon"
+# The Gluon kernel where it applies (sm_90, 64-token blocks, head dim 64/128, half types), else the Triton kernel;
+# LOWBIT_SEER_KERNEL=triton keeps the Triton kernel everywhere. The Gluon kernel takes less time than the best
+# Triton tiles at S = 8k-32k on an H100 (docs/RESULTS.md, thirty-third and thirty-fourth sessions).
+SEER_KERNELS = ("gluon", "triton")
+SEER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "gluon")
+if SEER_KERNEL not in SEER_KERNELS:
+    raise ValueError(f"LOWBIT_SEER_KERNEL={SEER_KERNEL!r}: use one of {SEER_KERNELS} (or leave it unset: gluon "
+                     f"on Hopper, triton elsewhere)")
+HOPPER_KERNEL = SEER_KERNEL == "gluon"
 
 
 @functools.cache
@@ -201,11 +205,15 @@ def gluon_supported(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
 
 
 def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None = None, stages: int = 2,
-                                 tile_n: int = 128, pingpong: bool = False, programs: int = 0):
+                                 tile_n: int = 128, pingpong: bool = False, programs: int = 0, head_group: int = 0,
+                                 dynamic: bool = True):
     """Hopper path (lowbit.kernels.attention_target_gluon: warp-specialised, FlashAttention-3's schedule); same
     contract, scratch and numerics as attention_block_target_triton with 128-row query tiles. Persistent programs,
     one per SM (`programs`: fewer, e.g. for a test that gives each several work items); K/V tiles of `tile_n` keys
-    (64 or 128), `stages` of them in flight; `pingpong`: the two consumer warpgroups issue their MMAs in turns."""
+    (64 or 128), `stages` of them in flight; `pingpong`: the two consumer warpgroups issue their MMAs in turns.
+    Work items go in groups of `head_group` query heads (0: as many KV heads as fit in half the L2 cache, with their
+    query heads), each group's heaviest query tiles first; `dynamic`: each program takes the next untaken item
+    (an atomic counter) instead of every programs-th."""
     check_attention_inputs(q, k, v, block_size)
     if tile_n not in (64, 128):
         raise ValueError(f"tile_n={tile_n}: the Gluon kernel takes K/V tiles of 64 or 128 keys")
@@ -227,6 +235,11 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
     n_m_tiles = math.ceil(seq / BLOCK_M.value)
     out = torch.empty_like(q)
     target = torch.zeros((batch, q_heads, n_blocks, n_blocks), device=q.device, dtype=torch.float32)
+    if head_group <= 0:
+        kv_head_bytes = 2 * seq * head_dim * k.element_size()
+        l2_bytes = torch.cuda.get_device_properties(q.device).L2_cache_size
+        head_group = max(1, l2_bytes // 2 // kv_head_bytes) * (q_heads // k.shape[1])
+    head_group = min(head_group, batch * q_heads)
     slots = _program_slots(q.device, n_m_tiles * batch * q_heads, 1)
     slots = min(slots, programs) if programs > 0 else slots
     # one row more than gate blocks: a 128-key tile's second block may lie past the sequence end
@@ -238,11 +251,13 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
         return TensorDescriptor.from_tensor(t.view(-1, seq, head_dim), block,
                                             gl.NVMMASharedLayout.get_default_for(block, element))
     q_desc, k_desc, v_desc = descriptor(q, block_size), descriptor(k, tile_n), descriptor(v, tile_n)
+    taken = torch.zeros(1, device=q.device, dtype=torch.int32)      # the dynamic scheduler's counter
     attention_target_fa3_kernel[(slots,)](
-        q_desc, k_desc, v_desc, out, target, row_max, scale * 1.4426950408889634, seq, n_blocks, q_heads,
-        q_heads // k.shape[1], batch * q_heads, n_m_tiles, out.stride(0), out.stride(1), out.stride(2),
+        q_desc, k_desc, v_desc, out, target, row_max, taken, scale * 1.4426950408889634, seq, n_blocks, q_heads,
+        q_heads // k.shape[1], batch * q_heads, n_m_tiles, head_group, out.stride(0), out.stride(1), out.stride(2),
         target.stride(0), target.stride(1), target.stride(2), row_max.stride(0),
-        STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4)
+        STAGES=stages, PINGPONG=pingpong, DYNAMIC=dynamic, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
+        num_warps=4)
     return out, target / target.sum(-1, keepdim=True)
 
 

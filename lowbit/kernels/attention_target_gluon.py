@@ -6,7 +6,11 @@ schedules its forward pass (Shah et al., arXiv 2407.08608), which Triton's compi
   64 of the tile's 128 query rows, take tiles from the ring through mbarriers and never wait on each other (no
   CTA-wide barrier in the loop), so one warpgroup's softmax can run while the other's MMAs do;
 - inside each warpgroup, key tile j's q k^T is issued before P_(j-1) V_(j-1) and waited for alone (a wgmma wait
-  that leaves the P V groups in flight), so tile j's softmax runs while the tensor cores multiply the previous tile.
+  that leaves the P V groups in flight), so tile j's softmax runs while the tensor cores multiply the previous tile;
+- persistent programs take work items (one 128-row query tile of one head) as FlashAttention-3's causal scheduler
+  does: heads in groups whose K and V fit in half the L2 cache, each group's heaviest query tiles first, and each
+  program takes the next untaken item from an atomic counter when it finishes one (the loader takes it and hands it
+  to the consumers with the item's Q), so programs whose items were light take more.
 
 Contract, scratch and numerics are those of the Triton kernel (fp32 accumulation, exp2 with the scale folded in,
 row maxima of each gate block kept in a per-program scratch and pooled against the final log-sum-exp). Gate blocks
@@ -32,30 +36,46 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 
 
 @gluon.jit
-def _work_item(work, batch_heads, q_heads, n_m_tiles, BLOCK_M: gl.constexpr):
-    """(first query row, batch, head) of a persistent work item, heaviest (last) query tiles first."""
-    m_tile = n_m_tiles - 1 - work // batch_heads
-    bh = work % batch_heads
+def _work_item(work, batch_heads, q_heads, n_m_tiles, head_group, BLOCK_M: gl.constexpr):
+    """(first query row, batch, head) of work item `work`: heads in groups of `head_group` (sized by the host so that
+    their K and V fit in half the L2 cache: the programs running at once read the same K/V tiles), heaviest (last)
+    query tiles first within a group (the longest-processing-time order of FlashAttention-3's causal scheduler)."""
+    group = work // (head_group * n_m_tiles)
+    heads = gl.minimum(head_group, batch_heads - group * head_group)      # the last group may be smaller
+    rest = work - group * head_group * n_m_tiles
+    m_tile = n_m_tiles - 1 - rest // heads
+    bh = group * head_group + rest % heads
     return m_tile * BLOCK_M, bh // q_heads, bh % q_heads
 
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-            seq, q_heads, groups, batch_heads, n_m_tiles):
-    """One warp: Q of each work item (both halves, double-buffered so that the next item's loads start while the
-    consumers finish this one), then its K and V tiles into the ring, each slot once both consumers released it."""
+            work_smem, Counter, seq, q_heads, groups, batch_heads, n_m_tiles, head_group, DYNAMIC: gl.constexpr):
+    """One warp: picks each work item (DYNAMIC: the next untaken one, by an atomic counter, so a program that
+    finishes early takes more; else every num_programs-th), hands its (first row, batch, head) to the consumers with
+    its Q (both halves, double-buffered so that the next item's loads start while the consumers finish this one),
+    then loads its K and V tiles into the ring, each slot once both consumers released it. A negative first row,
+    with no Q, ends the consumers' loops."""
     STAGES: gl.constexpr = k_smem.shape[0]
     TILE_N: gl.constexpr = k_smem.shape[2]
+    fields = gl.arange(0, 4, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    total = n_m_tiles * batch_heads
     counter = 0
     item = 0
-    for work in range(gl.program_id(0), n_m_tiles * batch_heads, gl.num_programs(0)):
-        m0, b, h = _work_item(work, batch_heads, q_heads, n_m_tiles, BLOCK_M)
+    work = gl.program_id(0)
+    while work < total:
+        m0, b, h = _work_item(work, batch_heads, q_heads, n_m_tiles, head_group, BLOCK_M)
         kv_row = b * (q_heads // groups) + h // groups
         q_slot = item % 2
         mbarrier.wait(q_empty.index(q_slot), ((item // 2) & 1) ^ 1)
+        work_smem.index(q_slot).store(gl.where(fields == 0, m0, gl.where(fields == 1, b, h)))
         mbarrier.expect(q_ready.index(q_slot), 2 * q_desc.block_type.nbytes)
         _tma_load(q_desc, [b * q_heads + h, m0, 0], q_ready.index(q_slot), q_smem.index(2 * q_slot))
         _tma_load(q_desc, [b * q_heads + h, m0 + HALF_M, 0], q_ready.index(q_slot), q_smem.index(2 * q_slot + 1))
+        if DYNAMIC:
+            work = gl.num_programs(0) + _warp_uniform(gl.atomic_add(Counter, 1))  # used after this item's K/V
+        else:
+            work += gl.num_programs(0)
         n_tiles = gl.cdiv(gl.minimum(m0 + BLOCK_M, seq), TILE_N)
         for j in range(n_tiles):
             slot = counter % STAGES
@@ -68,6 +88,41 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_
             _tma_load(v_desc, [kv_row, j * TILE_N, 0], v_ready.index(slot), v_smem.index(slot))
             counter += 1
         item += 1
+    q_slot = item % 2
+    mbarrier.wait(q_empty.index(q_slot), ((item // 2) & 1) ^ 1)
+    work_smem.index(q_slot).store(gl.full([4], -1, gl.int32, fields.type.layout))
+    mbarrier.arrive(q_ready.index(q_slot))
+
+
+@gluon.jit
+def _loader_dynamic(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                    v_empty, work_smem, Counter, seq, q_heads, groups, batch_heads, n_m_tiles, head_group):
+    _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+            work_smem, Counter, seq, q_heads, groups, batch_heads, n_m_tiles, head_group, True)
+
+
+@gluon.jit
+def _loader_static(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                   v_empty, work_smem, Counter, seq, q_heads, groups, batch_heads, n_m_tiles, head_group):
+    _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+            work_smem, Counter, seq, q_heads, groups, batch_heads, n_m_tiles, head_group, False)
+
+
+@gluon.jit
+def _handed(work_smem, slot, FIELD: gl.constexpr):
+    """Field FIELD (0: first query row, negative when no items are left; 1: batch; 2: head) of the work item the
+    loader put in Q slot `slot`. Read where needed, so that batch and head take no registers in the key-tile loop."""
+    fields = gl.arange(0, 4, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    return _warp_uniform(gl.sum(gl.where(fields == FIELD, work_smem.index(slot).load(fields.type.layout), 0), 0))
+
+
+@gluon.jit
+def _warp_uniform(value):
+    """`value` (the same in every thread) broadcast from lane 0: without it ptxas cannot tell that a value read from
+    memory is uniform, and every K/V ring address derived from it (through the tile counts) moves from uniform to
+    per-thread registers: under Triton 3.6, 80 R2UR more per key tile and the kernel up to 15% slower (H100)."""
+    return gl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, 0, 0x1f, -1;", "=r,r", [value], dtype=gl.int32,
+                                     is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -122,9 +177,9 @@ def _block_softmax(s, rows, cols, seq, row_max_ptr, scale_log2, MASKED):
 
 
 @gluon.jit
-def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-              Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles,
-              so_b, so_h, so_s, st_b, st_h, st_q, sr_slot):
+def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+              work_smem, turn, Out, Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q,
+              sr_slot):
     """One warpgroup: query rows [HALF * 64, HALF * 64 + 64) of each work item's tile, K/V tiles of TILE_N = 64 or
     128 keys (one or two gate blocks, each its own q k^T and P V MMAs: one row maximum per gate block)."""
     STAGES: gl.constexpr = k_smem.shape[0]
@@ -148,13 +203,13 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
     zeros_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     counter = 0
     item = 0
-    for work in range(gl.program_id(0), n_m_tiles * batch_heads, gl.num_programs(0)):
-        m0, b, h = _work_item(work, batch_heads, q_heads, n_m_tiles, BLOCK_M)
+    mbarrier.wait(q_ready.index(0), 0)
+    m0 = _handed(work_smem, 0, 0)
+    while m0 >= 0:
         rows = m0 + HALF * HALF_M + offs_r
         n_tiles = gl.cdiv(gl.minimum(m0 + BLOCK_M, seq), TILE_N)
         full_tiles = m0 // TILE_N                       # key tiles left of the diagonal: no mask
         q_slot = item % 2
-        mbarrier.wait(q_ready.index(q_slot), (item // 2) & 1)
         q = q_smem.index(2 * q_slot + HALF).reshape([HALF_M, HEAD_DIM])
 
         # key tile 0 (masked: right for every tile), no P V yet
@@ -237,7 +292,9 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
         _pass_turn(turn, HALF)
         acc, p_op, p_op_b = warpgroup_mma_wait(0, deps=[acc, p_op, p_op_b])
         mbarrier.arrive(v_empty.index(prev_slot))
-        mbarrier.arrive(q_empty.index(q_slot))
+        b = _handed(work_smem, q_slot, 1)
+        h = _handed(work_smem, q_slot, 2)
+        mbarrier.arrive(q_empty.index(q_slot))      # the loader may now overwrite the slot's Q and work item
 
         rows_o = m0 + HALF * HALF_M + offs_ro
         row_ok = rows_o < seq
@@ -264,30 +321,31 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
             gl.store(t_base + kbs, pooled, mask=written & (q_block < n_blocks))
         _partition_barrier()             # all reads of the scratch are done before the next item rewrites it
         item += 1
+        mbarrier.wait(q_ready.index(item % 2), (item // 2) & 1)
+        m0 = _handed(work_smem, item % 2, 0)
 
 
 @gluon.jit
-def _consumer_low(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, Out, Target,
-                  RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q,
-                  sr_slot):
-    _consumer(0, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, Out, Target, RowMax,
-              scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
+def _consumer_low(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn, Out,
+                  Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot):
+    _consumer(0, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn, Out,
+              Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
 
 
 @gluon.jit
-def _consumer_high(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, Out, Target,
-                   RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q,
-                   sr_slot):
-    _consumer(1, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, Out, Target, RowMax,
-              scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
+def _consumer_high(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn, Out,
+                   Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot):
+    _consumer(1, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn, Out,
+              Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
 
 
+# do_not_specialize: an integer argument equal to 1 would be a constant, which warp-specialised partitions cannot take
 @gluon.jit(do_not_specialize=["scale_log2", "seq", "n_blocks", "q_heads", "groups", "batch_heads", "n_m_tiles",
-                               "so_b", "so_h", "so_s", "st_b", "st_h", "st_q", "sr_slot"])   # a 1 would be a constant,
-def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads,
-                                groups, batch_heads, n_m_tiles, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot,
-                                STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                LOADER_REGS: gl.constexpr):
+                               "head_group", "so_b", "so_h", "so_s", "st_b", "st_h", "st_q", "sr_slot"])
+def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, Counter, scale_log2, seq, n_blocks,
+                                q_heads, groups, batch_heads, n_m_tiles, head_group, so_b, so_h, so_s, st_b, st_h, st_q,
+                                sr_slot, STAGES: gl.constexpr, PINGPONG: gl.constexpr, DYNAMIC: gl.constexpr,
+                                CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape, q_desc.layout)  # 2 items x 2 halves
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
@@ -311,17 +369,23 @@ def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, sca
         mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=2)
-    barriers = (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
-    consumer_args = barriers + (turn, Out, Target, RowMax, scale_log2, seq, n_blocks, q_heads, batch_heads, n_m_tiles,
-                                so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
-    gl.warp_specialize([(_consumer_low, consumer_args), (_consumer_high, consumer_args),
-                        (_loader, (q_desc, k_desc, v_desc) + barriers + (seq, q_heads, groups, batch_heads,
-                                                                         n_m_tiles))],
-                       [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    # (first query row, batch, head, -) of the work item whose Q is in each Q slot: loader -> consumers, by q_ready
+    work_smem = gl.allocate_shared_memory(gl.int32, [2, 4], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    barriers = (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem)
+    consumer_args = barriers + (turn, Out, Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h,
+                                st_q, sr_slot)
+    loader_args = (q_desc, k_desc, v_desc) + barriers + (Counter, seq, q_heads, groups, batch_heads, n_m_tiles,
+                                                         head_group)
+    if DYNAMIC:
+        gl.warp_specialize([(_consumer_low, consumer_args), (_consumer_high, consumer_args),
+                            (_loader_dynamic, loader_args)], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([(_consumer_low, consumer_args), (_consumer_high, consumer_args),
+                            (_loader_static, loader_args)], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", tile_n: int = 64,
-                  consumer_regs: int = CONSUMER_REGS, pingpong: bool = False) -> dict:
+                  consumer_regs: int = CONSUMER_REGS, pingpong: bool = False, dynamic: bool = True) -> dict:
     """The kernel compiled for sm_90 without a GPU (Triton's own ptxas): {"sass", "registers", "spill_bytes",
     "shared_bytes"}. For the CPU test and bench/attention_sass.py; cuobjdump ships with Triton."""
     import re
@@ -343,9 +407,10 @@ def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", til
                                                         layout))
     names = attention_target_fa3_kernel.arg_names
     signature = {name: "i32" for name in names}
-    signature.update(q_desc=desc_type(int(HALF_M)), k_desc=desc_type(tile_n), v_desc=desc_type(tile_n), Out=f"*{dtype}", Target="*fp32",
-                     RowMax="*fp32", scale_log2="fp32")
-    constants = dict(STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, LOADER_REGS=LOADER_REGS)
+    signature.update(q_desc=desc_type(int(HALF_M)), k_desc=desc_type(tile_n), v_desc=desc_type(tile_n),
+                     Out=f"*{dtype}", Target="*fp32", RowMax="*fp32", Counter="*i32", scale_log2="fp32")
+    constants = dict(STAGES=stages, PINGPONG=pingpong, DYNAMIC=dynamic, CONSUMER_REGS=consumer_regs,
+                     LOADER_REGS=LOADER_REGS)
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=attention_target_fa3_kernel, signature=signature,
                             constexprs={(names.index(name),): value for name, value in constants.items()})
@@ -358,3 +423,24 @@ def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", til
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
     return {"sass": sass, "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "spill_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)), "shared_bytes": kernel.metadata.shared}
+
+
+def key_tile_loops(sass: str) -> list[dict[str, int]]:
+    """Each consumer's key-tile loop in `sass` (an innermost loop around P V's register-operand HGMMA): how many of
+    each opcode it holds (masked and unmasked branches both counted)."""
+    import collections
+    import re
+
+    code = [(int(m.group(1), 16), m.group(2).strip()) for m in
+            (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
+    back = [(int(m.group(1), 16), address) for address, text in code if text.startswith("@")
+            for m in [re.search(r"BRA (0x[0-9a-f]+)", text)] if m and int(m.group(1), 16) < address]
+    loops = []
+    for start, end in back:
+        if any(start <= s and e < end for s, e in back if (s, e) != (start, end)):
+            continue                                        # a work-item loop around a key-tile loop
+        body = [text for address, text in code if start <= address <= end]
+        if any(re.match(r"HGMMA\.\S+ R\d+, R\d+, gdesc", text) for text in body):
+            loops.append(dict(collections.Counter(
+                (text.split()[1] if text.startswith("@") else text.split()[0]).split(".")[0] for text in body)))
+    return loops
