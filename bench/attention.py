@@ -35,18 +35,34 @@ TMA = [True, False]          # K/V tiles by tensor descriptors or by pointers
 PER_SM = [2]                 # persistent programs per SM
 TILES_M: list[int] = []      # query rows per tile (empty: B and 128)
 GLUON: list[tuple[int, ...]] = []   # Gluon kernel: ring depth, keys per tile, ping-pong, head group, dynamic
+TIMER = ["sync"]             # how timed() times: "sync" or "graph" (its docstring)
 
 
 def timed(fn, reps: int = 10) -> float:
-    """Median milliseconds of `fn()` over `reps` runs after two warm-up runs (CUDA events)."""
+    """Median milliseconds of `fn()` over `reps` runs after two warm-up runs (CUDA events). TIMER "sync": each run
+    between two events with the device idle before it, so the host's work in `fn` before its first launch (Python
+    argument handling, descriptors, allocations) counts too; "graph": `fn` captured once in a CUDA graph and each
+    replay timed, the device's time alone (every launch of `fn` included)."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
+    run = fn
+    if TIMER[0] == "graph":
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+            run = graph.replay
+            run()
+        except RuntimeError as error:          # e.g. a host sync inside fn: timed as "sync" instead, and said so
+            print(f"  (not capturable, timed from an idle device: {str(error).splitlines()[0][:100]})", flush=True)
+            run = fn
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -236,16 +252,20 @@ def main() -> None:
                              "one group), dynamic scheduler (1, the default, or 0: static), e.g. 2,64 2,128 2,128,1 "
                              "2,128,0,1000,0")
     parser.add_argument("--gate-smoke", action="store_true", help="also run the gate pipeline on a random Llama")
+    parser.add_argument("--timer", default="sync", choices=["sync", "graph"],
+                        help="sync: each call timed from an idle device (host work before the first launch counts); "
+                             "graph: each call captured in a CUDA graph and its replays timed (device time only)")
     args = parser.parse_args()
     LAUNCH[:] = [tuple(int(n) for n in setting.split(",")) for setting in args.launch]
     TMA[:] = {"both": [True, False], "on": [True], "off": [False]}[args.tma]
     PER_SM[:] = args.per_sm
     TILES_M[:] = args.block_m
+    TIMER[:] = [args.timer]
     GLUON[:] = [(*(int(n) for n in setting.split(",")), *(0, 0, 1)[setting.count(",") - 1:])[:5]
                 for setting in args.gluon]
     device = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
-    print(f"device {device}, torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC", flush=True)
+    print(f"device {device}, torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC, timer {args.timer}", flush=True)
     print("correctness", check_correctness(args.block), flush=True)
     rows = []
     for kv_heads in args.kv_heads:
@@ -270,7 +290,8 @@ def main() -> None:
         smoke = gate_pipeline_smoke()
         print("gate smoke", json.dumps(smoke), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "rows": rows, "gate_smoke": smoke}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": device, "timer": args.timer, "rows": rows,
+                                                "gate_smoke": smoke}, indent=1))
 
 
 if __name__ == "__main__":

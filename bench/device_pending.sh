@@ -176,7 +176,13 @@ case "${1:-}" in
       | tail -5 | tee "$OUT/gluon_pytest.log"
     timeout 400 python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 256 --launch 8,3 --tma on \
       --gluon 2,128 2,128,0,0,0 2,128,0,1000,0 2,128,0,4 2,128,1 2,64 --gate-smoke --json "$OUT/attn.json" 2>&1 \
-      | tee "$OUT/attention_gluon.log" ;;
+      | tee "$OUT/attention_gluon.log"
+    # each call's device time alone (CUDA graph replays): the sync timer above also counts the host's Python work
+    # before the kernel's launch, which SDPA (C++) mostly does not have; twice each, to see the spread
+    for timer in graph sync graph sync; do
+      timeout 200 python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 --launch 8,3 --tma on \
+        --gluon 2,128 --timer $timer 2>&1 | grep -E "^device|^\| [0-9]" | tee -a "$OUT/attention_timers.log"
+    done ;;
   attention)
     # 256-row query tiles: 1.49x SDPA at 32k against 1.58x for 128 rows in one run (2026-12-01, seventh session)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 256 --tma on --launch 8,3 8,4 16,3 \
