@@ -18,6 +18,8 @@
 #   bench/device_pending.sh gluon_attention  the Gluon target kernel (the default on sm_90): its tests, then its
 #                                     schedulers, head groups, tiles and ping-pong against the Triton kernel and SDPA
 #                                     at 8k and 32k, and the gate pipeline on a random head-dim-64 Llama (issue 4)
+#   bench/device_pending.sh attention_probe  the Gluon kernel against copies with one stage left out (pooling
+#                                     epilogue, output store, exponentials) at 8k and 32k (issue 4)
 #   bench/device_pending.sh backends  the same with the defaults only, and SDPA timed on each of its backends
 #   bench/device_pending.sh layer     one llama_1b decoder layer compiled: bf16, lowbit's fp8/fp4 and torchao's float8
 #                                     (carry torchao's wheel in .whl) at 8k and 32k tokens per call (issue 3)
@@ -183,6 +185,12 @@ case "${1:-}" in
       timeout 200 python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 --launch 8,3 --tma on \
         --gluon 2,128 --timer $timer 2>&1 | grep -E "^device|^\| [0-9]" | tee -a "$OUT/attention_timers.log"
     done ;;
+  attention_probe)
+    # where the Gluon kernel's time goes at 8k (each item ~13 us beyond its key tiles, thirty-fourth session): the
+    # kernel against copies without the pooling epilogue, the output store, both, or the exponentials (outputs wrong
+    # by construction; times only), at 8k and 32k, SDPA in the same process
+    timeout 300 python3 bench/attention_probe.py --seqs 8192 32768 --kv-heads 32 8 --json "$OUT/probe.json" 2>&1 \
+      | tee "$OUT/attention_probe.log" ;;
   attention)
     # 256-row query tiles: 1.49x SDPA at 32k against 1.58x for 128 rows in one run (2026-12-01, seventh session)
     python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 256 --tma on --launch 8,3 8,4 16,3 \

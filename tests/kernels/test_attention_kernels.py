@@ -105,6 +105,18 @@ def test_unknown_seer_kernel_names_the_value_and_the_choices():
     assert "LOWBIT_SEER_KERNEL='cudnn': use one of ('gluon', 'triton')" in run.stderr
 
 
+def test_every_stage_probe_patch_applies_to_the_gluon_kernel():
+    """bench/attention_probe.py times copies of the Gluon kernel with one stage left out, by text patches: each
+    patch's text must still be in the kernel (else the probe would stop at its check on the GPU)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench.attention_probe import PATCHES, SOURCE
+    text = SOURCE.read_text()
+    for name, patches in PATCHES.items():
+        for old, new in patches:
+            assert old in text, (name, old)
+            assert old != new
+
+
 def hopper_binary_in_fresh_process(*args, **kwargs) -> dict:
     """attention_target_gluon.hopper_binary(*args, **kwargs) in a new interpreter: Gluon functions decorated while
     TRITON_INTERPRET=1 (on for this module's other tests) cannot be compiled."""
