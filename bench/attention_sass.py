@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import triton
@@ -22,13 +20,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowbit.kernels import sass as machine_code  # noqa: E402
 from lowbit.kernels.attention_target_triton import attention_target_kernel  # noqa: E402
 
 POINTERS = ("Q", "K", "V", "K_desc", "V_desc", "Out")
 
 
 def compile_sm90(block_m: int, block_n: int, head_dim: int, tma: bool, warps: int, stages: int, **variant):
-    """The kernel compiled for sm_90 (bf16 inputs, B=64): its SASS text and resource use."""
+    """The kernel compiled for sm_90 (bf16 inputs, B=64): machine_code.dump's SASS text and resource use."""
     names = attention_target_kernel.arg_names
     signature = {name: "i32" for name in names}
     signature.update({name: "*bf16" for name in POINTERS})
@@ -39,38 +38,19 @@ def compile_sm90(block_m: int, block_n: int, head_dim: int, tma: bool, warps: in
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=attention_target_kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 64),
-                            options=dict(num_warps=warps, num_stages=stages))
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        sass = subprocess.run([tools / "cuobjdump", "--dump-sass", cubin.name], capture_output=True, text=True).stdout
-        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin.name], capture_output=True,
-                               text=True).stdout
-    registers = re.search(r"REG:(\d+)", usage)
-    stack = re.search(r"STACK:(\d+)", usage)
-    return sass, {"registers": int(registers.group(1)) if registers else None,
-                  "spill_stack_bytes": int(stack.group(1)) if stack else None, "shared_bytes": kernel.metadata.shared}
+    return machine_code.dump(triton.compile(source, target=GPUTarget("cuda", 90, 64),
+                                            options=dict(num_warps=warps, num_stages=stages)))
 
 
 def key_tile_loops(sass: str) -> list[dict]:
     """Each loop that issues a tensor-core MMA (a backward branch around an HGMMA): its instruction mix per warp."""
-    instructions = [(int(m.group(1), 16), m.group(2).strip()) for m in
-                    (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
-    loops = []
-    for address, text in instructions:
-        branch = re.search(r"BRA (0x[0-9a-f]+)", text)
-        if not branch or int(branch.group(1), 16) >= address or not text.startswith("@"):
-            continue
-        body = [t for a, t in instructions if int(branch.group(1), 16) <= a <= address]
-        if not any("HGMMA" in t for t in body):
-            continue
-        ops = [(t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0] for t in body]
-        count = {op: ops.count(op) for op in ("BAR", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "HGMMA", "STS",
-                                              "LDS", "STG", "STL", "LDL", "R2UR")}
-        loops.append({"instructions": len(body), **count})
-    return loops
+    counts = []
+    for loop in machine_code.loops(sass):
+        if any("HGMMA" in text for text in loop["body"]):
+            ops = machine_code.opcodes(loop["body"])
+            counts.append({"instructions": len(loop["body"]), **{op: ops.get(op, 0) for op in (
+                "BAR", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "HGMMA", "STS", "LDS", "STG", "STL", "LDL", "R2UR")}})
+    return counts
 
 
 def main() -> None:
@@ -97,12 +77,12 @@ def main() -> None:
         print_loops(binary["sass"], tuple(f"loop {i}" for i in range(1, 9)))
         return
     extra = {name: int(value) for name, value in (item.split("=") for item in args.constexpr)}
-    sass, use = compile_sm90(args.block_m, args.block_n, args.head_dim, bool(args.tma), args.warps, args.stages,
-                             **extra)
+    use = compile_sm90(args.block_m, args.block_n, args.head_dim, bool(args.tma), args.warps, args.stages, **extra)
+    sass = use["sass"]
     a_operand = "registers" if re.search(r"HGMMA\.64x\d+x16\.F32\.BF16 R\d+, R\d+, gdesc\[UR\d+\], ", sass) else "shared"
     print(f"Triton {triton.__version__}, sm_90, {args.block_m} rows x {args.block_n} keys, head dim {args.head_dim}, "
           f"{args.warps} warps, {args.stages} stages, K/V by {'TMA' if args.tma else 'pointers'} {extra or ''}: "
-          f"{use['registers']} registers, {use['spill_stack_bytes']} B spill stack, "
+          f"{use['registers']} registers, {use['spill_bytes']} B spill stack, "
           f"{use['shared_bytes'] / 1024:.0f} KiB shared, q k^T's A operand from {a_operand}")
     print_loops(sass, ("unmasked", "diagonal"))
 

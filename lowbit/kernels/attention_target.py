@@ -181,7 +181,6 @@ SEER_KERNEL = os.environ.get("LOWBIT_SEER_KERNEL", "gluon")
 if SEER_KERNEL not in SEER_KERNELS:
     raise ValueError(f"LOWBIT_SEER_KERNEL={SEER_KERNEL!r}: use one of {SEER_KERNELS} (or leave it unset: gluon "
                      f"on Hopper, triton elsewhere)")
-HOPPER_KERNEL = SEER_KERNEL == "gluon"
 
 
 @functools.cache
@@ -264,7 +263,7 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
 @torch.library.custom_op("lowbit::seer_attention_target", mutates_args=())
 def _attention_target_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, scale: float,
                          triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if triton and HOPPER_KERNEL and gluon_supported(q, k, block_size):
+    if triton and SEER_KERNEL == "gluon" and gluon_supported(q, k, block_size):
         return attention_block_target_gluon(q, k, v, block_size, scale)
     if triton:
         return attention_block_target_triton(q, k, v, block_size, scale)

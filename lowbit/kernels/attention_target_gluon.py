@@ -23,6 +23,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from lowbit.kernels import sass as machine_code
+
 HALF_M = gl.constexpr(64)       # query rows per consumer warpgroup (one gate block)
 BLOCK_M = gl.constexpr(128)     # query rows per program tile (two warpgroups)
 BLOCK_N = gl.constexpr(64)      # keys per gate block; K/V tiles hold one or two (64 or 128 keys)
@@ -376,23 +378,15 @@ def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, Cou
                                 st_q, sr_slot)
     loader_args = (q_desc, k_desc, v_desc) + barriers + (Counter, seq, q_heads, groups, batch_heads, n_m_tiles,
                                                          head_group)
-    if DYNAMIC:
-        gl.warp_specialize([(_consumer_low, consumer_args), (_consumer_high, consumer_args),
-                            (_loader_dynamic, loader_args)], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-    else:
-        gl.warp_specialize([(_consumer_low, consumer_args), (_consumer_high, consumer_args),
-                            (_loader_static, loader_args)], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    gl.warp_specialize([(_consumer_low, consumer_args), (_consumer_high, consumer_args),
+                        (_loader_dynamic if DYNAMIC else _loader_static, loader_args)],
+                       [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", tile_n: int = 64,
                   consumer_regs: int = CONSUMER_REGS, pingpong: bool = False, dynamic: bool = True) -> dict:
-    """The kernel compiled for sm_90 without a GPU (Triton's own ptxas): {"sass", "registers", "spill_bytes",
-    "shared_bytes"}. For the CPU test and bench/attention_sass.py; cuobjdump ships with Triton."""
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
+    """The kernel compiled for sm_90 without a GPU: machine_code.dump's {"sass", "registers", "spill_bytes",
+    "shared_bytes"}. For the CPU test and bench/attention_sass.py."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -414,33 +408,13 @@ def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", til
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(fn=attention_target_fa3_kernel, signature=signature,
                             constexprs={(names.index(name),): value for name, value in constants.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        sass = subprocess.run([cuobjdump, "--dump-sass", cubin.name], capture_output=True, text=True).stdout
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
-    return {"sass": sass, "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "spill_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)), "shared_bytes": kernel.metadata.shared}
+    return machine_code.dump(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)))
 
 
 def key_tile_loops(sass: str) -> list[dict[str, int]]:
     """Each consumer's key-tile loop in `sass` (an innermost loop around P V's register-operand HGMMA): how many of
     each opcode it holds (masked and unmasked branches both counted)."""
-    import collections
     import re
 
-    code = [(int(m.group(1), 16), m.group(2).strip()) for m in
-            (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
-    back = [(int(m.group(1), 16), address) for address, text in code if text.startswith("@")
-            for m in [re.search(r"BRA (0x[0-9a-f]+)", text)] if m and int(m.group(1), 16) < address]
-    loops = []
-    for start, end in back:
-        if any(start <= s and e < end for s, e in back if (s, e) != (start, end)):
-            continue                                        # a work-item loop around a key-tile loop
-        body = [text for address, text in code if start <= address <= end]
-        if any(re.match(r"HGMMA\.\S+ R\d+, R\d+, gdesc", text) for text in body):
-            loops.append(dict(collections.Counter(
-                (text.split()[1] if text.startswith("@") else text.split()[0]).split(".")[0] for text in body)))
-    return loops
+    return [machine_code.opcodes(loop["body"]) for loop in machine_code.loops(sass) if loop["innermost"]
+            and any(re.match(r"HGMMA\.\S+ R\d+, R\d+, gdesc", text) for text in loop["body"])]
