@@ -6,8 +6,9 @@ construction; only their times mean anything. Without a GPU, `--compile-only` co
     python bench/attention_probe.py --seqs 8192 32768 --kv-heads 32 8      # on an sm_90 GPU
     python bench/attention_probe.py --compile-only                         # any machine: each variant compiles
 
-Variants: no_pool (the pooling epilogue's loop), no_out (the output store, predicated off), no_epilogue (both),
-no_exp (the exponentials of the online softmax: P = the scaled scores).
+Variants: no_pool (the pooling epilogue's loop), no_out (the output's TMA store, skipped), no_epilogue (both),
+no_exp (the exponentials of the online softmax: P = the scaled scores), no_rowmax (the key-tile loop's row-maximum
+stores to the scratch); pool8/pool32/pool64 (key blocks per pooling step; correct outputs). Timed by CUDA graph replays (device time alone; `--timer sync` from an idle device).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SOURCE = Path(__file__).resolve().parents[1] / "lowbit" / "kernels" / "attention_target_gluon.py"
 PATCHES = {
     "no_pool": [("for kb0 in range(0, key_blocks, POOL):", "for kb0 in range(0, key_blocks * 0, POOL):")],
-    "no_out": [("mask=gl.expand_dims(row_ok, 1))", "mask=gl.expand_dims(row_ok & (rows_o < 0), 1))")],
+    "no_out": [("        _tma_store(o_desc, [", "        if m0 < 0:\n            _tma_store(o_desc, [")],
     "no_exp": [("p = gl.exp2(s * scale_log2 - gl.expand_dims(m_i, 1))", "p = s * scale_log2 - gl.expand_dims(m_i, 1)"),
                ("p_b = gl.exp2(s_b * scale_log2 - gl.expand_dims(m_i, 1))",
                 "p_b = s_b * scale_log2 - gl.expand_dims(m_i, 1)"),
@@ -33,6 +34,10 @@ PATCHES = {
                 "p_b = s_b * scale_log2 - gl.expand_dims(m_new, 1)")],
 }
 PATCHES["no_epilogue"] = PATCHES["no_pool"] + PATCHES["no_out"]
+# other steps of the pooling epilogue (correct outputs; key blocks per step: fewer, longer L2 round trips)
+PATCHES.update({f"pool{n}": [("POOL = gl.constexpr(16)", f"POOL = gl.constexpr({n})")] for n in (8, 32, 64)})
+# the key-tile loop's stores of each gate block's row maxima to the scratch (predicated off: no value exceeds +inf)
+PATCHES["no_rowmax"] = [("gl.store(row_max_ptr, block_max)", "gl.store(row_max_ptr, block_max, mask=block_max > float('inf'))")]
 
 
 def variant_module(name: str, directory: Path):
@@ -57,6 +62,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
     parser.add_argument("--variants", nargs="+", default=["kernel", *PATCHES])
     parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--timer", default="graph", choices=["graph", "sync"])
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +78,8 @@ def main() -> None:
         import torch.nn.functional as F
 
         import lowbit.kernels.attention_target_gluon as gluon_kernel
-        from bench.attention import timed
+        from bench.attention import TIMER, timed
+        TIMER[:] = [args.timer]
         from lowbit.kernels.attention_target import attention_block_target_gluon
         rows = []
         for kv_heads in args.kv_heads:

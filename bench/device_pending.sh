@@ -19,7 +19,8 @@
 #                                     schedulers, head groups, tiles and ping-pong against the Triton kernel and SDPA
 #                                     at 8k and 32k, and the gate pipeline on a random head-dim-64 Llama (issue 4)
 #   bench/device_pending.sh attention_probe  the Gluon kernel against copies with one stage left out (pooling
-#                                     epilogue, output store, exponentials) at 8k and 32k (issue 4)
+#                                     epilogue, output store, row-maximum stores, exponentials) or other pooling
+#                                     steps at 8k and 32k (issue 4)
 #   bench/device_pending.sh backends  the same with the defaults only, and SDPA timed on each of its backends
 #   bench/device_pending.sh layer     one llama_1b decoder layer compiled: bf16, lowbit's fp8/fp4 and torchao's float8
 #                                     (carry torchao's wheel in .whl) at 8k and 32k tokens per call (issue 3)
@@ -170,7 +171,8 @@ case "${1:-}" in
       --variant "fp4=+exp=fp4_llama $data" --variant "fp4_occ_fp8=+exp=fp4_llama precision.occ_product=fp8 $data" \
       --variant "fp4_no_occ=+exp=fp4_llama precision.occ=false $data" 2>&1 | tee "$OUT/e2e_occ.log" ;;
   gluon_attention)
-    # the Gluon target kernel, the default on sm_90 (thirty-fourth session, H100: 1.10-1.36x SDPA): its tests (the
+    # the Gluon target kernel, the default on sm_90 (thirty-fifth session, H100: 1.04-1.13x SDPA in device time,
+    # 1.06-1.53x from an idle device with the host's launch work): its tests (the
     # sm_90 compile check under the image's Triton 3.6 among them), then the default (dynamic scheduler, L2-sized head
     # groups) against static scheduling, other head groups, ping-pong, the Triton kernel and SDPA (each timed output
     # checked against the Triton kernel's), and the gate pipeline on it
@@ -180,15 +182,18 @@ case "${1:-}" in
       --gluon 2,128 2,128,0,0,0 2,128,0,1000,0 2,128,0,4 2,128,1 2,64 --gate-smoke --json "$OUT/attn.json" 2>&1 \
       | tee "$OUT/attention_gluon.log"
     # each call's device time alone (CUDA graph replays): the sync timer above also counts the host's Python work
-    # before the kernel's launch, which SDPA (C++) mostly does not have; twice each, to see the spread
+    # before the kernel's launch, which SDPA (C++) mostly does not have; twice each, to see the spread; then the
+    # host's time per call of each (bench/attention_host.py)
     for timer in graph sync graph sync; do
       timeout 200 python3 bench/attention.py --seqs 8192 32768 --kv-heads 32 8 --block-m 128 --launch 8,3 --tma on \
         --gluon 2,128 --timer $timer 2>&1 | grep -E "^device|^\| [0-9]" | tee -a "$OUT/attention_timers.log"
-    done ;;
+    done
+    python3 bench/attention_host.py 2>&1 | tee "$OUT/attention_host.log" ;;
   attention_probe)
-    # where the Gluon kernel's time goes at 8k (each item ~13 us beyond its key tiles, thirty-fourth session): the
-    # kernel against copies without the pooling epilogue, the output store, both, or the exponentials (outputs wrong
-    # by construction; times only), at 8k and 32k, SDPA in the same process
+    # where the Gluon kernel's time goes (thirty-fifth session, H100, 8k MHA: the pooling epilogue ~4%, O's TMA
+    # store ~1.5%): the kernel against copies without the pooling epilogue, the output store, both, the row-maximum
+    # stores or the exponentials (outputs wrong by construction; times only) and with other pooling steps, at 8k
+    # and 32k, SDPA in the same process, by CUDA graph replays
     timeout 300 python3 bench/attention_probe.py --seqs 8192 32768 --kv-heads 32 8 --json "$OUT/probe.json" 2>&1 \
       | tee "$OUT/attention_probe.log" ;;
   attention)

@@ -104,11 +104,23 @@ def _kernels():
     return attention_target_kernel
 
 
+@functools.cache
+def _cuda_facts(index: int) -> tuple[tuple[int, int], int, int]:
+    """(compute capability, SMs, L2 bytes) of CUDA device `index`, read once: torch.cuda.get_device_properties
+    costs microseconds of host time per call, and every launch wants these."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count, props.L2_cache_size
+
+
+def cuda_facts(device: torch.device) -> tuple[tuple[int, int], int, int]:
+    return _cuda_facts(torch.cuda.current_device() if device.index is None else device.index)
+
+
 def _program_slots(device: torch.device, work_items: int, per_sm: int = 2) -> int:
     """Persistent programs: enough to fill the GPU (`per_sm` per SM), never more than there is work."""
     if device.type != "cuda":
         return min(work_items, 4)
-    return min(work_items, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(work_items, per_sm * cuda_facts(device)[1])
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, tma: bool):
@@ -124,7 +136,7 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, tma: bool):
 def use_tma(k: torch.Tensor) -> bool:
     """K/V tiles by the tensor-memory accelerator: Hopper and newer (capability >= 9), 16-byte aligned rows.
     Measured on an H200 (docs/RESULTS.md, issue 4): 1-2% faster than pointer loads with 64-key tiles."""
-    return (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9 and k.data_ptr() % 16 == 0
+    return (k.is_cuda and cuda_facts(k.device)[0][0] >= 9 and k.data_ptr() % 16 == 0
             and (k.shape[-1] * k.element_size()) % 16 == 0)
 
 
@@ -196,7 +208,7 @@ def _gluon_importable() -> bool:
 def gluon_supported(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
     """Whether the Hopper (Gluon) kernel takes these inputs: an sm_90 GPU, bf16/fp16, 64-token gate blocks,
     head dim 64 or 128 (rows of 128 or 256 bytes, as TMA needs), and a Triton with Gluon's Hopper API."""
-    if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+    if not (q.is_cuda and cuda_facts(q.device)[0] == (9, 0)):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or block_size != 64 or q.shape[-1] not in GLUON_HEAD_DIMS:
         return False
@@ -220,11 +232,10 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
         raise ValueError(f"the Gluon attention kernel needs an sm_90 GPU, bf16/fp16, block_size=64 and head_dim in "
                          f"{GLUON_HEAD_DIMS}; got {q.device}, {q.dtype}, block_size={block_size}, "
                          f"head_dim={q.shape[-1]} (attention_block_target_triton takes the rest)")
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from lowbit.kernels.attention_target_gluon import (BLOCK_M, CONSUMER_REGS, LOADER_REGS,
-                                                       attention_target_fa3_kernel)
+                                                       attention_target_fa3_kernel, shared_layout)
 
     batch, q_heads, seq, head_dim = q.shape
     scale = head_dim ** -0.5 if scale is None else scale
@@ -233,27 +244,27 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
     n_blocks = math.ceil(seq / block_size)
     n_m_tiles = math.ceil(seq / BLOCK_M.value)
     out = torch.empty_like(q)
-    target = torch.zeros((batch, q_heads, n_blocks, n_blocks), device=q.device, dtype=torch.float32)
+    # the target and, 16-byte aligned after it, the dynamic scheduler's counter: zeroed by one launch (0.0f is 0)
+    size = batch * q_heads * n_blocks * n_blocks
+    zeroed = torch.zeros(-(-size // 4) * 4 + 4, device=q.device, dtype=torch.float32)
+    target, taken = zeroed[:size].view(batch, q_heads, n_blocks, n_blocks), zeroed[-4:-3].view(torch.int32)
     if head_group <= 0:
         kv_head_bytes = 2 * seq * head_dim * k.element_size()
-        l2_bytes = torch.cuda.get_device_properties(q.device).L2_cache_size
+        l2_bytes = cuda_facts(q.device)[2]
         head_group = max(1, l2_bytes // 2 // kv_head_bytes) * (q_heads // k.shape[1])
     head_group = min(head_group, batch * q_heads)
     slots = _program_slots(q.device, n_m_tiles * batch * q_heads, 1)
     slots = min(slots, programs) if programs > 0 else slots
     # one row more than gate blocks: a 128-key tile's second block may lie past the sequence end
     row_max = torch.empty((slots, n_blocks + 1, BLOCK_M.value), device=q.device, dtype=torch.float32)
-    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
 
     def descriptor(t: torch.Tensor, rows: int):
-        block = [1, rows, head_dim]
-        return TensorDescriptor.from_tensor(t.view(-1, seq, head_dim), block,
-                                            gl.NVMMASharedLayout.get_default_for(block, element))
+        return TensorDescriptor.from_tensor(t.view(-1, seq, head_dim), [1, rows, head_dim],
+                                            shared_layout(rows, head_dim, q.dtype == torch.bfloat16))
     q_desc, k_desc, v_desc = descriptor(q, block_size), descriptor(k, tile_n), descriptor(v, tile_n)
-    taken = torch.zeros(1, device=q.device, dtype=torch.int32)      # the dynamic scheduler's counter
     attention_target_fa3_kernel[(slots,)](
-        q_desc, k_desc, v_desc, out, target, row_max, taken, scale * 1.4426950408889634, seq, n_blocks, q_heads,
-        q_heads // k.shape[1], batch * q_heads, n_m_tiles, head_group, out.stride(0), out.stride(1), out.stride(2),
+        q_desc, k_desc, v_desc, descriptor(out, block_size), target, row_max, taken, scale * 1.4426950408889634, seq,
+        n_blocks, q_heads, q_heads // k.shape[1], batch * q_heads, n_m_tiles, head_group,
         target.stride(0), target.stride(1), target.stride(2), row_max.stride(0),
         STAGES=stages, PINGPONG=pingpong, DYNAMIC=dynamic, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
         num_warps=4)

@@ -10,7 +10,9 @@ schedules its forward pass (Shah et al., arXiv 2407.08608), which Triton's compi
 - persistent programs take work items (one 128-row query tile of one head) as FlashAttention-3's causal scheduler
   does: heads in groups whose K and V fit in half the L2 cache, each group's heaviest query tiles first, and each
   program takes the next untaken item from an atomic counter when it finishes one (the loader takes it and hands it
-  to the consumers with the item's Q), so programs whose items were light take more.
+  to the consumers with the item's Q), so programs whose items were light take more;
+- the epilogue, as FlashAttention-3's: each warpgroup writes its O rows into its half of the item's Q buffer (no
+  longer read once the item's MMAs are done) and stores them by TMA, which runs while the block target is pooled.
 
 Contract, scratch and numerics are those of the Triton kernel (fp32 accumulation, exp2 with the scale folded in,
 row maxima of each gate block kept in a per-program scratch and pooled against the final log-sum-exp). Gate blocks
@@ -18,10 +20,13 @@ are 64 tokens, K/V tiles 64 or 128 keys (one or two gate blocks, each its own MM
 64 or 128. Gluon has no interpreter: on CPU the kernel is compiled for sm_90 (tests/kernels/test_attention_kernels.py,
 bench/attention_sass.py --gluon); its numerics are checked on a GPU against the Triton kernel and the PyTorch path.
 """
+import functools
+
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 
 from lowbit.kernels import sass as machine_code
 
@@ -32,9 +37,16 @@ POOL = gl.constexpr(16)         # key blocks per step of the pooling epilogue
 CONSUMER_REGS = 240             # registers per thread of the second consumer warpgroup (setmaxnreg; the first, the
 LOADER_REGS = 24                # default partition, takes 256): 2 x 128 x 256-or-240 + 32 x 24 <= 64K per SM
 # Gluon's API between Triton 3.6 (the GPU image) and 3.7+ (the CPU build here): a barrier among one partition's
-# warps, and the TMA load into shared memory
+# warps, and the TMA load into and store from shared memory
 _partition_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+
+
+@functools.cache
+def shared_layout(rows: int, head_dim: int, bf16: bool) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of a [1, rows, head_dim] TMA tile (made once: building it costs host time)."""
+    return gl.NVMMASharedLayout.get_default_for([1, rows, head_dim], gl.bfloat16 if bf16 else gl.float16)
 
 
 @gluon.jit
@@ -54,7 +66,8 @@ def _work_item(work, batch_heads, q_heads, n_m_tiles, head_group, BLOCK_M: gl.co
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
             work_smem, Counter, seq, q_heads, groups, batch_heads, n_m_tiles, head_group, DYNAMIC: gl.constexpr):
     """One warp: picks each work item (DYNAMIC: the next untaken one, by an atomic counter, so a program that
-    finishes early takes more; else every num_programs-th), hands its (first row, batch, head) to the consumers with
+    finishes early takes more; else every num_programs-th), hands its (first row, batch, head, batch x heads + head)
+    to the consumers with
     its Q (both halves, double-buffered so that the next item's loads start while the consumers finish this one),
     then loads its K and V tiles into the ring, each slot once both consumers released it. A negative first row,
     with no Q, ends the consumers' loops."""
@@ -70,7 +83,8 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_
         kv_row = b * (q_heads // groups) + h // groups
         q_slot = item % 2
         mbarrier.wait(q_empty.index(q_slot), ((item // 2) & 1) ^ 1)
-        work_smem.index(q_slot).store(gl.where(fields == 0, m0, gl.where(fields == 1, b, h)))
+        work_smem.index(q_slot).store(gl.where(fields == 0, m0, gl.where(fields == 1, b, gl.where(
+            fields == 2, h, b * q_heads + h))))
         mbarrier.expect(q_ready.index(q_slot), 2 * q_desc.block_type.nbytes)
         _tma_load(q_desc, [b * q_heads + h, m0, 0], q_ready.index(q_slot), q_smem.index(2 * q_slot))
         _tma_load(q_desc, [b * q_heads + h, m0 + HALF_M, 0], q_ready.index(q_slot), q_smem.index(2 * q_slot + 1))
@@ -112,8 +126,9 @@ def _loader_static(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_em
 
 @gluon.jit
 def _handed(work_smem, slot, FIELD: gl.constexpr):
-    """Field FIELD (0: first query row, negative when no items are left; 1: batch; 2: head) of the work item the
-    loader put in Q slot `slot`. Read where needed, so that batch and head take no registers in the key-tile loop."""
+    """Field FIELD (0: first query row, negative when no items are left; 1: batch; 2: head; 3: batch x query heads
+    + head, the row of Q and O viewed as [batch x heads, seq, head_dim]) of the work item the loader put in Q slot
+    `slot`. Read where needed, so that they take no registers in the key-tile loop."""
     fields = gl.arange(0, 4, layout=gl.BlockedLayout([1], [32], [4], [0]))
     return _warp_uniform(gl.sum(gl.where(fields == FIELD, work_smem.index(slot).load(fields.type.layout), 0), 0))
 
@@ -180,8 +195,7 @@ def _block_softmax(s, rows, cols, seq, row_max_ptr, scale_log2, MASKED):
 
 @gluon.jit
 def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-              work_smem, turn, Out, Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q,
-              sr_slot):
+              work_smem, turn, o_desc, Target, RowMax, scale_log2, seq, n_blocks, st_b, st_h, st_q, sr_slot):
     """One warpgroup: query rows [HALF * 64, HALF * 64 + 64) of each work item's tile, K/V tiles of TILE_N = 64 or
     128 keys (one or two gate blocks, each its own q k^T and P V MMAs: one row maximum per gate block)."""
     STAGES: gl.constexpr = k_smem.shape[0]
@@ -197,7 +211,6 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
     offs_r = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     offs_ro = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, o_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     pool_kb = gl.arange(0, POOL, layout=gl.SliceLayout(1, pool_layout))
     pool_r = gl.arange(0, HALF_M, layout=gl.SliceLayout(0, pool_layout))
     scratch = RowMax + gl.program_id(0) * sr_slot + HALF * HALF_M      # this half's columns of the row-max scratch
@@ -296,21 +309,22 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
         mbarrier.arrive(v_empty.index(prev_slot))
         b = _handed(work_smem, q_slot, 1)
         h = _handed(work_smem, q_slot, 2)
-        mbarrier.arrive(q_empty.index(q_slot))      # the loader may now overwrite the slot's Q and work item
 
+        # O into this half's Q buffer (this item's MMAs are done: Q is read no more), then to global memory by one
+        # TMA store (rows past the sequence end clipped) that runs while the block target is pooled
         rows_o = m0 + HALF * HALF_M + offs_ro
-        row_ok = rows_o < seq
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        l_o = gl.where(row_ok, l_o, 1.0)
-        out = (acc / gl.expand_dims(l_o, 1)).to(Out.dtype.element_ty)
-        gl.store(Out + b * so_b + h * so_h + gl.expand_dims(rows_o, 1) * so_s + gl.expand_dims(offs_d, 0), out,
-                 mask=gl.expand_dims(row_ok, 1))
+        l_o = gl.where(rows_o < seq, l_o, 1.0)
+        o_smem = q_smem.index(2 * q_slot + HALF)
+        o_smem.reshape([HALF_M, HEAD_DIM]).store((acc / gl.expand_dims(l_o, 1)).to(o_smem.dtype))
+        fence_async_shared()
 
         # Pool: target[query block, key block] = max over the block's rows of exp2(row max - lse)
         l_safe = gl.where(rows < seq, l_i, 1.0)
         lse = gl.where(rows < seq, m_i + gl.log2(l_safe), float("inf"))      # padded rows pool exp2(-inf) = 0
         lse = gl.convert_layout(lse, gl.SliceLayout(0, pool_layout))
-        _partition_barrier()             # this warpgroup's scratch rows are visible to all its threads
+        _partition_barrier()             # O is in shared memory, the scratch rows are visible to all threads
+        _tma_store(o_desc, [_handed(work_smem, q_slot, 3), m0 + HALF * HALF_M, 0], o_smem)
         key_blocks = gl.cdiv(gl.minimum(m0 + BLOCK_M, seq), BLOCK_N)
         q_block = (m0 + HALF * HALF_M) // HALF_M
         t_base = Target + b * st_b + h * st_h + q_block * st_q
@@ -321,32 +335,33 @@ def _consumer(HALF: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_re
                               mask=gl.expand_dims(written, 1), other=float("-inf"))
             pooled = gl.max(gl.exp2(row_max - gl.expand_dims(lse, 0)), 1)
             gl.store(t_base + kbs, pooled, mask=written & (q_block < n_blocks))
-        _partition_barrier()             # all reads of the scratch are done before the next item rewrites it
+        tma.store_wait(0)                # O has left the Q buffer
+        _partition_barrier()             # ... and all reads of the scratch are done before the next item rewrites it
+        mbarrier.arrive(q_empty.index(q_slot))      # the loader may now overwrite the slot's Q and work item
         item += 1
         mbarrier.wait(q_ready.index(item % 2), (item // 2) & 1)
         m0 = _handed(work_smem, item % 2, 0)
 
 
 @gluon.jit
-def _consumer_low(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn, Out,
-                  Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot):
-    _consumer(0, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn, Out,
-              Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
+def _consumer_low(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn,
+                  o_desc, Target, RowMax, scale_log2, seq, n_blocks, st_b, st_h, st_q, sr_slot):
+    _consumer(0, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn,
+              o_desc, Target, RowMax, scale_log2, seq, n_blocks, st_b, st_h, st_q, sr_slot)
 
 
 @gluon.jit
-def _consumer_high(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn, Out,
-                   Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot):
-    _consumer(1, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn, Out,
-              Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h, st_q, sr_slot)
+def _consumer_high(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn,
+                   o_desc, Target, RowMax, scale_log2, seq, n_blocks, st_b, st_h, st_q, sr_slot):
+    _consumer(1, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem, turn,
+              o_desc, Target, RowMax, scale_log2, seq, n_blocks, st_b, st_h, st_q, sr_slot)
 
 
 # do_not_specialize: an integer argument equal to 1 would be a constant, which warp-specialised partitions cannot take
 @gluon.jit(do_not_specialize=["scale_log2", "seq", "n_blocks", "q_heads", "groups", "batch_heads", "n_m_tiles",
-                               "head_group", "so_b", "so_h", "so_s", "st_b", "st_h", "st_q", "sr_slot"])
-def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, Counter, scale_log2, seq, n_blocks,
-                                q_heads, groups, batch_heads, n_m_tiles, head_group, so_b, so_h, so_s, st_b, st_h, st_q,
-                                sr_slot, STAGES: gl.constexpr, PINGPONG: gl.constexpr, DYNAMIC: gl.constexpr,
+                               "head_group", "st_b", "st_h", "st_q", "sr_slot"])
+def attention_target_fa3_kernel(q_desc, k_desc, v_desc, o_desc, Target, RowMax, Counter, scale_log2, seq, n_blocks,
+                                q_heads, groups, batch_heads, n_m_tiles, head_group, st_b, st_h, st_q, sr_slot, STAGES: gl.constexpr, PINGPONG: gl.constexpr, DYNAMIC: gl.constexpr,
                                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape, q_desc.layout)  # 2 items x 2 halves
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -371,11 +386,11 @@ def attention_target_fa3_kernel(q_desc, k_desc, v_desc, Out, Target, RowMax, Cou
         mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=2)
-    # (first query row, batch, head, -) of the work item whose Q is in each Q slot: loader -> consumers, by q_ready
+    # (first query row, batch, head, batch x heads + head) of the work item whose Q is in each Q slot: loader ->
+    # consumers, by q_ready
     work_smem = gl.allocate_shared_memory(gl.int32, [2, 4], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     barriers = (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem)
-    consumer_args = barriers + (turn, Out, Target, RowMax, scale_log2, seq, n_blocks, so_b, so_h, so_s, st_b, st_h,
-                                st_q, sr_slot)
+    consumer_args = barriers + (turn, o_desc, Target, RowMax, scale_log2, seq, n_blocks, st_b, st_h, st_q, sr_slot)
     loader_args = (q_desc, k_desc, v_desc) + barriers + (Counter, seq, q_heads, groups, batch_heads, n_m_tiles,
                                                          head_group)
     gl.warp_specialize([(_consumer_low, consumer_args), (_consumer_high, consumer_args),
@@ -393,16 +408,15 @@ def hopper_binary(head_dim: int = 128, stages: int = 2, dtype: str = "bf16", til
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    element = {"bf16": (torch.bfloat16, gl.bfloat16), "fp16": (torch.float16, gl.float16)}[dtype]
+    element = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     def desc_type(rows: int) -> str:
-        block = [1, rows, head_dim]
-        layout = gl.NVMMASharedLayout.get_default_for(block, element[1])
-        return mangle_type(TensorDescriptor.from_tensor(torch.empty(1, 128, head_dim, dtype=element[0]), block,
-                                                        layout))
+        return mangle_type(TensorDescriptor.from_tensor(torch.empty(1, 128, head_dim, dtype=element),
+                                                        [1, rows, head_dim], shared_layout(rows, head_dim,
+                                                                                          dtype == "bf16")))
     names = attention_target_fa3_kernel.arg_names
     signature = {name: "i32" for name in names}
     signature.update(q_desc=desc_type(int(HALF_M)), k_desc=desc_type(tile_n), v_desc=desc_type(tile_n),
-                     Out=f"*{dtype}", Target="*fp32", RowMax="*fp32", Counter="*i32", scale_log2="fp32")
+                     o_desc=desc_type(int(HALF_M)), Target="*fp32", RowMax="*fp32", Counter="*i32", scale_log2="fp32")
     constants = dict(STAGES=stages, PINGPONG=pingpong, DYNAMIC=dynamic, CONSUMER_REGS=consumer_regs,
                      LOADER_REGS=LOADER_REGS)
     signature.update({name: "constexpr" for name in constants})
