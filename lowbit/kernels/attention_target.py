@@ -215,6 +215,9 @@ def gluon_supported(q: torch.Tensor, k: torch.Tensor, block_size: int) -> bool:
     return _gluon_importable()
 
 
+_GLUON_COMPILED: dict[tuple, object] = {}   # (kernel, device, dtype, head dim, tile_n, stages, ...) -> compiled
+
+
 def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None = None, stages: int = 2,
                                  tile_n: int = 128, pingpong: bool = False, programs: int = 0, head_group: int = 0,
                                  dynamic: bool = True):
@@ -261,13 +264,21 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
     def descriptor(t: torch.Tensor, rows: int):
         return TensorDescriptor.from_tensor(t.view(-1, seq, head_dim), [1, rows, head_dim],
                                             shared_layout(rows, head_dim, q.dtype == torch.bfloat16))
-    q_desc, k_desc, v_desc = descriptor(q, block_size), descriptor(k, tile_n), descriptor(v, tile_n)
-    attention_target_fa3_kernel[(slots,)](
-        q_desc, k_desc, v_desc, descriptor(out, block_size), target, row_max, taken, scale * 1.4426950408889634, seq,
-        n_blocks, q_heads, q_heads // k.shape[1], batch * q_heads, n_m_tiles, head_group,
-        target.stride(0), target.stride(1), target.stride(2), row_max.stride(0),
-        STAGES=stages, PINGPONG=pingpong, DYNAMIC=dynamic, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
-        num_warps=4)
+    args = (descriptor(q, block_size), descriptor(k, tile_n), descriptor(v, tile_n), descriptor(out, block_size),
+            target, row_max, taken, scale * 1.4426950408889634, seq, n_blocks, q_heads, q_heads // k.shape[1],
+            batch * q_heads, n_m_tiles, head_group, target.stride(0), target.stride(1), target.stride(2),
+            row_max.stride(0))
+    constants = dict(STAGES=stages, PINGPONG=pingpong, DYNAMIC=dynamic, CONSUMER_REGS=CONSUMER_REGS,
+                     LOADER_REGS=LOADER_REGS)
+    # Launched through Triton's JIT once per kind of call, then through the compiled kernel: the JIT's argument
+    # binding (descriptor types mangled anew for every call) is most of the host's time per call (~60 of ~150 us on
+    # an H100's host, docs/RESULTS.md). Safe because nothing else specialises: every pointer is a fresh, aligned
+    # allocation and every integer argument is marked do_not_specialize.
+    kind = (attention_target_fa3_kernel, q.device.index, q.dtype, head_dim, tile_n, stages, pingpong, dynamic)
+    if kind in _GLUON_COMPILED:
+        _GLUON_COMPILED[kind][(slots, 1, 1)](*args, *constants.values())
+    else:
+        _GLUON_COMPILED[kind] = attention_target_fa3_kernel[(slots,)](*args, **constants, num_warps=4)
     return out, target / target.sum(-1, keepdim=True)
 
 

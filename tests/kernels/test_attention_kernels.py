@@ -163,7 +163,8 @@ def test_hopper_kernel_equals_torch_path_and_triton_kernel(batch, q_heads, kv_he
     with one program per SM (one work item each at these sizes) and with 3 programs (several items each: the K/V
     ring, the Q double buffer, the item handed from the loader and every barrier phase carried from one item to the
     next); items taken dynamically (the default) and statically, in groups of the L2-sized default, of 1 query head
-    and of 3 (a smaller last group where 3 does not divide the heads)."""
+    and of 3 (a smaller last group where 3 does not divide the heads). Every call after the first of its kind (tile,
+    stages, schedule) launches through the cached compiled kernel, on shapes other than the first call's."""
     from lowbit.kernels.attention_target import attention_block_target_gluon
     q, k, v = (t.cuda() for t in random_qkv(batch, q_heads, kv_heads, seq, head_dim, seed=seq, dtype=dtype))
     out_ref, target_ref = attention_block_target_torch(q, k, v, 64)
