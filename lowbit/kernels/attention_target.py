@@ -271,9 +271,9 @@ def attention_block_target_gluon(q, k, v, block_size: int, scale: float | None =
     constants = dict(STAGES=stages, PINGPONG=pingpong, DYNAMIC=dynamic, CONSUMER_REGS=CONSUMER_REGS,
                      LOADER_REGS=LOADER_REGS)
     # Launched through Triton's JIT once per kind of call, then through the compiled kernel: the JIT's argument
-    # binding (descriptor types mangled anew for every call) is most of the host's time per call (~60 of ~150 us on
-    # an H100's host, docs/RESULTS.md). Safe because nothing else specialises: every pointer is a fresh, aligned
-    # allocation and every integer argument is marked do_not_specialize.
+    # binding was the largest part of the host's ~150 us per call (its launch 35 us against the compiled kernel's
+    # 16.5 even with the same descriptor objects; an H100's host, docs/RESULTS.md). Safe because nothing else
+    # specialises: every pointer is a fresh, aligned allocation and every integer argument is do_not_specialize.
     kind = (attention_target_fa3_kernel, q.device.index, q.dtype, head_dim, tile_n, stages, pingpong, dynamic)
     if kind in _GLUON_COMPILED:
         _GLUON_COMPILED[kind][(slots, 1, 1)](*args, *constants.values())

@@ -67,10 +67,9 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_
             work_smem, Counter, seq, q_heads, groups, batch_heads, n_m_tiles, head_group, DYNAMIC: gl.constexpr):
     """One warp: picks each work item (DYNAMIC: the next untaken one, by an atomic counter, so a program that
     finishes early takes more; else every num_programs-th), hands its (first row, batch, head, batch x heads + head)
-    to the consumers with
-    its Q (both halves, double-buffered so that the next item's loads start while the consumers finish this one),
-    then loads its K and V tiles into the ring, each slot once both consumers released it. A negative first row,
-    with no Q, ends the consumers' loops."""
+    to the consumers with its Q (both halves, double-buffered so that the next item's loads start while the
+    consumers finish this one), then loads its K and V tiles into the ring, each slot once both consumers released
+    it. A negative first row, with no Q, ends the consumers' loops."""
     STAGES: gl.constexpr = k_smem.shape[0]
     TILE_N: gl.constexpr = k_smem.shape[2]
     fields = gl.arange(0, 4, layout=gl.BlockedLayout([1], [32], [1], [0]))
