@@ -8,7 +8,8 @@ construction; only their times mean anything. Without a GPU, `--compile-only` co
 
 Variants: no_pool (the pooling epilogue's loop), no_out (the output's TMA store, skipped), no_epilogue (both),
 no_exp (the exponentials of the online softmax: P = the scaled scores), no_rowmax (the key-tile loop's row-maximum
-stores to the scratch); pool8/pool32/pool64 (key blocks per pooling step; correct outputs). Timed by CUDA graph replays (device time alone; `--timer sync` from an idle device).
+stores to the scratch); pool8/pool32/pool64 (key blocks per pooling step; correct outputs). Timed by CUDA graph
+replays (device time alone; `--timer sync` from an idle device).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ PATCHES["no_epilogue"] = PATCHES["no_pool"] + PATCHES["no_out"]
 # other steps of the pooling epilogue (correct outputs; key blocks per step: fewer, longer L2 round trips)
 PATCHES.update({f"pool{n}": [("POOL = gl.constexpr(16)", f"POOL = gl.constexpr({n})")] for n in (8, 32, 64)})
 # the key-tile loop's stores of each gate block's row maxima to the scratch (predicated off: no value exceeds +inf)
-PATCHES["no_rowmax"] = [("gl.store(row_max_ptr, block_max)", "gl.store(row_max_ptr, block_max, mask=block_max > float('inf'))")]
+PATCHES["no_rowmax"] = [("gl.store(row_max_ptr, block_max)",
+                         "gl.store(row_max_ptr, block_max, mask=block_max > float('inf'))")]
 
 
 def variant_module(name: str, directory: Path):

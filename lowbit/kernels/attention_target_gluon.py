@@ -360,7 +360,8 @@ def _consumer_high(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v
 @gluon.jit(do_not_specialize=["scale_log2", "seq", "n_blocks", "q_heads", "groups", "batch_heads", "n_m_tiles",
                                "head_group", "st_b", "st_h", "st_q", "sr_slot"])
 def attention_target_fa3_kernel(q_desc, k_desc, v_desc, o_desc, Target, RowMax, Counter, scale_log2, seq, n_blocks,
-                                q_heads, groups, batch_heads, n_m_tiles, head_group, st_b, st_h, st_q, sr_slot, STAGES: gl.constexpr, PINGPONG: gl.constexpr, DYNAMIC: gl.constexpr,
+                                q_heads, groups, batch_heads, n_m_tiles, head_group, st_b, st_h, st_q, sr_slot,
+                                STAGES: gl.constexpr, PINGPONG: gl.constexpr, DYNAMIC: gl.constexpr,
                                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape, q_desc.layout)  # 2 items x 2 halves
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
