@@ -166,6 +166,19 @@ case "${1:-}" in
       | tee "$OUT/occ_profile.log"
     python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336 --parts linear --recipes fp4_vectorwise,fp4_vectorwise+dge \
       --compile-lowbit fp4_vectorwise,fp4_vectorwise+dge --out "$OUT" 2>&1 | tail -20 | tee "$OUT/linear_fp4_dge.log" ;;
+  fp4_pair)
+    # the Gluon FP4 block pair kernel (thirty-sixth session): its GPU tests, then next to the Triton kernel by tiles
+    python3 -m pytest -q -m gpu tests/kernels/test_quantize_gluon.py tests/kernels/test_quantize.py 2>&1 | tail -3 \
+      | tee "$OUT/fp4_pair_tests.log"
+    python3 bench/quantize_fp4.py --out "$OUT" 2>&1 | tee "$OUT/quantize_fp4.log" ;;
+  fp4_pair_e2e)
+    # precision=nvfp4 / mxfp4 end to end with either FP4 pair kernel
+    python3 bench/train_throughput.py --steps 5 --warmup 2 --timeout 110 --variant "bf16=+exp=bf16_llama $data" \
+      --variant "nvfp4_triton=+exp=bf16_llama precision=nvfp4 $data env:LOWBIT_FP4_PAIR_KERNEL=triton" \
+      --variant "nvfp4_gluon=+exp=bf16_llama precision=nvfp4 $data env:LOWBIT_FP4_PAIR_KERNEL=gluon" \
+      --variant "mxfp4_triton=+exp=bf16_llama precision=mxfp4 $data env:LOWBIT_FP4_PAIR_KERNEL=triton" \
+      --variant "mxfp4_gluon=+exp=bf16_llama precision=mxfp4 $data env:LOWBIT_FP4_PAIR_KERNEL=gluon" \
+      2>&1 | tee "$OUT/e2e_fp4_pair.log" ;;
   occ_e2e)
     python3 bench/train_throughput.py --steps 6 --warmup 2 --timeout 200 --variant "bf16=+exp=bf16_llama $data" \
       --variant "fp4=+exp=fp4_llama $data" --variant "fp4_occ_fp8=+exp=fp4_llama precision.occ_product=fp8 $data" \

@@ -7,7 +7,7 @@ NVFP4's E4M3 block scales cost against MXFP4's power-of-two ones. Counts are sta
 slow path included), a proxy for the integer/ALU pipe load that bounds these kernels on an H200 (Nsight Compute,
 docs/RESULTS.md); the local Triton may differ from the GPU image's.
 
-    python bench/ptx_mix.py [--swap-rules] [--maxnreg 144 128]
+    python bench/ptx_mix.py [--swap-rules] [--maxnreg 144 128] [--gluon]
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import argparse
 import collections
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--swap-rules", action="store_true", help="also each tile with the other format's scale rule")
     parser.add_argument("--maxnreg", type=int, nargs="*", default=[], help="also each kernel capped at these registers")
+    parser.add_argument("--gluon", action="store_true", help="also the Gluon pair kernel (quantize_fp4_gluon) at its "
+                        "tiles, f16x2 or float32 rounding, x^T by a second load or through shared memory")
     args = parser.parse_args()
     variants = [(name, name, *FORMATS[name]) for name in FORMATS]
     if args.swap_rules:
@@ -93,6 +96,34 @@ def main() -> None:
                 print(f"{label + cap:26} tile {str(tile):14} {side:4} PTX {sum(ops.values()) / per_thread:5.1f} / "
                       f"SASS {sum(sass.values()) / per_thread:5.1f} per element, div.rn {divisions:4d} | "
                       f"{registers(asm['cubin'])} | SASS {top}")
+    if args.gluon:
+        gluon_mix()
+
+
+def gluon_mix() -> None:
+    """The Gluon pair kernel's SASS per element (both sides), registers and shared memory, per variant."""
+    from lowbit.kernels import quantize_fp4_gluon as gluon_fp4
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quantize_fp4 import GLUON_TILES
+
+    for name, (rule, block) in FORMATS.items():
+        for tile in GLUON_TILES[block]:
+            for packed in ((False, True) if name == "mxfp4" else (False,)):
+                for reload in (True, False):
+                    binary = gluon_fp4.sm90_binary(block, "pow2" if name == "mxfp4" else "nvfp4", tile, packed, reload)
+                    sass = sass_mix_text(binary["sass"])
+                    per_thread = tile[0] * tile[1] / (32 * tile[2])
+                    top = ", ".join(f"{op} {n}" for op, n in sass.most_common(6))
+                    print(f"gluon {name} tile {str(tile):17} {'f16x2' if packed else 'fp32 '} "
+                          f"{'reload' if reload else 'smem  '} "
+                          f"SASS {sum(sass.values()) / per_thread:5.1f} per element | "
+                          f"{binary['registers']} registers, stack {binary['spill_bytes']} B, shared "
+                          f"{binary['shared_bytes']} B | SASS {top}", flush=True)
+
+
+def sass_mix_text(sass: str) -> collections.Counter:
+    """SASS opcodes of cuobjdump --dump-sass text (lowbit.kernels.sass.dump), predicates and modifiers dropped."""
+    return collections.Counter(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M))
 
 if __name__ == "__main__":
     main()

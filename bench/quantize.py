@@ -235,6 +235,7 @@ def block_sweep(results, shapes=((8192, 4096), (8192, 14336)), device="cuda", ti
     x read once and x_q, x^T_q written once (4 per element) per second, over the device copy's. maxnregs: register
     caps of the pair launch to try at each tile (quantize_blocks_triton.PAIR_MAXNREG; None: ptxas's choice)."""
     rows = []
+    blocks.FP4_PAIR_KERNEL = "triton"       # this Triton kernel's tiles (bench/quantize_fp4.py: the Gluon kernel)
     for shape in shapes:
         x = torch.randn(shape, device=device, dtype=torch.bfloat16)
         out = torch.empty_like(x)
@@ -265,6 +266,7 @@ def block_sweep(results, shapes=((8192, 4096), (8192, 14336)), device="cuda", ti
                       f"{best['tile']} maxnreg {best['maxnreg']} {best['graph_ms']:.3f} ms ratio {best['ratio']:.2f}",
                       flush=True)
     blocks.TILE, blocks.SPLIT_PAIRS, blocks.PAIR_MAXNREG = None, True, None
+    blocks.FP4_PAIR_KERNEL = os.environ.get("LOWBIT_FP4_PAIR_KERNEL", "triton")
     results["block_sweep"] = rows
 
 

@@ -11,7 +11,9 @@ only: 1.3x faster for 1 x 128 on an H200 than one 128 x 128 tile holding both (0
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 
@@ -218,6 +220,38 @@ def use_tma_store(x: torch.Tensor, tile_r: int) -> bool:
     return not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
+# FP4 block pairs (NVFP4 / MXFP4, x and x^T, round to nearest) on Hopper or newer: "gluon" takes
+# lowbit/kernels/quantize_fp4_gluon.py (no value crosses a thread, MXFP4 rounded two values per instruction; 40% /
+# 12% fewer SASS instructions per element than this kernel for MXFP4 / NVFP4, bench/ptx_mix.py --gluon), "triton"
+# this module's kernel. Stays "triton" until the Gluon kernel has run on a GPU (no device was lent on 2026-12-05:
+# its GPU tests and timing are `bash bench/device_pending.sh fp4_pair`, end to end `fp4_pair_e2e`).
+FP4_PAIR_KERNELS = ("gluon", "triton")
+FP4_PAIR_KERNEL = os.environ.get("LOWBIT_FP4_PAIR_KERNEL", "triton")
+if FP4_PAIR_KERNEL not in FP4_PAIR_KERNELS:
+    raise ValueError(f"LOWBIT_FP4_PAIR_KERNEL={FP4_PAIR_KERNEL!r}: use one of {FP4_PAIR_KERNELS} (or leave it unset: "
+                     f"triton)")
+
+
+def use_gluon_pair(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None) -> bool:
+    """Whether quantize_blocks_triton hands this call to the Gluon FP4 pair kernel (FP4_PAIR_KERNEL="gluon", a
+    Triton with Gluon, and a pair that kernel supports; else this module's kernel)."""
+    if FP4_PAIR_KERNEL != "gluon" or TILE is not None or not x.is_cuda or quantizer_t is None:
+        return False
+    gluon_supports = _gluon_supports()
+    return gluon_supports is not None and gluon_supports(x, quantizer, quantizer_t)
+
+
+@functools.cache
+def _gluon_supports():
+    """quantize_fp4_gluon.supports, or None (with one warning) where this Triton has no Gluon."""
+    try:
+        from lowbit.kernels.quantize_fp4_gluon import supports
+    except ImportError as error:
+        warnings.warn(f"LOWBIT_FP4_PAIR_KERNEL=gluon needs Triton's Gluon ({error}); FP4 pairs take the Triton kernel")
+        return None
+    return supports
+
+
 TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every launch in place of the defaults below;
                                            # bench/quantize.py's block sweep (a tile must hold whole blocks)
 # registers per thread for the FP4 pair launch (Triton's maxnreg; LOWBIT_FP4_PAIR_MAXNREG for whole runs); None:
@@ -262,6 +296,9 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
     the four outputs of Philox(seed, r * C / 4 + j): offsets repeat beyond 2^33 elements). tensor_amax: max |x|
     (float32 [1], NaN as Inf), if known, for NVFP4's tensor scale in place of the kernel's own amax pass over x
     (ignored by other rules)."""
+    if noise is None and seed is None and use_gluon_pair(x, quantizer, quantizer_t):
+        from lowbit.kernels.quantize_fp4_gluon import quantize_fp4_pair_gluon
+        return quantize_fp4_pair_gluon(x, quantizer, tensor_amax, quantizer_t=quantizer_t)
     x = x.contiguous()
     R, C = x.shape
     if seed is not None and (quantizer_t is not None or noise is not None or seed.numel() != 1):

@@ -1,0 +1,96 @@
+"""FP4 block pairs (NVFP4 1 x 16 with its tensor amax pass, MXFP4 1 x 32) on a GPU: the Triton kernel
+(quantize_blocks_triton, its default tile) next to the Gluon kernel (quantize_fp4_gluon) at several tiles, in one
+run. Every variant is first compared bit for bit with the PyTorch reference (x_q, x^T_q, both scale tensors and
+NVFP4's tensor scale); then timed by CUDA graph replays. Ratio: 4 bytes per element (x read once in bf16, x_q and
+x^T_q written once) per second over the device copy's bytes per second (x.clone: read + write) in the same run.
+
+    python bench/quantize_fp4.py [--shapes 8192x4096 8192x14336] [--out DIR]   # writes quantize_fp4.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lowbit.kernels import quantize_blocks_triton as blocks  # noqa: E402
+from lowbit.kernels import quantize_fp4_gluon as gluon_fp4  # noqa: E402
+from lowbit.precision.formats import E2M1  # noqa: E402
+from lowbit.precision.scaling import Quantizer, quantize_reference  # noqa: E402
+
+QUANTIZERS = {"nvfp4": Quantizer(E2M1, 1, 16, "nvfp4"), "mxfp4": Quantizer(E2M1, 1, 32, "pow2")}
+GLUON_TILES = {16: [(16, 128, 1, 4), (16, 128, 2, 2), (16, 256, 2, 4), (16, 64, 1, 2), (16, 256, 4, 2)],
+               32: [(32, 128, 2, 2), (32, 128, 4, 1), (32, 256, 4, 2), (32, 64, 1, 2), (32, 128, 1, 4)]}
+
+
+def graph_ms(fn) -> float:
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+def same(got, want) -> bool:
+    """Bit for bit: values, scales and NVFP4's tensor scale of both sides."""
+    for a, b in zip(got, want):
+        if not torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)):
+            return False
+        if not torch.equal(a.scale.view(torch.int32), b.scale.view(torch.int32)):
+            return False
+        if (a.gain is None) != (b.gain is None) or (a.gain is not None and not torch.equal(a.gain, b.gain)):
+            return False
+    return True
+
+
+def triton_pair(x, q):
+    """The Triton kernel's pair (quantize_blocks_triton hands FP4 pairs to Gluon by default)."""
+    saved, blocks.FP4_PAIR_KERNEL = blocks.FP4_PAIR_KERNEL, "triton"
+    try:
+        return blocks.quantize_blocks_triton(x, q, q)
+    finally:
+        blocks.FP4_PAIR_KERNEL = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="+", default=["8192x4096", "8192x14336"])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    rows = []
+    torch.manual_seed(0)
+    for shape in [tuple(int(v) for v in s.split("x")) for s in args.shapes]:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        x[3, 5:9] *= 80.0                                    # a few outliers: scales differ across blocks
+        out = torch.empty_like(x)
+        copy_ms = graph_ms(lambda: out.copy_(x))
+        copy_gbs = 4 * x.numel() / copy_ms / 1e6
+        print(f"{shape}: device copy {copy_ms:.4f} ms, {copy_gbs:.0f} GB/s", flush=True)
+        for name, q in QUANTIZERS.items():
+            want = (quantize_reference(x, q), quantize_reference(x.t(), q))
+            variants = [("triton", None, lambda: triton_pair(x, q))]
+            packs = (False, True) if gluon_fp4.packed_rounding(x, q) else (False,)
+            variants += [(f"gluon {tile}{' f16x2' if p else ''}{'' if r else ' smem'}", tile,
+                          (lambda t, p, r: lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, tile=t, packed=p,
+                                                                                      reload=r))(tile, p, r))
+                         for r in (True, False) for p in packs for tile in GLUON_TILES[q.block_cols]]
+            for label, tile, fn in variants:
+                try:
+                    exact = same(fn(), want)
+                    ms = graph_ms(fn)
+                except Exception as error:      # a tile that does not compile: reported, the others still run
+                    print(f"{shape} {name} {label}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+                    continue
+                ratio = 4 * x.numel() / ms / 1e6 / copy_gbs
+                rows.append(dict(shape=shape, format=name, kernel=label, ms=ms, ratio=ratio, exact=exact,
+                                 copy_ms=copy_ms))
+                print(f"{str(shape):>14} {name} {label:<28} {ms:7.4f} ms  ratio {ratio:4.2f}  exact {exact}",
+                      flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "quantize_fp4.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""FP4 block pairs (NVFP4 1 x 16, MXFP4 1 x 32: x_q with blocks along x's rows, x^T_q with blocks down its columns)
+in Gluon, Triton's explicit-layout language, with the numerics of quantize_blocks_triton (its scale and E2M1
+functions, called here: the same bits) and each side's work laid out so that no value crosses a thread:
+
+- x's side: the tile is loaded as [rows, blocks, B] with a thread holding one whole block (B contiguous values:
+  16-byte loads), so the block's amax is a reduction inside the thread and its B bytes of x_q one or two 16-byte
+  stores;
+- x^T's side: the same tile (B rows) is loaded again, a thread holding V whole columns of it (B rows x V values),
+  so each column's block amax is again inside the thread, and the thread's B bytes of each x^T_q row leave as one or
+  two 16-byte stores (the load-time layout and the store-time layout differ only in register order).
+
+The second load of the tile comes from the L1/L2 caches, not from memory (RELOAD; or, switched off, the tile
+moves to x^T's layout through shared memory in bf16). The Triton kernel instead reduces one side across threads
+and moves one-byte values through shared memory for the transposed store (bank conflicts; Nsight Compute, H200
+2026-12-02). MXFP4 of a bf16/fp16 x is rounded two values per instruction in half precision (_e2m1_bytes_f16x2:
+exact there, the same bits). Static counts (bench/ptx_mix.py --gluon, sm_90): 18.6-21.6 SASS instructions per
+element for an MXFP4 pair against the Triton kernel's 31.1, 31.5-32.2 for NVFP4 against 36.4.
+
+Gluon has no interpreter: on CPU the kernel is compiled for sm_90 and the packed rounding's steps are checked on
+every bfloat16 (tests/kernels/test_quantize_gluon.py); on a GPU its outputs are compared bit for bit with the
+PyTorch reference and the Triton kernel. Not yet run on a GPU (none lent on 2026-12-05), so
+quantize_blocks_triton.FP4_PAIR_KERNEL keeps the Triton kernel by default (LOWBIT_FP4_PAIR_KERNEL=gluon selects
+this one; `bash bench/device_pending.sh fp4_pair` tests and times it).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from lowbit.kernels import quantize_blocks_triton as triton_blocks
+from lowbit.kernels.quantize_triton import FLOOR, _round_to_e2m1 as _triton_round_to_e2m1
+from lowbit.precision.scaling import QTensor, Quantizer, check_finite, reduce_amax
+
+# the Triton kernel's functions, compiled as Gluon functions: one definition of the numerics
+_round_to_e2m1 = gluon.jit(_triton_round_to_e2m1.fn)
+_block_scales = gluon.jit(triton_blocks._block_scales.fn)
+_max_keep_nan = gluon.jit(triton_blocks._max_keep_nan.fn)
+
+RULES = {"nvfp4": 1, "pow2": 2}
+# (rows = the block, columns, warps, columns per thread on x^T's side) per block size; bench/quantize_fp4.py times
+# others (to be chosen on a GPU)
+TILES = {16: (16, 128, 1, 4), 32: (32, 128, 2, 2)}
+PACKED = os.environ.get("LOWBIT_FP4_PACKED", "1") == "1"     # see packed_rounding
+RELOAD = True       # x^T's side loads the tile again (cache hits); False: a layout conversion through shared memory
+
+
+@gluon.jit
+def _e2m1_bytes_f16x2(v):
+    """E2M1 bytes (E4M3 encoding, as an int8 tensor) of float32 v that half precision holds exactly, two values per
+    instruction: v to f16x2 (exact), saturated at +-6 (NaN kept; one min of magnitudes that keeps v's sign), rounded
+    half to even by adding and subtracting 768 x max(its binade, 1) (whose f16 ulp is 0.5, 1 and 2 in E2M1's three
+    spacings; the sum stays in that binade for either sign), v's sign put back (for -0), then
+    NVIDIA's f16x2 -> e4m3x2 cast (exact on the grid). The same bits as _round_to_e2m1 plus the float8 cast when
+    v = x * 2^k for a bfloat16 or float16 x (MXFP4's power-of-two scales): a value too small for f16 rounds to 0
+    either way. About half the instructions of the float32 steps."""
+    return gl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 h0, h1, s0, s1, b0, b1, c6, c1, cp, cn;
+        .reg .b16 q0, q1;
+        mov.b32 c6, 0x46004600;
+        mov.b32 c1, 0x3C003C00;
+        mov.b32 cp, 0x62006200;
+        mov.b32 cn, 0xE200E200;
+        cvt.rn.f16x2.f32 h0, $2, $1;
+        cvt.rn.f16x2.f32 h1, $4, $3;
+        min.NaN.xorsign.abs.f16x2 s0, h0, c6;
+        min.NaN.xorsign.abs.f16x2 s1, h1, c6;
+        and.b32 b0, s0, 0x7C007C00;
+        and.b32 b1, s1, 0x7C007C00;
+        max.f16x2 b0, b0, c1;
+        max.f16x2 b1, b1, c1;
+        fma.rn.f16x2 h0, b0, cp, s0;
+        fma.rn.f16x2 h1, b1, cp, s1;
+        fma.rn.f16x2 h0, b0, cn, h0;
+        fma.rn.f16x2 h1, b1, cn, h1;
+        and.b32 s0, s0, 0x80008000;
+        and.b32 s1, s1, 0x80008000;
+        or.b32 h0, h0, s0;
+        or.b32 h1, h1, s1;
+        cvt.rn.satfinite.e4m3x2.f16x2 q0, h0;
+        cvt.rn.satfinite.e4m3x2.f16x2 q1, h1;
+        mov.b32 $0, {q0, q1};
+        }""",
+        constraints="=r,r,r,r,r", args=[v], dtype=gl.int8, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _to_e2m1(v, out_dtype: gl.constexpr, PACKED: gl.constexpr):
+    """v rounded onto E2M1 and cast to out_dtype (float8 storage): by _e2m1_bytes_f16x2 (PACKED) or the float32
+    steps of the Triton kernel."""
+    if PACKED:
+        return _e2m1_bytes_f16x2(v).to(out_dtype, bitcast=True)
+    return _round_to_e2m1(v).to(out_dtype)
+
+
+@gluon.jit
+def _nvfp4_global(tensor_amax):
+    """(G, 1 / G) as quantize_blocks_triton._nvfp4_global (E2M1: MAX = 6): 448 * 6 / amax by IEEE division, 1 for
+    an all-zero tensor, NaN for a non-finite amax."""
+    safe = gl.maximum(tensor_amax, FLOOR)
+    global_inv = gl.where(tensor_amax > 0, gl.div_rn(safe * 0.0 + 2688.0, safe), 1.0)
+    global_inv = gl.where(tensor_amax < float("inf"), global_inv, float("nan"))
+    return global_inv, gl.div_rn(global_inv * 0.0 + 1.0, global_inv)
+
+
+@gluon.jit
+def fp4_pair_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr, R, C, stride_r,
+                    B: gl.constexpr, BK: gl.constexpr, V: gl.constexpr, RULE: gl.constexpr,
+                    PACKED: gl.constexpr, RELOAD: gl.constexpr, num_warps: gl.constexpr):
+    """One [B, BK] tile of x [R, C] per program: x_q [R, C] and its scales [R, C / B]; x^T_q [C, R] and its
+    scales [C, R / B]. R and C are multiples of B (the wrapper checks)."""
+    TPR: gl.constexpr = 32 // (BK // B)                     # threads per row group on x's side
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 1, B], [TPR, BK // B, 1], [num_warps, 1, 1], [2, 1, 0])
+    t_load: gl.constexpr = gl.BlockedLayout([B, V], [1, 32], [1, num_warps], [1, 0])
+    t_store: gl.constexpr = gl.BlockedLayout([B, V], [1, 32], [1, num_warps], [0, 1])
+    pid_r = gl.program_id(0)
+    pid_c = gl.program_id(1)
+    r0 = pid_r * B
+    c0 = pid_c * BK
+
+    global_inv = 1.0
+    global_recip = 1.0
+    if RULE == 1:       # NVFP4: the FP32 tensor scale from max |x| (NaN as Inf); the first program stores it
+        global_inv, global_recip = _nvfp4_global(gl.load(tensor_amax_ptr))
+        if pid_r + pid_c == 0:
+            gl.store(gain_ptr, global_inv)
+
+    # x's side: [B rows, BK / B blocks, B values], one block per thread
+    rows = r0 + gl.arange(0, B, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
+    blocks = gl.arange(0, BK // B, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout)))
+    values = gl.arange(0, B, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
+    rows2 = gl.expand_dims(rows, 1)                                         # [B, 1]
+    block_cols = pid_c * (BK // B) + gl.expand_dims(blocks, 0)              # [1, BK / B]
+    rows3 = gl.expand_dims(rows2, 2)
+    cols3 = gl.expand_dims(block_cols, 2) * B + gl.expand_dims(gl.expand_dims(values, 0), 1)
+    mask3 = (rows3 < R) & (cols3 < C)
+    x_raw = gl.load(x_ptr + rows3 * stride_r + cols3, mask=mask3, other=0.0)
+    x = x_raw.to(gl.float32)
+    amax = gl.reduce(gl.abs(x), 2, _max_keep_nan)                           # NaN stays NaN: its block's scale too
+    scale, inv = _block_scales(amax, global_inv, global_recip, RULE, 6.0, True)
+    gl.store(scale_ptr + rows2 * (C // B) + block_cols, scale, mask=(rows2 < R) & (block_cols < C // B))
+    q = _to_e2m1(x * gl.expand_dims(inv, 2), q_ptr.dtype.element_ty, PACKED)
+    gl.store(q_ptr + rows3 * C + cols3, q, mask=mask3)
+
+    # x^T's side: the same B rows again, V whole columns per thread
+    t_rows = r0 + gl.arange(0, B, layout=gl.SliceLayout(1, t_load))
+    t_cols = c0 + gl.arange(0, BK, layout=gl.SliceLayout(0, t_load))
+    t_mask = (gl.expand_dims(t_rows, 1) < R) & (gl.expand_dims(t_cols, 0) < C)
+    if RELOAD:
+        xt = gl.load(x_ptr + gl.expand_dims(t_rows, 1) * stride_r + gl.expand_dims(t_cols, 0), mask=t_mask,
+                     other=0.0).to(gl.float32)
+    else:           # through shared memory instead (the layout conversion Triton's compiler picks)
+        xt = gl.convert_layout(gl.reshape(x_raw, [B, BK]), t_load).to(gl.float32)
+    amax_t = gl.reduce(gl.abs(xt), 0, _max_keep_nan)                        # [BK]: one block of x^T per column
+    scale_t, inv_t = _block_scales(amax_t, global_inv, global_recip, RULE, 6.0, True)
+    gl.store(scale_t_ptr + t_cols * (R // B) + pid_r, scale_t, mask=t_cols < C)
+    qt = _to_e2m1(xt * gl.expand_dims(inv_t, 0), qt_ptr.dtype.element_ty, PACKED)
+    qt = gl.convert_layout(qt, t_store)              # the same threads and values: registers reordered only
+    s_rows = r0 + gl.arange(0, B, layout=gl.SliceLayout(1, t_store))
+    s_cols = c0 + gl.arange(0, BK, layout=gl.SliceLayout(0, t_store))
+    gl.store(qt_ptr + gl.expand_dims(s_cols, 0) * R + gl.expand_dims(s_rows, 1), qt,
+             mask=(gl.expand_dims(s_rows, 1) < R) & (gl.expand_dims(s_cols, 0) < C))
+
+
+def supports(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None) -> bool:
+    """An FP4 1 x B pair (NVFP4 or MXFP4, the same quantizer on both sides, deterministic rounding) of a bf16/fp16/
+    fp32 x on a Hopper-or-newer GPU."""
+    if quantizer_t is None or not x.is_cuda or x.dim() != 2:
+        return False
+    same = (quantizer.fmt is quantizer_t.fmt and quantizer.scale_rule == quantizer_t.scale_rule
+            and quantizer.block_rows == quantizer_t.block_rows == 1
+            and quantizer.block_cols == quantizer_t.block_cols)
+    return (same and quantizer.fmt.mantissa_bits == 1 and quantizer.fmt.max == 6.0
+            and quantizer.scale_rule in RULES and quantizer.block_cols in TILES
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and _capability(x.device) >= 9)
+
+
+@functools.cache
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def packed_rounding(x: torch.Tensor, quantizer: Quantizer) -> bool:
+    """Whether E2M1 is rounded two values per instruction in half precision (_e2m1_bytes_f16x2): exact for
+    MXFP4's power-of-two scales of a bfloat16 or float16 x only (PACKED switches it off for all)."""
+    return PACKED and quantizer.scale_rule == "pow2" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def quantize_fp4_pair_gluon(x: torch.Tensor, quantizer: Quantizer, tensor_amax: torch.Tensor | None = None,
+                            tile: tuple[int, int, int, int] | None = None, packed: bool | None = None,
+                            reload: bool | None = None,
+                            quantizer_t: Quantizer | None = None) -> tuple[QTensor, QTensor]:
+    """x [R, C] -> (x_q, x^T_q) as quantize_blocks_triton(x, quantizer, quantizer_t) for an FP4 1 x B quantizer
+    (bit for bit; see the module's docstring; quantizer_t: x^T's, the same format and blocks, default quantizer).
+    tensor_amax: NVFP4's max |x| if known (else one pass over x).
+    tile: (B, columns, warps, columns per thread on x^T's side) in place of TILES[B]. packed: E2M1 rounded in
+    f16x2 (True; only where exact, see packed_rounding) or in float32 steps (False); None: packed_rounding."""
+    x = x.contiguous()
+    R, C = x.shape
+    B = quantizer.block_cols
+    quantizer_t = quantizer if quantizer_t is None else quantizer_t
+    if not supports(x, quantizer, quantizer_t):
+        raise ValueError(f"quantize_fp4_pair_gluon: not an FP4 1 x 16/32 pair on a Hopper GPU: x {x.dtype} on "
+                         f"{x.device}, {quantizer} / {quantizer_t}; use quantize_blocks_triton")
+    quantizer.check_columns(C, "operand")
+    quantizer_t.check_columns(R, "operand^T")
+    rows, BK, warps, V = tile or TILES[B]
+    if packed and not (quantizer.scale_rule == "pow2" and x.dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError(f"quantize_fp4_pair_gluon: packed=True rounds exactly only MXFP4 (pow2 scales) of a bf16 or "
+                         f"fp16 x, got {quantizer.scale_rule} scales of {x.dtype}; pass packed=None")
+    if rows != B or BK % (32 * V * warps) or BK % B or 32 % (BK // B):
+        raise ValueError(f"quantize_fp4_pair_gluon: tile {(rows, BK, warps, V)} does not fit {B}-element blocks; "
+                         f"rows must be {B} and columns a multiple of 32 x {V} x {warps} holding at most 32 blocks")
+    gain = None
+    if quantizer.scale_rule == "nvfp4":
+        if tensor_amax is None:
+            tensor_amax = triton_blocks.tensor_amax_op(x)
+        tensor_amax = reduce_amax(tensor_amax, quantizer)
+        check_finite(tensor_amax, "operand")
+        gain = torch.empty(1, device=x.device, dtype=torch.float32)
+    storage = quantizer.fmt.storage
+    q = torch.empty((R, C), device=x.device, dtype=storage)
+    qt = torch.empty((C, R), device=x.device, dtype=storage)
+    scale = torch.empty((R, C // B), device=x.device, dtype=torch.float32)
+    scale_t = torch.empty((C, R // B), device=x.device, dtype=torch.float32)
+    packed = packed_rounding(x, quantizer) if packed is None else packed
+    fp4_pair_kernel[(R // B, triton.cdiv(C, BK))](
+        x, q, qt, scale, scale_t, tensor_amax if gain is not None else scale, gain if gain is not None else scale,
+        R, C, x.stride(0), B=B, BK=BK, V=V, RULE=RULES[quantizer.scale_rule], PACKED=packed,
+        RELOAD=RELOAD if reload is None else reload, num_warps=warps)
+    check_finite(scale, "operand")
+    return QTensor(q, scale, quantizer, gain), QTensor(qt, scale_t, quantizer_t, gain)
+
+
+def sm90_binary(block: int = 32, rule: str = "pow2", tile: tuple[int, int, int, int] | None = None,
+                packed: bool = False, reload: bool = True) -> dict:
+    """The kernel compiled for sm_90 without a GPU (x bf16): lowbit.kernels.sass.dump's {"sass", "registers",
+    "spill_bytes", "shared_bytes"}. For the CPU test and bench/ptx_mix.py-style instruction counts."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from lowbit.kernels import sass as machine_code
+
+    rows, BK, warps, V = tile or TILES[block]
+    names = fp4_pair_kernel.arg_names
+    signature = {name: "i32" for name in names}
+    signature.update(x_ptr="*bf16", q_ptr="*fp8e4nv", qt_ptr="*fp8e4nv", scale_ptr="*fp32", scale_t_ptr="*fp32",
+                     tensor_amax_ptr="*fp32", gain_ptr="*fp32")
+    constants = dict(B=block, BK=BK, V=V, RULE=RULES[rule], PACKED=packed, RELOAD=reload, num_warps=warps)
+    signature.update({name: "constexpr" for name in constants})
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in
+             ("x_ptr", "q_ptr", "qt_ptr", "scale_ptr", "scale_t_ptr", "R", "C", "stride_r")}
+    source = GluonASTSource(fn=fp4_pair_kernel, signature=signature, attrs=attrs,
+                            constexprs={(names.index(name),): value for name, value in constants.items()})
+    return machine_code.dump(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)))
