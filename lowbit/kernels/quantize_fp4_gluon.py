@@ -239,9 +239,9 @@ def quantize_fp4_pair_gluon(x: torch.Tensor, quantizer: Quantizer, tensor_amax: 
 
 
 def sm90_binary(block: int = 32, rule: str = "pow2", tile: tuple[int, int, int, int] | None = None,
-                packed: bool = False, reload: bool = True) -> dict:
-    """The kernel compiled for sm_90 without a GPU (x bf16): lowbit.kernels.sass.dump's {"sass", "registers",
-    "spill_bytes", "shared_bytes"}. For the CPU test and bench/ptx_mix.py-style instruction counts."""
+                packed: bool = False, reload: bool = True, dtype: str = "bf16") -> dict:
+    """The kernel compiled for sm_90 without a GPU (x of `dtype`: bf16, fp16 or fp32): lowbit.kernels.sass.dump's
+    {"sass", "registers", "spill_bytes", "shared_bytes"}. For the CPU tests and bench/ptx_mix.py --gluon."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -250,7 +250,7 @@ def sm90_binary(block: int = 32, rule: str = "pow2", tile: tuple[int, int, int, 
     rows, BK, warps, V = tile or TILES[block]
     names = fp4_pair_kernel.arg_names
     signature = {name: "i32" for name in names}
-    signature.update(x_ptr="*bf16", q_ptr="*fp8e4nv", qt_ptr="*fp8e4nv", scale_ptr="*fp32", scale_t_ptr="*fp32",
+    signature.update(x_ptr="*" + dtype, q_ptr="*fp8e4nv", qt_ptr="*fp8e4nv", scale_ptr="*fp32", scale_t_ptr="*fp32",
                      tensor_amax_ptr="*fp32", gain_ptr="*fp32")
     constants = dict(B=block, BK=BK, V=V, RULE=RULES[rule], PACKED=packed, RELOAD=reload, num_warps=warps)
     signature.update({name: "constexpr" for name in constants})

@@ -14,15 +14,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def sm90_binary_in_fresh_process(*args) -> dict:
+def sm90_binaries_in_fresh_process(*calls) -> list[dict]:
+    """quantize_fp4_gluon.sm90_binary(*args, **kwargs) for each (args, kwargs) in calls, in one new interpreter
+    (Gluon functions decorated while TRITON_INTERPRET=1 cannot be compiled): counts instead of the SASS text."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    code = ("import json; from lowbit.kernels.quantize_fp4_gluon import sm90_binary; "
-            f"d = sm90_binary(*{args!r}); d['stg128'] = d['sass'].count('STG.E.128'); "
-            "d['ldg128'] = d['sass'].count('LDG.E.128'); d.pop('sass'); print(json.dumps(d))")
+    code = ("import json; from lowbit.kernels.quantize_fp4_gluon import sm90_binary\n"
+            f"for args, kwargs in {list(calls)!r}:\n"
+            "    d = sm90_binary(*args, **kwargs); d['stg128'] = d['sass'].count('STG.E.128')\n"
+            "    d['ldg128'] = d['sass'].count('LDG.E.128'); d.pop('sass'); print(json.dumps(d))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=600)
+                         timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in run.stdout.strip().splitlines()[-len(calls):]]
 
 
 @pytest.mark.parametrize("block,rule", [(32, "pow2"), (16, "nvfp4")])
@@ -31,7 +34,7 @@ def test_fp4_pair_kernel_compiles_for_sm90_without_shared_memory(block, rule):
     and both sides store 16-byte vectors (a thread's 64 values per side at the default tile: 64 bytes of x_q and
     64 of x^T_q, four 16-byte stores each)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    binary = sm90_binary_in_fresh_process(block, rule)
+    binary, = sm90_binaries_in_fresh_process(((block, rule), {"packed": rule == "pow2"}))
     assert binary["shared_bytes"] == 0 and binary["spill_bytes"] == 0, binary
     assert binary["stg128"] == 8, binary
     assert binary["ldg128"] == 8, binary          # x's side: 64 bf16 values per thread, 128 bytes
@@ -68,6 +71,21 @@ def test_f16x2_e2m1_steps_equal_reference_for_every_bfloat16_times_a_power_of_tw
         want = round_to_format(v, E2M1).to(torch.float8_e4m3fn).view(torch.uint8)
         got = f16x2_steps(v)
         assert torch.equal(got, want), (k, v[got != want][:8])
+
+
+def test_every_variant_compiles_for_sm90_without_spills():
+    """Each input dtype, rule, rounding and transposition the wrapper can launch (and the other tiles the bench
+    times) compiles for sm_90 with no register spills; the shared-memory transposition uses shared memory, the
+    second load none."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    calls = [((block, rule), {"dtype": dtype, "packed": packed, "reload": reload})
+             for dtype in ("bf16", "fp16", "fp32") for block, rule in ((32, "pow2"), (16, "nvfp4"))
+             for packed in ((False, True) if rule == "pow2" and dtype != "fp32" else (False,))
+             for reload in (True, False)]
+    calls += [((32, "pow2", (32, 256, 4, 2)), {"packed": True}), ((16, "nvfp4", (16, 256, 2, 4)), {})]
+    for (args, kwargs), binary in zip(calls, sm90_binaries_in_fresh_process(*calls)):
+        assert binary["spill_bytes"] == 0, (args, kwargs, binary)
+        assert (binary["shared_bytes"] == 0) == kwargs.get("reload", True), (args, kwargs, binary)
 
 
 def fp4_cases():
