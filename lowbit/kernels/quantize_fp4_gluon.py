@@ -13,8 +13,8 @@ The second load of the tile comes from the L1/L2 caches, not from memory (RELOAD
 moves to x^T's layout through shared memory in bf16). The Triton kernel instead reduces one side across threads
 and moves one-byte values through shared memory for the transposed store (bank conflicts; Nsight Compute, H200
 2026-12-02). MXFP4 of a bf16/fp16 x is rounded two values per instruction in half precision (_e2m1_bytes_f16x2:
-exact there, the same bits). Static counts (bench/ptx_mix.py --gluon, sm_90): 18.6-21.6 SASS instructions per
-element for an MXFP4 pair against the Triton kernel's 31.1, 31.5-32.2 for NVFP4 against 36.4.
+exact there, the same bits). Static counts (bench/ptx_mix.py --gluon, sm_90): 18.8-21.6 SASS instructions per
+element for an MXFP4 pair (default tile) against the Triton kernel's 31.1, 31.5-32.2 for NVFP4 against 36.4.
 
 Gluon has no interpreter: on CPU the kernel is compiled for sm_90 and the packed rounding's steps are checked on
 every bfloat16 (tests/kernels/test_quantize_gluon.py); on a GPU its outputs are compared bit for bit with the
