@@ -111,13 +111,14 @@ def _nvfp4_global(tensor_amax):
 @gluon.jit
 def fp4_pair_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr, R, C, stride_r,
                     B: gl.constexpr, BK: gl.constexpr, V: gl.constexpr, RULE: gl.constexpr,
-                    PACKED: gl.constexpr, RELOAD: gl.constexpr, num_warps: gl.constexpr):
+                    PACKED: gl.constexpr, RELOAD: gl.constexpr):
     """One [B, BK] tile of x [R, C] per program: x_q [R, C] and its scales [R, C / B]; x^T_q [C, R] and its
-    scales [C, R / B]. R and C are multiples of B (the wrapper checks)."""
+    scales [C, R / B]. R and C are multiples of B (the wrapper checks). The layouts span the launch's warps."""
+    WARPS: gl.constexpr = gl.num_warps()
     TPR: gl.constexpr = 32 // (BK // B)                     # threads per row group on x's side
-    x_layout: gl.constexpr = gl.BlockedLayout([1, 1, B], [TPR, BK // B, 1], [num_warps, 1, 1], [2, 1, 0])
-    t_load: gl.constexpr = gl.BlockedLayout([B, V], [1, 32], [1, num_warps], [1, 0])
-    t_store: gl.constexpr = gl.BlockedLayout([B, V], [1, 32], [1, num_warps], [0, 1])
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 1, B], [TPR, BK // B, 1], [WARPS, 1, 1], [2, 1, 0])
+    t_load: gl.constexpr = gl.BlockedLayout([B, V], [1, 32], [1, WARPS], [1, 0])
+    t_store: gl.constexpr = gl.BlockedLayout([B, V], [1, 32], [1, WARPS], [0, 1])
     pid_r = gl.program_id(0)
     pid_c = gl.program_id(1)
     r0 = pid_r * B
@@ -252,7 +253,7 @@ def sm90_binary(block: int = 32, rule: str = "pow2", tile: tuple[int, int, int, 
     signature = {name: "i32" for name in names}
     signature.update(x_ptr="*" + dtype, q_ptr="*fp8e4nv", qt_ptr="*fp8e4nv", scale_ptr="*fp32", scale_t_ptr="*fp32",
                      tensor_amax_ptr="*fp32", gain_ptr="*fp32")
-    constants = dict(B=block, BK=BK, V=V, RULE=RULES[rule], PACKED=packed, RELOAD=reload, num_warps=warps)
+    constants = dict(B=block, BK=BK, V=V, RULE=RULES[rule], PACKED=packed, RELOAD=reload)
     signature.update({name: "constexpr" for name in constants})
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in
              ("x_ptr", "q_ptr", "qt_ptr", "scale_ptr", "scale_t_ptr", "R", "C", "stride_r")}

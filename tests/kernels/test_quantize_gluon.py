@@ -73,6 +73,16 @@ def test_f16x2_e2m1_steps_equal_reference_for_every_bfloat16_times_a_power_of_tw
         assert torch.equal(got, want), (k, v[got != want][:8])
 
 
+def test_launch_warps_reach_the_compiler():
+    """num_warps is a launch option, not a kernel parameter (a parameter of that name would take the launch's
+    value and leave the compiler at its default of 4 warps, against layouts spanning 1 or 2): the layouts read
+    gl.num_warps()."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from lowbit.kernels.quantize_fp4_gluon import fp4_pair_kernel
+
+    assert "num_warps" not in fp4_pair_kernel.arg_names
+
+
 def test_every_variant_compiles_for_sm90_without_spills():
     """Each input dtype, rule, rounding and transposition the wrapper can launch (and the other tiles the bench
     times) compiles for sm_90 with no register spills; the shared-memory transposition uses shared memory, the
