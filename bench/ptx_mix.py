@@ -32,13 +32,13 @@ ARGS = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "qt_desc": 
 
 
 def compile_kernel(rule: int, block: int, tile: tuple[int, int, int], x_side: bool, t_side: bool,
-                   maxnreg: int | None = None) -> dict:
+                   maxnreg: int | None = None, packed: bool = False) -> dict:
     """PTX and cubin of the block kernel for 1 x `block` E2M1 blocks on both sides, round to nearest, pointer stores
     (registers per thread capped at `maxnreg`, as quantize_blocks_triton.PAIR_MAXNREG does)."""
     kernel = blocks._quantize_blocks_kernel
     constants = dict(BLOCK_R=tile[0], BLOCK_C=tile[1], BR=1, BC=block, BR_T=1, BC_T=block, TRANSPOSE=t_side,
                      RULE=rule, MAX=6.0, MIN_EXP=0, MBITS=1, HW=False, SAME_T=False, X_SIDE=x_side, NOISE=0,
-                     TMA_T=False, GPU_MATH=True)
+                     TMA_T=False, GPU_MATH=True, PACKED=packed)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     # the JIT's specialisation at the shapes that matter: 16-byte aligned pointers, R, C and the row stride multiples
     # of 16 (without it the loads are not vectorised and the layout, hence the code, differs)
@@ -75,8 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--swap-rules", action="store_true", help="also each tile with the other format's scale rule")
     parser.add_argument("--maxnreg", type=int, nargs="*", default=[], help="also each kernel capped at these registers")
-    parser.add_argument("--gluon", action="store_true", help="also the Gluon pair kernel (quantize_fp4_gluon) at its "
-                        "tiles, f16x2 or float32 rounding, x^T by a second load or through shared memory")
+    parser.add_argument("--gluon", action="store_true", help="also the Triton MXFP4 kernel with E2M1 in f16x2, and the "
+                        "Gluon pair kernel (quantize_fp4_gluon) at its tiles, f16x2 or float32 rounding, x^T by a "
+                        "second load or through shared memory")
     args = parser.parse_args()
     variants = [(name, name, *FORMATS[name]) for name in FORMATS]
     if args.swap_rules:
@@ -86,13 +87,15 @@ def main() -> None:
     for label, tile_of, rule, block in variants:
         tile = blocks.FP4_PAIR_TILES[FORMATS[tile_of][1]]
         per_thread = tile[0] * tile[1] / (32 * tile[2])
-        for maxnreg in [None] + args.maxnreg:
+        runs = [(maxnreg, False) for maxnreg in [None] + args.maxnreg]
+        runs += [(None, True)] if args.gluon and rule == FORMATS["mxfp4"][0] else []    # E2M1 in f16x2
+        for maxnreg, packed in runs:
             for side, (x_side, t_side) in (("x", (True, False)), ("x^T", (False, True)), ("pair", (True, True))):
-                asm = compile_kernel(rule, block, tile, x_side, t_side, maxnreg)
+                asm = compile_kernel(rule, block, tile, x_side, t_side, maxnreg, packed)
                 ops, sass = mix(asm["ptx"]), sass_mix(asm["cubin"])
                 divisions = sum(n for op, n in ops.items() if op.startswith("div.rn"))
                 top = ", ".join(f"{op} {n}" for op, n in sass.most_common(6))
-                cap = f", maxnreg {maxnreg}" if maxnreg else ""
+                cap = (f", maxnreg {maxnreg}" if maxnreg else "") + (", f16x2" if packed else "")
                 print(f"{label + cap:26} tile {str(tile):14} {side:4} PTX {sum(ops.values()) / per_thread:5.1f} / "
                       f"SASS {sum(sass.values()) / per_thread:5.1f} per element, div.rn {divisions:4d} | "
                       f"{registers(asm['cubin'])} | SASS {top}")

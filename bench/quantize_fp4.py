@@ -45,13 +45,14 @@ def same(got, want) -> bool:
     return True
 
 
-def triton_pair(x, q):
-    """The Triton kernel's pair (quantize_blocks_triton hands FP4 pairs to Gluon by default)."""
-    saved, blocks.FP4_PAIR_KERNEL = blocks.FP4_PAIR_KERNEL, "triton"
+def triton_pair(x, q, packed: bool = False):
+    """The Triton kernel's pair (never handed to the Gluon kernel here), E2M1 in f16x2 if `packed`."""
+    saved = blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED
+    blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED = "triton", packed
     try:
         return blocks.quantize_blocks_triton(x, q, q)
     finally:
-        blocks.FP4_PAIR_KERNEL = saved
+        blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED = saved
 
 
 def main() -> None:
@@ -71,6 +72,8 @@ def main() -> None:
         for name, q in QUANTIZERS.items():
             want = (quantize_reference(x, q), quantize_reference(x.t(), q))
             variants = [("triton", None, lambda: triton_pair(x, q))]
+            if gluon_fp4.packed_rounding(x, q):     # the Triton kernel with the Gluon kernel's f16x2 rounding
+                variants.append(("triton f16x2", None, lambda: triton_pair(x, q, packed=True)))
             packs = (False, True) if gluon_fp4.packed_rounding(x, q) else (False,)
             variants += [(f"gluon {tile}{' f16x2' if p else ''}{'' if r else ' smem'}", tile,
                           (lambda t, p, r: lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, tile=t, packed=p,

@@ -29,8 +29,8 @@ if AVAILABLE:
     from triton.language.extra.cuda import libdevice
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from lowbit.kernels.quantize_triton import (FLOOR, _round_to_grid, _round_to_grid_stochastic, _to_grid,
-                                                tensor_amax as tensor_amax_op)
+    from lowbit.kernels.quantize_triton import (FLOOR, _e2m1_bytes_f16x2, _round_to_grid, _round_to_grid_stochastic,
+                                                _to_grid, tensor_amax as tensor_amax_op)
 
     @triton.jit
     def _nvfp4_global(tensor_amax, MAX: tl.constexpr):
@@ -135,7 +135,7 @@ if AVAILABLE:
                                 TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
                                 MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr,
                                 SAME_T: tl.constexpr, X_SIDE: tl.constexpr, NOISE: tl.constexpr,
-                                TMA_T: tl.constexpr, GPU_MATH: tl.constexpr):
+                                TMA_T: tl.constexpr, GPU_MATH: tl.constexpr, PACKED: tl.constexpr):
         # q blocks: BR rows x BC cols of x; q^T blocks (BR_T x BC_T in x^T) cover BC_T rows x BR_T cols of x
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -164,6 +164,8 @@ if AVAILABLE:
             elif NOISE == 2:    # the same with Philox noise from the seed at noise_ptr, keyed by element index
                 noise = _uniform_tile(tl.load(noise_ptr), rows, pid_c, C, BLOCK_R, BLOCK_C)
                 q = _round_to_grid_stochastic(x * inv_full, noise, MAX, MIN_EXP, MBITS)
+            elif PACKED:        # MXFP4 of a bf16/fp16 x on a GPU: E2M1 two values per instruction (the same bits)
+                q = _e2m1_bytes_f16x2(x * inv_full).to(q_ptr.dtype.element_ty, bitcast=True)
             else:
                 q = _to_grid(x * inv_full, MAX, MIN_EXP, MBITS, HW)
             tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
@@ -184,7 +186,10 @@ if AVAILABLE:
                 tl.store(qt_ptr + cols[None, :] * R + rows[:, None], qt, mask=mask)
             else:
                 inv_t_full = _block_expand(inv_t, BLOCK_R, BLOCK_C, BC_T, BR_T)
-                qt = _to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS, HW).to(qt_ptr.dtype.element_ty)
+                if PACKED:
+                    qt = _e2m1_bytes_f16x2(x * inv_t_full).to(qt_ptr.dtype.element_ty, bitcast=True)
+                else:
+                    qt = _to_grid(x * inv_t_full, MAX, MIN_EXP, MBITS, HW).to(qt_ptr.dtype.element_ty)
                 if TMA_T:   # the transposed tile through a swizzled shared-memory tile and a TMA store (clipped)
                     qt_desc.store([pid_c * BLOCK_C, pid_r * BLOCK_R], tl.trans(qt))
                 else:
@@ -250,6 +255,12 @@ def _gluon_supports():
         warnings.warn(f"LOWBIT_FP4_PAIR_KERNEL=gluon needs Triton's Gluon ({error}); FP4 pairs take the Triton kernel")
         return None
     return supports
+
+
+# MXFP4 (pow2 scales) of a bf16/fp16 x rounded onto E2M1 in f16x2 by this module's kernel too
+# (quantize_triton._e2m1_bytes_f16x2, as the Gluon kernel does; the same bits): off until timed on a GPU
+# (bench/quantize_fp4.py: "triton f16x2"), to tell what the Gluon kernel's layouts buy from what its rounding does.
+TRITON_PACKED = os.environ.get("LOWBIT_FP4_TRITON_PACKED") == "1"
 
 
 TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every launch in place of the defaults below;
@@ -339,6 +350,8 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
                     (False, True, (max(64, bc_t), 64, None))]
     else:
         launches = [(True, transpose, (block_r, block_c, None))]
+    packed = (TRITON_PACKED and x.is_cuda and noise is None and seed is None and quantizer.scale_rule == "pow2"
+              and fmt.mantissa_bits == 1 and fmt.max == 6.0 and x.dtype in (torch.bfloat16, torch.float16))
     for x_side, t_side, (tile_r, tile_c, warps) in launches:
         warps = warps or (8 if tile_r * tile_c >= 128 * 128 else 4)
         options = {"maxnreg": PAIR_MAXNREG} if fp4_pair and PAIR_MAXNREG else {}
@@ -360,7 +373,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
             MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
             HW=hardware_cast(fmt, x.device), SAME_T=same_t, X_SIDE=x_side,
             NOISE=1 if noise is not None else 2 if seed is not None else 0, TMA_T=tma_t,
-            GPU_MATH=hardware_cast(E4M3, x.device), num_warps=warps, **options)
+            GPU_MATH=hardware_cast(E4M3, x.device), PACKED=packed, num_warps=warps, **options)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer, gain)
     return first, (QTensor(qt, scale_t, quantizer_t, gain) if transpose else None)

@@ -33,11 +33,13 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from lowbit.kernels import quantize_blocks_triton as triton_blocks
-from lowbit.kernels.quantize_triton import FLOOR, _round_to_e2m1 as _triton_round_to_e2m1
+from lowbit.kernels import quantize_triton as triton_rows
 from lowbit.precision.scaling import QTensor, Quantizer, check_finite, reduce_amax
 
 # the Triton kernel's functions, compiled as Gluon functions: one definition of the numerics
-_round_to_e2m1 = gluon.jit(_triton_round_to_e2m1.fn)
+FLOOR = triton_rows.FLOOR                   # scaling.AMAX_FLOOR as a constexpr
+_round_to_e2m1 = gluon.jit(triton_rows._round_to_e2m1.fn)
+_e2m1_bytes_f16x2 = gluon.jit(triton_rows._e2m1_bytes_f16x2.fn)
 _block_scales = gluon.jit(triton_blocks._block_scales.fn)
 _max_keep_nan = gluon.jit(triton_blocks._max_keep_nan.fn)
 
@@ -47,46 +49,6 @@ RULES = {"nvfp4": 1, "pow2": 2}
 TILES = {16: (16, 128, 1, 4), 32: (32, 128, 2, 2)}
 PACKED = os.environ.get("LOWBIT_FP4_PACKED", "1") == "1"     # see packed_rounding
 RELOAD = True       # x^T's side loads the tile again (cache hits); False: a layout conversion through shared memory
-
-
-@gluon.jit
-def _e2m1_bytes_f16x2(v):
-    """E2M1 bytes (E4M3 encoding, as an int8 tensor) of float32 v that half precision holds exactly, two values per
-    instruction: v to f16x2 (exact), saturated at +-6 (NaN kept; one min of magnitudes that keeps v's sign), rounded
-    half to even by adding and subtracting 768 x max(its binade, 1) (whose f16 ulp is 0.5, 1 and 2 in E2M1's three
-    spacings; the sum stays in that binade for either sign), v's sign put back (for -0), then
-    NVIDIA's f16x2 -> e4m3x2 cast (exact on the grid). The same bits as _round_to_e2m1 plus the float8 cast when
-    v = x * 2^k for a bfloat16 or float16 x (MXFP4's power-of-two scales): a value too small for f16 rounds to 0
-    either way. About half the instructions of the float32 steps."""
-    return gl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 h0, h1, s0, s1, b0, b1, c6, c1, cp, cn;
-        .reg .b16 q0, q1;
-        mov.b32 c6, 0x46004600;
-        mov.b32 c1, 0x3C003C00;
-        mov.b32 cp, 0x62006200;
-        mov.b32 cn, 0xE200E200;
-        cvt.rn.f16x2.f32 h0, $2, $1;
-        cvt.rn.f16x2.f32 h1, $4, $3;
-        min.NaN.xorsign.abs.f16x2 s0, h0, c6;
-        min.NaN.xorsign.abs.f16x2 s1, h1, c6;
-        and.b32 b0, s0, 0x7C007C00;
-        and.b32 b1, s1, 0x7C007C00;
-        max.f16x2 b0, b0, c1;
-        max.f16x2 b1, b1, c1;
-        fma.rn.f16x2 h0, b0, cp, s0;
-        fma.rn.f16x2 h1, b1, cp, s1;
-        fma.rn.f16x2 h0, b0, cn, h0;
-        fma.rn.f16x2 h1, b1, cn, h1;
-        and.b32 s0, s0, 0x80008000;
-        and.b32 s1, s1, 0x80008000;
-        or.b32 h0, h0, s0;
-        or.b32 h1, h1, s1;
-        cvt.rn.satfinite.e4m3x2.f16x2 q0, h0;
-        cvt.rn.satfinite.e4m3x2.f16x2 q1, h1;
-        mov.b32 $0, {q0, q1};
-        }""",
-        constraints="=r,r,r,r,r", args=[v], dtype=gl.int8, is_pure=True, pack=4)
 
 
 @gluon.jit

@@ -135,15 +135,16 @@ def e2m1_edge_tile(rows: int = 96, cols: int = 160) -> torch.Tensor:
     return x.clamp(-7.9375, 7.9375)
 
 
-def pair_by(kernel: str, x: torch.Tensor, q):
-    """quantize_blocks_triton(x, q, q) with FP4_PAIR_KERNEL = kernel ("triton": its own kernel; "gluon": handed to
-    quantize_fp4_gluon where supported)."""
+def pair_by(kernel: str, x: torch.Tensor, q, packed: bool = False):
+    """quantize_blocks_triton(x, q, q) with FP4_PAIR_KERNEL = kernel ("triton": its own kernel, E2M1 in f16x2 if
+    `packed`; "gluon": handed to quantize_fp4_gluon where supported)."""
     from lowbit.kernels import quantize_blocks_triton as blocks
-    saved, blocks.FP4_PAIR_KERNEL = blocks.FP4_PAIR_KERNEL, kernel
+    saved = blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED
+    blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED = kernel, packed
     try:
         return blocks.quantize_blocks_triton(x, q, q), blocks.use_gluon_pair(x, q, q)
     finally:
-        blocks.FP4_PAIR_KERNEL = saved
+        blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED = saved
 
 
 def triton_pair(x: torch.Tensor, q):
@@ -161,6 +162,8 @@ def test_unknown_fp4_pair_kernel_is_refused_by_name():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp4_pair_gluon_equals_reference_and_triton_on_gpu():
+    """Both FP4 pair kernels (Gluon: both roundings, two tiles; Triton: float32 steps and, for MXFP4 of bf16/fp16,
+    f16x2) and the dispatch, bit for bit against the PyTorch reference."""
     from lowbit.kernels.quantize_fp4_gluon import TILES, packed_rounding, quantize_fp4_pair_gluon, supports
     from lowbit.precision.scaling import quantize_reference
 
@@ -178,6 +181,7 @@ def test_fp4_pair_gluon_equals_reference_and_triton_on_gpu():
             got = quantize_fp4_pair_gluon(x, q, tile=tile, packed=packed)
             triton_got, handed = pair_by("triton", x, q)
             dispatched, handed_gluon = pair_by("gluon", x, q)
+            triton_packed = pair_by("triton", x, q, packed=True)[0]     # f16x2 where it applies, else the same
             assert not handed and handed_gluon
             for side, (g, w, t) in enumerate(zip(got, want, triton_got)):
                 what = f"{q.scale_rule} {tuple(x.shape)} {x.dtype} tile {tile} packed {packed} side {side}"
@@ -185,6 +189,7 @@ def test_fp4_pair_gluon_equals_reference_and_triton_on_gpu():
                 assert torch.equal(g.scale.view(torch.int32), w.scale.view(torch.int32)), what
                 assert torch.equal(g.data.view(torch.uint8), t.data.view(torch.uint8)), what
                 assert torch.equal(dispatched[side].data.view(torch.uint8), w.data.view(torch.uint8)), what
+                assert torch.equal(triton_packed[side].data.view(torch.uint8), w.data.view(torch.uint8)), what
                 if q.scale_rule == "nvfp4":
                     assert torch.equal(g.gain, w.gain) and torch.equal(g.gain, t.gain), what
             checked += 1
@@ -228,3 +233,24 @@ def test_fp4_pair_gluon_refuses_what_it_cannot_do_by_name():
         assert not use_gluon_pair(x, q, q)
         with pytest.raises(ValueError, match="use quantize_blocks_triton"):
             quantize_fp4_pair_gluon(x, q)
+
+
+def test_triton_kernel_with_f16x2_rounding_compiles_for_sm90():
+    """The Triton block kernel's opt-in f16x2 E2M1 (quantize_blocks_triton.TRITON_PACKED), MXFP4 pair at its default
+    tile, compiled for sm_90 by bench/ptx_mix.py's compile_kernel: the packed steps are there (HFMA2, the
+    f16x2 -> e4m3x2 cast) and nothing spills. Its numerics: the GPU test above and the emulation test."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, 'bench'); from ptx_mix import FORMATS, compile_kernel, registers\n"
+            "from lowbit.kernels import quantize_blocks_triton as blocks\n"
+            "rule, block = FORMATS['mxfp4']\n"
+            "asm = compile_kernel(rule, block, blocks.FP4_PAIR_TILES[block], True, True, packed=True)\n"
+            "from triton.tools.disasm import get_sass\n"
+            "sass = get_sass(asm['cubin'])\n"
+            "print(json.dumps({'hfma2': sass.count('HFMA2'), 'cast': sass.count('F2FP.SATFINITE.E4M3.F16'),"
+            " 'usage': registers(asm['cubin'])}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["hfma2"] > 0 and found["cast"] > 0, found
+    assert "stack 0 B" in found["usage"], found
