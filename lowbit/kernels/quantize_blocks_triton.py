@@ -36,12 +36,13 @@ if AVAILABLE:
     def _nvfp4_global(tensor_amax, MAX: tl.constexpr):
         """(G, 1 / G), NVFP4's FP32 tensor scale 448 * MAX / tensor amax (1 for an all-zero tensor, NaN for a
         non-finite one): scaling.nvfp4_global_inverse's fp32 operations (IEEE division), once per program on the
-        scalar tensor amax instead of by ~10 one-element PyTorch launches per operand."""
-        global_inv = tl.where(tensor_amax > 0,
-                              tl.math.div_rn(tl.zeros_like(tensor_amax) + 448.0 * MAX, tl.maximum(tensor_amax, FLOOR)),
-                              1.0)
+        scalar tensor amax instead of by ~10 one-element PyTorch launches per operand. The numerators are made as
+        `0 * value + constant` (exact for a finite value; a non-finite amax ends NaN either way), not by zeros_like,
+        which Gluon cannot call: quantize_fp4_gluon compiles this same function."""
+        safe = tl.maximum(tensor_amax, FLOOR)
+        global_inv = tl.where(tensor_amax > 0, tl.math.div_rn(safe * 0.0 + 448.0 * MAX, safe), 1.0)
         global_inv = tl.where(tensor_amax < float("inf"), global_inv, float("nan"))
-        return global_inv, tl.math.div_rn(tl.zeros_like(global_inv) + 1.0, global_inv)
+        return global_inv, tl.math.div_rn(global_inv * 0.0 + 1.0, global_inv)
 
     @triton.jit
     def _block_scales(amax, global_inv, global_recip, RULE: tl.constexpr, MAX: tl.constexpr,
@@ -227,7 +228,7 @@ def use_tma_store(x: torch.Tensor, tile_r: int) -> bool:
 
 # FP4 block pairs (NVFP4 / MXFP4, x and x^T, round to nearest) on Hopper or newer: "gluon" takes
 # lowbit/kernels/quantize_fp4_gluon.py (no value crosses a thread, MXFP4 rounded two values per instruction; 30-40%
-# / 12-13% fewer SASS instructions per element than this kernel for MXFP4 / NVFP4, bench/ptx_mix.py --gluon), "triton"
+# / 11-13% fewer SASS instructions per element than this kernel for MXFP4 / NVFP4, bench/ptx_mix.py --gluon), "triton"
 # this module's kernel. Stays "triton" until the Gluon kernel has run on a GPU (no device was lent on 2026-12-05:
 # its GPU tests and timing are `bash bench/device_pending.sh fp4_pair`, end to end `fp4_pair_e2e`).
 FP4_PAIR_KERNELS = ("gluon", "triton")
@@ -261,6 +262,15 @@ def _gluon_supports():
 # (quantize_triton._e2m1_bytes_f16x2, as the Gluon kernel does; the same bits): off until timed on a GPU
 # (bench/quantize_fp4.py: "triton f16x2"), to tell what the Gluon kernel's layouts buy from what its rounding does.
 TRITON_PACKED = os.environ.get("LOWBIT_FP4_TRITON_PACKED") == "1"
+
+
+def f16x2_rounds_exactly(x: torch.Tensor, quantizer: Quantizer) -> bool:
+    """Whether quantize_triton._e2m1_bytes_f16x2 gives the float32 steps' bits for this operand: MXFP4 (E2M1 with
+    power-of-two scales) of a bfloat16 or float16 x, whose x * 2^k half precision holds exactly wherever E2M1 can
+    tell values apart."""
+    fmt = quantizer.fmt
+    return (quantizer.scale_rule == "pow2" and fmt.mantissa_bits == 1 and fmt.max == 6.0
+            and x.dtype in (torch.bfloat16, torch.float16))
 
 
 TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every launch in place of the defaults below;
@@ -350,8 +360,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
                     (False, True, (max(64, bc_t), 64, None))]
     else:
         launches = [(True, transpose, (block_r, block_c, None))]
-    packed = (TRITON_PACKED and x.is_cuda and noise is None and seed is None and quantizer.scale_rule == "pow2"
-              and fmt.mantissa_bits == 1 and fmt.max == 6.0 and x.dtype in (torch.bfloat16, torch.float16))
+    packed = TRITON_PACKED and x.is_cuda and noise is None and seed is None and f16x2_rounds_exactly(x, quantizer)
     for x_side, t_side, (tile_r, tile_c, warps) in launches:
         warps = warps or (8 if tile_r * tile_c >= 128 * 128 else 4)
         options = {"maxnreg": PAIR_MAXNREG} if fp4_pair and PAIR_MAXNREG else {}

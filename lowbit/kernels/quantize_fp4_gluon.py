@@ -14,7 +14,7 @@ moves to x^T's layout through shared memory in bf16). The Triton kernel instead 
 and moves one-byte values through shared memory for the transposed store (bank conflicts; Nsight Compute, H200
 2026-12-02). MXFP4 of a bf16/fp16 x is rounded two values per instruction in half precision (_e2m1_bytes_f16x2:
 exact there, the same bits). Static counts (bench/ptx_mix.py --gluon, sm_90): 18.8-21.6 SASS instructions per
-element for an MXFP4 pair (default tile) against the Triton kernel's 31.1, 31.5-32.2 for NVFP4 against 36.4.
+element for an MXFP4 pair (default tile) against the Triton kernel's 31.1, 31.5-32.2 for NVFP4 against 36.2.
 
 Gluon has no interpreter: on CPU the kernel is compiled for sm_90 and the packed rounding's steps are checked on
 every bfloat16 (tests/kernels/test_quantize_gluon.py); on a GPU its outputs are compared bit for bit with the
@@ -37,11 +37,11 @@ from lowbit.kernels import quantize_triton as triton_rows
 from lowbit.precision.scaling import QTensor, Quantizer, check_finite, reduce_amax
 
 # the Triton kernel's functions, compiled as Gluon functions: one definition of the numerics
-FLOOR = triton_rows.FLOOR                   # scaling.AMAX_FLOOR as a constexpr
 _round_to_e2m1 = gluon.jit(triton_rows._round_to_e2m1.fn)
 _e2m1_bytes_f16x2 = gluon.jit(triton_rows._e2m1_bytes_f16x2.fn)
 _block_scales = gluon.jit(triton_blocks._block_scales.fn)
 _max_keep_nan = gluon.jit(triton_blocks._max_keep_nan.fn)
+_nvfp4_global = gluon.jit(triton_blocks._nvfp4_global.fn)
 
 RULES = {"nvfp4": 1, "pow2": 2}
 # (rows = the block, columns, warps, columns per thread on x^T's side) per block size; bench/quantize_fp4.py times
@@ -58,16 +58,6 @@ def _to_e2m1(v, out_dtype: gl.constexpr, PACKED: gl.constexpr):
     if PACKED:
         return _e2m1_bytes_f16x2(v).to(out_dtype, bitcast=True)
     return _round_to_e2m1(v).to(out_dtype)
-
-
-@gluon.jit
-def _nvfp4_global(tensor_amax):
-    """(G, 1 / G) as quantize_blocks_triton._nvfp4_global (E2M1: MAX = 6): 448 * 6 / amax by IEEE division, 1 for
-    an all-zero tensor, NaN for a non-finite amax."""
-    safe = gl.maximum(tensor_amax, FLOOR)
-    global_inv = gl.where(tensor_amax > 0, gl.div_rn(safe * 0.0 + 2688.0, safe), 1.0)
-    global_inv = gl.where(tensor_amax < float("inf"), global_inv, float("nan"))
-    return global_inv, gl.div_rn(global_inv * 0.0 + 1.0, global_inv)
 
 
 @gluon.jit
@@ -89,7 +79,7 @@ def fp4_pair_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, scale_t_ptr, tensor_amax_pt
     global_inv = 1.0
     global_recip = 1.0
     if RULE == 1:       # NVFP4: the FP32 tensor scale from max |x| (NaN as Inf); the first program stores it
-        global_inv, global_recip = _nvfp4_global(gl.load(tensor_amax_ptr))
+        global_inv, global_recip = _nvfp4_global(gl.load(tensor_amax_ptr), 6.0)
         if pid_r + pid_c == 0:
             gl.store(gain_ptr, global_inv)
 
@@ -152,7 +142,7 @@ def _capability(device: torch.device) -> int:
 def packed_rounding(x: torch.Tensor, quantizer: Quantizer) -> bool:
     """Whether E2M1 is rounded two values per instruction in half precision (_e2m1_bytes_f16x2): exact for
     MXFP4's power-of-two scales of a bfloat16 or float16 x only (PACKED switches it off for all)."""
-    return PACKED and quantizer.scale_rule == "pow2" and x.dtype in (torch.bfloat16, torch.float16)
+    return PACKED and triton_blocks.f16x2_rounds_exactly(x, quantizer)
 
 
 def quantize_fp4_pair_gluon(x: torch.Tensor, quantizer: Quantizer, tensor_amax: torch.Tensor | None = None,
@@ -174,7 +164,7 @@ def quantize_fp4_pair_gluon(x: torch.Tensor, quantizer: Quantizer, tensor_amax: 
     quantizer.check_columns(C, "operand")
     quantizer_t.check_columns(R, "operand^T")
     rows, BK, warps, V = tile or TILES[B]
-    if packed and not (quantizer.scale_rule == "pow2" and x.dtype in (torch.bfloat16, torch.float16)):
+    if packed and not triton_blocks.f16x2_rounds_exactly(x, quantizer):
         raise ValueError(f"quantize_fp4_pair_gluon: packed=True rounds exactly only MXFP4 (pow2 scales) of a bf16 or "
                          f"fp16 x, got {quantizer.scale_rule} scales of {x.dtype}; pass packed=None")
     if rows != B or BK % (32 * V * warps) or BK % B or 32 % (BK // B):
