@@ -3,6 +3,8 @@
 run. Every variant is first compared bit for bit with the PyTorch reference (x_q, x^T_q, both scale tensors and
 NVFP4's tensor scale); then timed by CUDA graph replays. Ratio: 4 bytes per element (x read once in bf16, x_q and
 x^T_q written once) per second over the device copy's bytes per second (x.clone: read + write) in the same run.
+NVFP4 is timed a second way, with max |x| given (as delayed scaling or a producer's fused amax would supply it): the
+block pass alone, without the amax pass's extra read of x.
 
     python bench/quantize_fp4.py [--shapes 8192x4096 8192x14336] [--out DIR]   # writes quantize_fp4.json
 """
@@ -45,12 +47,13 @@ def same(got, want) -> bool:
     return True
 
 
-def triton_pair(x, q, packed: bool = False):
-    """The Triton kernel's pair (never handed to the Gluon kernel here), E2M1 in f16x2 if `packed`."""
+def triton_pair(x, q, packed: bool = False, amax=None):
+    """The Triton kernel's pair (never handed to the Gluon kernel here), E2M1 in f16x2 if `packed`, NVFP4's max |x|
+    given as `amax` (no amax pass) if not None."""
     saved = blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED
     blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED = "triton", packed
     try:
-        return blocks.quantize_blocks_triton(x, q, q)
+        return blocks.quantize_blocks_triton(x, q, q, tensor_amax=amax)
     finally:
         blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED = saved
 
@@ -79,6 +82,12 @@ def main() -> None:
                           (lambda t, p, r: lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, tile=t, packed=p,
                                                                                       reload=r))(tile, p, r))
                          for r in (True, False) for p in packs for tile in GLUON_TILES[q.block_cols]]
+            if name == "nvfp4":     # the block pass alone: max |x| given (delayed or fused upstream), no amax pass
+                amax = x.abs().amax().float().reshape(1)
+                variants += [("triton amax given", None, lambda: triton_pair(x, q, amax=amax)),
+                             ("gluon amax given", None, lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, amax)),
+                             ("gluon amax given smem", None,
+                              lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, amax, reload=False))]
             for label, tile, fn in variants:
                 try:
                     exact = same(fn(), want)
