@@ -163,7 +163,7 @@ def test_unknown_fp4_pair_kernel_is_refused_by_name():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp4_pair_gluon_equals_reference_and_triton_on_gpu():
     """Both FP4 pair kernels (Gluon: both roundings, two tiles; Triton: float32 steps and, for MXFP4 of bf16/fp16,
-    f16x2) and the dispatch, bit for bit against the PyTorch reference."""
+    f16x2) and the dispatch, bit for bit against the PyTorch reference; NVFP4 also with max |x| given."""
     from lowbit.kernels.quantize_fp4_gluon import TILES, packed_rounding, quantize_fp4_pair_gluon, supports
     from lowbit.precision.scaling import quantize_reference
 
@@ -192,6 +192,12 @@ def test_fp4_pair_gluon_equals_reference_and_triton_on_gpu():
                 assert torch.equal(triton_packed[side].data.view(torch.uint8), w.data.view(torch.uint8)), what
                 if q.scale_rule == "nvfp4":
                     assert torch.equal(g.gain, w.gain) and torch.equal(g.gain, t.gain), what
+            if q.scale_rule == "nvfp4":      # max |x| given (no amax pass): the same bits
+                given = quantize_fp4_pair_gluon(x, q, x.abs().amax().float().reshape(1), tile=tile)
+                for g, w in zip(given, want):
+                    assert torch.equal(g.data.view(torch.uint8), w.data.view(torch.uint8)), f"{tuple(x.shape)} given"
+                    assert torch.equal(g.scale.view(torch.int32), w.scale.view(torch.int32)), f"{tuple(x.shape)} given"
+                    assert torch.equal(g.gain, w.gain)
             checked += 1
     assert checked == 26          # NVFP4 4 cases x 2 tiles; MXFP4 4 bf16/fp16 cases x 2 tiles x 2, fp32 x 2 tiles
 
