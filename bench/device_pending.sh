@@ -168,6 +168,7 @@ case "${1:-}" in
       --compile-lowbit fp4_vectorwise,fp4_vectorwise+dge --out "$OUT" 2>&1 | tail -20 | tee "$OUT/linear_fp4_dge.log" ;;
   fp4_pair)
     # the Gluon FP4 block pair kernel (thirty-sixth session): its GPU tests, then next to the Triton kernel by tiles
+    # (H100, 2026-12-06, 8192 x 4096 only: bit for bit, slower; docs/bench_h100_2026-12-06)
     python3 -m pytest -q -m gpu tests/kernels/test_quantize_gluon.py tests/kernels/test_quantize.py 2>&1 | tail -3 \
       | tee "$OUT/fp4_pair_tests.log"
     python3 bench/quantize_fp4.py --out "$OUT" 2>&1 | tee "$OUT/quantize_fp4.log" ;;
