@@ -259,8 +259,9 @@ def _gluon_supports():
 
 
 # MXFP4 (pow2 scales) of a bf16/fp16 x rounded onto E2M1 in f16x2 by this module's kernel too
-# (quantize_triton._e2m1_bytes_f16x2, as the Gluon kernel does; the same bits): off until timed on a GPU
-# (bench/quantize_fp4.py: "triton f16x2"), to tell what the Gluon kernel's layouts buy from what its rounding does.
+# (quantize_triton._e2m1_bytes_f16x2, as the Gluon kernel does; the same bits). Off: one H100 run (2026-12-06,
+# bench/quantize_fp4.py "triton f16x2", 8192 x 4096) gave 0.0636 against 0.0658 ms, 3%, not yet repeated or timed
+# on an H200.
 TRITON_PACKED = os.environ.get("LOWBIT_FP4_TRITON_PACKED") == "1"
 
 
