@@ -4,9 +4,10 @@ run. Every variant is first compared bit for bit with the PyTorch reference (x_q
 NVFP4's tensor scale); then timed by CUDA graph replays. Ratio: 4 bytes per element (x read once in bf16, x_q and
 x^T_q written once) per second over the device copy's bytes per second (x.clone: read + write) in the same run.
 NVFP4 is timed a second way, with max |x| given (as delayed scaling or a producer's fused amax would supply it): the
-block pass alone, without the amax pass's extra read of x.
+block pass alone, without the amax pass's extra read of x. The Triton kernel also runs as its persistent variant
+(a fixed grid of programs per SM walking the tiles, the next tile loaded early or not, registers capped or not).
 
-    python bench/quantize_fp4.py [--shapes 8192x4096 8192x14336] [--out DIR]   # writes quantize_fp4.json
+    python bench/quantize_fp4.py [--shapes 8192x4096 8192x14336] [--skip-gluon] [--out DIR]   # writes quantize_fp4.json
 """
 from __future__ import annotations
 
@@ -47,21 +48,37 @@ def same(got, want) -> bool:
     return True
 
 
-def triton_pair(x, q, packed: bool = False, amax=None):
+def triton_pair(x, q, packed: bool = False, amax=None, per_sm: int = 0, prefetch: bool = True,
+                maxnreg: int | None = None, tile: tuple[int, int, int] | None = None):
     """The Triton kernel's pair (never handed to the Gluon kernel here), E2M1 in f16x2 if `packed`, NVFP4's max |x|
-    given as `amax` (no amax pass) if not None."""
-    saved = blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED
-    blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED = "triton", packed
+    given as `amax` (no amax pass) if not None; `per_sm` > 0: the persistent kernel with that many programs per SM,
+    the next tile loaded early if `prefetch`; registers capped at `maxnreg`; `tile` for the default tile."""
+    settings = dict(FP4_PAIR_KERNEL="triton", TRITON_PACKED=packed, PAIR_PROGRAMS_PER_SM=per_sm,
+                    PAIR_PREFETCH=prefetch, PAIR_MAXNREG=maxnreg, TILE=tile)
+    saved = {name: getattr(blocks, name) for name in settings}
+    for name, value in settings.items():
+        setattr(blocks, name, value)
     try:
         return blocks.quantize_blocks_triton(x, q, q, tensor_amax=amax)
     finally:
-        blocks.FP4_PAIR_KERNEL, blocks.TRITON_PACKED = saved
+        for name, value in saved.items():
+            setattr(blocks, name, value)
+
+
+# the persistent kernel: (label, programs per SM, prefetch, register cap). 255 registers with the early
+# load (4 two-warp programs per SM), 160 without spills (6), 128 with a 40-byte spill (8): bench/ptx_mix.py figures
+PERSISTENT = [("persistent 4/SM prefetch", 4, True, None),
+              ("persistent 6/SM prefetch cap 160", 6, True, 160),
+              ("persistent 8/SM prefetch cap 128", 8, True, 128),
+              ("persistent 6/SM cap 160", 6, False, 160),
+              ("persistent 8/SM cap 128", 8, False, 128)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=["8192x4096", "8192x14336"])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--skip-gluon", action="store_true", help="only the Triton kernel's variants")
     args = parser.parse_args()
     rows = []
     torch.manual_seed(0)
@@ -74,10 +91,15 @@ def main() -> None:
         print(f"{shape}: device copy {copy_ms:.4f} ms, {copy_gbs:.0f} GB/s", flush=True)
         for name, q in QUANTIZERS.items():
             want = (quantize_reference(x, q), quantize_reference(x.t(), q))
-            variants = [("triton", None, lambda: triton_pair(x, q))]
-            if gluon_fp4.packed_rounding(x, q):     # the Triton kernel with the Gluon kernel's f16x2 rounding
-                variants.append(("triton f16x2", None, lambda: triton_pair(x, q, packed=True)))
             packs = (False, True) if gluon_fp4.packed_rounding(x, q) else (False,)
+            variants = [(f"triton{' f16x2' if p else ''}", None, (lambda p: lambda: triton_pair(x, q, packed=p))(p))
+                        for p in packs]     # f16x2: the Triton kernel with the Gluon kernel's E2M1 rounding
+            variants += [(f"triton {label}{' f16x2' if p else ''}", None,
+                          (lambda p, n, f, m: lambda: triton_pair(x, q, packed=p, per_sm=n, prefetch=f,
+                                                                  maxnreg=m))(p, n, f, m))
+                         for label, n, f, m in PERSISTENT for p in packs]
+            if args.skip_gluon:
+                packs = ()
             variants += [(f"gluon {tile}{' f16x2' if p else ''}{'' if r else ' smem'}", tile,
                           (lambda t, p, r: lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, tile=t, packed=p,
                                                                                       reload=r))(tile, p, r))
@@ -85,9 +107,12 @@ def main() -> None:
             if name == "nvfp4":     # the block pass alone: max |x| given (delayed or fused upstream), no amax pass
                 amax = x.abs().amax().float().reshape(1)
                 variants += [("triton amax given", None, lambda: triton_pair(x, q, amax=amax)),
-                             ("gluon amax given", None, lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, amax)),
-                             ("gluon amax given smem", None,
-                              lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, amax, reload=False))]
+                             ("triton persistent 6/SM prefetch cap 160 amax given", None,
+                              lambda: triton_pair(x, q, amax=amax, per_sm=6, maxnreg=160))]
+                if not args.skip_gluon:
+                    variants += [("gluon amax given", None, lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, amax)),
+                                 ("gluon amax given smem", None,
+                                  lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, amax, reload=False))]
             for label, tile, fn in variants:
                 try:
                     exact = same(fn(), want)
@@ -98,7 +123,7 @@ def main() -> None:
                 ratio = 4 * x.numel() / ms / 1e6 / copy_gbs
                 rows.append(dict(shape=shape, format=name, kernel=label, ms=ms, ratio=ratio, exact=exact,
                                  copy_ms=copy_ms))
-                print(f"{str(shape):>14} {name} {label:<28} {ms:7.4f} ms  ratio {ratio:4.2f}  exact {exact}",
+                print(f"{str(shape):>14} {name} {label:<50} {ms:7.4f} ms  ratio {ratio:4.2f}  exact {exact}",
                       flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "quantize_fp4.json").write_text(json.dumps(rows, indent=1))

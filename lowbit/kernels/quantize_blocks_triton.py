@@ -129,6 +129,14 @@ if AVAILABLE:
         return tl.reshape(tl.join(tl.join(a, b), tl.join(c, d)), (BLOCK_R, BLOCK_C))
 
     @triton.jit
+    def _load_tile(x_ptr, pid_r, pid_c, R, C, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """x's [BLOCK_R, BLOCK_C] tile (pid_r, pid_c), zero outside x, in x's dtype."""
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        return tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, qt_desc, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr,
                                 noise_ptr, R, C, stride_r,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -137,12 +145,55 @@ if AVAILABLE:
                                 MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr,
                                 SAME_T: tl.constexpr, X_SIDE: tl.constexpr, NOISE: tl.constexpr,
                                 TMA_T: tl.constexpr, GPU_MATH: tl.constexpr, PACKED: tl.constexpr):
-        # q blocks: BR rows x BC cols of x; q^T blocks (BR_T x BC_T in x^T) cover BC_T rows x BR_T cols of x
+        """One tile per program, the grid (row tiles, column tiles)."""
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+        x = _load_tile(x_ptr, pid_r, pid_c, R, C, stride_r, BLOCK_R, BLOCK_C)
+        _quantize_tile(x, pid_r, pid_c, q_ptr, qt_ptr, qt_desc, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr,
+                       noise_ptr, R, C, BLOCK_R, BLOCK_C, BR, BC, BR_T, BC_T, TRANSPOSE, RULE, MAX, MIN_EXP, MBITS,
+                       HW, SAME_T, X_SIDE, NOISE, TMA_T, GPU_MATH, PACKED)
+
+    @triton.jit
+    def _quantize_pair_persistent_kernel(x_ptr, q_ptr, qt_ptr, qt_desc, scale_ptr, scale_t_ptr, tensor_amax_ptr,
+                                         gain_ptr, R, C, stride_r,
+                                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BC: tl.constexpr,
+                                         RULE: tl.constexpr, MAX: tl.constexpr, MIN_EXP: tl.constexpr,
+                                         MBITS: tl.constexpr, HW: tl.constexpr, GPU_MATH: tl.constexpr,
+                                         PACKED: tl.constexpr, PREFETCH: tl.constexpr):
+        """A 1 x BC pair (x and x^T, round to nearest) by a fixed grid of programs, each walking the tiles
+        pid, pid + programs, ... (row tiles fastest, as the one-tile grid runs). PREFETCH: the next tile's load is
+        issued before this tile's arithmetic and stores, so each program keeps one load in flight while it works."""
+        n_r = tl.cdiv(R, BLOCK_R)
+        n_tiles = n_r * tl.cdiv(C, BLOCK_C)
+        step = tl.num_programs(0)
+        if PREFETCH:
+            x_next = _load_tile(x_ptr, tl.program_id(0) % n_r, tl.program_id(0) // n_r, R, C, stride_r, BLOCK_R,
+                                BLOCK_C)
+        for tile in range(tl.program_id(0), n_tiles, step):
+            if PREFETCH:    # past the last tile the column test masks every element: no memory is touched
+                x = x_next
+                x_next = _load_tile(x_ptr, (tile + step) % n_r, (tile + step) // n_r, R, C, stride_r, BLOCK_R,
+                                    BLOCK_C)
+            else:
+                x = _load_tile(x_ptr, tile % n_r, tile // n_r, R, C, stride_r, BLOCK_R, BLOCK_C)
+            _quantize_tile(x, tile % n_r, tile // n_r, q_ptr, qt_ptr, qt_desc, scale_ptr, scale_t_ptr,
+                           tensor_amax_ptr, gain_ptr, x_ptr, R, C, BLOCK_R, BLOCK_C, 1, BC, 1, BC, True, RULE, MAX,
+                           MIN_EXP, MBITS, HW, False, True, 0, False, GPU_MATH, PACKED)
+
+    @triton.jit
+    def _quantize_tile(x, pid_r, pid_c, q_ptr, qt_ptr, qt_desc, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr,
+                       noise_ptr, R, C,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BR: tl.constexpr, BC: tl.constexpr, BR_T: tl.constexpr, BC_T: tl.constexpr,
+                       TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
+                       MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr,
+                       SAME_T: tl.constexpr, X_SIDE: tl.constexpr, NOISE: tl.constexpr,
+                       TMA_T: tl.constexpr, GPU_MATH: tl.constexpr, PACKED: tl.constexpr):
+        """Quantize x's tile (pid_r, pid_c) (as loaded by _load_tile) and store its outputs.
+        q blocks: BR rows x BC cols of x; q^T blocks (BR_T x BC_T in x^T) cover BC_T rows x BR_T cols of x."""
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows[:, None] < R) & (cols[None, :] < C)
-        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x.to(tl.float32)
         magnitude = tl.abs(x)                   # NaN stays NaN: _block_amax propagates it to its block's scale
         global_inv = 1.0
         global_recip = 1.0
@@ -282,6 +333,18 @@ TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every la
 PAIR_MAXNREG: int | None = int(os.environ.get("LOWBIT_FP4_PAIR_MAXNREG", "0")) or None
 
 
+# The FP4 pair by a fixed grid of PAIR_PROGRAMS_PER_SM programs per SM, each walking tiles and loading its next
+# tile before it works on this one (_quantize_pair_persistent_kernel); 0: one tile per program (the default).
+# Environment: LOWBIT_FP4_PAIR_PROGRAMS_PER_SM; LOWBIT_FP4_PAIR_PREFETCH=0 walks without the early load.
+PAIR_PROGRAMS_PER_SM = int(os.environ.get("LOWBIT_FP4_PAIR_PROGRAMS_PER_SM", "0"))
+PAIR_PREFETCH = os.environ.get("LOWBIT_FP4_PAIR_PREFETCH", "1") != "0"
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (4 under the interpreter, so that programs walk several tiles in the tests)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def tile_fits(tile_r: int, tile_c: int, x_side: bool, t_side: bool, br: int, bc: int, br_t: int, bc_t: int) -> bool:
     """Whether a tile holds whole blocks of the sides it writes (x's br x bc, x^T's br_t x bc_t, which cover bc_t
     rows x br_t columns of x)."""
@@ -373,6 +436,16 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
         same_t = t_side and br == bc == br_t == bc_t        # x^T_q is x_q transposed: read back, not rounded
         tma_t = t_side and not same_t and use_tma_store(x, tile_r)
         qt_desc = TensorDescriptor.from_tensor(qt, [tile_c, tile_r]) if tma_t else qt
+        if fp4_pair and PAIR_PROGRAMS_PER_SM and noise is None and seed is None and not tma_t:
+            tiles = triton.cdiv(R, tile_r) * triton.cdiv(C, tile_c)
+            _quantize_pair_persistent_kernel[(min(tiles, PAIR_PROGRAMS_PER_SM * _multiprocessors(x.device)),)](
+                x, q, qt, qt_desc, scale, scale_t, tensor_amax if gain is not None else x,
+                gain if gain is not None else scale, R, C, x.stride(0),
+                BLOCK_R=tile_r, BLOCK_C=tile_c, BC=bc, RULE=RULES[quantizer.scale_rule], MAX=fmt.max,
+                MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits, HW=hardware_cast(fmt, x.device),
+                GPU_MATH=hardware_cast(E4M3, x.device), PACKED=packed, PREFETCH=PAIR_PREFETCH, num_warps=warps,
+                **options)
+            continue
         _quantize_blocks_kernel[(triton.cdiv(R, tile_r), triton.cdiv(C, tile_c))](
             x, q, qt, qt_desc, scale, scale_t, tensor_amax if gain is not None else x,
             gain if gain is not None else scale,

@@ -465,6 +465,51 @@ def test_triton_block_quantize_under_other_tiles_equals_reference_under_interpre
     run_under_interpreter("check_block_kernel_tiles", "OK tiles 12")
 
 
+def check_block_kernel_persistent(device: str = "cpu") -> None:
+    """FP4 block pairs by the persistent kernel (quantize_blocks_triton.PAIR_PROGRAMS_PER_SM: a fixed grid whose
+    programs walk the tiles, the next tile loaded early or not), bit for bit the reference: partial tiles, more
+    programs than tiles, outliers, NVFP4's tensor scale, and a non-finite block reported by its NaN scale."""
+    from lowbit.kernels import quantize_blocks_triton as blocks
+    from lowbit.precision.formats import E2M1
+    from lowbit.precision.scaling import Quantizer, quantize_reference
+
+    generator = torch.Generator().manual_seed(2)
+    checked = 0
+    saved = blocks.PAIR_PROGRAMS_PER_SM, blocks.PAIR_PREFETCH
+    try:
+        for q in (Quantizer(E2M1, 1, 16, "nvfp4"), Quantizer(E2M1, 1, 32, "pow2")):
+            for rows, cols in ((96, 160), (32, 128), (160, 96)):
+                x = (torch.randn(rows, cols, generator=generator)
+                     * torch.exp2(torch.randint(-8, 8, (rows, cols), generator=generator).float())).to(torch.bfloat16)
+                x[3, 5:9] *= 80.0
+                x = x.to(device)
+                want = quantize_reference(x, q), quantize_reference(x.t(), q)
+                for per_sm, prefetch in ((1, True), (3, True), (2, False)):
+                    blocks.PAIR_PROGRAMS_PER_SM, blocks.PAIR_PREFETCH = per_sm, prefetch
+                    for a, b in zip(blocks.quantize_blocks_triton(x, q, q), want):
+                        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), (q, rows, per_sm)
+                        assert torch.equal(a.scale, b.scale), (q, rows, per_sm)
+                        assert (a.gain is None) == (b.gain is None) and (a.gain is None or torch.equal(a.gain, b.gain))
+                    checked += 1
+            bad = torch.ones(64, 128, device=device, dtype=torch.bfloat16)
+            bad[40, 100] = float("inf")
+            expect_non_finite(lambda: blocks.quantize_blocks_triton(bad, q, q), device, "operand")
+    finally:
+        blocks.PAIR_PROGRAMS_PER_SM, blocks.PAIR_PREFETCH = saved
+    print(f"OK persistent {checked}")
+
+
+@pytest.mark.slow
+def test_persistent_fp4_pair_kernel_equals_reference_under_interpreter():
+    run_under_interpreter("check_block_kernel_persistent", "OK persistent 18")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_persistent_fp4_pair_kernel_on_gpu():
+    check_block_kernel_persistent("cuda")
+
+
 def test_square_block_pair_is_one_quantization_transposed():
     """The PyTorch path of a b x b block pair (fp8_blockwise's weights) quantizes x once and transposes data and
     scales (lowbit.kernels.quantize.transposes_blocks): bit for bit what quantizing x^T on its own gives, eager and
