@@ -48,11 +48,12 @@ def same(got, want) -> bool:
     return True
 
 
-def triton_pair(x, q, packed: bool = False, amax=None, per_sm: int = 0, prefetch: bool = True,
+def triton_pair(x, q, packed: bool = False, amax=None, per_sm: int = 0, prefetch: int = 1,
                 maxnreg: int | None = None, tile: tuple[int, int, int] | None = None):
     """The Triton kernel's pair (never handed to the Gluon kernel here), E2M1 in f16x2 if `packed`, NVFP4's max |x|
     given as `amax` (no amax pass) if not None; `per_sm` > 0: the persistent kernel with that many programs per SM,
-    the next tile loaded early if `prefetch`; registers capped at `maxnreg`; `tile` for the default tile."""
+    loading ahead by `prefetch` (quantize_blocks_triton.PAIR_PREFETCH); registers capped at `maxnreg`; `tile` for
+    the default tile."""
     settings = dict(FP4_PAIR_KERNEL="triton", TRITON_PACKED=packed, PAIR_PROGRAMS_PER_SM=per_sm,
                     PAIR_PREFETCH=prefetch, PAIR_MAXNREG=maxnreg, TILE=tile)
     saved = {name: getattr(blocks, name) for name in settings}
@@ -65,13 +66,17 @@ def triton_pair(x, q, packed: bool = False, amax=None, per_sm: int = 0, prefetch
             setattr(blocks, name, value)
 
 
-# the persistent kernel: (label, programs per SM, prefetch, register cap). 255 registers with the early
-# load (4 two-warp programs per SM), 160 without spills (6), 128 with a 40-byte spill (8): bench/ptx_mix.py figures
-PERSISTENT = [("persistent 4/SM prefetch", 4, True, None),
-              ("persistent 6/SM prefetch cap 160", 6, True, 160),
-              ("persistent 8/SM prefetch cap 128", 8, True, 128),
-              ("persistent 6/SM cap 160", 6, False, 160),
-              ("persistent 8/SM cap 128", 8, False, 128)]
+# the persistent kernel: (label, programs per SM, prefetch, register cap). MXFP4 at (32, 128, 2) for sm_90 (Triton
+# 3.6): 255 registers with the next tile in registers (4 two-warp programs per SM), 160 capped without spills (6),
+# 128 with a 40-byte spill (8); 168 loading ahead by cp.async (6) or in place
+PERSISTENT = [("persistent 4/SM prefetch", 4, 1, None),
+              ("persistent 6/SM prefetch cap 160", 6, 1, 160),
+              ("persistent 8/SM prefetch cap 128", 8, 1, 128),
+              ("persistent 6/SM async 2 stages", 6, 2, None),
+              ("persistent 6/SM async 3 stages", 6, 3, None),
+              ("persistent 8/SM async 3 stages cap 128", 8, 3, 128),
+              ("persistent 4/SM async 4 stages", 4, 4, None),
+              ("persistent 6/SM cap 160", 6, 0, 160)]
 
 
 def main() -> None:
@@ -108,7 +113,9 @@ def main() -> None:
                 amax = x.abs().amax().float().reshape(1)
                 variants += [("triton amax given", None, lambda: triton_pair(x, q, amax=amax)),
                              ("triton persistent 6/SM prefetch cap 160 amax given", None,
-                              lambda: triton_pair(x, q, amax=amax, per_sm=6, maxnreg=160))]
+                              lambda: triton_pair(x, q, amax=amax, per_sm=6, maxnreg=160)),
+                             ("triton persistent 6/SM async 3 stages amax given", None,
+                              lambda: triton_pair(x, q, amax=amax, per_sm=6, prefetch=3))]
                 if not args.skip_gluon:
                     variants += [("gluon amax given", None, lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, amax)),
                                  ("gluon amax given smem", None,

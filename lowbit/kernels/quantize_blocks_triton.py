@@ -160,16 +160,18 @@ if AVAILABLE:
                                          MBITS: tl.constexpr, HW: tl.constexpr, GPU_MATH: tl.constexpr,
                                          PACKED: tl.constexpr, PREFETCH: tl.constexpr):
         """A 1 x BC pair (x and x^T, round to nearest) by a fixed grid of programs, each walking the tiles
-        pid, pid + programs, ... (row tiles fastest, as the one-tile grid runs). PREFETCH: the next tile's load is
-        issued before this tile's arithmetic and stores, so each program keeps one load in flight while it works."""
+        pid, pid + programs, ... (row tiles fastest, as the one-tile grid runs). PREFETCH 1: the next tile's load is
+        issued into registers before this tile's arithmetic and stores, so each program keeps one load in flight
+        while it works; PREFETCH = k > 1: Triton's software pipeliner loads k - 1 tiles ahead into shared memory
+        (cp.async); 0: each tile loaded when its turn comes."""
         n_r = tl.cdiv(R, BLOCK_R)
         n_tiles = n_r * tl.cdiv(C, BLOCK_C)
         step = tl.num_programs(0)
-        if PREFETCH:
+        if PREFETCH == 1:
             x_next = _load_tile(x_ptr, tl.program_id(0) % n_r, tl.program_id(0) // n_r, R, C, stride_r, BLOCK_R,
                                 BLOCK_C)
-        for tile in range(tl.program_id(0), n_tiles, step):
-            if PREFETCH:    # past the last tile the column test masks every element: no memory is touched
+        for tile in tl.range(tl.program_id(0), n_tiles, step, num_stages=PREFETCH if PREFETCH > 1 else 1):
+            if PREFETCH == 1:    # past the last tile the column test masks every element: no memory is touched
                 x = x_next
                 x_next = _load_tile(x_ptr, (tile + step) % n_r, (tile + step) // n_r, R, C, stride_r, BLOCK_R,
                                     BLOCK_C)
@@ -333,11 +335,12 @@ TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every la
 PAIR_MAXNREG: int | None = int(os.environ.get("LOWBIT_FP4_PAIR_MAXNREG", "0")) or None
 
 
-# The FP4 pair by a fixed grid of PAIR_PROGRAMS_PER_SM programs per SM, each walking tiles and loading its next
-# tile before it works on this one (_quantize_pair_persistent_kernel); 0: one tile per program (the default).
-# Environment: LOWBIT_FP4_PAIR_PROGRAMS_PER_SM; LOWBIT_FP4_PAIR_PREFETCH=0 walks without the early load.
+# The FP4 pair by a fixed grid of PAIR_PROGRAMS_PER_SM programs per SM, each walking tiles and loading ahead
+# (_quantize_pair_persistent_kernel; PAIR_PREFETCH 1: the next tile into registers, k > 1: k - 1 tiles into shared
+# memory by Triton's pipeliner, 0: none); PAIR_PROGRAMS_PER_SM = 0: one tile per program (the default).
+# Environment: LOWBIT_FP4_PAIR_PROGRAMS_PER_SM, LOWBIT_FP4_PAIR_PREFETCH.
 PAIR_PROGRAMS_PER_SM = int(os.environ.get("LOWBIT_FP4_PAIR_PROGRAMS_PER_SM", "0"))
-PAIR_PREFETCH = os.environ.get("LOWBIT_FP4_PAIR_PREFETCH", "1") != "0"
+PAIR_PREFETCH = int(os.environ.get("LOWBIT_FP4_PAIR_PREFETCH", "1"))
 
 
 def _multiprocessors(device: torch.device) -> int:
