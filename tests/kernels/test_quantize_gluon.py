@@ -242,9 +242,9 @@ def test_fp4_pair_gluon_refuses_what_it_cannot_do_by_name():
 
 
 def test_triton_kernel_with_f16x2_rounding_compiles_for_sm90():
-    """The Triton block kernel's opt-in f16x2 E2M1 (quantize_blocks_triton.TRITON_PACKED), MXFP4 pair at its default
-    tile, compiled for sm_90 by bench/ptx_mix.py's compile_kernel: the packed steps are there (HFMA2, the
-    f16x2 -> e4m3x2 cast) and nothing spills. Its numerics: the GPU test above and the emulation test."""
+    """The Triton block kernel's f16x2 E2M1 (quantize_blocks_triton.TRITON_PACKED, on by default on GPUs), MXFP4
+    pair at its default tile, compiled for sm_90 by bench/ptx_mix.py's compile_kernel: the packed steps are there
+    (HFMA2, the f16x2 -> e4m3x2 cast) and nothing spills. Its numerics: the GPU test above and the emulation test."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, 'bench'); from ptx_mix import FORMATS, compile_kernel, registers\n"
