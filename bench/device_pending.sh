@@ -172,6 +172,10 @@ case "${1:-}" in
     python3 -m pytest -q -m gpu tests/kernels/test_quantize_gluon.py tests/kernels/test_quantize.py 2>&1 | tail -3 \
       | tee "$OUT/fp4_pair_tests.log"
     python3 bench/quantize_fp4.py --out "$OUT" 2>&1 | tee "$OUT/quantize_fp4.log" ;;
+  fp4_tiles)
+    # the MXFP4 pair's tiles x register caps x both E2M1 roundings (thirty-eighth session: (32, 128, 4) doubles the
+    # resident warps for a fifth more instructions; Nsight Compute put the pair on global-load latency at 25% occupancy)
+    python3 bench/fp4_pair_tiles.py --out "$OUT" 2>&1 | tee "$OUT/fp4_pair_tiles.log" ;;
   fp4_pair_e2e)
     # precision=nvfp4 / mxfp4 end to end with either FP4 pair kernel
     python3 bench/train_throughput.py --steps 5 --warmup 2 --timeout 110 --variant "bf16=+exp=bf16_llama $data" \
