@@ -103,12 +103,11 @@ def main() -> None:
                           (lambda p, n, f, m: lambda: triton_pair(x, q, packed=p, per_sm=n, prefetch=f,
                                                                   maxnreg=m))(p, n, f, m))
                          for label, n, f, m in PERSISTENT for p in packs]
-            if args.skip_gluon:
-                packs = ()
             variants += [(f"gluon {tile}{' f16x2' if p else ''}{'' if r else ' smem'}", tile,
                           (lambda t, p, r: lambda: gluon_fp4.quantize_fp4_pair_gluon(x, q, tile=t, packed=p,
                                                                                       reload=r))(tile, p, r))
-                         for r in (True, False) for p in packs for tile in GLUON_TILES[q.block_cols]]
+                         for r in (True, False) for p in (() if args.skip_gluon else packs)
+                         for tile in GLUON_TILES[q.block_cols]]
             if name == "nvfp4":     # the block pass alone: max |x| given (delayed or fused upstream), no amax pass
                 amax = x.abs().amax().float().reshape(1)
                 variants += [("triton amax given", None, lambda: triton_pair(x, q, amax=amax)),

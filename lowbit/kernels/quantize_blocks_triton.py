@@ -333,15 +333,23 @@ TILE: tuple[int, int, int] | None = None   # (rows, columns, warps) for every la
 # registers per thread for the FP4 pair launch (Triton's maxnreg; LOWBIT_FP4_PAIR_MAXNREG for whole runs); None:
 # ptxas picks. NVFP4's pair takes 167 (12 one-warp programs per SM), MXFP4's 127 (`bench/ptx_mix.py --maxnreg 128`:
 # 128 with one spilled value). A/B on a GPU: bench/device_pending.sh fp4_maxnreg
-PAIR_MAXNREG: int | None = int(os.environ.get("LOWBIT_FP4_PAIR_MAXNREG", "0")) or None
+def _env_count(name: str, default: int) -> int:
+    """A non-negative integer from the environment variable `name`, refused by name and value otherwise."""
+    value = os.environ.get(name, str(default))
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r}: give a non-negative integer (or leave it unset: {default})")
+    return int(value)
+
+
+PAIR_MAXNREG: int | None = _env_count("LOWBIT_FP4_PAIR_MAXNREG", 0) or None
 
 
 # The FP4 pair by a fixed grid of PAIR_PROGRAMS_PER_SM programs per SM, each walking tiles and loading ahead
 # (_quantize_pair_persistent_kernel; PAIR_PREFETCH 1: the next tile into registers, k > 1: k - 1 tiles into shared
 # memory by Triton's pipeliner, 0: none); PAIR_PROGRAMS_PER_SM = 0: one tile per program (the default).
 # Environment: LOWBIT_FP4_PAIR_PROGRAMS_PER_SM, LOWBIT_FP4_PAIR_PREFETCH.
-PAIR_PROGRAMS_PER_SM = int(os.environ.get("LOWBIT_FP4_PAIR_PROGRAMS_PER_SM", "0"))
-PAIR_PREFETCH = int(os.environ.get("LOWBIT_FP4_PAIR_PREFETCH", "1"))
+PAIR_PROGRAMS_PER_SM = _env_count("LOWBIT_FP4_PAIR_PROGRAMS_PER_SM", 0)
+PAIR_PREFETCH = _env_count("LOWBIT_FP4_PAIR_PREFETCH", 1)
 
 
 def _multiprocessors(device: torch.device) -> int:

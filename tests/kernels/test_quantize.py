@@ -479,7 +479,8 @@ def check_block_kernel_persistent(device: str = "cpu") -> None:
     saved = blocks.PAIR_PROGRAMS_PER_SM, blocks.PAIR_PREFETCH
     try:
         for q in (Quantizer(E2M1, 1, 16, "nvfp4"), Quantizer(E2M1, 1, 32, "pow2")):
-            for rows, cols in ((96, 160), (32, 128), (160, 96)):
+            # on a GPU (132 SMs) also a shape with more tiles than programs, so that programs walk several tiles
+            for rows, cols in ((96, 160), (32, 128), (160, 96)) + (((1056, 4000),) if device == "cuda" else ()):
                 x = (torch.randn(rows, cols, generator=generator)
                      * torch.exp2(torch.randint(-8, 8, (rows, cols), generator=generator).float())).to(torch.bfloat16)
                 x[3, 5:9] *= 80.0
@@ -498,6 +499,14 @@ def check_block_kernel_persistent(device: str = "cpu") -> None:
     finally:
         blocks.PAIR_PROGRAMS_PER_SM, blocks.PAIR_PREFETCH = saved
     print(f"OK persistent {checked}")
+
+
+def test_fp4_pair_settings_from_the_environment_are_checked_by_name():
+    env = dict(os.environ, LOWBIT_FP4_PAIR_PROGRAMS_PER_SM="-2")
+    run = subprocess.run([sys.executable, "-c", "import lowbit.kernels.quantize_blocks_triton"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode != 0
+    assert "LOWBIT_FP4_PAIR_PROGRAMS_PER_SM='-2': give a non-negative integer (or leave it unset: 0)" in run.stderr
 
 
 @pytest.mark.slow
