@@ -151,12 +151,17 @@ def triton_pair(x: torch.Tensor, q):
     return pair_by("triton", x, q)[0]
 
 
-def test_unknown_fp4_pair_kernel_is_refused_by_name():
-    env = dict(os.environ, LOWBIT_FP4_PAIR_KERNEL="cutlass")
+@pytest.mark.parametrize("name, value, message", [
+    ("LOWBIT_FP4_PAIR_KERNEL", "cutlass", "LOWBIT_FP4_PAIR_KERNEL='cutlass': use one of ('gluon', 'triton')"),
+    ("LOWBIT_FP4_PAIR_PROGRAMS_PER_SM", "-2",
+     "LOWBIT_FP4_PAIR_PROGRAMS_PER_SM='-2': give a non-negative integer (or leave it unset: 0)"),
+    ("LOWBIT_FP4_PAIR_MAXNREG", "many", "LOWBIT_FP4_PAIR_MAXNREG='many': give a non-negative integer")])
+def test_bad_fp4_pair_setting_is_refused_by_name(name, value, message):
+    env = dict(os.environ, **{name: value})
     run = subprocess.run([sys.executable, "-c", "import lowbit.kernels.quantize_blocks_triton"], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=300)
     assert run.returncode != 0
-    assert "LOWBIT_FP4_PAIR_KERNEL='cutlass': use one of ('gluon', 'triton')" in run.stderr
+    assert message in run.stderr
 
 
 @pytest.mark.gpu
