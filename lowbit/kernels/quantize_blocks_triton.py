@@ -137,25 +137,6 @@ if AVAILABLE:
         return tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
 
     @triton.jit
-    def _prefetch_tile_l2(x_ptr, tile, R, C, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Ask the L2 cache for x's tile number `tile` (row tiles fastest, as the grid runs; nothing past the last):
-        one prefetch.global.L2 per 32-byte sector, spread over the threads; no registers held, nothing waited on."""
-        PER_SECTOR: tl.constexpr = 256 // x_ptr.dtype.element_ty.primitive_bitwidth
-        n_r = tl.cdiv(R, BLOCK_R)
-        rows = (tile % n_r) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = (tile // n_r) * BLOCK_C + tl.arange(0, BLOCK_C // PER_SECTOR) * PER_SECTOR
-        wanted = ((rows[:, None] < R) & (cols[None, :] < C)).to(tl.int32)
-        tl.inline_asm_elementwise(
-            asm="""{
-            .reg .pred p;
-            setp.ne.b32 p, $2, 0;
-            @p prefetch.global.L2 [$1];
-            mov.b32 $0, 0;
-            }""",
-            constraints="=r,l,r", args=[x_ptr + rows[:, None] * stride_r + cols[None, :], wanted],
-            dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _quantize_blocks_kernel(x_ptr, q_ptr, qt_ptr, qt_desc, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr,
                                 noise_ptr, R, C, stride_r,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -163,13 +144,9 @@ if AVAILABLE:
                                 TRANSPOSE: tl.constexpr, RULE: tl.constexpr, MAX: tl.constexpr,
                                 MIN_EXP: tl.constexpr, MBITS: tl.constexpr, HW: tl.constexpr,
                                 SAME_T: tl.constexpr, X_SIDE: tl.constexpr, NOISE: tl.constexpr,
-                                TMA_T: tl.constexpr, GPU_MATH: tl.constexpr, PACKED: tl.constexpr,
-                                L2_AHEAD: tl.constexpr = 0):
-        """One tile per program, the grid (row tiles, column tiles). L2_AHEAD > 0 (GPUs): first ask L2 for the
-        tile of the program L2_AHEAD launches later, so that its loads find x in L2 rather than in DRAM."""
+                                TMA_T: tl.constexpr, GPU_MATH: tl.constexpr, PACKED: tl.constexpr):
+        """One tile per program, the grid (row tiles, column tiles)."""
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-        if L2_AHEAD > 0:
-            _prefetch_tile_l2(x_ptr, pid_r + pid_c * tl.num_programs(0) + L2_AHEAD, R, C, stride_r, BLOCK_R, BLOCK_C)
         x = _load_tile(x_ptr, pid_r, pid_c, R, C, stride_r, BLOCK_R, BLOCK_C)
         _quantize_tile(x, pid_r, pid_c, q_ptr, qt_ptr, qt_desc, scale_ptr, scale_t_ptr, tensor_amax_ptr, gain_ptr,
                        noise_ptr, R, C, BLOCK_R, BLOCK_C, BR, BC, BR_T, BC_T, TRANSPOSE, RULE, MAX, MIN_EXP, MBITS,
@@ -374,11 +351,6 @@ PAIR_MAXNREG: int | None = _env_count("LOWBIT_FP4_PAIR_MAXNREG", 0) or None
 PAIR_PROGRAMS_PER_SM = _env_count("LOWBIT_FP4_PAIR_PROGRAMS_PER_SM", 0)
 PAIR_PREFETCH = _env_count("LOWBIT_FP4_PAIR_PREFETCH", 1)
 
-# The one-tile FP4 pair kernel (GPUs) first asks L2 for the tile of the program PAIR_L2_AHEAD launches later (a
-# bulk prefetch per row, no registers held), so that tile's loads meet L2 rather than DRAM latency; 0: none.
-# Environment: LOWBIT_FP4_PAIR_L2_AHEAD.
-PAIR_L2_AHEAD = _env_count("LOWBIT_FP4_PAIR_L2_AHEAD", 0)
-
 
 def _multiprocessors(device: torch.device) -> int:
     """SMs of a CUDA device (4 under the interpreter, so that programs walk several tiles in the tests)."""
@@ -496,9 +468,7 @@ def quantize_blocks_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Q
             MIN_EXP=fmt.min_normal_exponent, MBITS=fmt.mantissa_bits,
             HW=hardware_cast(fmt, x.device), SAME_T=same_t, X_SIDE=x_side,
             NOISE=1 if noise is not None else 2 if seed is not None else 0, TMA_T=tma_t,
-            GPU_MATH=hardware_cast(E4M3, x.device), PACKED=packed,
-            L2_AHEAD=PAIR_L2_AHEAD if fp4_pair and x.is_cuda else 0,
-            num_warps=warps, **options)
+            GPU_MATH=hardware_cast(E4M3, x.device), PACKED=packed, num_warps=warps, **options)
     check_finite(scale, "operand")
     first = QTensor(q, scale, quantizer, gain)
     return first, (QTensor(qt, scale_t, quantizer_t, gain) if transpose else None)

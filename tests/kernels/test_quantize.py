@@ -512,35 +512,6 @@ def test_persistent_fp4_pair_kernel_on_gpu():
     check_block_kernel_persistent("cuda")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fp4_pair_l2_prefetch_on_gpu():
-    """The one-tile FP4 pair kernel asking L2 for a later program's tile (quantize_blocks_triton.PAIR_L2_AHEAD,
-    inline PTX: GPUs only) gives the reference's bits: partial tiles, prefetches past the last tile, NVFP4 and MXFP4
-    with either E2M1 rounding."""
-    from lowbit.kernels import quantize_blocks_triton as blocks
-    from lowbit.precision.formats import E2M1
-    from lowbit.precision.scaling import Quantizer, quantize_reference
-
-    generator = torch.Generator().manual_seed(5)
-    saved = blocks.PAIR_L2_AHEAD, blocks.TRITON_PACKED
-    try:
-        for q in (Quantizer(E2M1, 1, 16, "nvfp4"), Quantizer(E2M1, 1, 32, "pow2")):
-            for rows, cols in ((96, 160), (1056, 4000), (2048, 1024)):
-                x = (torch.randn(rows, cols, generator=generator)
-                     * torch.exp2(torch.randint(-8, 8, (rows, cols), generator=generator).float())).to(torch.bfloat16)
-                x[3, 5:9] *= 80.0
-                x = x.cuda()
-                want = quantize_reference(x, q), quantize_reference(x.t(), q)
-                for ahead, packed in ((1, False), (7, True), (1056, True), (100000, False)):
-                    blocks.PAIR_L2_AHEAD, blocks.TRITON_PACKED = ahead, packed
-                    for a, b in zip(blocks.quantize_blocks_triton(x, q, q), want):
-                        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), (q, rows, ahead)
-                        assert torch.equal(a.scale, b.scale), (q, rows, ahead)
-    finally:
-        blocks.PAIR_L2_AHEAD, blocks.TRITON_PACKED = saved
-
-
 def test_square_block_pair_is_one_quantization_transposed():
     """The PyTorch path of a b x b block pair (fp8_blockwise's weights) quantizes x once and transposes data and
     scales (lowbit.kernels.quantize.transposes_blocks): bit for bit what quantizing x^T on its own gives, eager and
