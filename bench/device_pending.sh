@@ -176,6 +176,23 @@ case "${1:-}" in
     # the MXFP4 pair's tiles x register caps x both E2M1 roundings (thirty-eighth session: (32, 128, 4) doubles the
     # resident warps for a fifth more instructions; Nsight Compute put the pair on global-load latency at 25% occupancy)
     python3 bench/fp4_pair_tiles.py --out "$OUT" 2>&1 | tee "$OUT/fp4_pair_tiles.log" ;;
+  linear_all)
+    # every recipe's linear fwd+bwd against bf16 and torchao's float8 (tensorwise, rowwise) at the three shapes, one
+    # run, lowbit eager and compiled (issue 3's speed-up bars; fp4 vectorwise as the preset runs it, with DGE)
+    python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear --budget-s 470 \
+      --recipes fp8_tensorwise,fp8_rowwise,fp8_blockwise,fp4_vectorwise+dge,nvfp4,mxfp4 \
+      --compile-lowbit fp8_tensorwise,fp8_rowwise,fp8_blockwise,fp4_vectorwise+dge,nvfp4,mxfp4 --out "$OUT" 2>&1 \
+      | tail -40 | tee "$OUT/linear_all.log" ;;
+  linear_delayed)
+    # fp8 tensorwise's linear with current scaling against delayed scaling (as `+exp=fp8_llama` runs its
+    # accumulation micro-batches) and torchao's tensorwise, the three shapes, eager and compiled; with lowbit's
+    # quantize kernels, then with the PyTorch path fused by Inductor (what compiled layers take by default)
+    for kernels in triton torch; do
+      mkdir -p "$OUT/$kernels"
+      python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear --budget-s 240 \
+        --recipes fp8_tensorwise,fp8_tensorwise+delayed --compile-lowbit fp8_tensorwise,fp8_tensorwise+delayed \
+        --quantize-kernels $kernels --out "$OUT/$kernels" 2>&1 | tail -10 | tee "$OUT/linear_delayed_$kernels.log"
+    done ;;
   fp4_pair_e2e)
     # precision=nvfp4 / mxfp4 end to end with either FP4 pair kernel
     python3 bench/train_throughput.py --steps 5 --warmup 2 --timeout 110 --variant "bf16=+exp=bf16_llama $data" \

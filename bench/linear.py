@@ -40,7 +40,8 @@ TORCHAO_OF = {"fp8_tensorwise": "tensorwise", "fp8_rowwise": "rowwise"}
 # RECIPE+SUFFIX: the recipe with these precision options (e.g. some GEMMs left in bf16), next to torchao's equivalent
 SUFFIXES = {"gw_hp": ({"high_precision": ["wgrad"]}, "rowwise_with_gw_hp"),
             "prescale": ({"block_gemm": "prescale"}, None), "rescale": ({"block_gemm": "rescale"}, None),
-            "dequant": ({"block_gemm": "dequant"}, None), "dge": ({"dge": True}, None)}
+            "dequant": ({"block_gemm": "dequant"}, None), "dge": ({"dge": True}, None),
+            "delayed": ({}, None)}     # fp8_tensorwise+delayed: x and dy by an amax history, as `+exp=fp8_llama`
 ROTATE = 3          # input sets rotated between calls
 
 
@@ -224,14 +225,46 @@ def make_linear(K, N, seed=0) -> nn.Linear:
     return nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
 
 
-def lowbit_layer(recipe_name: str, K, N) -> nn.Module:
-    """recipe_name: a recipe, or RECIPE+SUFFIX with SUFFIX a key of SUFFIXES (e.g. fp8_rowwise+gw_hp)."""
+class DelayedLinear(nn.Module):
+    """A QuantLinear with delayed scaling (lowbit.precision.delayed) as the trainer runs it between two optimizer
+    steps: one recorded micro-batch (x's and dy's amaxes kept), after which every forward/backward scales x and dy
+    by the history, with no amax pass; `compiled`: the layer under torch.compile (the trainer compiles layers and
+    runs the model's hook outside them)."""
+
+    def __init__(self, layer: nn.Module, K, N, compiled: bool):
+        from lowbit.precision.delayed import install
+        super().__init__()
+        self.layer = layer
+        self.delayed = install(self, length=16)
+        if compiled:
+            self.layer = torch.compile(layer)
+        device = layer.weight.device
+        x = torch.randn(4096, K, device=device, dtype=torch.bfloat16)
+        self(x).backward(torch.randn(4096, N, device=device, dtype=torch.bfloat16))     # the record
+        self(x)
+        if self.delayed.mode != "delayed":
+            raise RuntimeError(f"DelayedLinear: the forward after a record runs {self.delayed.mode!r}, not 'delayed'")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def lowbit_layer(recipe_name: str, K, N, compiled: bool = False) -> nn.Module:
+    """recipe_name: a recipe, or RECIPE+SUFFIX with SUFFIX a key of SUFFIXES (e.g. fp8_rowwise+gw_hp); `compiled`:
+    under torch.compile."""
     from lowbit.config import PrecisionConfig
     from lowbit.precision.linear import QuantLinear
     from lowbit.precision.recipes import build_recipe
     recipe, _, suffix = recipe_name.partition("+")
     options = SUFFIXES[suffix][0] if suffix else {}
-    return QuantLinear.from_linear(make_linear(K, N), build_recipe(PrecisionConfig(recipe=recipe, **options)))
+    layer = QuantLinear.from_linear(make_linear(K, N), build_recipe(PrecisionConfig(recipe=recipe, **options)))
+    if suffix == "delayed":
+        return DelayedLinear(layer, K, N, compiled)
+    return torch.compile(layer) if compiled else layer
 
 
 def torchao_layer(recipe: str, K, N) -> nn.Module:
@@ -256,7 +289,7 @@ def linear_table(M, K, N, recipes, compile_recipes, deadline: float) -> dict:
     torchao = [ao for ao in torchao if ao]
     variants = [(f"torchao_{ao}_compiled", lambda ao=ao: torchao_layer(ao, K, N)) for ao in dict.fromkeys(torchao)]
     variants += [(f"lowbit_{r}", lambda r=r: lowbit_layer(r, K, N)) for r in recipes]
-    variants += [(f"lowbit_{r}_compiled", lambda r=r: torch.compile(lowbit_layer(r, K, N))) for r in compile_recipes]
+    variants += [(f"lowbit_{r}_compiled", lambda r=r: lowbit_layer(r, K, N, compiled=True)) for r in compile_recipes]
     for name, build in variants:
         if time.time() > deadline:
             rows[name] = {"skipped": "time budget"}
@@ -289,7 +322,7 @@ def print_table(results: dict) -> None:
             cells.append(f"{row['ms']:7.3f}ms {row['speedup_vs_bf16']:4.2f}x [{row['wall_speedup_vs_bf16']:4.2f}]"
                          if "ms" in row else f"{('ERR' if 'error' in row else 'skip'):>20s}")
         recipe = n.replace("lowbit_", "").replace("_compiled", "")
-        print(f"{n:34s}" + "".join(f"{c:>28s}" for c in cells) + f"   {BARS.get(recipe, '')}")
+        print(f"{n:34s}" + "".join(f"{c:>28s}" for c in cells) + f"   {BARS.get(recipe.partition('+')[0], '')}")
     print("\n== GEMM alone (TFLOP/s) ==")
     for s, rows in results.get("gemm", {}).items():
         print(s, " ".join(f"{k}={v['TFLOPs']:.0f}" if isinstance(v, dict) and "TFLOPs" in v else f"{k}={v}"
@@ -348,7 +381,7 @@ def run_shapes_in_subprocesses(args) -> None:
         parts = args.parts if index == 0 else ",".join(p for p in args.parts.split(",") if p != "sweep")
         command = [sys.executable, __file__, "--shapes", shape, "--recipes", args.recipes, "--parts", parts,
                    "--compile-lowbit", args.compile_lowbit, "--budget-s", str(args.budget_s / len(args.shapes.split(","))),
-                   "--out", str(part_out)]
+                   "--quantize-kernels", args.quantize_kernels, "--out", str(part_out)]
         subprocess.run(command, check=False)
         if not part_out.exists():
             continue
@@ -374,6 +407,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=300, help="skip remaining variants after this")
     parser.add_argument("--out", default="bench_linear.json", help="results JSON (a directory: its linear.json)")
     parser.add_argument("--markdown-from", help="print the markdown tables of an earlier --out JSON and exit")
+    parser.add_argument("--quantize-kernels", choices=["triton", "torch"], default="triton",
+                        help="lowbit's quantize kernels (triton) or the PyTorch path, which Inductor fuses under "
+                             "torch.compile (torch: what precision.quantize_kernels=auto gives compiled layers)")
     args = parser.parse_args()
     if Path(args.out).is_dir():
         args.out = str(Path(args.out) / "linear.json")
@@ -405,8 +441,8 @@ def main() -> None:
     import importlib.util
 
     from lowbit.kernels.quantize import kernels, set_kernels
-    if importlib.util.find_spec("lowbit.kernels.quantize_triton") is None:
-        set_kernels("torch")      # fused Triton quantize kernels not there: torch path
+    if importlib.util.find_spec("lowbit.kernels.quantize_triton") is None or args.quantize_kernels == "torch":
+        set_kernels("torch")      # the PyTorch path (fused by Inductor under torch.compile)
     results["quantize_path"] = "torch reference" if kernels() == "torch" else "triton"
     print("quantize path:", results["quantize_path"], flush=True)
     if "ceilings" in parts:
