@@ -193,6 +193,11 @@ case "${1:-}" in
         --recipes fp8_tensorwise,fp8_tensorwise+delayed --compile-lowbit fp8_tensorwise,fp8_tensorwise+delayed \
         --quantize-kernels $kernels --out "$OUT/$kernels" 2>&1 | tail -10 | tee "$OUT/linear_delayed_$kernels.log"
     done ;;
+  fp4_narrow_store)
+    # the FP4 pairs with x_q stored 8 bytes per thread (NARROW_PAIR_STORE: whole sectors per load) against 16,
+    # GPU tests of the block kernel first
+    python3 -m pytest -q -m gpu tests/kernels/test_quantize.py -k "block or persistent" 2>&1 | tail -3
+    python3 bench/fp4_pair_tiles.py --narrow --out "$OUT" 2>&1 | tee "$OUT/fp4_pair_narrow.log" ;;
   fp4_pair_e2e)
     # precision=nvfp4 / mxfp4 end to end with either FP4 pair kernel
     python3 bench/train_throughput.py --steps 5 --warmup 2 --timeout 110 --variant "bf16=+exp=bf16_llama $data" \

@@ -29,6 +29,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=["8192x4096", "8192x14336"])
     parser.add_argument("--maxnreg", type=int, nargs="*", default=[96])
+    parser.add_argument("--narrow", action="store_true",
+                        help="instead: MXFP4 (both roundings) and NVFP4 (with and without its amax pass) at the "
+                             "default tile, x_q stored 16 then 8 bytes per thread (NARROW_PAIR_STORE), twice")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     q = Quantizer(E2M1, 1, 32, "pow2")
@@ -39,6 +42,9 @@ def main() -> None:
         x[3, 5:9] *= 80.0
         out = torch.empty_like(x)
         copy_gbs = 4 * x.numel() / graph_ms(lambda: out.copy_(x)) / 1e6
+        if args.narrow:
+            rows += narrow_store(x, copy_gbs)
+            continue
         want = quantize_reference(x, q), quantize_reference(x.t(), q)
         for tile in TILES:
             for maxnreg in [None, *args.maxnreg]:
@@ -57,7 +63,27 @@ def main() -> None:
                           f"{'f16x2  ' if packed else 'float32'} {ms:7.4f} ms  ratio {ratio:4.2f}  exact {exact}",
                           flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "fp4_pair_tiles.json").write_text(json.dumps(rows, indent=1))
+    (Path(args.out) / ("fp4_pair_narrow.json" if args.narrow else "fp4_pair_tiles.json")).write_text(
+        json.dumps(rows, indent=1))
+
+
+def narrow_store(x: torch.Tensor, copy_gbs: float) -> list[dict]:
+    """The default tile with x_q stored 16 and 8 bytes per thread, alternating, twice each."""
+    mx, nv = Quantizer(E2M1, 1, 32, "pow2"), Quantizer(E2M1, 1, 16, "nvfp4")
+    amax = x.abs().amax().float().reshape(1)
+    rows = []
+    for name, q, packed, given in (("MXFP4 float32", mx, False, None), ("MXFP4 f16x2", mx, True, None),
+                                   ("NVFP4", nv, False, None), ("NVFP4 max|x| given", nv, False, amax)):
+        want = quantize_reference(x, q), quantize_reference(x.t(), q)
+        for narrow in (False, True, False, True):
+            fn = (lambda n: lambda: triton_pair(x, q, packed=packed, amax=given, narrow=n))(narrow)
+            exact = same(fn(), want)
+            ms = graph_ms(fn)
+            ratio = 4 * x.numel() / ms / 1e6 / copy_gbs
+            rows.append(dict(shape=tuple(x.shape), variant=name, narrow=narrow, ms=ms, ratio=ratio, exact=exact))
+            print(f"{str(tuple(x.shape)):>14} {name:<20} {'8-byte' if narrow else '16-byte'} x_q stores "
+                  f"{ms:7.4f} ms  ratio {ratio:4.2f}  exact {exact}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -32,13 +32,14 @@ ARGS = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qt_ptr": "*fp8e4nv", "qt_desc": 
 
 
 def compile_kernel(rule: int, block: int, tile: tuple[int, int, int], x_side: bool, t_side: bool,
-                   maxnreg: int | None = None, packed: bool = False) -> dict:
+                   maxnreg: int | None = None, packed: bool = False, narrow: bool = False) -> dict:
     """PTX and cubin of the block kernel for 1 x `block` E2M1 blocks on both sides, round to nearest, pointer stores
-    (registers per thread capped at `maxnreg`, as quantize_blocks_triton.PAIR_MAXNREG does)."""
+    (registers per thread capped at `maxnreg`, as quantize_blocks_triton.PAIR_MAXNREG does; x_q stored 8 bytes per
+    thread if `narrow`, as NARROW_PAIR_STORE does for MXFP4 pairs)."""
     kernel = blocks._quantize_blocks_kernel
     constants = dict(BLOCK_R=tile[0], BLOCK_C=tile[1], BR=1, BC=block, BR_T=1, BC_T=block, TRANSPOSE=t_side,
                      RULE=rule, MAX=6.0, MIN_EXP=0, MBITS=1, HW=False, SAME_T=False, X_SIDE=x_side, NOISE=0,
-                     TMA_T=False, GPU_MATH=True, PACKED=packed)
+                     TMA_T=False, GPU_MATH=True, PACKED=packed, NARROW_Q=narrow)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     # the JIT's specialisation at the shapes that matter: 16-byte aligned pointers, R, C and the row stride multiples
     # of 16 (without it the loads are not vectorised and the layout, hence the code, differs)
@@ -91,7 +92,8 @@ def main() -> None:
         runs += [(None, True)] if args.gluon and rule == FORMATS["mxfp4"][0] else []    # E2M1 in f16x2
         for maxnreg, packed in runs:
             for side, (x_side, t_side) in (("x", (True, False)), ("x^T", (False, True)), ("pair", (True, True))):
-                asm = compile_kernel(rule, block, tile, x_side, t_side, maxnreg, packed)
+                narrow = blocks.NARROW_PAIR_STORE and block == 32 and x_side and t_side     # as dispatched
+                asm = compile_kernel(rule, block, tile, x_side, t_side, maxnreg, packed, narrow)
                 ops, sass = mix(asm["ptx"]), sass_mix(asm["cubin"])
                 divisions = sum(n for op, n in ops.items() if op.startswith("div.rn"))
                 top = ", ".join(f"{op} {n}" for op, n in sass.most_common(6))

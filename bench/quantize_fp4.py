@@ -49,13 +49,13 @@ def same(got, want) -> bool:
 
 
 def triton_pair(x, q, packed: bool = False, amax=None, per_sm: int = 0, prefetch: int = 1,
-                maxnreg: int | None = None, tile: tuple[int, int, int] | None = None):
+                maxnreg: int | None = None, tile: tuple[int, int, int] | None = None, narrow: bool = True):
     """The Triton kernel's pair (never handed to the Gluon kernel here), E2M1 in f16x2 if `packed`, NVFP4's max |x|
     given as `amax` (no amax pass) if not None; `per_sm` > 0: the persistent kernel with that many programs per SM,
     loading ahead by `prefetch` (quantize_blocks_triton.PAIR_PREFETCH); registers capped at `maxnreg`; `tile` for
-    the default tile."""
+    the default tile; `narrow`: x_q stored 8 bytes per thread (quantize_blocks_triton.NARROW_PAIR_STORE)."""
     settings = dict(FP4_PAIR_KERNEL="triton", TRITON_PACKED=packed, PAIR_PROGRAMS_PER_SM=per_sm,
-                    PAIR_PREFETCH=prefetch, PAIR_MAXNREG=maxnreg, TILE=tile)
+                    PAIR_PREFETCH=prefetch, PAIR_MAXNREG=maxnreg, TILE=tile, NARROW_PAIR_STORE=narrow)
     saved = {name: getattr(blocks, name) for name in settings}
     for name, value in settings.items():
         setattr(blocks, name, value)
