@@ -79,9 +79,12 @@ def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None =
     tensor_amax: max |x| (float32 [1]) if the caller has it (the Hadamard kernel's): the NVFP4 block kernel then
     skips its own amax pass; every other path computes it (the same value).
     amax: a tensorwise scale's amax given, not reduced from x (delayed scaling): the whole tensor's, already reduced
-    over tensor-parallel shards; the PyTorch path, whose cast torch.compile fuses into x's producer."""
-    kernel = _triton(x, quantizer, None) if amax is None else None
+    over tensor-parallel shards; the row kernel without its amax pass, or the PyTorch path, whose cast torch.compile
+    fuses into x's producer."""
+    kernel = _triton(x, quantizer, None)
     blocks = kernel is not None and triton_kind(x, quantizer) == "blocks"
+    if amax is not None and (blocks or not quantizer.tensorwise):
+        kernel = blocks = None
     given = dict(tensor_amax=tensor_amax) if blocks and tensor_amax is not None else {}
     if stochastic and noise is None:
         if blocks:
@@ -90,7 +93,7 @@ def quantize(x: torch.Tensor, quantizer: Quantizer, noise: torch.Tensor | None =
     if blocks:
         return kernel(x, quantizer, None, noise, **given)[0]
     if kernel is not None and noise is None:
-        return kernel(x, quantizer, None)[0]
+        return kernel(x, quantizer, None, **({} if amax is None else {"amax": amax}))[0]
     return quantize_reference(x, quantizer, noise, what, amax=amax)
 
 
@@ -100,9 +103,9 @@ def quantize_pair(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer,
     amax: given for a tensorwise pair that shares one scale (delayed scaling; see `quantize`)."""
     if amax is not None and not shares_scale(quantizer, quantizer_t):
         raise ValueError(f"{what}: a given amax needs a tensorwise pair sharing one scale")
-    kernel = _triton(x, quantizer, quantizer_t) if amax is None else None
-    if kernel is not None:
-        return kernel(x, quantizer, quantizer_t)
+    kernel = _triton(x, quantizer, quantizer_t)
+    if kernel is not None and (amax is None or triton_kind(x, quantizer, quantizer_t) == "rows"):
+        return kernel(x, quantizer, quantizer_t, **({} if amax is None else {"amax": amax}))
     xq = quantize_reference(x, quantizer, what=what, amax=amax)
     if shares_scale(quantizer, quantizer_t):     # x^T's quantization is the transpose of x's, bit for bit
         return xq, QTensor(xq.data.t(), xq.scale, quantizer_t, xq.gain)

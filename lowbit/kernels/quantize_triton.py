@@ -299,9 +299,10 @@ def _(x, row_amax, col_amax, code, code_t, transpose, tensor):
         x.new_empty((0 if not transpose else 1 if tensor else C,), dtype=torch.float32)
 
 
-def quantize_pair_triton(x: torch.Tensor, quantizer: Quantizer,
-                         quantizer_t: Quantizer | None) -> tuple[QTensor, QTensor | None]:
+def quantize_pair_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Quantizer | None,
+                         amax: torch.Tensor | None = None) -> tuple[QTensor, QTensor | None]:
     """Triton version of scaling.quantize_reference for x and (optionally) x^T; tensorwise/rowwise absmax.
+    amax: a tensorwise amax given (delayed scaling: already reduced over shards), which skips the amax pass.
 
     Eager calls launch the kernels directly (a custom op's Python dispatch costs more than a launch);
     under torch.compile the same work goes through the custom ops, which the compiler sees as opaque ops.
@@ -312,18 +313,23 @@ def quantize_pair_triton(x: torch.Tensor, quantizer: Quantizer,
     if transpose and quantizer_t.tensorwise != quantizer.tensorwise:
         raise ValueError("quantize_pair_triton needs both operands tensorwise or both rowwise")
     tensor = quantizer.tensorwise
+    if amax is not None and not tensor:
+        raise ValueError("quantize_pair_triton: a given amax needs tensorwise quantizers")
     per_row, per_col = not tensor, transpose and not tensor
     code, code_t = FORMAT_CODES[quantizer.fmt.name], FORMAT_CODES[(quantizer_t or quantizer).fmt.name]
     compiling = torch.compiler.is_compiling()
-    if compiling:
-        row_amax, col_amax = torch.ops.lowbit.quantize_amax(x, per_row, per_col)
+    if amax is not None:
+        row_amax = col_amax = amax.reshape(1).to(torch.float32)
     else:
-        row_amax, col_amax = _launch_amax(x, per_row, per_col)
-    # Tensor parallelism: the max over the shards where a scale spans the sharded axis (a tensorwise amax,
-    # shared by x and x^T, belongs to `quantizer`: both quantizers of one tensor carry the same group).
-    row_amax = reduce_amax(row_amax, quantizer)
-    if per_col:
-        col_amax = reduce_amax(col_amax, quantizer_t)
+        if compiling:
+            row_amax, col_amax = torch.ops.lowbit.quantize_amax(x, per_row, per_col)
+        else:
+            row_amax, col_amax = _launch_amax(x, per_row, per_col)
+        # Tensor parallelism: the max over the shards where a scale spans the sharded axis (a tensorwise amax,
+        # shared by x and x^T, belongs to `quantizer`: both quantizers of one tensor carry the same group).
+        row_amax = reduce_amax(row_amax, quantizer)
+        if per_col:
+            col_amax = reduce_amax(col_amax, quantizer_t)
     if compiling:
         q, qt, scale, scale_t = torch.ops.lowbit.quantize_pair(x, row_amax, col_amax, code, code_t, transpose, tensor)
     else:

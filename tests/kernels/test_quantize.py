@@ -62,6 +62,14 @@ def check_triton_equals_reference(device: str = "cpu") -> None:
                         assert torch.isfinite(a.data.float()).all() and torch.isfinite(a.scale).all()
                     only, none = quantize_pair_triton(x, q, None)
                     assert none is None and torch.equal(only.data.view(torch.uint8), want.data.view(torch.uint8))
+                    if tensorwise and fmt is fmt_t:     # delayed scaling: an amax given, below x's (saturating) or above
+                        for factor in (0.25, 1.0, 3.0):
+                            given = x.float().abs().amax() * factor
+                            got, got_t = quantize_pair_triton(x, q, q_t, amax=given)
+                            want = quantize_reference(x, q, amax=given)
+                            assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)), (rows, fmt)
+                            assert torch.equal(got_t.data.view(torch.uint8), want.data.t().view(torch.uint8))
+                            assert torch.equal(got.scale, want.scale) and torch.equal(got_t.scale, want.scale)
                     checked += 1
     bad = torch.ones(9, 17, device=device)
     bad[3, 4] = float("nan")
