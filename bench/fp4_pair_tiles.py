@@ -4,6 +4,8 @@ the PyTorch reference first, then timed by CUDA graph replays; ratio as bench/qu
 over the device copy's bytes per second in the same run).
 
     python bench/fp4_pair_tiles.py [--shapes 8192x4096 8192x14336] [--out DIR]   # writes fp4_pair_tiles.json
+    python bench/fp4_pair_tiles.py --narrow ...     # x_q stored 16 / 8 bytes per thread (NARROW_PAIR_STORE), MXFP4
+                                                    # and NVFP4 at the default tile; writes fp4_pair_narrow.json
 """
 from __future__ import annotations
 
