@@ -117,6 +117,11 @@
 #                                     cuBLAS (bench/fp4_gemm.py: rescale; prescale, the default, over tiles; dequant =
 #                                     exact bf16 operands + cuBLAS), and one linear fwd+bwd by the default (prescale)
 #                                     and precision.block_gemm=dequant (bench/linear.py; issue 3)
+#   bench/device_pending.sh fp4_tiles     the MXFP4 pair over tiles x a register cap x both E2M1 roundings
+#   bench/device_pending.sh fp4_narrow_store  the FP4 pairs with x_q stored 16 / 8 bytes per thread, GPU tests first
+#   bench/device_pending.sh linear_all    every recipe's linear fwd+bwd against bf16 and torchao, eager and compiled
+#   bench/device_pending.sh linear_delayed  fp8 tensorwise's linear, current against delayed scaling, lowbit's
+#                                     quantize kernels and the PyTorch path fused by Inductor
 set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
