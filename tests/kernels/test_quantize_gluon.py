@@ -249,19 +249,23 @@ def test_fp4_pair_gluon_refuses_what_it_cannot_do_by_name():
 def test_triton_kernel_with_f16x2_rounding_compiles_for_sm90():
     """The Triton block kernel's f16x2 E2M1 (quantize_blocks_triton.TRITON_PACKED, on by default on GPUs), MXFP4
     pair at its default tile, compiled for sm_90 by bench/ptx_mix.py's compile_kernel: the packed steps are there
-    (HFMA2, the f16x2 -> e4m3x2 cast) and nothing spills. Its numerics: the GPU test above and the emulation test."""
+    (HFMA2, the f16x2 -> e4m3x2 cast), x_q is stored 8 bytes per thread as dispatched (NARROW_PAIR_STORE: the hint
+    took effect) and nothing spills. Its numerics: the GPU test above and the emulation test."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, 'bench'); from ptx_mix import FORMATS, compile_kernel, registers\n"
             "from lowbit.kernels import quantize_blocks_triton as blocks\n"
             "rule, block = FORMATS['mxfp4']\n"
-            "asm = compile_kernel(rule, block, blocks.FP4_PAIR_TILES[block], True, True, packed=True)\n"
+            "asm = compile_kernel(rule, block, blocks.FP4_PAIR_TILES[block], True, True, packed=True,"
+            " narrow=blocks.NARROW_PAIR_STORE)\n"
             "from triton.tools.disasm import get_sass\n"
             "sass = get_sass(asm['cubin'])\n"
             "print(json.dumps({'hfma2': sass.count('HFMA2'), 'cast': sass.count('F2FP.SATFINITE.E4M3.F16'),"
+            " 'store64': sass.count('STG.E.64'), 'narrow': blocks.NARROW_PAIR_STORE,"
             " 'usage': registers(asm['cubin'])}))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert found["hfma2"] > 0 and found["cast"] > 0, found
+    assert found["store64"] > 0 or not found["narrow"], found
     assert "stack 0 B" in found["usage"], found
