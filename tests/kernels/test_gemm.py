@@ -5,11 +5,15 @@ reference and skip without CUDA.
 """
 import os
 
-# Default to the interpreter; the GPU run sets TRITON_INTERPRET=0 to test the compiled kernels (-m gpu).
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Without CUDA the Triton kernel runs in the interpreter (switched on before it is first built). On a CUDA machine it
+# is left off: set at import, it would also reach every kernel that later test modules build in this process (a whole
+# `pytest -m gpu tests/` then ran them all in the interpreter on CUDA tensors: 35 failures, H100 2026-12-06).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from lowbit.kernels.gemm import (block_scaled_mm, block_scaled_mm_cublas, block_scaled_mm_dequant,
                                  block_scaled_mm_reference, cublas_block_layout, dequantize_exact_reference, scaled_mm,
@@ -106,7 +110,7 @@ def test_block_scaled_mm_reference_matches_float64(case):
 
 
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}bk{c[3]}ar{c[4]}br{c[5]}{c[6]}")
-@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="CPU tensors need the Triton interpreter")
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors need the Triton interpreter")
 def test_block_scaled_mm_triton_matches_reference(case):
     from lowbit.kernels.gemm_triton import block_scaled_mm_triton
 
@@ -122,7 +126,7 @@ def test_block_scaled_mm_triton_matches_reference(case):
     assert out_bf16.dtype == torch.bfloat16 and rel_err(out_bf16, expected) < 4e-3
 
 
-@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="CPU tensors need the Triton interpreter")
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors need the Triton interpreter")
 @pytest.mark.parametrize("scheme", ["partial", "rescale", "partial_tma", "rescale_tma"])
 @pytest.mark.parametrize("case", [(19, 21, 256, 128, 1, 128, "fp8", "any"), (17, 40, 48, 16, 1, 1, "fp4", "e4m3")],
                          ids=["deepseek_tile32_in_block128", "nvfp4"])
@@ -156,7 +160,7 @@ def quantized_fp4_blocks(rows: int, cols: int, rule: str, seed: int):
     return q.data, q.scale, gain
 
 
-@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="CPU tensors need the Triton interpreter")
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors need the Triton interpreter")
 @pytest.mark.parametrize("rule", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("tile_k,tma", [(32, False), (64, False), (64, True)])
 def test_prescaled_block_gemm_is_exact_for_fp4_block_scales(rule, tile_k, tma):
@@ -187,7 +191,7 @@ def test_prescaled_block_gemm_is_exact_for_fp4_block_scales(rule, tile_k, tma):
         block_scaled_mm_triton(a_q, a_scale, b_q, b_scale, block_k=block_k, config={**config, "BLOCK_K": 8})
 
 
-@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="CPU tensors need the Triton interpreter")
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors need the Triton interpreter")
 @pytest.mark.parametrize("rule", ["nvfp4", "mxfp4"])
 def test_dequant_scheme_operands_are_exact_and_its_product_is_the_float64_one(rule):
     """precision.block_gemm=dequant: each FP4 block operand becomes bf16 q * bf16(scale * gain) in one pass (lowbit's
@@ -311,7 +315,7 @@ def test_cublas_block_layout_rejects_what_cublaslt_does_not_take():
 # -------------------------------------------------------------------------------------------------
 
 needs_fp8_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9) or os.environ["TRITON_INTERPRET"] == "1",
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9) or INTERPRET,
     reason="needs a CUDA GPU with FP8 (compute capability >= 8.9) and compiled Triton (TRITON_INTERPRET unset)")
 
 
