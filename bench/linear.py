@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096)]      # (M tokens, K in, N out)
 RECIPES = ["fp8_tensorwise", "fp8_rowwise", "fp8_blockwise", "fp4_vectorwise", "nvfp4", "mxfp4"]
@@ -198,7 +199,8 @@ def quantize_table(M, K, copy_GBps) -> dict:
 # 4. fwd+bwd of one linear layer
 # --------------------------------------------------------------------------------------------------
 
-def fwd_bwd_ms(layer: nn.Module, M, K, N) -> dict:
+def fwd_bwd_ms(layer: nn.Module, M, K, N, profile: int = 0, title: str = "") -> dict:
+    """Device time of fwd+bwd (CUDA graphs; wall clock without); `profile` > 0: also its top CUDA kernels."""
     sets = []
     for _ in range(ROTATE):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -217,6 +219,9 @@ def fwd_bwd_ms(layer: nn.Module, M, K, N) -> dict:
         timing["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
         timing["ms"] = timing["wall_ms"]
         torch.cuda.synchronize()
+    if profile:
+        from occ import profile_kernels      # bench/occ.py
+        timing["kernels"] = profile_kernels(f"{title} {M}x{K}x{N}", lambda: step(*sets[0]), profile)
     return timing
 
 
@@ -283,8 +288,8 @@ def check_close_to_bf16(layer: nn.Module, K, N) -> float:
     return ((y - ref).norm() / ref.norm()).item()
 
 
-def linear_table(M, K, N, recipes, compile_recipes, deadline: float) -> dict:
-    rows = {"bf16_nn.Linear": fwd_bwd_ms(make_linear(K, N), M, K, N)}
+def linear_table(M, K, N, recipes, compile_recipes, deadline: float, profile: int = 0) -> dict:
+    rows = {"bf16_nn.Linear": fwd_bwd_ms(make_linear(K, N), M, K, N, profile, "bf16_nn.Linear")}
     torchao = list(TORCHAO_OF.values()) + [SUFFIXES[r.partition("+")[2]][1] for r in recipes if "+" in r]
     torchao = [ao for ao in torchao if ao]
     variants = [(f"torchao_{ao}_compiled", lambda ao=ao: torchao_layer(ao, K, N)) for ao in dict.fromkeys(torchao)]
@@ -297,7 +302,8 @@ def linear_table(M, K, N, recipes, compile_recipes, deadline: float) -> dict:
         torch._dynamo.reset()                              # fresh compile per variant and shape (no recompile limit)
         try:
             layer = build()
-            rows[name] = {**fwd_bwd_ms(layer, M, K, N), "fwd_relerr_vs_f64": check_close_to_bf16(layer, K, N)}
+            rows[name] = {**fwd_bwd_ms(layer, M, K, N, profile, name),
+                          "fwd_relerr_vs_f64": check_close_to_bf16(layer, K, N)}
         except Exception as error:                         # report, keep the other variants
             rows[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             traceback.print_exc()
@@ -381,7 +387,7 @@ def run_shapes_in_subprocesses(args) -> None:
         parts = args.parts if index == 0 else ",".join(p for p in args.parts.split(",") if p != "sweep")
         command = [sys.executable, __file__, "--shapes", shape, "--recipes", args.recipes, "--parts", parts,
                    "--compile-lowbit", args.compile_lowbit, "--budget-s", str(args.budget_s / len(args.shapes.split(","))),
-                   "--quantize-kernels", args.quantize_kernels, "--out", str(part_out)]
+                   "--quantize-kernels", args.quantize_kernels, "--profile", str(args.profile), "--out", str(part_out)]
         subprocess.run(command, check=False)
         if not part_out.exists():
             continue
@@ -410,6 +416,8 @@ def main() -> None:
     parser.add_argument("--quantize-kernels", choices=["triton", "torch"], default="triton",
                         help="lowbit's quantize kernels (triton) or the PyTorch path, which Inductor fuses under "
                              "torch.compile (torch: what precision.quantize_kernels=auto gives compiled layers)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="N > 0: print (and keep in the JSON) each linear variant's top N CUDA kernels")
     args = parser.parse_args()
     if Path(args.out).is_dir():
         args.out = str(Path(args.out) / "linear.json")
@@ -453,7 +461,8 @@ def main() -> None:
         for part, fn in (("sweep", lambda: sweep_block_configs(M, K, N)),
                          ("gemm", lambda: gemm_table(M, K, N)),
                          ("quantize", lambda: quantize_table(M, K, results.get("ceilings", {}).get("copy_GBps", 1.0))),
-                         ("linear", lambda: linear_table(M, K, N, recipes, [r for r in args.compile_lowbit.split(",") if r], deadline))):
+                         ("linear", lambda: linear_table(M, K, N, recipes, [r for r in args.compile_lowbit.split(",") if r], deadline,
+                                                        args.profile))):
             if part not in parts or (part == "sweep" and results["sweep"]):
                 continue
             try:

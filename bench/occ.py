@@ -74,9 +74,9 @@ def bench(tokens: int, k: int, n: int, quantile: float, pattern: str, compile_la
     return rows
 
 
-def profile_kernels(title: str, step, top: int, iters: int = 5) -> None:
+def profile_kernels(title: str, step, top: int, iters: int = 5) -> dict:
     """The `top` CUDA kernels of `step` by total device time over `iters` calls (after a warm-up call), printed as
-    a table with the launch count and the ms per step."""
+    a table with the launch count and the ms per step; returned as {"total_ms", "top": [(ms, count, name)]}."""
     from torch.profiler import ProfilerActivity, profile
     step()
     torch.cuda.synchronize()
@@ -88,8 +88,10 @@ def profile_kernels(title: str, step, top: int, iters: int = 5) -> None:
                      key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in kernels) / iters / 1e3
     print(f"\n{title}: {total:.3f} ms of kernels per step", flush=True)
-    for e in kernels[:top]:
-        print(f"  {e.device_time_total / iters / 1e3:8.3f} ms  {e.count // iters:3d}x  {e.key[:110]}", flush=True)
+    rows = [(e.device_time_total / iters / 1e3, e.count // iters, e.key[:110]) for e in kernels[:top]]
+    for ms, count, name in rows:
+        print(f"  {ms:8.3f} ms  {count:3d}x  {name}", flush=True)
+    return {"total_ms": total, "top": rows}
 
 
 def layers(k: int, n: int, quantile: float) -> dict:
