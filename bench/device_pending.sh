@@ -122,6 +122,10 @@
 #   bench/device_pending.sh linear_all    every recipe's linear fwd+bwd against bf16 and torchao, eager and compiled
 #   bench/device_pending.sh linear_delayed  fp8 tensorwise's linear, current against delayed scaling, lowbit's
 #                                     quantize kernels and the PyTorch path fused by Inductor
+#   bench/device_pending.sh linear_profile  the same at 8192x4096x4096 only, the GEMMs alone first, each variant's top
+#                                     CUDA kernels: where fp8 tensorwise's fwd+bwd spends the time the 1.5x bar needs
+#   bench/device_pending.sh amax_tensor   the flat tensorwise amax kernel over launch settings against the strip kernel
+#                                     (GPU test first), then linear_profile's fp8 tensorwise rows with the default
 set -u
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -197,6 +201,16 @@ case "${1:-}" in
       python3 bench/linear.py --shapes 8192x4096x4096,8192x4096x14336,8192x14336x4096 --parts linear --budget-s 240 \
         --recipes fp8_tensorwise,fp8_tensorwise+delayed --compile-lowbit fp8_tensorwise,fp8_tensorwise+delayed \
         --quantize-kernels $kernels --out "$OUT/$kernels" 2>&1 | tail -10 | tee "$OUT/linear_delayed_$kernels.log"
+    done ;;
+  amax_tensor)
+    python3 -m pytest -q -m gpu tests/kernels/test_quantize.py -k "amax or reference_on_gpu" 2>&1 | tail -3
+    python3 bench/amax_tensor.py --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/amax_tensor.log" ;;
+  linear_profile)
+    for kernels in triton torch; do
+      mkdir -p "$OUT/$kernels"
+      python3 bench/linear.py --shapes 8192x4096x4096 --parts gemm,linear --budget-s 200 --profile 14 \
+        --recipes fp8_tensorwise,fp8_tensorwise+delayed --compile-lowbit fp8_tensorwise,fp8_tensorwise+delayed \
+        --quantize-kernels $kernels --out "$OUT/$kernels" 2>&1 | grep -v Warning | tee "$OUT/linear_profile_$kernels.log"
     done ;;
   fp4_narrow_store)
     # the FP4 pairs with x_q stored 8 bytes per thread (NARROW_PAIR_STORE: whole sectors per load) against 16,

@@ -2,8 +2,9 @@
 
 For an operand x [R, C] the forward GEMM wants it scaled along C, the backward GEMM wants x^T [C, R]
 scaled along R. Two launches, each one read of x:
-  1. `_amax_kernel`: per-row amax (over C) and per-column amax (over R), or one tensor amax, from one
-     read of each tile (integer atomic max on the float bits; NaN is turned into +Inf so it cannot be lost).
+  1. `_amax_kernel`: per-row amax (over C) and per-column amax (over R) from one read of each tile (integer
+     atomic max on the float bits; NaN is turned into +Inf so it cannot be lost); a tensor amax by
+     `_tensor_amax_kernel` over flat blocks (the strip kernel for a row-strided x).
   2. `_quantize_pair_kernel`: reads each tile once more, multiplies by the row (and column) inverse
      scale, rounds onto the format grid (the integer/float steps of lowbit.precision.formats, so the
      result equals the PyTorch reference bit for bit; on a GPU, E4M3 and E5M2 are only saturated and the
@@ -14,6 +15,8 @@ lowbit.precision.scaling.scales_from_amax (IEEE division via div_rn) and writes 
 implementations, so torch.compile keeps them as single ops.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -158,6 +161,20 @@ if AVAILABLE:
                 tl.atomic_max(col_amax_ptr + cols, col_max.to(tl.int32, bitcast=True), mask=cols < C, sem="relaxed")
 
     @triton.jit
+    def _tensor_amax_kernel(x_ptr, amax_ptr, N, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+        """max |x| over a contiguous x of N elements into the int32 view of a zeroed float32 [1]: program p of P (a
+        few per SM) reads blocks p, p + P, p + 2P, ... of BLOCK elements, keeps an element-wise running maximum and
+        makes one integer atomic max at the end. The tensorwise pass needs no rows or columns, so its loads are
+        whole flat blocks, and a fixed grid has no tail wave."""
+        offsets = tl.arange(0, BLOCK)
+        running = tl.zeros((BLOCK,), tl.float32)
+        for start in tl.range(tl.program_id(0) * BLOCK, N, tl.num_programs(0) * BLOCK, num_stages=STAGES):
+            index = start + offsets
+            magnitude = tl.abs(tl.load(x_ptr + index, mask=index < N, other=0.0).to(tl.float32))
+            running = tl.maximum(running, tl.where(magnitude == magnitude, magnitude, float("inf")))  # NaN -> Inf
+        tl.atomic_max(amax_ptr, tl.max(running, axis=0).to(tl.int32, bitcast=True), sem="relaxed")
+
+    @triton.jit
     def _absmax_scales(amax, MAX: tl.constexpr):
         """(scale, inv) = (1 / inv, MAX / amax) or (1, 1) for amax 0; NaN for Inf amax (scales_from_amax)."""
         inv = tl.where(amax > 0, tl.math.div_rn(tl.zeros_like(amax) + MAX, tl.maximum(amax, FLOOR)), 1.0)
@@ -204,6 +221,7 @@ if AVAILABLE:
 
 
 AMAX_TILE = (32, 128, 512, 3)   # (tile rows, strip columns, strip rows, pipeline stages) of the amax pass
+TENSOR_AMAX = (4096, 4, 4, 3)   # flat tensor amax: (block elements, warps, programs per SM, stages); bench/amax_tensor.py
 PAIR_TILE = (64, 128)           # (rows, cols) per program of the quantize pass (bench/quantize_passes.py, H200)
 PAIR_WARPS = 4
 HARDWARE_CAST = True    # E4M3/E5M2: round by the float8 cast itself (False: lowbit's integer rounding; A/B in bench)
@@ -216,9 +234,25 @@ def hardware_cast(fmt, device: torch.device) -> bool:
     return HARDWARE_CAST and fmt.name in ("e4m3", "e5m2") and device.type == "cuda"
 
 
+@functools.cache
+def _multiprocessors(device: str) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (4 for Triton's interpreter on the CPU: several programs, as on a GPU)."""
+    return _multiprocessors(str(device)) if device.type == "cuda" else 4
+
+
 def launch_amax(x: torch.Tensor, row_amax: torch.Tensor, col_amax: torch.Tensor, per_row: bool, per_col: bool):
     """max |x| into zeroed float32 buffers: per row [R] or over the tensor [1], and per column [C] if per_col."""
     R, C = x.shape
+    if not per_row and not per_col and x.is_contiguous():
+        block, warps, per_sm, stages = TENSOR_AMAX
+        programs = max(1, min(triton.cdiv(x.numel(), block), per_sm * multiprocessors(x.device)))
+        _tensor_amax_kernel[(programs,)](x, row_amax.view(torch.int32), x.numel(), BLOCK=block, STAGES=stages,
+                                         num_warps=warps)
+        return
     block_r, block_c, strip_r, stages = AMAX_TILE
     grid = (triton.cdiv(R, strip_r), triton.cdiv(C, block_c))
     _amax_kernel[grid](x, row_amax.view(torch.int32), col_amax.view(torch.int32), R, C, x.stride(0),

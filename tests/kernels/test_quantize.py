@@ -94,15 +94,18 @@ def test_triton_quantize_equals_reference_bitwise_under_interpreter():
 def check_amax_strips(device: str = "cpu") -> None:
     """The amax pass (`_amax_kernel`: programs walk strips of rows, integer atomics on the float bits) equals
     torch.amax of |x| per row, per column and over the tensor, NaN read as Inf, where the strips and the column blocks
-    end part-way (several strips per column block, a ragged last one), at the default tiles and at small ones."""
+    end part-way (several strips per column block, a ragged last one), at the default tiles and at small ones; so does
+    the flat tensor amax (`_tensor_amax_kernel`, contiguous x: a few programs per SM walking blocks, the last one
+    ragged), and the strip kernel's tensor amax of a row-strided view."""
     from lowbit.kernels import quantize_triton
 
     generator = torch.Generator().manual_seed(5)
-    default = quantize_triton.AMAX_TILE
-    cases = [(default, (1100, 300)), ((8, 16, 40, 2), (97, 45)), ((4, 32, 4, 1), (9, 70))]
+    default, default_flat = quantize_triton.AMAX_TILE, quantize_triton.TENSOR_AMAX
+    cases = [(default, default_flat, (1100, 300)), ((8, 16, 40, 2), (64, 1, 1, 1), (97, 45)),
+             ((4, 32, 4, 1), (128, 2, 3, 2), (9, 70))]
     try:
-        for tile, (rows, cols) in cases:
-            quantize_triton.AMAX_TILE = tile
+        for tile, flat, (rows, cols) in cases:
+            quantize_triton.AMAX_TILE, quantize_triton.TENSOR_AMAX = tile, flat
             x = torch.randn(rows, cols, generator=generator) * 3
             x[rows - 1, cols - 1] = -50.0                  # the last tile's corner, negative: |x| must win
             x[rows // 2] = 0.0
@@ -118,8 +121,12 @@ def check_amax_strips(device: str = "cpu") -> None:
                     row_only, _ = quantize_triton._launch_amax(xd, True, False)
                     tensor, _ = quantize_triton._launch_amax(xd, False, False)
                     assert torch.equal(row_only.cpu(), want.amax(1)) and torch.equal(tensor.cpu(), want.amax().reshape(1))
+                    wide = torch.zeros(rows, cols + 3, device=device, dtype=dtype)
+                    wide[:, :cols] = xd
+                    strided, _ = quantize_triton._launch_amax(wide[:, :cols], False, False)
+                    assert torch.equal(strided.cpu(), want.amax().reshape(1)), tile
     finally:
-        quantize_triton.AMAX_TILE = default
+        quantize_triton.AMAX_TILE, quantize_triton.TENSOR_AMAX = default, default_flat
     print("OK amax strips")
 
 
