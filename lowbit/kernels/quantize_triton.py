@@ -260,13 +260,22 @@ def launch_amax(x: torch.Tensor, row_amax: torch.Tensor, col_amax: torch.Tensor,
                        ROWS=per_row, COLS=per_col, TENSOR=not per_row, num_warps=4)
 
 
-def _launch_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def amax_buffer(x: torch.Tensor, per_row: bool, per_col: bool) -> torch.Tensor:
+    """max |x| in one zeroed float32 buffer (one fill): per row [R] or over the tensor [1], then per column [C]
+    (or one unused entry); `split_amax` views its two parts."""
     R, C = x.shape
-    rows = R if per_row else 1
-    amax = torch.zeros(rows + (C if per_col else 1), device=x.device, dtype=torch.float32)   # one launch
-    row_amax, col_amax = amax[:rows], amax[rows:]
-    launch_amax(x, row_amax, col_amax, per_row, per_col)
-    return row_amax, col_amax
+    amax = torch.zeros((R if per_row else 1) + (C if per_col else 1), device=x.device, dtype=torch.float32)
+    launch_amax(x, *split_amax(amax, x, per_row), per_row, per_col)
+    return amax
+
+
+def split_amax(amax: torch.Tensor, x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = x.shape[0] if per_row else 1
+    return amax[:rows], amax[rows:]
+
+
+def _launch_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return split_amax(amax_buffer(x, per_row, per_col), x, per_row)
 
 
 def _launch_pair(x, row_amax, col_amax, code: int, code_t: int, transpose: bool, tensor: bool):
@@ -290,16 +299,16 @@ def _launch_pair(x, row_amax, col_amax, code: int, code_t: int, transpose: bool,
 
 
 @torch.library.custom_op("lowbit::quantize_amax", mutates_args=())
-def quantize_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """amax of |x| [R, C]: (per row [R] or tensor [1], per column [C] or unused [1]). NaN reads as Inf."""
-    row_amax, col_amax = _launch_amax(x, per_row, per_col)
-    return row_amax.clone(), col_amax.clone()
+def quantize_amax(x: torch.Tensor, per_row: bool, per_col: bool) -> torch.Tensor:
+    """amax of |x| [R, C] as `amax_buffer` lays it out (split_amax views its parts). NaN reads as Inf. One output:
+    an op's outputs must not alias, and returning the two parts cost two device copies per call (six per fp8
+    tensorwise linear step, H100 profile 2026-12-06)."""
+    return amax_buffer(x, per_row, per_col)
 
 
 @quantize_amax.register_fake
 def _(x, per_row, per_col):
-    return x.new_empty((x.shape[0] if per_row else 1,), dtype=torch.float32), \
-        x.new_empty((x.shape[1] if per_col else 1,), dtype=torch.float32)
+    return x.new_empty(((x.shape[0] if per_row else 1) + (x.shape[1] if per_col else 1),), dtype=torch.float32)
 
 
 @torch.library.custom_op("lowbit::tensor_amax", mutates_args=())
@@ -356,7 +365,7 @@ def quantize_pair_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Qua
         row_amax = col_amax = amax.reshape(1).to(torch.float32)
     else:
         if compiling:
-            row_amax, col_amax = torch.ops.lowbit.quantize_amax(x, per_row, per_col)
+            row_amax, col_amax = split_amax(torch.ops.lowbit.quantize_amax(x, per_row, per_col), x, per_row)
         else:
             row_amax, col_amax = _launch_amax(x, per_row, per_col)
         # Tensor parallelism: the max over the shards where a scale spans the sharded axis (a tensorwise amax,

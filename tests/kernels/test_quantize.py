@@ -121,12 +121,26 @@ def check_amax_strips(device: str = "cpu") -> None:
                     row_only, _ = quantize_triton._launch_amax(xd, True, False)
                     tensor, _ = quantize_triton._launch_amax(xd, False, False)
                     assert torch.equal(row_only.cpu(), want.amax(1)) and torch.equal(tensor.cpu(), want.amax().reshape(1))
+                    for per_row, per_col in ((True, True), (True, False), (False, False)):   # the op compiled code calls
+                        op_row, op_col = quantize_triton.split_amax(torch.ops.lowbit.quantize_amax(xd, per_row, per_col),
+                                                                    xd, per_row)
+                        assert torch.equal(op_row.cpu(), want.amax(1) if per_row else want.amax().reshape(1))
+                        assert not per_col or torch.equal(op_col.cpu(), want.amax(0))
                     wide = torch.zeros(rows, cols + 3, device=device, dtype=dtype)
                     wide[:, :cols] = xd
                     strided, _ = quantize_triton._launch_amax(wide[:, :cols], False, False)
                     assert torch.equal(strided.cpu(), want.amax().reshape(1)), tile
     finally:
         quantize_triton.AMAX_TILE, quantize_triton.TENSOR_AMAX = default, default_flat
+    # compiled code reaches the amax through the quantize_amax op (one buffer, split outside it): the same pair as eager
+    from lowbit.precision.formats import E4M3, E5M2
+    from lowbit.precision.scaling import Quantizer
+    pair = torch.compile(lambda t, q, q_t: [(a.data, a.scale) for a in quantize_triton.quantize_pair_triton(t, q, q_t)],
+                         backend="aot_eager", dynamic=False)
+    xd = (torch.randn(33, 48, generator=generator) * 5).to(device, torch.bfloat16)
+    for q, q_t in ((Quantizer(E4M3, 0, 0), Quantizer(E5M2, 0, 0)), (Quantizer(E4M3, 1, 0), Quantizer(E5M2, 1, 0))):
+        for (data, scale), want in zip(pair(xd, q, q_t), quantize_triton.quantize_pair_triton(xd, q, q_t)):
+            assert torch.equal(data.view(torch.uint8), want.data.view(torch.uint8)) and torch.equal(scale, want.scale)
     print("OK amax strips")
 
 
