@@ -364,10 +364,8 @@ def quantize_pair_triton(x: torch.Tensor, quantizer: Quantizer, quantizer_t: Qua
     if amax is not None:
         row_amax = col_amax = amax.reshape(1).to(torch.float32)
     else:
-        if compiling:
-            row_amax, col_amax = split_amax(torch.ops.lowbit.quantize_amax(x, per_row, per_col), x, per_row)
-        else:
-            row_amax, col_amax = _launch_amax(x, per_row, per_col)
+        amax_op = torch.ops.lowbit.quantize_amax if compiling else amax_buffer
+        row_amax, col_amax = split_amax(amax_op(x, per_row, per_col), x, per_row)
         # Tensor parallelism: the max over the shards where a scale spans the sharded axis (a tensorwise amax,
         # shared by x and x^T, belongs to `quantizer`: both quantizers of one tensor carry the same group).
         row_amax = reduce_amax(row_amax, quantizer)
